@@ -1,0 +1,28 @@
+"""seqnorm: padding-aware normalization layers for sequence models.
+
+LayerNorm, RMSNorm, the fused residual Add & Norm, BatchNorm over real tokens
+(SeqBatchNorm) and PowerNorm, torch-compatible, with a float64 reference.
+"""
+
+from . import functional, reference
+from .masks import lengths_to_padding_mask
+from .modules import AddNorm, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
+from .ops import available_backends, get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "AddNorm",
+    "SeqBatchNorm",
+    "PowerNorm",
+    "functional",
+    "reference",
+    "lengths_to_padding_mask",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "available_backends",
+    "__version__",
+]

@@ -1,0 +1,493 @@
+r"""The public functional API: padding-aware norms on torch tensors.
+
+Signatures mirror ``torch.nn.functional``: :func:`layer_norm` and
+:func:`rms_norm` accept exactly what ``F.layer_norm`` / ``F.rms_norm`` accept
+and return the same values and gradients; every function adds the keyword-only
+``padding_mask`` (bool, True at padding) or ``lengths``.
+
+What every function here guarantees:
+
+* A padded token never enters a statistic; its output is exactly 0 and its
+  gradient is exactly 0, whatever it contains (NaN and Inf included).
+* float16 / bfloat16 inputs are computed in float32 (statistics, normalization
+  and affine) and rounded once, at the output.
+* A wrong shape, dtype or device raises ``ValueError`` / ``TypeError`` naming
+  the argument and the expected shape; nothing is broadcast silently.
+
+The work itself is done by the active backend (:mod:`seqnorm.ops`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops
+from .masks import resolve_padding
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "seq_batch_norm",
+    "power_norm",
+]
+
+Tensor = torch.Tensor
+_ShapeLike = Union[int, Sequence[int], torch.Size]
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers (shared by every op)
+# ---------------------------------------------------------------------------
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _check_input(x, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+
+
+def _normalized_shape(normalized_shape: _ShapeLike) -> Tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    try:
+        return tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        ) from None
+
+
+def _check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tensor) -> None:
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {_shape_str(shape)} or None, "
+                        f"got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(f"{name} must have shape {_shape_str(shape)}, got {_shape_str(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but the input is on {x.device}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 as they are."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _split_rowwise(x: Tensor, normalized_shape: _ShapeLike, name: str = "input"):
+    """Check ``x (..., *normalized_shape)``; return ``(normalized_shape, token_shape, D)``."""
+    shape = _normalized_shape(normalized_shape)
+    k = len(shape)
+    if k == 0:
+        raise ValueError("normalized_shape must have at least one dimension")
+    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+        raise ValueError(
+            f"{name} must have shape (*, {', '.join(map(str, shape))}) to match normalized_shape="
+            f"{list(shape)}, got {_shape_str(x.shape)}"
+        )
+    return shape, tuple(x.shape[: x.dim() - k]), math.prod(shape)
+
+
+# ---------------------------------------------------------------------------
+# Row-wise norms
+# ---------------------------------------------------------------------------
+
+
+def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual=None):
+    _check_input(x)
+    shape, token_shape, d = _split_rowwise(x, normalized_shape)
+    _check_param(weight, "weight", shape, x)
+    _check_param(bias, "bias", shape, x)
+    if residual is not None:
+        _check_input(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual must have the input's shape {_shape_str(x.shape)} and dtype {x.dtype}, "
+                f"got {_shape_str(residual.shape)} and {residual.dtype}"
+            )
+    pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
+                          what="input.shape[:-len(normalized_shape)]")
+    rows = math.prod(token_shape)
+    cdt = _compute_dtype(x)
+    x2 = x.reshape(rows, d).to(cdt)
+    w = None if weight is None else weight.reshape(d).to(cdt)
+    b = None if bias is None else bias.reshape(d).to(cdt)
+    pad1 = None if pad is None else pad.reshape(rows)
+    backend = ops.current_backend(x2)
+    if residual is None:
+        y = backend.rowwise_norm(x2, w, b, eps, pad1, center)
+        return y.to(x.dtype).reshape(x.shape)
+    # Low-precision inputs are summed in float32 too: the norm sees the exact sum,
+    # and the returned residual stream is rounded once, like the output.
+    r2 = residual.reshape(rows, d).to(cdt)
+    y, s = backend.add_rowwise_norm(x2, r2, w, b, eps, pad1, center)
+    return y.to(x.dtype).reshape(x.shape), s.to(x.dtype).reshape(x.shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Layer normalization over the last ``len(normalized_shape)`` dimensions.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    The mean and the *biased* variance are taken over the normalized
+    dimensions of each token separately (the note: each row of a
+    ``(seq_len, d_model)`` matrix). Without padding this is
+    ``torch.nn.functional.layer_norm``, bit for bit for float32/float64.
+
+    Args:
+        input: ``(*, *normalized_shape)``.
+        normalized_shape: int or sequence, the trailing dimensions to normalize.
+        weight: ``γ`` of shape ``normalized_shape``, or None (no scaling).
+        bias: ``β`` of shape ``normalized_shape``, or None (no shift).
+        eps: added to the variance. Default: 1e-5.
+        padding_mask: bool tensor of shape ``input.shape[:-len(normalized_shape)]``
+            (``(B, T)`` for a ``(B, T, D)`` input), True at padding. Padded
+            tokens come out as exactly 0 and receive gradient 0.
+        lengths: ``(B,)`` integer tensor, an alternative to ``padding_mask``
+            for a ``(B, T, *normalized_shape)`` input.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``
+        - Output: same as input
+
+    Example::
+
+        >>> x = torch.tensor([[1., 2.], [3., 4.]])
+        >>> layer_norm(x, (2,), eps=0.0)
+        tensor([[-1.,  1.],
+                [-1.,  1.]])
+    """
+    return _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths, center=True)
+
+
+def _rms_eps(eps: Optional[float], x: Tensor) -> float:
+    # torch's default: the machine epsilon of the *input* dtype, even though a
+    # bfloat16 input is computed in float32 here.
+    return torch.finfo(x.dtype).eps if eps is None else eps
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Root-mean-square normalization over the last ``len(normalized_shape)`` dimensions.
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} * \gamma
+
+    No mean is subtracted; the quadratic mean is taken over each token's
+    normalized dimensions. Without padding this is ``torch.nn.functional.rms_norm``.
+
+    Args:
+        input: ``(*, *normalized_shape)``.
+        normalized_shape: int or sequence, the trailing dimensions to normalize.
+        weight: ``γ`` of shape ``normalized_shape``, or None.
+        eps: added to the mean square. Default: ``torch.finfo(input.dtype).eps``.
+        padding_mask: bool, shape ``input.shape[:-len(normalized_shape)]``, True at padding.
+        lengths: ``(B,)`` integer tensor, alternative to ``padding_mask``.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``
+        - Output: same as input
+
+    Example::
+
+        >>> rms_norm(torch.tensor([[3., 4.]]), (2,), eps=0.0)
+        tensor([[0.8485, 1.1314]])
+    """
+    return _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input), padding_mask,
+                    lengths, center=False)
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    prenorm: bool = False,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""The Transformer's "Add & Norm": ``layer_norm(input + residual)``, in one op.
+
+    .. math::
+        s = x + r, \qquad y = \frac{s - \mathrm{E}[s]}{\sqrt{\mathrm{Var}[s] + \epsilon}} * \gamma + \beta
+
+    Args:
+        input: the sub-layer output ``x``, ``(*, *normalized_shape)``.
+        residual: the residual stream ``r``, same shape and dtype as ``input``.
+        normalized_shape, weight, bias, eps, padding_mask, lengths: as in
+            :func:`layer_norm`.
+        prenorm: if True return ``(y, s)`` — the normalized sum and the sum
+            itself, the next residual stream of a pre-norm Transformer (as
+            flash-attn's ``layer_norm_fn``). ``s`` is the plain sum at every
+            position, padding included: it is not normalized.
+
+    Shape:
+        - Input, residual: ``(*, *normalized_shape)``
+        - Output: same as input (a pair when ``prenorm``)
+
+    Example::
+
+        >>> x, r = torch.tensor([[0., 1.]]), torch.tensor([[1., 1.]])
+        >>> add_layer_norm(x, r, 2, eps=0.0)
+        tensor([[-1.,  1.]])
+    """
+    y, s = _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths,
+                    center=True, residual=residual)
+    return (y, s) if prenorm else y
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    prenorm: bool = False,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""``rms_norm(input + residual)`` in one op; ``prenorm=True`` also returns the sum.
+
+    .. math::
+        s = x + r, \qquad y = \frac{s}{\sqrt{\mathrm{E}[s^2] + \epsilon}} * \gamma
+
+    Args: as :func:`add_layer_norm` without ``bias``; ``eps`` defaults to
+    ``torch.finfo(input.dtype).eps``.
+
+    Shape:
+        - Input, residual: ``(*, *normalized_shape)``
+        - Output: same as input (a pair when ``prenorm``)
+
+    Example::
+
+        >>> y, s = add_rms_norm(torch.ones(1, 2), torch.ones(1, 2), 2, eps=0.0, prenorm=True)
+        >>> y, s
+        (tensor([[1., 1.]]), tensor([[2., 2.]]))
+    """
+    y, s = _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input), padding_mask,
+                    lengths, center=False, residual=residual)
+    return (y, s) if prenorm else y
+
+
+# ---------------------------------------------------------------------------
+# Feature-wise norms
+# ---------------------------------------------------------------------------
+
+
+def _featurewise_setup(x, padding_mask, lengths, params, op_name):
+    """Validate a ``(B, T, D)`` or ``(N, D)`` input and its per-feature tensors."""
+    _check_input(x)
+    if x.dim() not in (2, 3):
+        raise ValueError(
+            f"{op_name} expects input of shape (B, T, D) or (N, D), got {x.dim()}-D input "
+            f"of shape {_shape_str(x.shape)}"
+        )
+    d = x.shape[-1]
+    for name, p in params.items():
+        _check_param(p, name, (d,), x)
+    token_shape = tuple(x.shape[:-1])
+    pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
+                          what="(B, T)" if x.dim() == 3 else "(N,)")
+    rows = math.prod(token_shape)
+    cdt = _compute_dtype(x)
+    x2 = x.reshape(rows, d).to(cdt)
+    pad1 = None if pad is None else pad.reshape(rows)
+    return x2, pad1, cdt
+
+
+def _check_momentum(momentum) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def seq_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Batch normalization of token features, statistics over real tokens only.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    For each feature ``d`` the mean and *biased* variance are taken over every
+    real token of every sequence in the batch (the note: each column, pooled
+    across sentences), never over padding. In training, or when no running
+    statistics are given, the batch statistics are used; the running
+    statistics, if given, are then updated in place from the real tokens:
+    ``running = (1 − momentum)·running + momentum·batch``, with the unbiased
+    (n/(n − 1)) variance as torch stores it. A batch with no real token
+    returns zeros and leaves the running statistics untouched. In eval mode
+    the running statistics are used.
+
+    Args:
+        input: ``(B, T, D)`` batch-first sequences, or ``(N, D)`` tokens.
+        running_mean, running_var: ``(D,)`` tensors or None.
+        weight, bias: ``(D,)`` or None.
+        training: use (and record) batch statistics. Default: False.
+        momentum: weight of the new batch in the running average. Default: 0.1.
+        eps: added to the variance. Default: 1e-5.
+        padding_mask: bool ``(B, T)`` (or ``(N,)``), True at padding.
+        lengths: ``(B,)`` integers, alternative to ``padding_mask``.
+
+    Raises:
+        ValueError: in training, when exactly one real token is present
+            (its variance is undefined, as torch's "Expected more than 1 value
+            per channel when training").
+
+    Shape:
+        - Input: ``(B, T, D)`` or ``(N, D)``
+        - Output: same as input
+
+    Example::
+
+        >>> x = torch.tensor([[[1., 2.], [3., 4.]], [[2., 3.], [1., 4.]]])
+        >>> y = seq_batch_norm(x, None, None, training=True, eps=0.0)
+        >>> y[..., 0]   # feature 0 pools four tokens: mean 1.75, std 0.8292
+        tensor([[-0.9045,  1.5076],
+                [ 0.3015, -0.9045]])
+    """
+    x2, pad, cdt = _featurewise_setup(
+        input, padding_mask, lengths,
+        dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
+        "seq_batch_norm",
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    factor = _check_momentum(momentum)
+    use_batch_stats = training or running_mean is None
+    mean = var = None
+    if not use_batch_stats:
+        mean, var = running_mean.to(cdt), running_var.to(cdt)
+    backend = ops.current_backend(x2)
+    y, batch_mean, batch_var, count = backend.featurewise_norm(
+        x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, mean, var
+    )
+    if training:
+        n = int(count)
+        if n == 1:
+            raise ValueError(
+                "seq_batch_norm: expected more than 1 real token per feature when training, got 1 "
+                f"(input {_shape_str(input.shape)}; check padding_mask/lengths)"
+            )
+        if running_mean is not None and n > 0:
+            with torch.no_grad():
+                running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
+                running_var.lerp_((batch_var * (n / (n - 1))).to(running_var.dtype), factor)
+    return y.to(input.dtype).reshape(input.shape)
+
+
+def power_norm(
+    input: Tensor,
+    running_phi: Tensor,
+    running_nu: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Power normalization (Shen et al., ICML 2020, Algorithm 1), exactly masked.
+
+    .. math::
+        \hat{x} = \frac{x}{\sqrt{\psi^2_{t-1} + \epsilon}}, \qquad y = \gamma \hat{x} + \beta,
+        \qquad \psi^2_t = (1 - m)\,\psi^2_{t-1} + m\,\psi_B^2, \quad
+        \psi_B^2 = \frac{1}{n}\sum_{\text{real } i} x_i^2
+
+    No mean is subtracted, and both training and eval divide by the *running*
+    quadratic mean ``ψ²`` (``running_phi``); training then updates it from the
+    real tokens (``m`` = ``momentum`` = 1 − α in the paper). In training the
+    backward is the paper's approximate backpropagation: with ``g = γ ⊙ ∂L/∂y``
+    it returns ``(g − ν ⊙ x̂)/√(ψ² + ε)`` and updates ``running_nu`` in place,
+    ``ν ← ν(1 − m·mean(x̂²)) + m·mean(x̂ ⊙ g)``, means over real tokens. With
+    ``running_nu=None`` (or in eval) the backward is the exact gradient of the
+    forward with ψ held constant.
+
+    Unlike the paper's public code, the backward statistics exclude padding.
+
+    Args:
+        input: ``(B, T, D)`` or ``(N, D)``.
+        running_phi: ``(D,)`` running quadratic mean ψ², updated in training.
+        running_nu: ``(D,)`` running gradient statistic ν, or None.
+        weight, bias: ``(D,)`` or None.
+        training: update ψ² (forward) and ν (backward). Default: False.
+        momentum: ``1 − α``. Default: 0.1 (the paper's α = 0.9).
+        eps: added to ψ². Default: 1e-5.
+        padding_mask: bool ``(B, T)`` (or ``(N,)``), True at padding.
+        lengths: ``(B,)`` integers, alternative to ``padding_mask``.
+
+    Shape:
+        - Input: ``(B, T, D)`` or ``(N, D)``
+        - Output: same as input
+
+    Example::
+
+        >>> phi = torch.full((2,), 4.0)
+        >>> power_norm(torch.tensor([[2., -4.]]), phi, eps=0.0)
+        tensor([[ 1., -2.]])
+    """
+    if not isinstance(running_phi, torch.Tensor):
+        raise TypeError("running_phi must be a (D,) tensor (the running quadratic mean ψ²)")
+    x2, pad, cdt = _featurewise_setup(
+        input, padding_mask, lengths,
+        dict(running_phi=running_phi, running_nu=running_nu, weight=weight, bias=bias),
+        "power_norm",
+    )
+    factor = _check_momentum(momentum)
+    backend = ops.current_backend(x2)
+    y, batch_phi, count = backend.power_norm(
+        x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, running_phi,
+        running_nu if training else None, factor,
+    )
+    if training and int(count) > 0:
+        with torch.no_grad():
+            running_phi.lerp_(batch_phi.to(running_phi.dtype), factor)
+    return y.to(input.dtype).reshape(input.shape)

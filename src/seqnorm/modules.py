@@ -1,0 +1,384 @@
+"""nn.Module wrappers. Arguments, defaults, parameter and buffer names mirror
+torch.nn.LayerNorm, torch.nn.RMSNorm and torch.nn.BatchNorm1d, so a state_dict
+loads both ways; every ``forward`` also takes ``padding_mask`` or ``lengths``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .masks import resolve_padding
+
+__all__ = ["LayerNorm", "RMSNorm", "AddNorm", "SeqBatchNorm", "PowerNorm"]
+
+Tensor = torch.Tensor
+
+
+class LayerNorm(nn.LayerNorm):
+    r"""Padding-aware :class:`torch.nn.LayerNorm` (a subclass: same arguments,
+    parameters, state_dict and ``isinstance``).
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    The mean and biased variance are taken over the last
+    ``len(normalized_shape)`` dimensions of each token separately, so a token's
+    output never depends on the other tokens, on padding or on the batch.
+
+    Args:
+        normalized_shape: int or sequence, the trailing dimensions to normalize.
+        eps: added to the variance. Default: 1e-5.
+        elementwise_affine: learnable ``γ`` (ones) and ``β`` (zeros). Default: True.
+        bias: with ``elementwise_affine``, whether ``β`` exists. Default: True.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``; ``padding_mask``: ``input.shape[:-len(normalized_shape)]``
+        - Output: same as input; exactly 0 at padding
+
+    Example::
+
+        >>> ln = LayerNorm(2, eps=0.0)
+        >>> x = torch.tensor([[[1., 2.], [3., 4.], [9., 9.]]])      # (B=1, T=3, D=2)
+        >>> ln(x, padding_mask=torch.tensor([[False, False, True]]))
+        tensor([[[-1.,  1.],
+                 [-1.,  1.],
+                 [ 0.,  0.]]], grad_fn=<ViewBackward0>)
+    """
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                            padding_mask=padding_mask, lengths=lengths)
+
+
+class RMSNorm(nn.RMSNorm):
+    r"""Padding-aware :class:`torch.nn.RMSNorm` (a subclass).
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} * \gamma
+
+    Args:
+        normalized_shape: int or sequence, the trailing dimensions to normalize.
+        eps: added to the mean square. Default: ``torch.finfo(x.dtype).eps``.
+        elementwise_affine: learnable ``γ`` (ones). Default: True.
+
+    Shape:
+        - Input: ``(*, *normalized_shape)``; ``padding_mask``: ``input.shape[:-len(normalized_shape)]``
+        - Output: same as input; exactly 0 at padding
+
+    Example::
+
+        >>> rms = RMSNorm(2, eps=0.0)
+        >>> rms(torch.tensor([[3., 4.]]), lengths=None)
+        tensor([[0.8485, 1.1314]], grad_fn=<ViewBackward0>)
+    """
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps,
+                          padding_mask=padding_mask, lengths=lengths)
+
+
+class AddNorm(nn.Module):
+    r"""The Transformer's "Add & Norm" as one op: ``norm(x + residual)``.
+
+    .. math::
+        s = x + r, \qquad y = \mathrm{norm}(s) \quad (\text{LayerNorm or RMSNorm})
+
+    Parameters are named as in :class:`torch.nn.LayerNorm` (``weight``,
+    ``bias``), so a LayerNorm/RMSNorm state_dict loads into it.
+
+    Args:
+        normalized_shape: int or sequence, the trailing dimensions to normalize.
+        eps: Default: 1e-5 for ``"layer"``, ``torch.finfo(x.dtype).eps`` for ``"rms"``.
+        elementwise_affine: learnable ``γ`` (and ``β``). Default: True.
+        bias: whether ``β`` exists. Default: True for ``"layer"``; ``"rms"`` has none.
+        norm: ``"layer"`` or ``"rms"``. Default: ``"layer"``.
+        prenorm: return ``(y, s)`` instead of ``y`` (pre-norm Transformers
+            carry ``s`` on as the residual stream). Default: False.
+
+    Shape:
+        - Input, residual: ``(*, *normalized_shape)``
+        - Output: same as input (a pair when ``prenorm``); ``y`` is 0 at padding
+
+    Example::
+
+        >>> add_norm = AddNorm(2, eps=0.0)
+        >>> add_norm(torch.tensor([[0., 1.]]), torch.tensor([[1., 1.]]))
+        tensor([[-1.,  1.]], grad_fn=<ViewBackward0>)
+    """
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 bias: Optional[bool] = None, device=None, dtype=None, *, norm: str = "layer",
+                 prenorm: bool = False) -> None:
+        super().__init__()
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        if norm == "rms" and bias:
+            raise ValueError("norm='rms' has no bias; pass bias=None or False")
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.norm = norm
+        self.prenorm = prenorm
+        self.eps = 1e-5 if (eps is None and norm == "layer") else eps
+        self.elementwise_affine = elementwise_affine
+        factory = dict(device=device, dtype=dtype)
+        has_bias = norm == "layer" and (bias is None or bias)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if has_bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"norm={self.norm!r}, prenorm={self.prenorm}")
+
+    def forward(self, input: Tensor, residual: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None):
+        kw = dict(prenorm=self.prenorm, padding_mask=padding_mask, lengths=lengths)
+        if self.norm == "layer":
+            return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
+                                    self.eps, **kw)
+        return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, **kw)
+
+
+class _FeaturewiseNorm(nn.Module):
+    """Shared plumbing of the batch-statistic norms: parameters, the
+    ``num_batches_tracked`` counter, ``batch_first`` and the padding count."""
+
+    _version = 2
+
+    def __init__(self, num_features: int, eps: float, momentum: Optional[float], affine: bool,
+                 bias: bool, batch_first: bool, factory: dict) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 0:
+            raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.batch_first = batch_first
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _register_counter(self, device) -> None:
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _to_batch_first(self, input: Tensor) -> Tensor:
+        if input.dim() == 3 and not self.batch_first:
+            return input.transpose(0, 1)  # (T, B, D) -> (B, T, D); padding_mask stays (B, T)
+        return input
+
+    def _factor(self) -> float:
+        """Momentum for this batch; momentum=None is a cumulative average over
+        the batches that held real tokens (counted *after* this one)."""
+        if self.momentum is None:
+            return 1.0 / (int(self.num_batches_tracked) + 1)
+        return self.momentum
+
+    def _count_batch(self, x: Tensor, padding_mask, lengths) -> None:
+        """After a successful training forward: count the batch if it held a real token."""
+        if x.dim() not in (2, 3):
+            return
+        pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths)
+        real = math.prod(x.shape[:-1]) if pad is None else int((~pad).sum())
+        if real > 0 and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Old BatchNorm checkpoints (version < 2) have no num_batches_tracked: start it at 0,
+        # as torch does.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and getattr(self, "num_batches_tracked", None) is not None \
+                and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+                + ("" if self.batch_first else ", batch_first=False"))
+
+
+class SeqBatchNorm(_FeaturewiseNorm):
+    r"""Padding-aware BatchNorm for ``(B, T, D)`` token sequences.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    Each of the ``D`` features is normalized with its mean and biased variance
+    over every *real* token in the batch — the note's column statistics, pooled
+    across sentences, but with padding excluded. Running statistics (unbiased
+    variance, as torch) are updated from real tokens only; a batch with no real
+    token returns zeros and changes nothing. In eval mode the running
+    statistics are used, so outputs no longer depend on the batch.
+
+    Arguments, parameters and buffers (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``) are those of
+    :class:`torch.nn.BatchNorm1d`, so state_dicts load both ways. Unlike
+    BatchNorm1d, a 3-D input is ``(B, T, D)`` (features last), not ``(N, C, L)``.
+
+    Args:
+        num_features: ``D``.
+        eps: added to the variance. Default: 1e-5.
+        momentum: weight of each new batch in the running statistics, or None
+            for a cumulative average. Default: 0.1.
+        affine: learnable ``γ`` (ones) and ``β`` (zeros). Default: True.
+        track_running_stats: keep running statistics; if False, batch
+            statistics are used in eval mode too. Default: True.
+        bias: with ``affine``, whether ``β`` exists. Default: True.
+        batch_first: input is ``(B, T, D)``; if False, ``(T, B, D)``. The
+            padding mask is ``(B, T)`` either way, as torch.nn.Transformer's
+            ``src_key_padding_mask``. Default: True.
+
+    Shape:
+        - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``
+        - padding_mask: ``(B, T)`` (``(N,)`` for 2-D input); lengths: ``(B,)``
+        - Output: same as input; exactly 0 at padding
+
+    Example::
+
+        >>> bn = SeqBatchNorm(2, eps=0.0)
+        >>> x = torch.tensor([[[1., 2.], [3., 4.], [0., 0.]]])
+        >>> bn(x, lengths=torch.tensor([2]))        # the pad does not shift μ = (2, 3)
+        tensor([[[-1., -1.],
+                 [ 1.,  1.],
+                 [ 0.,  0.]]], grad_fn=<ViewBackward0>)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, batch_first: bool = True) -> None:
+        factory = dict(device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, bias, batch_first, factory)
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self._register_counter(device)
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", track_running_stats={self.track_running_stats}"
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        x = self._to_batch_first(input)
+        # As torch: batch statistics in training, or when no running statistics exist.
+        use_running = not self.training or self.track_running_stats
+        y = F.seq_batch_norm(
+            x,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias,
+            training=self.training or self.running_mean is None,
+            momentum=self._factor() if self.training and self.track_running_stats else 0.0,
+            eps=self.eps, padding_mask=padding_mask, lengths=lengths,
+        )
+        if self.training and self.track_running_stats:
+            self._count_batch(x, padding_mask, lengths)
+        return self._to_batch_first(y)
+
+
+class PowerNorm(_FeaturewiseNorm):
+    r"""Power normalization (Shen et al., ICML 2020), exactly masked.
+
+    .. math::
+        y = \gamma \frac{x}{\sqrt{\psi^2 + \epsilon}} + \beta
+
+    ``ψ²`` is a *running* quadratic mean per feature (no mean subtraction),
+    used in training as well as in eval: each training batch is normalized by
+    the ψ² of the batches before it, then ψ² moves towards the batch's
+    quadratic mean of real tokens. The backward is the paper's approximate
+    backpropagation, whose running statistic ν (``running_nu``) is updated in
+    the backward pass. See :func:`seqnorm.functional.power_norm` for the maths.
+
+    Buffers: ``running_phi`` (ψ², init ones), ``running_nu`` (ν, init zeros),
+    ``num_batches_tracked``. Parameters as :class:`SeqBatchNorm`.
+
+    Args:
+        num_features: ``D``.
+        eps: added to ψ². Default: 1e-5.
+        momentum: ``1 − α`` of the paper, or None for a cumulative average.
+            Default: 0.1 (α = 0.9).
+        affine: learnable ``γ`` and ``β``. Default: True.
+        bias: with ``affine``, whether ``β`` exists. Default: True.
+        batch_first: ``(B, T, D)`` input; if False, ``(T, B, D)``. Default: True.
+
+    Shape:
+        - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``
+        - padding_mask: ``(B, T)``; lengths: ``(B,)``
+        - Output: same as input; exactly 0 at padding
+
+    Example::
+
+        >>> pn = PowerNorm(2).eval()
+        >>> pn(torch.tensor([[[1., -1.]]]))
+        tensor([[[ 1.0000, -1.0000]]], grad_fn=<ViewBackward0>)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 batch_first: bool = True) -> None:
+        factory = dict(device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, bias, batch_first, factory)
+        self.register_buffer("running_phi", torch.ones(num_features, **factory))
+        self.register_buffer("running_nu", torch.zeros(num_features, **factory))
+        self._register_counter(device)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_phi.fill_(1)
+        self.running_nu.zero_()
+        self.num_batches_tracked.zero_()
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        x = self._to_batch_first(input)
+        y = F.power_norm(
+            x, self.running_phi, self.running_nu, self.weight, self.bias,
+            training=self.training, momentum=self._factor() if self.training else 0.0,
+            eps=self.eps, padding_mask=padding_mask, lengths=lengths,
+        )
+        if self.training:
+            self._count_batch(x, padding_mask, lengths)
+        return self._to_batch_first(y)
