@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
-from .masks import resolve_padding
+from .masks import resolve_padding, shape_str
 
 __all__ = [
     "layer_norm",
@@ -46,10 +46,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------
 
 
-def _shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
-
-
 def _check_input(x, name: str = "input") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -60,9 +56,11 @@ def _check_input(x, name: str = "input") -> None:
 def _normalized_shape(normalized_shape: _ShapeLike) -> Tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
+    if isinstance(normalized_shape, str):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     try:
         return tuple(int(s) for s in normalized_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
         ) from None
@@ -72,10 +70,10 @@ def _check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tens
     if p is None:
         return
     if not isinstance(p, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {_shape_str(shape)} or None, "
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_str(shape)} or None, "
                         f"got {type(p).__name__}")
     if tuple(p.shape) != shape:
-        raise ValueError(f"{name} must have shape {_shape_str(shape)}, got {_shape_str(p.shape)}")
+        raise ValueError(f"{name} must have shape {shape_str(shape)}, got {shape_str(p.shape)}")
     if p.device != x.device:
         raise ValueError(f"{name} is on {p.device} but the input is on {x.device}")
 
@@ -98,7 +96,7 @@ def _split_rowwise(x: Tensor, normalized_shape: _ShapeLike, name: str = "input")
     if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
         raise ValueError(
             f"{name} must have shape (*, {', '.join(map(str, shape))}) to match normalized_shape="
-            f"{list(shape)}, got {_shape_str(x.shape)}"
+            f"{list(shape)}, got {shape_str(x.shape)}"
         )
     return shape, tuple(x.shape[: x.dim() - k]), math.prod(shape)
 
@@ -117,8 +115,8 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
         _check_input(residual, "residual")
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(
-                f"residual must have the input's shape {_shape_str(x.shape)} and dtype {x.dtype}, "
-                f"got {_shape_str(residual.shape)} and {residual.dtype}"
+                f"residual must have the input's shape {shape_str(x.shape)} and dtype {x.dtype}, "
+                f"got {shape_str(residual.shape)} and {residual.dtype}"
             )
     pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
                           what="input.shape[:-len(normalized_shape)]")
@@ -316,7 +314,7 @@ def _featurewise_setup(x, padding_mask, lengths, params, op_name):
     if x.dim() not in (2, 3):
         raise ValueError(
             f"{op_name} expects input of shape (B, T, D) or (N, D), got {x.dim()}-D input "
-            f"of shape {_shape_str(x.shape)}"
+            f"of shape {shape_str(x.shape)}"
         )
     d = x.shape[-1]
     for name, p in params.items():
@@ -413,7 +411,7 @@ def seq_batch_norm(
         if n == 1:
             raise ValueError(
                 "seq_batch_norm: expected more than 1 real token per feature when training, got 1 "
-                f"(input {_shape_str(input.shape)}; check padding_mask/lengths)"
+                f"(input {shape_str(input.shape)}; check padding_mask/lengths)"
             )
         if running_mean is not None and n > 0:
             with torch.no_grad():

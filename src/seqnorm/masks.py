@@ -15,11 +15,12 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["resolve_padding", "lengths_to_padding_mask"]
+__all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str"]
 
 
-def _shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+def shape_str(shape: Sequence[int]) -> str:
+    """A shape as Python writes a tuple: ``(2, 3)``, ``(3,)``, ``()``."""
+    return str(tuple(int(s) for s in shape))
 
 
 def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -36,7 +37,7 @@ def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an integer tensor of shape (B,), got dtype {lengths.dtype}")
     if lengths.dim() != 1:
-        raise ValueError(f"lengths must have shape (B,), got {_shape_str(lengths.shape)}")
+        raise ValueError(f"lengths must have shape (B,), got {shape_str(lengths.shape)}")
     if lengths.numel() > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > max_len:
@@ -80,34 +81,34 @@ def resolve_padding(
         if len(expected_shape) != 2:
             raise ValueError(
                 f"lengths describes a (B, T) token grid, but the input's token shape is "
-                f"{_shape_str(expected_shape)}; pass padding_mask of that shape instead"
+                f"{shape_str(expected_shape)}; pass padding_mask of that shape instead"
             )
         if isinstance(lengths, torch.Tensor) and lengths.shape != (expected_shape[0],):
             raise ValueError(
-                f"lengths must have shape (B,) = ({expected_shape[0]},), got {_shape_str(lengths.shape)}"
+                f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(lengths.shape)}"
             )
         mask = lengths_to_padding_mask(lengths, expected_shape[1])
         if mask.shape[0] != expected_shape[0]:
             raise ValueError(
-                f"lengths must have shape (B,) = ({expected_shape[0]},), got ({mask.shape[0]},)"
+                f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(mask.shape[:1])}"
             )
         return mask.to(device)
     if padding_mask is None:
         return None
     if not isinstance(padding_mask, torch.Tensor):
         raise TypeError(
-            f"padding_mask must be a bool torch.Tensor of shape {what} = {_shape_str(expected_shape)}, "
+            f"padding_mask must be a bool torch.Tensor of shape {what} = {shape_str(expected_shape)}, "
             f"got {type(padding_mask).__name__}"
         )
     if padding_mask.dtype != torch.bool:
         raise TypeError(
             f"padding_mask must have dtype torch.bool (True = padding) and shape {what} = "
-            f"{_shape_str(expected_shape)}, got dtype {padding_mask.dtype}"
+            f"{shape_str(expected_shape)}, got dtype {padding_mask.dtype}"
         )
     if tuple(padding_mask.shape) != expected_shape:
         raise ValueError(
-            f"padding_mask must have shape {what} = {_shape_str(expected_shape)} "
-            f"(one entry per token), got {_shape_str(padding_mask.shape)}"
+            f"padding_mask must have shape {what} = {shape_str(expected_shape)} "
+            f"(one entry per token), got {shape_str(padding_mask.shape)}"
         )
     if padding_mask.device != torch.device(device):
         raise ValueError(

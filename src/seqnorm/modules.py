@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .masks import resolve_padding
+from .masks import resolve_padding, shape_str
 
 __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "SeqBatchNorm", "PowerNorm"]
 
@@ -192,6 +192,11 @@ class _FeaturewiseNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _to_batch_first(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.Tensor) and input.dim() in (2, 3) and input.shape[-1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}(num_features={self.num_features}) expects input of shape "
+                f"(B, T, {self.num_features}) or (N, {self.num_features}), got {shape_str(input.shape)}"
+            )
         if input.dim() == 3 and not self.batch_first:
             return input.transpose(0, 1)  # (T, B, D) -> (B, T, D); padding_mask stays (B, T)
         return input
