@@ -1,0 +1,36 @@
+"""The console script and ``python -m seqnorm``, run for real in a subprocess."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import seqnorm
+
+
+def run(*args):
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_python_m_seqnorm_prints_the_note():
+    out = run(sys.executable, "-m", "seqnorm")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for number in ("μ = 1.75", "σ² = 0.6875", "σ = 0.8292", "μ = 1.5", "σ² = 0.25",
+                   "(1 − 1.5)/√0.25 = −1", "→ [−1, 1], [−1, 1]", "→ [−1, −1], [1, 1]"):
+        assert number in text, number
+    assert "你好 / 谢谢" in text
+    assert "pads = 0" in text
+
+
+@pytest.mark.skipif(shutil.which("seqnorm") is None, reason="package not installed (pip install -e .)")
+def test_console_script_version_and_help():
+    out = run("seqnorm", "--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"seqnorm {seqnorm.__version__}"
+    out = run("seqnorm", "--help")
+    assert out.returncode == 0 and "usage: seqnorm" in out.stdout and "demo" in out.stdout
+    out = run("seqnorm", "no-such-command")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = run("seqnorm", "demo")
+    assert out.returncode == 0 and "0.8292" in out.stdout
