@@ -25,3 +25,12 @@ def to_t(a, dtype=torch.float64, requires_grad=False):
 
 def to_np(t):
     return None if t is None else t.detach().to(torch.float64).cpu().numpy()
+
+
+@pytest.fixture(params=["torch", "reference"])
+def backend(request):
+    """Run the test once per backend."""
+    import seqnorm
+
+    with seqnorm.use_backend(request.param):
+        yield request.param

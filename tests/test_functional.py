@@ -179,7 +179,7 @@ def _check_against_reference(y, inputs, ref_y, ref_grads, mask, gen, dy_np):
 
 
 @pytest.mark.parametrize("center", [True, False])
-def test_masked_rowwise_matches_reference(center):
+def test_masked_rowwise_matches_reference(center, backend):
     x_np, mask = _masked_case(10)
     rng = np.random.default_rng(11)
     w_np, b_np = rng.normal(size=11), rng.normal(size=11)
@@ -199,7 +199,7 @@ def test_masked_rowwise_matches_reference(center):
 
 
 @pytest.mark.parametrize("center", [True, False])
-def test_masked_add_norm_matches_reference(center):
+def test_masked_add_norm_matches_reference(center, backend):
     x_np, mask = _masked_case(12)
     rng = np.random.default_rng(13)
     r_np = rng.normal(size=x_np.shape)
@@ -221,7 +221,7 @@ def test_masked_add_norm_matches_reference(center):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("full_row", [True, False])
-def test_masked_seq_batch_norm_matches_reference(training, full_row):
+def test_masked_seq_batch_norm_matches_reference(training, full_row, backend):
     x_np, mask = _masked_case(14, full_row=full_row)
     rng = np.random.default_rng(15)
     w_np, b_np = rng.normal(size=11), rng.normal(size=11)
@@ -243,7 +243,7 @@ def test_masked_seq_batch_norm_matches_reference(training, full_row):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_masked_power_norm_matches_reference(training):
+def test_masked_power_norm_matches_reference(training, backend):
     x_np, mask = _masked_case(16)
     rng = np.random.default_rng(17)
     w_np, b_np = rng.normal(size=11), rng.normal(size=11)
@@ -283,7 +283,7 @@ def _gc_inputs(seed, shape=(3, 4, 5), masked=True):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_gradcheck_rowwise(masked):
+def test_gradcheck_rowwise(masked, backend):
     x, w, b, mask = _gc_inputs(20, masked=masked)
     r = torch.randn_like(x).requires_grad_()
     assert gradcheck(lambda x, w, b: F.layer_norm(x, (5,), w, b, padding_mask=mask), (x, w, b))
@@ -294,7 +294,7 @@ def test_gradcheck_rowwise(masked):
                      (x, r, w))
 
 
-def test_gradcheck_layer_norm_multidim():
+def test_gradcheck_layer_norm_multidim(backend):
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -304,7 +304,7 @@ def test_gradcheck_layer_norm_multidim():
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_seq_batch_norm(masked, training):
+def test_gradcheck_seq_batch_norm(masked, training, backend):
     x, w, b, mask = _gc_inputs(22, masked=masked)
     rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
     # momentum 0 keeps the running statistics fixed across gradcheck's many calls
@@ -314,7 +314,7 @@ def test_gradcheck_seq_batch_norm(masked, training):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_power_norm_exact_path(masked, training):
+def test_gradcheck_power_norm_exact_path(masked, training, backend):
     """With running_nu=None the backward is the exact gradient (ψ² held constant)."""
     x, w, b, mask = _gc_inputs(23, masked=masked)
     phi = torch.rand(5, dtype=torch.float64) + 0.5
@@ -355,7 +355,7 @@ def test_low_precision_is_float32_math_rounded_once(dtype):
     assert xg.grad.dtype == dtype and torch.all(xg.grad[mask] == 0)
 
 
-def test_float16_values_whose_squares_overflow_float16():
+def test_float16_values_whose_squares_overflow_float16(backend):
     x = (300 + torch.randn(2, 3, 16)).half()   # 300² = 90000 > 65504, the float16 maximum
     assert torch.isinf((x * x).sum())
     for y in (F.layer_norm(x, 16), F.rms_norm(x, 16), F.seq_batch_norm(x, None, None, training=True)):
@@ -400,7 +400,7 @@ def test_large_offset_float32_matches_float64():
 # ---------------------------------------------------------------------------
 
 
-def test_all_padding_batch_returns_zeros_and_keeps_running_stats():
+def test_all_padding_batch_returns_zeros_and_keeps_running_stats(backend):
     x = torch.full((2, 3, 4), float("nan"), requires_grad=True)
     mask = torch.ones(2, 3, dtype=torch.bool)
     rm, rv = torch.randn(4), torch.rand(4) + 1
@@ -423,7 +423,7 @@ def test_all_padding_batch_returns_zeros_and_keeps_running_stats():
         assert torch.equal(t, s)
 
 
-def test_lengths_equal_padding_mask():
+def test_lengths_equal_padding_mask(backend):
     gen = torch.Generator().manual_seed(40)
     x = torch.randn(3, 5, 6, generator=gen)
     lengths = torch.tensor([5, 2, 0])
@@ -434,7 +434,7 @@ def test_lengths_equal_padding_mask():
         assert torch.equal(fn(lengths=lengths), fn(padding_mask=mask))
 
 
-def test_one_real_token_in_training_raises_and_keeps_stats():
+def test_one_real_token_in_training_raises_and_keeps_stats(backend):
     x = torch.randn(2, 3, 4)
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[0, 0] = False

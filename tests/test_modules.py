@@ -100,7 +100,7 @@ def test_seq_batch_norm_trains_like_batchnorm1d(momentum):
     torch.testing.assert_close(a(x), b(_as_bn1d_input(x)).transpose(1, 2))
 
 
-def test_seq_batch_norm_masked_running_stats_and_counter():
+def test_seq_batch_norm_masked_running_stats_and_counter(backend):
     torch.manual_seed(2)
     bn = seqnorm.SeqBatchNorm(4, momentum=None)
     x = torch.randn(3, 5, 4)
@@ -135,7 +135,7 @@ def test_seq_batch_norm_batch_first_false():
     assert "batch_first=False" in repr(b)
 
 
-def test_power_norm_module_follows_algorithm_1_over_steps():
+def test_power_norm_module_follows_algorithm_1_over_steps(backend):
     """Three training steps of the module against the reference's Algorithm 1."""
     rng = np.random.default_rng(4)
     pn = seqnorm.PowerNorm(5, momentum=0.2).double()
@@ -186,7 +186,7 @@ def test_add_norm_module():
 @pytest.mark.parametrize("module", [
     seqnorm.LayerNorm(6), seqnorm.RMSNorm(6), seqnorm.SeqBatchNorm(6), seqnorm.PowerNorm(6),
 ])
-def test_padding_outputs_and_grads_are_zero(module):
+def test_padding_outputs_and_grads_are_zero(module, backend):
     torch.manual_seed(6)
     x = torch.randn(3, 4, 6)
     x[0, 3] = float("nan")
