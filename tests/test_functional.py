@@ -444,3 +444,52 @@ def test_one_real_token_in_training_raises_and_keeps_stats(backend):
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
     # eval mode uses the running statistics: one token is fine
     assert torch.isfinite(F.seq_batch_norm(x, rm, rv, training=False, padding_mask=mask)).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (0, 3, 5), (2, 3, 0)])
+def test_zero_size_inputs(shape, backend):
+    import seqnorm
+
+    x = torch.randn(shape, requires_grad=True)
+    d = shape[-1]
+    bn, pn = seqnorm.SeqBatchNorm(d), seqnorm.PowerNorm(d)
+    outs = [bn(x), pn(x), F.layer_norm(x, d), F.rms_norm(x, d), F.add_layer_norm(x, x, d)]
+    for y in outs:
+        assert y.shape == x.shape
+        (g,) = torch.autograd.grad(y.sum(), [x])
+        assert g.shape == x.shape
+    # a batch with no token records nothing
+    if math.prod(shape[:-1]) == 0:
+        assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_var, torch.ones(d))
+
+
+def test_unmasked_ops_match_reference(backend):
+    """Reference ↔ functional parity for every op without padding, forward and backward."""
+    rng = np.random.default_rng(50)
+    x_np, r_np = rng.normal(size=(3, 7, 6)), rng.normal(size=(3, 7, 6))
+    w_np, b_np, phi_np = rng.normal(size=6), rng.normal(size=6), rng.random(6) + 0.5
+    dy = rng.normal(size=x_np.shape)
+    cases = [
+        (lambda x, w, b: F.layer_norm(x, 6, w, b),
+         lambda: ref.layer_norm_forward(x_np, w_np, b_np), ref.layer_norm_backward),
+        (lambda x, w, b: F.rms_norm(x, 6, w, 1e-6),
+         lambda: ref.rms_norm_forward(x_np, w_np, 1e-6), ref.rms_norm_backward),
+        (lambda x, w, b: F.add_layer_norm(x, torch.tensor(r_np), 6, w, b),
+         lambda: ref.add_norm_forward(x_np, r_np, w_np, b_np)[::2],
+         lambda dy, c: (lambda g: (g[0], g[2], g[3]))(ref.add_norm_backward(dy, c))),
+        (lambda x, w, b: F.seq_batch_norm(x, None, None, w, b, training=True),
+         lambda: ref.seq_batch_norm_forward(x_np, w_np, b_np), ref.seq_batch_norm_backward),
+        (lambda x, w, b: F.power_norm(x, torch.tensor(phi_np), None, w, b, training=True),
+         lambda: ref.power_norm_forward(x_np, phi_np, w_np, b_np), lambda dy, c: ref.power_norm_backward(dy, c)[:3]),
+    ]
+    for fn, ref_fwd, ref_bwd in cases:
+        x, w, b = (torch.tensor(a, requires_grad=True) for a in (x_np, w_np, b_np))
+        y = fn(x, w, b)
+        ref_y, cache = ref_fwd()
+        np.testing.assert_allclose(to_np(y), ref_y, rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad(y, [x, w, b], torch.tensor(dy), allow_unused=True)
+        for g, rg in zip(grads, ref_bwd(dy, cache)):
+            if rg is None:
+                assert g is None
+            else:
+                np.testing.assert_allclose(to_np(g), rg, rtol=1e-9, atol=1e-11)
