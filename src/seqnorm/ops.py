@@ -57,6 +57,11 @@ def _zero_padded_rows(t: Tensor, pad: Optional[Tensor]) -> Tensor:
     return t if pad is None else t.masked_fill(pad.unsqueeze(-1), 0)
 
 
+def _count_real(x: Tensor, pad: Optional[Tensor]) -> Tensor:
+    """Number of real rows of ``x (N, D)``, as a 0-d tensor on x's device."""
+    return torch.tensor(x.shape[0], device=x.device) if pad is None else (~pad).sum()
+
+
 def _affine(xhat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     y = xhat if weight is None else xhat * weight
     return y if bias is None else y + bias
@@ -94,10 +99,7 @@ class TorchBackend:
         in float32 (no E[x²] − E[x]² cancellation). ``x`` must already be 0 at
         padded rows. Returns ``(mean (D,), var (D,), count ())``.
         """
-        if pad is None:
-            count = torch.tensor(x.shape[0], device=x.device)
-        else:
-            count = (~pad).sum()
+        count = _count_real(x, pad)
         n = count.clamp_min(1).to(x.dtype)  # all padding: mean 0, var 0, not 0/0
         m1 = x.sum(0) / n
         delta = _zero_padded_rows(x - m1, pad)
@@ -118,7 +120,7 @@ class TorchBackend:
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor):
         x = _zero_padded_rows(x, pad)
         with torch.no_grad():
-            count = torch.tensor(x.shape[0], device=x.device) if pad is None else (~pad).sum()
+            count = _count_real(x, pad)
             phi = (x * x).sum(0) / count.clamp_min(1).to(x.dtype)
         y = _PowerNormFunction.apply(x, weight, bias, pad, running_phi, running_nu, eps, factor)
         return y, phi, count
@@ -153,7 +155,7 @@ class _PowerNormFunction(torch.autograd.Function):
         if nu is not None:
             nu_prev = nu.to(g.dtype)
             g_tilde = g - nu_prev * xhat
-            count = xhat.shape[0] if pad is None else int((~pad).sum())
+            count = int(_count_real(xhat, pad))
             if count > 0:  # an all-padding batch carries no information about ν
                 with torch.no_grad():
                     gamma = (xhat * xhat).sum(0) / count
