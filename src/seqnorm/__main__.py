@@ -1,4 +1,4 @@
-"""``python -m seqnorm``: the note's worked example."""
+"""``python -m seqnorm``: the same as the ``seqnorm`` console script."""
 
 import sys
 

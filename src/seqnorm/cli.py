@@ -1,4 +1,5 @@
-"""``seqnorm`` console script."""
+"""``seqnorm`` console script. ``seqnorm`` alone (and ``python -m seqnorm``) runs
+``seqnorm explain`` on the note's example."""
 
 from __future__ import annotations
 
@@ -9,24 +10,36 @@ from typing import Optional, Sequence
 from . import __version__
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .explain.command import add_arguments
+
+    parser = _OneLineParser(
         prog="seqnorm",
         description="Padding-aware LayerNorm / RMSNorm / BatchNorm / PowerNorm for sequence models.",
     )
     parser.add_argument("--version", action="version", version=f"seqnorm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="print the note's worked example (the default command)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    explain = sub.add_parser("explain", help="show what each norm pools and computes, step by step "
+                                             "(the default command; default input: the note's example)")
+    add_arguments(explain)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["explain"] + argv  # explain is the default command
     args = build_parser().parse_args(argv)
-    if args.command in (None, "demo"):
-        from .demo import main as demo_main
+    from .explain.command import run
 
-        return demo_main()
-    return 2  # pragma: no cover - argparse rejects unknown commands first
+    return run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,8 +101,11 @@ def statistics(x, valid, axes, center=True):
 
 def normalize(x, mean, var, eps, valid):
     """``x̂ = (x − mean)/√(var + eps)``, exactly 0 at padding. Returns ``(x̂, r)``."""
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = np.where(np.broadcast_to(valid, x.shape) > 0, (x - mean) * rstd, 0.0)
+    # An all-padding group has var 0; with eps = 0 its rstd is inf, but np.where
+    # discards it. A *real* group with var + eps = 0 keeps its inf/NaN: that is the maths.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rstd = 1.0 / np.sqrt(var + eps)
+        xhat = np.where(np.broadcast_to(valid, x.shape) > 0, (x - mean) * rstd, 0.0)
     return xhat, rstd
 
 
