@@ -88,8 +88,12 @@ def load_mask(padding_mask: Optional[str], lengths: Optional[str], shape) -> Opt
             obj = json.loads(padding_mask)
         except json.JSONDecodeError as e:
             raise InputError(f"--padding-mask: not valid JSON ({e.msg})") from None
-        arr = np.asarray(obj, dtype=object)
-        if arr.dtype == object and arr.ndim == 0 or not all(isinstance(v, bool) for v in arr.ravel()):
+        try:
+            arr = np.asarray(obj, dtype=object)
+            shape_ok = arr.ndim > 0 and all(isinstance(v, bool) for v in arr.ravel())
+        except ValueError:  # ragged
+            shape_ok = False
+        if not shape_ok:
             raise InputError(f"--padding-mask: expected a JSON list of true/false of shape {want} = "
                              f"{tuple(shape)}, e.g. [[false, true]]")
         if arr.shape != tuple(shape):
@@ -125,7 +129,11 @@ def load_tokens(tokens: Optional[str], shape) -> Optional[List[List[str]]]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"--tokens: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, list):
+            raise InputError("--tokens: expected a JSON list (one sentence) or a list of lists")
         rows = obj if obj and isinstance(obj[0], list) else [obj]
+        if not all(isinstance(r, list) for r in rows):
+            raise InputError("--tokens: mix of lists and labels; give one list per sentence")
     else:
         rows = [s.split() for s in text.split("/")]
     rows = [[str(tok) for tok in row] for row in rows]
