@@ -27,7 +27,7 @@ def to_np(t):
     return None if t is None else t.detach().to(torch.float64).cpu().numpy()
 
 
-@pytest.fixture(params=["torch", "reference"])
+@pytest.fixture(params=["torch", "reference", "fused"])
 def backend(request):
     """Run the test once per backend."""
     import seqnorm

@@ -338,8 +338,23 @@ def _check_name(name: str) -> None:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {name!r}")
 
 
+def _fused_or_torch(x: Tensor, min_numel: int = 0):
+    """The fused backend where it supports ``x`` (CPU float32/float64, Numba
+    importable) and ``x`` has at least ``min_numel`` elements; torch elsewhere."""
+    if x.numel() < min_numel or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return TorchBackend
+    try:
+        from .fused import FusedBackend
+    except ImportError:  # numba missing: the torch backend computes the same thing
+        return TorchBackend
+    return FusedBackend
+
+
+# Below this many elements the custom-op and Numba call overhead (tens of µs)
+# outweighs the fused kernels' gain: measured crossover, see benchmarks/RESULTS.md.
+AUTO_MIN_NUMEL = 16384
+
 register_backend("torch", lambda x: TorchBackend)
 register_backend("reference", lambda x: ReferenceBackend)
-# "auto" picks the fastest correct backend for the input; until the fused CPU
-# kernels land it is the torch backend everywhere.
-register_backend("auto", lambda x: TorchBackend)
+register_backend("fused", _fused_or_torch)
+register_backend("auto", lambda x: _fused_or_torch(x, AUTO_MIN_NUMEL))

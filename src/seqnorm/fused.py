@@ -1,0 +1,355 @@
+"""The fused CPU backend: Numba kernels behind ``torch.library`` custom ops.
+
+Each kernel family is one forward and one backward custom op
+(``seqnorm::rowwise_fwd`` / ``seqnorm::rowwise_bwd``, ``featurewise_*``,
+``power_*``) with a fake (meta) implementation, tied together by
+``register_autograd``, so modules, autograd and ``torch.compile`` see ordinary
+torch ops. Tensors reach the kernels as zero-copy NumPy views; inputs are made
+contiguous first. Numba's thread count follows ``torch.get_num_threads()``.
+
+Only CPU float32/float64 tensors come here (``ops`` routes everything else to
+the torch backend); float16/bfloat16 are cast to float32 by ``functional``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from .kernels import NCHUNK, featurewise, rowwise
+
+__all__ = ["FusedBackend", "supports"]
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the fused kernels can run ``x``."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _a(t: Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a contiguous CPU tensor (bool → uint8)."""
+    t = t.detach()
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.numpy()
+
+
+def _k(x: Tensor, eps: float, inv: float) -> np.ndarray:
+    """The kernels' constants in the input dtype: [eps, inv, 1, 0]."""
+    return np.array([eps, inv, 1.0, 0.0], dtype=_a(x[:0]).dtype)
+
+
+def _pad(pad: Optional[Tensor], rows: int) -> np.ndarray:
+    return np.zeros(rows, np.uint8) if pad is None else _a(pad.contiguous())
+
+
+def _param(p: Optional[Tensor], d: int, fill: float, like: Tensor) -> np.ndarray:
+    if p is None:
+        return np.full(d, fill, dtype=_a(like[:0]).dtype)
+    return _a(p.contiguous())
+
+
+def _sum_chunks(part: np.ndarray) -> np.ndarray:
+    """Add the per-chunk partials in chunk order (deterministic for any thread count)."""
+    out = np.zeros(part.shape[1], dtype=np.float64)
+    for c in range(part.shape[0]):
+        out += part[c]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Row-wise: LayerNorm / RMSNorm (+ residual Add)
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("seqnorm::rowwise_fwd", mutates_args=())
+def rowwise_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                pad: Optional[Tensor], eps: float, center: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, s, shift, delta, rstd)``; ``s = x + residual`` (empty without residual)."""
+    _threads()
+    x = x.contiguous()
+    rows, d = x.shape
+    y = torch.empty_like(x)
+    shift, delta, rstd = (x.new_empty(rows) for _ in range(3))
+    k = _k(x, eps, 1.0 / max(d, 1))
+    w, b = _param(weight, d, 1.0, x), _param(bias, d, 0.0, x)
+    p = _pad(pad, rows)
+    if residual is None:
+        s = x.new_empty(0)
+        rowwise.forward(_a(x), w, b, p, k, center, _a(y), _a(shift), _a(delta), _a(rstd))
+    else:
+        s = torch.empty_like(x)
+        rowwise.add_forward(_a(x), _a(residual.contiguous()), w, b, p, k, center, _a(y), _a(s),
+                            _a(shift), _a(delta), _a(rstd))
+    return y, s, shift, delta, rstd
+
+
+@rowwise_fwd.register_fake
+def _(x, residual, weight, bias, pad, eps, center):
+    rows = x.shape[0]
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), s, x.new_empty(rows), x.new_empty(rows), x.new_empty(rows)
+
+
+@torch.library.custom_op("seqnorm::rowwise_bwd", mutates_args=())
+def rowwise_bwd(dy: Tensor, src: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
+                delta: Tensor, rstd: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dsrc, dweight, dbias)`` (the parameter grads as if both existed)."""
+    _threads()
+    dy, src = dy.contiguous(), src.contiguous()
+    rows, d = src.shape
+    dx = torch.empty_like(src)
+    k = _k(src, 0.0, 1.0 / max(d, 1))
+    dtype = _a(src[:0]).dtype
+    dw_part = np.empty((NCHUNK, d), dtype)
+    db_part = np.empty((NCHUNK, d), dtype)
+    rowwise.backward(_a(dy), _a(src), _param(weight, d, 1.0, src), _pad(pad, rows), _a(shift), _a(delta),
+                     _a(rstd), k, center, _a(dx), dw_part, db_part)
+    dw = torch.from_numpy(_sum_chunks(dw_part)).to(src.dtype)
+    db = torch.from_numpy(_sum_chunks(db_part)).to(src.dtype)
+    return dx, dw, db
+
+
+@rowwise_bwd.register_fake
+def _(dy, src, weight, pad, shift, delta, rstd, center):
+    d = src.shape[1]
+    return torch.empty_like(src), src.new_empty(d), src.new_empty(d)
+
+
+def _rowwise_setup(ctx, inputs, output):
+    x, residual, weight, bias, pad, eps, center = inputs
+    _, s, shift, delta, rstd = output
+    src = x if residual is None else s
+    ctx.save_for_backward(src, weight, pad, shift, delta, rstd)
+    ctx.center = center
+    ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
+
+
+def _rowwise_backward(ctx, dy, ds, _shift, _delta, _rstd):
+    src, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    dx, dw, db = rowwise_bwd(dy, src, weight, pad, shift, delta, rstd, ctx.center)
+    if ctx.has_residual and ds is not None:
+        dx = dx + ds  # the returned sum s = x + residual carries its own gradient
+    dw = dw.reshape(weight.shape) if weight is not None else None
+    db = db if ctx.has_bias else None
+    return dx, (dx if ctx.has_residual else None), dw, db, None, None, None
+
+
+torch.library.register_autograd("seqnorm::rowwise_fwd", _rowwise_backward, setup_context=_rowwise_setup)
+
+
+# ---------------------------------------------------------------------------
+# Feature-wise: masked BatchNorm
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("seqnorm::featurewise_fwd", mutates_args=())
+def featurewise_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+                    mean: Optional[Tensor], var: Optional[Tensor], eps: float
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, batch_mean, batch_var, count, shift, delta, rstd)``.
+
+    With ``mean``/``var`` (running statistics, eval) those are used and the
+    batch statistics are not computed (returned as zeros).
+    """
+    _threads()
+    x = x.contiguous()
+    n_rows, d = x.shape
+    k = _k(x, eps, 0.0)
+    p = _pad(pad, n_rows)
+    dtype = _a(x[:0]).dtype
+    if mean is None:
+        shift = np.empty(d, dtype)
+        delta64 = np.empty(d, np.float64)
+        var64 = np.empty(d, np.float64)
+        count = int(featurewise.moments(_a(x), p, k, NCHUNK, shift, delta64, var64))
+        batch_mean = torch.from_numpy(shift.astype(np.float64) + delta64).to(x.dtype)
+        batch_var = torch.from_numpy(var64).to(x.dtype)
+        delta = delta64.astype(dtype)
+        rstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+    else:
+        count = int(n_rows - p.sum(dtype=np.int64))
+        shift = _a(mean.contiguous()).astype(dtype)
+        delta = np.zeros(d, dtype)
+        rstd = (1.0 / np.sqrt(_a(var.contiguous()).astype(np.float64) + eps)).astype(dtype)
+        batch_mean = x.new_zeros(d)
+        batch_var = x.new_zeros(d)
+    w = _param(weight, d, 1.0, x)
+    scale = (rstd * w).astype(dtype)
+    y = torch.empty_like(x)
+    featurewise.normalize(_a(x), p, shift, delta, scale, _param(bias, d, 0.0, x), k, _a(y))
+    return (y, batch_mean, batch_var, torch.tensor(count), torch.from_numpy(shift), torch.from_numpy(delta),
+            torch.from_numpy(rstd))
+
+
+@featurewise_fwd.register_fake
+def _(x, weight, bias, pad, mean, var, eps):
+    d = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(d), x.new_empty(d), torch.empty((), dtype=torch.int64),
+            x.new_empty(d), x.new_empty(d), x.new_empty(d))
+
+
+@torch.library.custom_op("seqnorm::featurewise_bwd", mutates_args=())
+def featurewise_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
+                    delta: Tensor, rstd: Tensor, count: int, batch_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)``."""
+    _threads()
+    dy, x = dy.contiguous(), x.contiguous()
+    n_rows, d = x.shape
+    k = _k(x, 0.0, 0.0)
+    dtype = _a(x[:0]).dtype
+    p = _pad(pad, n_rows)
+    dg_part = np.empty((NCHUNK, d), dtype)
+    db_part = np.empty((NCHUNK, d), dtype)
+    featurewise.grad_sums(_a(dy), _a(x), p, _a(shift), _a(delta), _a(rstd), k, dg_part, db_part)
+    dgamma, dbeta = _sum_chunks(dg_part), _sum_chunks(db_part)
+    a = _a(rstd).astype(np.float64) * _param(weight, d, 1.0, x)
+    if batch_stats and count > 0:
+        c1, c2 = a * dbeta / count, a * dgamma / count
+    else:
+        c1, c2 = np.zeros(d), np.zeros(d)
+    dx = torch.empty_like(x)
+    featurewise.bn_input_grad(_a(dy), _a(x), p, _a(shift), _a(delta), _a(rstd), a.astype(dtype),
+                              c1.astype(dtype), c2.astype(dtype), k, _a(dx))
+    return dx, torch.from_numpy(dgamma).to(x.dtype), torch.from_numpy(dbeta).to(x.dtype)
+
+
+@featurewise_bwd.register_fake
+def _(dy, x, weight, pad, shift, delta, rstd, count, batch_stats):
+    d = x.shape[1]
+    return torch.empty_like(x), x.new_empty(d), x.new_empty(d)
+
+
+def _featurewise_setup(ctx, inputs, output):
+    x, weight, bias, pad, mean, var, eps = inputs
+    _, _, _, count, shift, delta, rstd = output
+    ctx.save_for_backward(x, weight, pad, shift, delta, rstd)
+    ctx.count, ctx.batch_stats = int(count), mean is None
+    ctx.has_bias = bias is not None
+
+
+def _featurewise_backward(ctx, dy, *_):
+    x, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    dx, dw, db = featurewise_bwd(dy, x, weight, pad, shift, delta, rstd, ctx.count, ctx.batch_stats)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None
+
+
+torch.library.register_autograd("seqnorm::featurewise_fwd", _featurewise_backward,
+                                setup_context=_featurewise_setup)
+
+
+# ---------------------------------------------------------------------------
+# PowerNorm
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("seqnorm::power_fwd", mutates_args=())
+def power_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+              running_phi: Tensor, running_nu: Optional[Tensor], eps: float, factor: float
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, batch_phi, count, rstd)``; ``rstd = 1/√(ψ² + ε)`` of the running ψ².
+
+    ``running_nu`` and ``factor`` are not read here: they are handed to the
+    backward, which updates ν in place (Algorithm 1's approximate backward).
+    """
+    _threads()
+    x = x.contiguous()
+    n_rows, d = x.shape
+    dtype = _a(x[:0]).dtype
+    k = _k(x, eps, 0.0)
+    rstd = (1.0 / np.sqrt(_a(running_phi.contiguous()).astype(np.float64) + eps)).astype(dtype)
+    scale = (rstd * _param(weight, d, 1.0, x)).astype(dtype)
+    y = torch.empty_like(x)
+    n_part = np.zeros(NCHUNK, np.int64)
+    q_part = np.empty((NCHUNK, d), dtype)
+    featurewise.power_forward(_a(x), _pad(pad, n_rows), scale, _param(bias, d, 0.0, x), k, _a(y), n_part, q_part)
+    count = int(n_part.sum())
+    phi = _sum_chunks(q_part) / max(count, 1)
+    return y, torch.from_numpy(phi).to(x.dtype), torch.tensor(count), torch.from_numpy(rstd)
+
+
+@power_fwd.register_fake
+def _(x, weight, bias, pad, running_phi, running_nu, eps, factor):
+    d = x.shape[1]
+    return torch.empty_like(x), x.new_empty(d), torch.empty((), dtype=torch.int64), x.new_empty(d)
+
+
+@torch.library.custom_op("seqnorm::power_bwd", mutates_args=())
+def power_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
+              nu: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)``; ``nu`` (ν, read only) may be None (= 0)."""
+    _threads()
+    dy, x = dy.contiguous(), x.contiguous()
+    n_rows, d = x.shape
+    dtype = _a(x[:0]).dtype
+    nu_np = np.zeros(d, dtype) if nu is None else _a(nu.contiguous()).astype(dtype)
+    dg_part = np.empty((NCHUNK, d), dtype)
+    db_part = np.empty((NCHUNK, d), dtype)
+    dx = torch.empty_like(x)
+    featurewise.power_backward(_a(dy), _a(x), _pad(pad, n_rows), _param(weight, d, 1.0, x), _a(rstd), nu_np,
+                               _k(x, 0.0, 0.0), _a(dx), dg_part, db_part)
+    return dx, torch.from_numpy(_sum_chunks(dg_part)).to(x.dtype), torch.from_numpy(_sum_chunks(db_part)).to(x.dtype)
+
+
+@power_bwd.register_fake
+def _(dy, x, weight, pad, rstd, nu):
+    d = x.shape[1]
+    return torch.empty_like(x), x.new_empty(d), x.new_empty(d)
+
+
+def _power_setup(ctx, inputs, output):
+    x, weight, bias, pad, running_phi, running_nu, eps, factor = inputs
+    _, batch_phi, count, rstd = output
+    ctx.save_for_backward(x, weight, pad, rstd, batch_phi)
+    ctx.count = int(count)
+    ctx.has_bias = bias is not None
+    ctx.nu, ctx.factor = running_nu, factor  # the buffer the backward updates
+
+
+def _power_backward(ctx, dy, *_):
+    x, weight, pad, rstd, batch_phi = ctx.saved_tensors
+    nu = ctx.nu
+    dx, dw, db = power_bwd(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
+    if nu is not None and ctx.count > 0:
+        with torch.no_grad():
+            gamma = rstd * rstd * batch_phi                              # mean over real rows of x̂²
+            lam = (dw if weight is None else weight * dw) / ctx.count   # mean of x̂ ⊙ (w ⊙ dy)
+            nu.copy_(nu * (1 - ctx.factor * gamma.to(nu.dtype)) + ctx.factor * lam.to(nu.dtype))
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None, None
+
+
+torch.library.register_autograd("seqnorm::power_fwd", _power_backward, setup_context=_power_setup)
+
+
+class FusedBackend:
+    """Numba kernels behind custom ops. See :mod:`seqnorm.ops` for the contract."""
+
+    name = "fused"
+
+    @staticmethod
+    def rowwise_norm(x, weight, bias, eps, pad, center):
+        return torch.ops.seqnorm.rowwise_fwd(x, None, weight, bias, pad, float(eps), center)[0]
+
+    @staticmethod
+    def add_rowwise_norm(x, residual, weight, bias, eps, pad, center):
+        y, s, *_ = torch.ops.seqnorm.rowwise_fwd(x, residual, weight, bias, pad, float(eps), center)
+        return y, s
+
+    @staticmethod
+    def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None):
+        y, bm, bv, count, *_ = torch.ops.seqnorm.featurewise_fwd(x, weight, bias, pad, mean, var, float(eps))
+        return y, bm, bv, count
+
+    @staticmethod
+    def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor):
+        y, phi, count, _ = torch.ops.seqnorm.power_fwd(x, weight, bias, pad, running_phi, running_nu,
+                                                       float(eps), float(factor))
+        return y, phi, count

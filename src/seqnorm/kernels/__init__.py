@@ -1,0 +1,22 @@
+"""Fused CPU kernels (Numba). They know nothing of torch: NumPy arrays in,
+NumPy arrays out (written in place). One file per family:
+
+* :mod:`.rowwise` — LayerNorm / RMSNorm, optionally fused with the residual Add.
+* :mod:`.featurewise` — masked BatchNorm and PowerNorm over the token axis.
+
+Shared conventions: ``x`` is a C-contiguous ``(R, D)`` array of float32 or
+float64; ``pad`` is a ``(R,)`` uint8 array, 1 at padding; ``k`` is a small
+array of constants *of the input dtype* (so that the accumulators keep that
+dtype and vectorize): ``k = [eps, 1/D or 1/n, 1, 0]``. Parameter gradients are
+reduced over a fixed partition of the rows into ``NCHUNK`` chunks whose
+partial sums are then added in chunk order, so the bits do not depend on the
+number of threads.
+
+fastmath uses only ``reassoc``/``contract``/``arcp``; never ``nnan``/``ninf``,
+so NaN and Inf propagate exactly as in IEEE arithmetic.
+"""
+
+FASTMATH = {"reassoc", "contract", "arcp"}
+NCHUNK = 64
+
+__all__ = ["FASTMATH", "NCHUNK"]
