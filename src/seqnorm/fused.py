@@ -42,9 +42,22 @@ def _a(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _np_dtype(x: Tensor):
+    return _NP_DTYPE[x.dtype]
+
+
 def _k(x: Tensor, eps: float, inv: float) -> np.ndarray:
     """The kernels' constants in the input dtype: [eps, inv, 1, 0]."""
-    return np.array([eps, inv, 1.0, 0.0], dtype=_a(x[:0]).dtype)
+    return np.array([eps, inv, 1.0, 0.0], dtype=_NP_DTYPE[x.dtype])
+
+
+def _empty(shape, x: Tensor) -> Tuple[np.ndarray, Tensor]:
+    """A new NumPy array and the tensor sharing its memory (cheaper than torch.empty)."""
+    a = np.empty(shape, dtype=_NP_DTYPE[x.dtype])
+    return a, torch.from_numpy(a)
 
 
 def _pad(pad: Optional[Tensor], rows: int) -> np.ndarray:
@@ -53,7 +66,7 @@ def _pad(pad: Optional[Tensor], rows: int) -> np.ndarray:
 
 def _param(p: Optional[Tensor], d: int, fill: float, like: Tensor) -> np.ndarray:
     if p is None:
-        return np.full(d, fill, dtype=_a(like[:0]).dtype)
+        return np.full(d, fill, dtype=_NP_DTYPE[like.dtype])
     return _a(p.contiguous())
 
 
@@ -70,26 +83,28 @@ def _sum_chunks(part: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("seqnorm::rowwise_fwd", mutates_args=())
-def rowwise_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                pad: Optional[Tensor], eps: float, center: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                      pad: Optional[Tensor], eps: float, center: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, s, shift, delta, rstd)``; ``s = x + residual`` (empty without residual)."""
     _threads()
     x = x.contiguous()
     rows, d = x.shape
-    y = torch.empty_like(x)
-    shift, delta, rstd = (x.new_empty(rows) for _ in range(3))
+    y_a, y = _empty((rows, d), x)
+    (sh_a, shift), (de_a, delta), (rs_a, rstd) = _empty(rows, x), _empty(rows, x), _empty(rows, x)
     k = _k(x, eps, 1.0 / max(d, 1))
     w, b = _param(weight, d, 1.0, x), _param(bias, d, 0.0, x)
     p = _pad(pad, rows)
     if residual is None:
         s = x.new_empty(0)
-        rowwise.forward(_a(x), w, b, p, k, center, _a(y), _a(shift), _a(delta), _a(rstd))
+        rowwise.forward(_a(x), w, b, p, k, center, y_a, sh_a, de_a, rs_a)
     else:
-        s = torch.empty_like(x)
-        rowwise.add_forward(_a(x), _a(residual.contiguous()), w, b, p, k, center, _a(y), _a(s),
-                            _a(shift), _a(delta), _a(rstd))
+        s_a, s = _empty((rows, d), x)
+        rowwise.add_forward(_a(x), _a(residual.contiguous()), w, b, p, k, center, y_a, s_a, sh_a, de_a, rs_a)
     return y, s, shift, delta, rstd
+
+
+rowwise_fwd = torch.library.custom_op("seqnorm::rowwise_fwd", mutates_args=())(_rowwise_fwd_impl)
 
 
 @rowwise_fwd.register_fake
@@ -99,23 +114,25 @@ def _(x, residual, weight, bias, pad, eps, center):
     return torch.empty_like(x), s, x.new_empty(rows), x.new_empty(rows), x.new_empty(rows)
 
 
-@torch.library.custom_op("seqnorm::rowwise_bwd", mutates_args=())
-def rowwise_bwd(dy: Tensor, src: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
+def _rowwise_bwd_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
                 delta: Tensor, rstd: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dsrc, dweight, dbias)`` (the parameter grads as if both existed)."""
     _threads()
     dy, src = dy.contiguous(), src.contiguous()
     rows, d = src.shape
-    dx = torch.empty_like(src)
+    dx_a, dx = _empty((rows, d), src)
     k = _k(src, 0.0, 1.0 / max(d, 1))
-    dtype = _a(src[:0]).dtype
+    dtype = _NP_DTYPE[src.dtype]
     dw_part = np.empty((NCHUNK, d), dtype)
     db_part = np.empty((NCHUNK, d), dtype)
     rowwise.backward(_a(dy), _a(src), _param(weight, d, 1.0, src), _pad(pad, rows), _a(shift), _a(delta),
-                     _a(rstd), k, center, _a(dx), dw_part, db_part)
+                     _a(rstd), k, center, dx_a, dw_part, db_part)
     dw = torch.from_numpy(_sum_chunks(dw_part)).to(src.dtype)
     db = torch.from_numpy(_sum_chunks(db_part)).to(src.dtype)
     return dx, dw, db
+
+
+rowwise_bwd = torch.library.custom_op("seqnorm::rowwise_bwd", mutates_args=())(_rowwise_bwd_impl)
 
 
 @rowwise_bwd.register_fake
@@ -135,7 +152,7 @@ def _rowwise_setup(ctx, inputs, output):
 
 def _rowwise_backward(ctx, dy, ds, _shift, _delta, _rstd):
     src, weight, pad, shift, delta, rstd = ctx.saved_tensors
-    dx, dw, db = rowwise_bwd(dy, src, weight, pad, shift, delta, rstd, ctx.center)
+    dx, dw, db = _call(rowwise_bwd, _rowwise_bwd_impl)(dy, src, weight, pad, shift, delta, rstd, ctx.center)
     if ctx.has_residual and ds is not None:
         dx = dx + ds  # the returned sum s = x + residual carries its own gradient
     dw = dw.reshape(weight.shape) if weight is not None else None
@@ -151,8 +168,7 @@ torch.library.register_autograd("seqnorm::rowwise_fwd", _rowwise_backward, setup
 # ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("seqnorm::featurewise_fwd", mutates_args=())
-def featurewise_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
                     mean: Optional[Tensor], var: Optional[Tensor], eps: float
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, batch_mean, batch_var, count, shift, delta, rstd)``.
@@ -165,7 +181,7 @@ def featurewise_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     n_rows, d = x.shape
     k = _k(x, eps, 0.0)
     p = _pad(pad, n_rows)
-    dtype = _a(x[:0]).dtype
+    dtype = _NP_DTYPE[x.dtype]
     if mean is None:
         shift = np.empty(d, dtype)
         delta64 = np.empty(d, np.float64)
@@ -184,10 +200,13 @@ def featurewise_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         batch_var = x.new_zeros(d)
     w = _param(weight, d, 1.0, x)
     scale = (rstd * w).astype(dtype)
-    y = torch.empty_like(x)
-    featurewise.normalize(_a(x), p, shift, delta, scale, _param(bias, d, 0.0, x), k, _a(y))
+    y_a, y = _empty((n_rows, d), x)
+    featurewise.normalize(_a(x), p, shift, delta, scale, _param(bias, d, 0.0, x), k, y_a)
     return (y, batch_mean, batch_var, torch.tensor(count), torch.from_numpy(shift), torch.from_numpy(delta),
             torch.from_numpy(rstd))
+
+
+featurewise_fwd = torch.library.custom_op("seqnorm::featurewise_fwd", mutates_args=())(_featurewise_fwd_impl)
 
 
 @featurewise_fwd.register_fake
@@ -197,15 +216,14 @@ def _(x, weight, bias, pad, mean, var, eps):
             x.new_empty(d), x.new_empty(d), x.new_empty(d))
 
 
-@torch.library.custom_op("seqnorm::featurewise_bwd", mutates_args=())
-def featurewise_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
+def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
                     delta: Tensor, rstd: Tensor, count: int, batch_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``."""
     _threads()
     dy, x = dy.contiguous(), x.contiguous()
     n_rows, d = x.shape
     k = _k(x, 0.0, 0.0)
-    dtype = _a(x[:0]).dtype
+    dtype = _NP_DTYPE[x.dtype]
     p = _pad(pad, n_rows)
     dg_part = np.empty((NCHUNK, d), dtype)
     db_part = np.empty((NCHUNK, d), dtype)
@@ -216,10 +234,13 @@ def featurewise_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Option
         c1, c2 = a * dbeta / count, a * dgamma / count
     else:
         c1, c2 = np.zeros(d), np.zeros(d)
-    dx = torch.empty_like(x)
+    dx_a, dx = _empty((n_rows, d), x)
     featurewise.bn_input_grad(_a(dy), _a(x), p, _a(shift), _a(delta), _a(rstd), a.astype(dtype),
-                              c1.astype(dtype), c2.astype(dtype), k, _a(dx))
+                              c1.astype(dtype), c2.astype(dtype), k, dx_a)
     return dx, torch.from_numpy(dgamma).to(x.dtype), torch.from_numpy(dbeta).to(x.dtype)
+
+
+featurewise_bwd = torch.library.custom_op("seqnorm::featurewise_bwd", mutates_args=())(_featurewise_bwd_impl)
 
 
 @featurewise_bwd.register_fake
@@ -238,7 +259,8 @@ def _featurewise_setup(ctx, inputs, output):
 
 def _featurewise_backward(ctx, dy, *_):
     x, weight, pad, shift, delta, rstd = ctx.saved_tensors
-    dx, dw, db = featurewise_bwd(dy, x, weight, pad, shift, delta, rstd, ctx.count, ctx.batch_stats)
+    dx, dw, db = _call(featurewise_bwd, _featurewise_bwd_impl)(dy, x, weight, pad, shift, delta, rstd,
+                                                               ctx.count, ctx.batch_stats)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None
 
 
@@ -251,8 +273,7 @@ torch.library.register_autograd("seqnorm::featurewise_fwd", _featurewise_backwar
 # ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("seqnorm::power_fwd", mutates_args=())
-def power_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
               running_phi: Tensor, running_nu: Optional[Tensor], eps: float, factor: float
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, batch_phi, count, rstd)``; ``rstd = 1/√(ψ² + ε)`` of the running ψ².
@@ -263,17 +284,20 @@ def power_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: 
     _threads()
     x = x.contiguous()
     n_rows, d = x.shape
-    dtype = _a(x[:0]).dtype
+    dtype = _NP_DTYPE[x.dtype]
     k = _k(x, eps, 0.0)
     rstd = (1.0 / np.sqrt(_a(running_phi.contiguous()).astype(np.float64) + eps)).astype(dtype)
     scale = (rstd * _param(weight, d, 1.0, x)).astype(dtype)
-    y = torch.empty_like(x)
+    y_a, y = _empty((n_rows, d), x)
     n_part = np.zeros(NCHUNK, np.int64)
     q_part = np.empty((NCHUNK, d), dtype)
-    featurewise.power_forward(_a(x), _pad(pad, n_rows), scale, _param(bias, d, 0.0, x), k, _a(y), n_part, q_part)
+    featurewise.power_forward(_a(x), _pad(pad, n_rows), scale, _param(bias, d, 0.0, x), k, y_a, n_part, q_part)
     count = int(n_part.sum())
     phi = _sum_chunks(q_part) / max(count, 1)
     return y, torch.from_numpy(phi).to(x.dtype), torch.tensor(count), torch.from_numpy(rstd)
+
+
+power_fwd = torch.library.custom_op("seqnorm::power_fwd", mutates_args=())(_power_fwd_impl)
 
 
 @power_fwd.register_fake
@@ -282,21 +306,23 @@ def _(x, weight, bias, pad, running_phi, running_nu, eps, factor):
     return torch.empty_like(x), x.new_empty(d), torch.empty((), dtype=torch.int64), x.new_empty(d)
 
 
-@torch.library.custom_op("seqnorm::power_bwd", mutates_args=())
-def power_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
+def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
               nu: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``; ``nu`` (ν, read only) may be None (= 0)."""
     _threads()
     dy, x = dy.contiguous(), x.contiguous()
     n_rows, d = x.shape
-    dtype = _a(x[:0]).dtype
+    dtype = _NP_DTYPE[x.dtype]
     nu_np = np.zeros(d, dtype) if nu is None else _a(nu.contiguous()).astype(dtype)
     dg_part = np.empty((NCHUNK, d), dtype)
     db_part = np.empty((NCHUNK, d), dtype)
-    dx = torch.empty_like(x)
+    dx_a, dx = _empty((n_rows, d), x)
     featurewise.power_backward(_a(dy), _a(x), _pad(pad, n_rows), _param(weight, d, 1.0, x), _a(rstd), nu_np,
-                               _k(x, 0.0, 0.0), _a(dx), dg_part, db_part)
+                               _k(x, 0.0, 0.0), dx_a, dg_part, db_part)
     return dx, torch.from_numpy(_sum_chunks(dg_part)).to(x.dtype), torch.from_numpy(_sum_chunks(db_part)).to(x.dtype)
+
+
+power_bwd = torch.library.custom_op("seqnorm::power_bwd", mutates_args=())(_power_bwd_impl)
 
 
 @power_bwd.register_fake
@@ -317,7 +343,7 @@ def _power_setup(ctx, inputs, output):
 def _power_backward(ctx, dy, *_):
     x, weight, pad, rstd, batch_phi = ctx.saved_tensors
     nu = ctx.nu
-    dx, dw, db = power_bwd(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
+    dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
     if nu is not None and ctx.count > 0:
         with torch.no_grad():
             gamma = rstd * rstd * batch_phi                              # mean over real rows of x̂²
@@ -329,6 +355,47 @@ def _power_backward(ctx, dy, *_):
 torch.library.register_autograd("seqnorm::power_fwd", _power_backward, setup_context=_power_setup)
 
 
+def _call(op, impl):
+    """The custom op while torch.compile traces (it needs the fake impls), the
+    plain implementation in eager mode (the op's dispatch costs ~20 µs a call)."""
+    return op if torch.compiler.is_compiling() else impl
+
+
+def _eager(impl, setup, backward, n_diff: int):
+    """An autograd.Function running ``impl`` with the custom op's own
+    ``setup_context`` and backward, for eager mode."""
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            out = impl(*inputs)
+            setup(ctx, inputs, out)
+            ctx.mark_non_differentiable(*out[n_diff:])
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Fn.__name__ = impl.__name__.strip("_").replace("_impl", "") + "_function"
+    return _Fn
+
+
+_RowwiseFunction = _eager(_rowwise_fwd_impl, _rowwise_setup, _rowwise_backward, 2)
+_FeaturewiseFunction = _eager(_featurewise_fwd_impl, _featurewise_setup, _featurewise_backward, 1)
+_PowerFunction = _eager(_power_fwd_impl, _power_setup, _power_backward, 1)
+
+
+def _run(op, impl, fn, *args):
+    """Trace the custom op under torch.compile; in eager mode run the
+    autograd.Function when a gradient is needed and the bare kernel otherwise."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return fn.apply(*args)
+    return impl(*args)
+
+
 class FusedBackend:
     """Numba kernels behind custom ops. See :mod:`seqnorm.ops` for the contract."""
 
@@ -336,20 +403,21 @@ class FusedBackend:
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
-        return torch.ops.seqnorm.rowwise_fwd(x, None, weight, bias, pad, float(eps), center)[0]
+        return _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, x, None, weight, bias, pad, float(eps), center)[0]
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center):
-        y, s, *_ = torch.ops.seqnorm.rowwise_fwd(x, residual, weight, bias, pad, float(eps), center)
+        y, s, *_ = _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, x, residual, weight, bias, pad, float(eps), center)
         return y, s
 
     @staticmethod
     def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None):
-        y, bm, bv, count, *_ = torch.ops.seqnorm.featurewise_fwd(x, weight, bias, pad, mean, var, float(eps))
+        y, bm, bv, count, *_ = _run(featurewise_fwd, _featurewise_fwd_impl, _FeaturewiseFunction, x, weight, bias, pad, mean, var,
+                                    float(eps))
         return y, bm, bv, count
 
     @staticmethod
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor):
-        y, phi, count, _ = torch.ops.seqnorm.power_fwd(x, weight, bias, pad, running_phi, running_nu,
-                                                       float(eps), float(factor))
+        y, phi, count, _ = _run(power_fwd, _power_fwd_impl, _PowerFunction, x, weight, bias, pad, running_phi, running_nu,
+                                float(eps), float(factor))
         return y, phi, count

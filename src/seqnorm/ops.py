@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -343,10 +344,17 @@ def _fused_or_torch(x: Tensor, min_numel: int = 0):
     importable) and ``x`` has at least ``min_numel`` elements; torch elsewhere."""
     if x.numel() < min_numel or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return TorchBackend
+    return _fused_backend() or TorchBackend
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_backend():
+    """The fused backend class, imported once; None when Numba is missing (the
+    torch backend then computes the same thing)."""
     try:
         from .fused import FusedBackend
-    except ImportError:  # numba missing: the torch backend computes the same thing
-        return TorchBackend
+    except ImportError:
+        return None
     return FusedBackend
 
 
