@@ -24,7 +24,7 @@ def to_t(a, dtype=torch.float64, requires_grad=False):
 
 
 def to_np(t):
-    return None if t is None else t.detach().to(torch.float64).cpu().numpy()
+    return None if t is None else t.detach().to(torch.float64).cpu().numpy().copy()
 
 
 @pytest.fixture(params=["torch", "reference", "fused"])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -347,15 +346,19 @@ def _fused_or_torch(x: Tensor, min_numel: int = 0):
     return _fused_backend() or TorchBackend
 
 
-@functools.lru_cache(maxsize=None)
+_fused_class = None  # the FusedBackend class once imported; False when Numba is missing
+
+
 def _fused_backend():
     """The fused backend class, imported once; None when Numba is missing (the
     torch backend then computes the same thing)."""
-    try:
-        from .fused import FusedBackend
-    except ImportError:
-        return None
-    return FusedBackend
+    global _fused_class
+    if _fused_class is None:
+        try:
+            from .fused import FusedBackend as _fused_class
+        except ImportError:
+            _fused_class = False
+    return _fused_class or None
 
 
 # Below this many elements the custom-op and Numba call overhead (tens of µs)

@@ -1,0 +1,232 @@
+"""The fused CPU kernels (Numba) against the float64 reference: forward and
+backward, edge shapes, padding, NaN/Inf, offsets, threads, determinism, compile."""
+
+import numpy as np
+import pytest
+import torch
+
+import seqnorm
+from seqnorm import functional as F
+from seqnorm import reference as ref
+
+from conftest import to_np
+
+pytest.importorskip("numba")
+
+SHAPES = [(2, 3, 17), (3, 5, 33), (1, 1, 1), (4, 1, 16), (2, 7, 1), (1, 4, 1000), (0, 3, 8), (2, 0, 8)]
+# (dtype, atol, rtol) against the float64 reference
+TOLS = [(torch.float64, 1e-11, 1e-9), (torch.float32, 2e-5, 2e-5)]
+
+
+@pytest.fixture(autouse=True)
+def fused():
+    with seqnorm.use_backend("fused"):
+        yield
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _case(shape, seed, pad_rows=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 2 + 0.5
+    mask = rng.random(shape[:2]) < 0.3
+    if pad_rows and shape[0] > 1:
+        mask[-1] = True          # a fully padded sequence
+    if mask.size:
+        mask.flat[0] = False
+    if mask.size > 1:
+        mask.flat[1] = False     # keep two real tokens for BN
+    x[mask] = np.nan             # poison the padding
+    return rng, x, mask
+
+
+def _compare(y, ref_y, atol, rtol):
+    np.testing.assert_allclose(to_np(y), ref_y, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("op", ["layer", "rms", "add_layer", "add_rms", "batch", "batch_eval", "power"])
+def test_fused_matches_reference(op, shape, dtype, atol, rtol, threads):
+    rng, x_np, mask = _case(shape, hash((op, shape)) % 1000)
+    d = shape[-1]
+    w_np, b_np, r_np = rng.normal(size=d), rng.normal(size=d), rng.normal(size=shape)
+    rm_np, rv_np = rng.normal(size=d), rng.random(d) + 0.5
+    x = torch.tensor(x_np, dtype=dtype, requires_grad=True)
+    w = torch.tensor(w_np, dtype=dtype, requires_grad=True)
+    b = torch.tensor(b_np, dtype=dtype, requires_grad=True)
+    r = torch.tensor(r_np, dtype=dtype, requires_grad=True)
+    m = torch.tensor(mask)
+    xq = to_np(x)  # the reference sees exactly the inputs the kernel sees
+    wq, bq, rq = to_np(w), to_np(b), to_np(r)
+    dy = rng.normal(size=shape)
+    if op == "layer":
+        y = F.layer_norm(x, d, w, b, padding_mask=m)
+        ref_y, c = ref.layer_norm_forward(xq, wq, bq, 1e-5, mask)
+        grads, ref_grads = [x, w, b], ref.layer_norm_backward(dy, c)
+    elif op == "rms":
+        y = F.rms_norm(x, d, w, 1e-6, padding_mask=m)
+        ref_y, c = ref.rms_norm_forward(xq, wq, 1e-6, mask)
+        grads, ref_grads = [x, w], ref.rms_norm_backward(dy, c)
+    elif op in ("add_layer", "add_rms"):
+        center = op == "add_layer"
+        fn = F.add_layer_norm if center else F.add_rms_norm
+        args = (x, r, d, w, b) if center else (x, r, d, w)
+        y, s = fn(*args, eps=1e-5, prenorm=True, padding_mask=m)
+        ref_y, ref_s, c = ref.add_norm_forward(xq, rq, wq, bq if center else None, 1e-5, mask, center=center)
+        real = ~mask
+        np.testing.assert_array_equal(to_np(s)[real], to_np(x + r)[real])  # the sum in the input dtype
+        dx, dr, dw, db = ref.add_norm_backward(dy, c)
+        grads, ref_grads = ([x, r, w, b], (dx, dr, dw, db)) if center else ([x, r, w], (dx, dr, dw))
+    elif op in ("batch", "batch_eval"):
+        training = op == "batch"
+        rm, rv = torch.tensor(rm_np, dtype=dtype), torch.tensor(rv_np, dtype=dtype)
+        if training and (~mask).sum() == 1:  # one token has no variance: an error, as in torch
+            with pytest.raises(ValueError, match="more than 1 real token"):
+                F.seq_batch_norm(x, rm, rv, w, b, training=True, padding_mask=m)
+            return
+        y = F.seq_batch_norm(x, rm, rv, w, b, training=training, momentum=0.0, padding_mask=m)
+        ref_y, c = ref.seq_batch_norm_forward(xq, wq, bq, 1e-5, mask, to_np(rm), to_np(rv), training)
+        grads, ref_grads = [x, w, b], ref.seq_batch_norm_backward(dy, c)
+    else:
+        phi = torch.tensor(rv_np, dtype=dtype)
+        nu = torch.tensor(rng.normal(size=d) * 0.1, dtype=dtype)
+        nu0, phi0 = to_np(nu), to_np(phi)  # both are updated in place by training
+        y = F.power_norm(x, phi, nu, w, b, training=True, momentum=0.25, padding_mask=m)
+        ref_y, c = ref.power_norm_forward(xq, phi0, wq, bq, 1e-5, mask)
+        ref_grads = None
+    _compare(y, ref_y, atol, rtol)
+    assert torch.all(y[m] == 0)
+    if op == "power":
+        (dx, dw, db) = torch.autograd.grad(y, [x, w, b], torch.tensor(dy, dtype=dtype))
+        rdx, rdw, rdb, new_nu = ref.power_norm_backward(dy, c, nu0, factor=0.25)
+        for g, rg in ((dx, rdx), (dw, rdw), (db, rdb)):
+            _compare(g, rg, atol * 10, rtol * 10)
+        if new_nu is not None:
+            _compare(nu, new_nu, atol * 10, rtol * 10)
+        return
+    got = torch.autograd.grad(y, grads, torch.tensor(dy, dtype=dtype))
+    for g, rg in zip(got, ref_grads):
+        assert torch.isfinite(g).all()
+        _compare(g, rg, atol * 10, rtol * 10)
+
+
+def test_no_grad_path_equals_grad_path():
+    x = torch.randn(4, 8, 40)
+    w, b = torch.randn(40), torch.randn(40)
+    m = torch.rand(4, 8) < 0.3
+    with torch.no_grad():
+        a = [F.layer_norm(x, 40, w, b, padding_mask=m), F.add_rms_norm(x, x, 40, w, padding_mask=m),
+             F.seq_batch_norm(x, None, None, w, b, training=True, padding_mask=m),
+             F.power_norm(x, torch.ones(40), None, w, b, padding_mask=m)]
+    xg = x.clone().requires_grad_()
+    c = [F.layer_norm(xg, 40, w, b, padding_mask=m), F.add_rms_norm(xg, x, 40, w, padding_mask=m),
+         F.seq_batch_norm(xg, None, None, w, b, training=True, padding_mask=m),
+         F.power_norm(xg, torch.ones(40), None, w, b, padding_mask=m)]
+    for u, v in zip(a, c):
+        assert torch.equal(u, v)
+
+
+def test_non_contiguous_inputs_are_made_contiguous():
+    x = torch.randn(6, 4, 24).transpose(0, 1)           # (4, 6, 24), not contiguous
+    w = torch.randn(48)[::2]                              # strided weight
+    m = torch.rand(4, 6) < 0.3
+    with seqnorm.use_backend("torch"):
+        expected = [F.layer_norm(x, 24, w, padding_mask=m),
+                    F.seq_batch_norm(x, None, None, w, training=True, padding_mask=m)]
+    got = [F.layer_norm(x, 24, w, padding_mask=m), F.seq_batch_norm(x, None, None, w, training=True, padding_mask=m)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_nan_and_inf_stay_in_their_row():
+    x = torch.randn(3, 5, 32)
+    x[0, 1, 7] = float("nan")
+    x[2, 3, 0] = float("inf")
+    bad = torch.zeros(3, 5, dtype=torch.bool)
+    bad[0, 1] = bad[2, 3] = True
+    r = torch.randn_like(x)
+    for y in (F.layer_norm(x, 32), F.rms_norm(x, 32), F.add_layer_norm(x, r, 32), F.add_rms_norm(x, r, 32)):
+        assert torch.isnan(y[bad]).all()          # the poisoned rows are NaN, as IEEE says
+        assert torch.isfinite(y[~bad]).all()       # every other row is untouched
+    with seqnorm.use_backend("torch"):
+        clean = F.layer_norm(x, 32)
+    assert torch.equal(torch.isfinite(clean), torch.isfinite(F.layer_norm(x, 32)))
+
+
+def test_large_offset_float32():
+    gen = torch.Generator().manual_seed(7)
+    x = 1e4 + torch.randn(16, 64, 128, generator=gen)
+    m = torch.rand(16, 64, generator=gen) < 0.2
+    for fn in (lambda t: F.layer_norm(t, 128, padding_mask=m),
+               lambda t: F.rms_norm(t, 128, padding_mask=m),
+               lambda t: F.seq_batch_norm(t, None, None, training=True, padding_mask=m)):
+        y32, y64 = fn(x), fn(x.double())
+        assert (y32.double() - y64).abs().max() / y64.abs().max() < 1e-4
+
+
+def test_deterministic_for_any_thread_count_and_run():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 100, 96, generator=gen)
+    w, b = torch.randn(96, generator=gen), torch.randn(96, generator=gen)
+    m = torch.rand(8, 100, generator=gen) < 0.25
+    dy = torch.randn(8, 100, 96, generator=gen)
+
+    def run():
+        xs = x.clone().requires_grad_()
+        ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+        outs = []
+        for y in (F.layer_norm(xs, 96, ws, bs, padding_mask=m),
+                  F.seq_batch_norm(xs, None, None, ws, bs, training=True, padding_mask=m),
+                  F.power_norm(xs, torch.ones(96), None, ws, bs, training=True, padding_mask=m)):
+            outs += [y.detach(), *torch.autograd.grad(y, [xs, ws, bs], dy)]
+        return outs
+
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+def test_torch_compile_sees_custom_ops():
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), seqnorm.LayerNorm(32))
+    bn = seqnorm.SeqBatchNorm(32)
+    x = torch.randn(4, 16, 32)
+
+    def f(t):
+        return bn(model(t)).square().mean()
+
+    eager = f(x)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=False)
+    out = compiled(x)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_auto_uses_fused_for_large_cpu_float_inputs():
+    from seqnorm import ops
+    from seqnorm.fused import FusedBackend
+
+    with seqnorm.use_backend("auto"):
+        assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL)) is FusedBackend
+        assert ops.current_backend(torch.empty(8)) is ops.TorchBackend
+        assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL, dtype=torch.float16)) is ops.TorchBackend
