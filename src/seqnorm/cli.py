@@ -1,5 +1,5 @@
-"""``seqnorm`` console script. ``seqnorm`` alone (and ``python -m seqnorm``) runs
-``seqnorm explain`` on the note's example."""
+"""``seqnorm`` console script: ``explain`` (the default; ``seqnorm`` alone and
+``python -m seqnorm`` run it on the note's example) and ``bench``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="show what each norm pools and computes, step by step "
                                              "(the default command; default input: the note's example)")
     add_arguments(explain)
+    from .bench import add_arguments as bench_arguments
+
+    bench = sub.add_parser("bench", help="time the fused kernels against torch (see benchmarks/RESULTS.md)")
+    bench_arguments(bench)
     return parser
 
 
@@ -37,6 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["explain"] + argv  # explain is the default command
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from .bench import run as run_bench
+
+        return run_bench(args)
     from .explain.command import run
 
     return run(args)

@@ -72,10 +72,8 @@ def _param(p: Optional[Tensor], d: int, fill: float, like: Tensor) -> np.ndarray
 
 def _sum_chunks(part: np.ndarray) -> np.ndarray:
     """Add the per-chunk partials in chunk order (deterministic for any thread count)."""
-    out = np.zeros(part.shape[1], dtype=np.float64)
-    for c in range(part.shape[0]):
-        out += part[c]
-    return out
+    # NumPy reduces axis 0 of a C-contiguous array row after row, in order.
+    return part.sum(axis=0, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -152,6 +150,8 @@ def _rowwise_setup(ctx, inputs, output):
 
 def _rowwise_backward(ctx, dy, ds, _shift, _delta, _rstd):
     src, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum s was used downstream
+        dy = torch.zeros_like(src)
     dx, dw, db = _call(rowwise_bwd, _rowwise_bwd_impl)(dy, src, weight, pad, shift, delta, rstd, ctx.center)
     if ctx.has_residual and ds is not None:
         dx = dx + ds  # the returned sum s = x + residual carries its own gradient
@@ -259,6 +259,8 @@ def _featurewise_setup(ctx, inputs, output):
 
 def _featurewise_backward(ctx, dy, *_):
     x, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 7
     dx, dw, db = _call(featurewise_bwd, _featurewise_bwd_impl)(dy, x, weight, pad, shift, delta, rstd,
                                                                ctx.count, ctx.batch_stats)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None
@@ -342,6 +344,8 @@ def _power_setup(ctx, inputs, output):
 
 def _power_backward(ctx, dy, *_):
     x, weight, pad, rstd, batch_phi = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 8
     nu = ctx.nu
     dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
     if nu is not None and ctx.count > 0:
@@ -368,6 +372,7 @@ def _eager(impl, setup, backward, n_diff: int):
     class _Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
+            ctx.set_materialize_grads(False)  # an unused output (the sum s) gets None, not zeros
             out = impl(*inputs)
             setup(ctx, inputs, out)
             ctx.mark_non_differentiable(*out[n_diff:])

@@ -1,0 +1,344 @@
+"""``seqnorm bench``: the fused kernels against torch, measured in one process.
+
+For every op, shape, dtype and mode (forward, forward+backward) each provider
+is first checked against the others for correctness, then timed in
+interleaved rounds (so that drifts of a shared machine hit every provider
+alike); the table reports the median. Ratios are against torch eager measured
+in the same process. The machine's memory-copy bandwidth (``dst.copy_(src)``,
+bytes read + written per second) is measured in the same run and is the
+physical limit of a memory-bound op; "% copy" is the op's bytes-moved model
+(``MODEL`` below, in elements of the input dtype per element of ``x``) over its
+time, as a fraction of that bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as TF
+
+from . import __version__, functional as F, use_backend
+
+SHAPES = [(8, 128, 512), (16, 512, 1024), (4, 2048, 4096)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "seq_batch_norm", "power_norm"]
+
+# Bytes moved by the fused kernels, in units of one tensor of x's size:
+# (forward, forward + backward). Row-wise: read x, write y; backward reads dy
+# and x, writes dx. Add & Norm also reads the residual and writes the sum.
+# BatchNorm reads x twice (statistics, normalize); its backward reads dy and x
+# twice (sums, then dx). PowerNorm fuses its statistic into the normalize pass.
+MODEL = {
+    "layer_norm": (2, 5), "rms_norm": (2, 5),
+    "add_layer_norm": (4, 7), "add_rms_norm": (4, 7),
+    "seq_batch_norm": (3, 8), "power_norm": (2, 5),
+}
+
+
+@dataclass
+class Row:
+    op: str
+    shape: tuple
+    dtype: str
+    mode: str
+    provider: str
+    ms: float
+    ratio: Optional[float]
+    pct_copy: Optional[float]
+
+
+def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 30) -> float:
+    """Bytes read + written per second by ``dst.copy_(src)`` (reused buffers)."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def _lengths_mask(b: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """About a quarter of the positions are padding: lengths uniform in [T/2, T]."""
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=gen)
+    return torch.arange(t)[None, :] >= lengths[:, None]
+
+
+def _gather_bn(x, mask, w, b, rm, rv):
+    """Masked BatchNorm the way one does it with torch today: gather the real
+    tokens, run F.batch_norm on them, scatter back."""
+    real = ~mask
+    y = torch.zeros_like(x)
+    y[real] = TF.batch_norm(x[real], rm, rv, w, b, training=True)
+    return y
+
+
+def make_inputs(shape, dtype, gen: torch.Generator) -> dict:
+    """One set of inputs shared by every provider of an (op, shape, dtype)."""
+    b_, t_, d = shape
+    return dict(
+        x=torch.randn(shape, generator=gen).to(dtype).requires_grad_(),
+        r=torch.randn(shape, generator=gen).to(dtype),
+        w=torch.randn(d, generator=gen).to(dtype).requires_grad_(),
+        bias=torch.randn(d, generator=gen).to(dtype).requires_grad_(),
+        mask=_lengths_mask(b_, t_, gen),
+    )
+
+
+def setup(op: str, provider: str, tensors: dict, compiled: Dict):
+    """Returns ``(fn, inputs)``: ``fn()`` computes the op on fresh outputs;
+    ``inputs`` are the tensors to differentiate."""
+    x, r, w, bias, mask = (tensors[k] for k in ("x", "r", "w", "bias", "mask"))
+    shape, dtype, d = tuple(x.shape), x.dtype, x.shape[-1]
+    rm, rv = torch.zeros(d), torch.ones(d)   # fresh running statistics per provider
+    phi = torch.ones(d)
+    inputs = [x, w] if op in ("rms_norm", "add_rms_norm") else [x, w, bias]
+
+    if provider in ("seqnorm", "seqnorm[torch]"):
+        backend = "fused" if provider == "seqnorm" else "torch"
+
+        def run(fn):
+            def call():
+                with use_backend(backend):
+                    return fn()
+            return call
+
+        fns = {
+            "layer_norm": lambda: F.layer_norm(x, d, w, bias),
+            "rms_norm": lambda: F.rms_norm(x, d, w),
+            "add_layer_norm": lambda: F.add_layer_norm(x, r, d, w, bias),
+            "add_rms_norm": lambda: F.add_rms_norm(x, r, d, w),
+            "seq_batch_norm": lambda: F.seq_batch_norm(x, rm, rv, w, bias, training=True, padding_mask=mask),
+            "power_norm": lambda: F.power_norm(x, phi, None, w, bias, training=True, padding_mask=mask),
+        }
+        return run(fns[op]), inputs
+
+    rm_t, rv_t = torch.zeros(d, dtype=dtype), torch.ones(d, dtype=dtype)  # torch wants matching dtypes
+    torch_fns = {
+        "layer_norm": lambda: TF.layer_norm(x, (d,), w, bias),
+        "rms_norm": lambda: TF.rms_norm(x, (d,), w),
+        "add_layer_norm": lambda: TF.layer_norm(x + r, (d,), w, bias),
+        "add_rms_norm": lambda: TF.rms_norm(x + r, (d,), w),
+        # BatchNorm1d wants (N, C, L): the transposed tensor, no mask
+        "seq_batch_norm": lambda: TF.batch_norm(x.transpose(1, 2), rm_t, rv_t, w, bias, training=True).transpose(1, 2),
+    }
+    if provider == "torch":
+        return torch_fns[op], inputs
+    if provider == "gather":
+        return (lambda: _gather_bn(x, mask, w, bias, rm_t, rv_t)), inputs
+    if provider == "torch.compile":
+        key = (op, shape, dtype)
+        if key not in compiled:
+            compiled[key] = torch.compile(_as_function(op, d))
+        fn = compiled[key]
+        if op in ("add_layer_norm", "add_rms_norm"):
+            return (lambda: fn(x, r, w, bias)), inputs
+        if op == "seq_batch_norm":
+            return (lambda: fn(x, rm_t, rv_t, w, bias)), inputs
+        return (lambda: fn(x, w, bias)), inputs
+    raise ValueError(provider)
+
+
+def _as_function(op: str, d: int) -> Callable:
+    """The torch code of ``op`` as a plain function of its tensors (for torch.compile)."""
+    if op == "layer_norm":
+        return lambda x, w, b: TF.layer_norm(x, (d,), w, b)
+    if op == "rms_norm":
+        return lambda x, w, b: TF.rms_norm(x, (d,), w)
+    if op == "add_layer_norm":
+        return lambda x, r, w, b: TF.layer_norm(x + r, (d,), w, b)
+    if op == "add_rms_norm":
+        return lambda x, r, w, b: TF.rms_norm(x + r, (d,), w)
+    return lambda x, rm, rv, w, b: TF.batch_norm(x.transpose(1, 2), rm, rv, w, b, training=True).transpose(1, 2)
+
+
+def providers_for(op: str, with_compile: bool) -> List[str]:
+    if op == "power_norm":  # torch has no PowerNorm: seqnorm's own torch backend is the baseline
+        return ["seqnorm", "seqnorm[torch]"]
+    names = ["seqnorm", "torch"]
+    if op == "seq_batch_norm":
+        names.append("gather")
+    if with_compile:
+        names.append("torch.compile")
+    return names
+
+
+def _step(fn, inputs, mode, dy):
+    y = fn()
+    if mode == "fwd+bwd":
+        torch.autograd.grad(y, inputs, dy)
+    return y
+
+
+def time_round_robin(calls: Dict[str, Callable[[], object]], budget_s: float, min_reps: int = 10,
+                     max_reps: int = 50) -> Dict[str, float]:
+    """Median seconds per call, providers interleaved round by round."""
+    for fn in calls.values():  # warm-up (JIT, caches, first-touch of weights)
+        fn()
+        fn()
+    times: Dict[str, List[float]] = {k: [] for k in calls}
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+        reps += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def check(outputs: Dict[str, torch.Tensor], op: str, dtype) -> None:
+    """Every provider must agree with seqnorm before anything is timed."""
+    ref = outputs["seqnorm"].float()
+    tol = 5e-2 if dtype == torch.bfloat16 else 2e-4
+    for name, y in outputs.items():
+        if name in ("seqnorm",) or (op == "seq_batch_norm" and name in ("torch", "torch.compile")):
+            continue  # unmasked BatchNorm computes a different (padding-polluted) thing
+        err = (y.float() - ref).abs().max().item()
+        if not err <= tol * max(1.0, ref.abs().max().item()):
+            raise AssertionError(f"{op}: {name} differs from seqnorm by {err:.3g}")
+
+
+def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=sys.stdout) -> List[Row]:
+    gen = torch.Generator().manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth (dst.copy_(src), 64 MiB, read+write): {bw / 1e9:.1f} GB/s", file=out)
+    rows: List[Row] = []
+    compiled: Dict = {}
+    for shape in shapes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for op in ops:
+                provs = providers_for(op, with_compile)
+                tensors = make_inputs(shape, dtype, gen)
+                setups = {p: setup(op, p, tensors, compiled) for p in provs}
+                with torch.no_grad():
+                    check({p: fn() for p, (fn, _) in setups.items()}, op, dtype)
+                for mode in modes:
+                    dy = torch.randn(shape, generator=gen).to(dtype)
+                    calls = {}
+                    for p, (fn, inputs) in setups.items():
+                        if mode == "fwd":
+                            calls[p] = (lambda fn=fn: _no_grad(fn))
+                        else:
+                            calls[p] = (lambda fn=fn, inputs=inputs: _step(fn, inputs, mode, dy))
+                    med = time_round_robin(calls, budget_s)
+                    base = med.get("torch", med.get("seqnorm[torch]"))
+                    nbytes = MODEL[op][0 if mode == "fwd" else 1] * torch.Size(shape).numel() * (
+                        2 if dtype == torch.bfloat16 else 4)
+                    for p, s in med.items():
+                        pct = 100 * nbytes / s / bw if p == "seqnorm" else None
+                        rows.append(Row(op, shape, dname, mode, p, s * 1e3, base / s, pct))
+                    _print_group(rows[-len(med):], out)
+    return rows
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def _print_group(rows: List[Row], out) -> None:
+    for r in rows:
+        pct = f"{r.pct_copy:5.0f}%" if r.pct_copy is not None else "     "
+        print(f"{r.op:15s} {str(r.shape):17s} {r.dtype:4s} {r.mode:7s} {r.provider:14s} "
+              f"{r.ms:9.3f} ms  {r.ratio:6.2f}x  {pct}", file=out, flush=True)
+
+
+def allocator() -> str:
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in preload:
+        return f"jemalloc (LD_PRELOAD, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r}): freed outputs are reused"
+    return "glibc default: every fresh multi-MB output is a new mmap that page-faults"
+
+
+def machine() -> str:
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}; {os.cpu_count()} CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+            f"numba {numba.__version__} ({numba.threading_layer() if _numba_ran() else 'layer n/a'}); "
+            f"Python {platform.python_version()}; seqnorm {__version__}")
+
+
+def _numba_ran() -> bool:
+    import numba
+
+    try:
+        numba.threading_layer()
+        return True
+    except ValueError:
+        return False
+
+
+def markdown(rows: List[Row]) -> str:
+    out = ["| op | shape | dtype | mode | provider | median ms | × torch eager | % copy bw |",
+           "|---|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else ""
+        out.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.3f} | {r.ratio:.2f} | {pct} |")
+    return "\n".join(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
+                   help="B,T,D;B,T,D;... (default: the three standard shapes)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="fp32,bf16")
+    p.add_argument("--ops", default=",".join(OPS), help=",".join(OPS))
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd,fwd+bwd")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the torch code "
+                                                           "(adds ~10-20 s of compilation per op)")
+    p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per provider (default 0.3)")
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as markdown to FILE")
+
+
+def run(args) -> int:
+    def fail(msg):
+        print(f"seqnorm bench: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+    except ValueError:
+        return fail(f"--shapes: expected B,T,D;B,T,D, got {args.shapes!r}")
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        return fail(f"--shapes: each shape is three positive integers B,T,D, got {args.shapes!r}")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    ops = [o for o in args.ops.split(",") if o]
+    modes = [m for m in args.modes.split(",") if m]
+    for name, values, allowed in (("--dtypes", dtypes, DTYPES), ("--ops", ops, OPS),
+                                  ("--modes", modes, ("fwd", "fwd+bwd"))):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            return fail(f"{name}: unknown {bad or values}; choose from {', '.join(allowed)}")
+    print(f"machine: {machine()}")
+    print(f"allocator: {allocator()}")
+    print(f"{'op':15s} {'shape':17s} {'dt':4s} {'mode':7s} {'provider':14s} {'median':>12s}  "
+          f"{'×torch':>7s}  {'%copy':>6s}")
+    t0 = time.perf_counter()
+    rows = bench(shapes, dtypes, ops, modes, args.compile, args.budget)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write(f"machine: {machine()}\n\nallocator: {allocator()}\n\n{markdown(rows)}\n")
+    return 0
