@@ -4,11 +4,12 @@ For every op, shape, dtype and mode (forward, forward+backward) each provider
 is first checked against the others for correctness, then timed in
 interleaved rounds (so that drifts of a shared machine hit every provider
 alike); the table reports the median. Ratios are against torch eager measured
-in the same process. The machine's memory-copy bandwidth (``dst.copy_(src)``,
-bytes read + written per second) is measured in the same run and is the
-physical limit of a memory-bound op; "% copy" is the op's bytes-moved model
-(``MODEL`` below, in elements of the input dtype per element of ``x``) over its
-time, as a fraction of that bandwidth.
+in the same process. The machine's memory-copy bandwidth (``dst.copy_(src)`` of
+one x-sized tensor into a reused buffer, bytes read + written per second) is
+timed in the same rounds as the providers — on a shared machine it drifts —
+and is the physical limit of a memory-bound op; "% copy" is the op's
+bytes-moved model (``MODEL`` below, in x-sized tensors) over its time, as a
+fraction of that bandwidth.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Row:
     ms: float
     ratio: Optional[float]
     pct_copy: Optional[float]
+    copy_gbs: float
 
 
 def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 30) -> float:
@@ -214,7 +216,8 @@ def check(outputs: Dict[str, torch.Tensor], op: str, dtype) -> None:
 def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=sys.stdout) -> List[Row]:
     gen = torch.Generator().manual_seed(0)
     bw = copy_bandwidth()
-    print(f"copy bandwidth (dst.copy_(src), 64 MiB, read+write): {bw / 1e9:.1f} GB/s", file=out)
+    print(f"copy bandwidth at start (dst.copy_(src), 64 MiB, read+write): {bw / 1e9:.1f} GB/s; each "
+          f"group below also times the copy of one x in its own rounds", file=out)
     rows: List[Row] = []
     compiled: Dict = {}
     for shape in shapes:
@@ -234,13 +237,19 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=sys.
                             calls[p] = (lambda fn=fn: _no_grad(fn))
                         else:
                             calls[p] = (lambda fn=fn, inputs=inputs: _step(fn, inputs, mode, dy))
+                    # The copy of one x-sized tensor, timed in the same rounds: the
+                    # bandwidth the op could reach right now on this (shared) machine.
+                    src = tensors["x"].detach()
+                    dst = torch.empty_like(src)
+                    calls["copy"] = lambda: dst.copy_(src)
                     med = time_round_robin(calls, budget_s)
+                    copy_s = med.pop("copy")
+                    group_bw = 2 * src.numel() * src.element_size() / copy_s
                     base = med.get("torch", med.get("seqnorm[torch]"))
-                    nbytes = MODEL[op][0 if mode == "fwd" else 1] * torch.Size(shape).numel() * (
-                        2 if dtype == torch.bfloat16 else 4)
+                    nbytes = MODEL[op][0 if mode == "fwd" else 1] * src.numel() * src.element_size()
                     for p, s in med.items():
-                        pct = 100 * nbytes / s / bw if p == "seqnorm" else None
-                        rows.append(Row(op, shape, dname, mode, p, s * 1e3, base / s, pct))
+                        pct = 100 * nbytes / s / group_bw if p == "seqnorm" else None
+                        rows.append(Row(op, shape, dname, mode, p, s * 1e3, base / s, pct, group_bw / 1e9))
                     _print_group(rows[-len(med):], out)
     return rows
 
@@ -254,7 +263,7 @@ def _print_group(rows: List[Row], out) -> None:
     for r in rows:
         pct = f"{r.pct_copy:5.0f}%" if r.pct_copy is not None else "     "
         print(f"{r.op:15s} {str(r.shape):17s} {r.dtype:4s} {r.mode:7s} {r.provider:14s} "
-              f"{r.ms:9.3f} ms  {r.ratio:6.2f}x  {pct}", file=out, flush=True)
+              f"{r.ms:9.3f} ms  {r.ratio:6.2f}x  {pct}  (copy {r.copy_gbs:.1f} GB/s)", file=out, flush=True)
 
 
 def allocator() -> str:
@@ -292,11 +301,12 @@ def _numba_ran() -> bool:
 
 
 def markdown(rows: List[Row]) -> str:
-    out = ["| op | shape | dtype | mode | provider | median ms | × torch eager | % copy bw |",
-           "|---|---|---|---|---|---:|---:|---:|"]
+    out = ["| op | shape | dtype | mode | provider | median ms | × torch eager | % copy bw | copy GB/s |",
+           "|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else ""
-        out.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.3f} | {r.ratio:.2f} | {pct} |")
+        out.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.3f} | {r.ratio:.2f} | "
+                   f"{pct} | {r.copy_gbs:.1f} |")
     return "\n".join(out)
 
 
