@@ -29,3 +29,20 @@ def test_console_script_version_and_help():
     out = run("seqnorm", "no-such-command")
     assert out.returncode == 2 and "invalid choice" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bench_smoke_and_bad_arguments(tmp_path, capsys):
+    """`seqnorm bench` on a tiny shape: the table, the copy bandwidth, the markdown file."""
+    from seqnorm.cli import main
+
+    md = tmp_path / "r.md"
+    rc = main(["bench", "--shapes", "2,8,16", "--dtypes", "fp32", "--ops", "layer_norm,seq_batch_norm",
+               "--modes", "fwd,fwd+bwd", "--budget", "0.01", "--markdown", str(md)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "copy bandwidth" in out and "layer_norm" in out and "gather" in out
+    text = md.read_text()
+    assert "| seq_batch_norm | (2, 8, 16) | fp32 | fwd+bwd | seqnorm |" in text
+    for bad in (["--shapes", "2,8"], ["--ops", "group_norm"], ["--dtypes", "fp8"], ["--modes", "bwd"]):
+        assert main(["bench", *bad]) == 2
+        assert "seqnorm bench: error:" in capsys.readouterr().err
