@@ -213,7 +213,8 @@ def check(outputs: Dict[str, torch.Tensor], op: str, dtype) -> None:
             raise AssertionError(f"{op}: {name} differs from seqnorm by {err:.3g}")
 
 
-def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=sys.stdout) -> List[Row]:
+def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None) -> List[Row]:
+    out = out or sys.stdout  # looked up per call, so that redirected stdout is honoured
     gen = torch.Generator().manual_seed(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth at start (dst.copy_(src), 64 MiB, read+write): {bw / 1e9:.1f} GB/s; each "
