@@ -4,7 +4,8 @@ LayerNorm, RMSNorm, the fused residual Add & Norm, BatchNorm over real tokens
 (SeqBatchNorm) and PowerNorm, torch-compatible, with a float64 reference.
 """
 
-from . import functional, reference
+from . import distributed, functional, reference
+from .distributed import SyncSeqBatchNorm
 from .masks import lengths_to_padding_mask
 from .modules import AddNorm, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
 from .ops import available_backends, get_backend, set_backend, use_backend
@@ -17,6 +18,7 @@ __all__ = [
     "AddNorm",
     "SeqBatchNorm",
     "PowerNorm",
+    "SyncSeqBatchNorm",
     "functional",
     "reference",
     "lengths_to_padding_mask",

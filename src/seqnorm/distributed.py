@@ -1,0 +1,219 @@
+r"""SyncSeqBatchNorm: masked BatchNorm whose statistics span every process.
+
+In training, each rank computes, per feature, the count ``n_r`` of its real
+tokens, their mean ``μ_r`` and centred second moment ``M_r = Σ (x − μ_r)²``.
+One collective (``all_gather_into_tensor`` of the packed ``[n_r, μ_r, M_r]``)
+gives every rank all of them, and every rank merges them in rank order with
+Chan et al.'s formula, in float64:
+
+.. math::
+    n = n_a + n_b,\quad Δ = μ_b − μ_a,\quad μ = μ_a + Δ\,\frac{n_b}{n},\quad
+    M = M_a + M_b + Δ^2\,\frac{n_a n_b}{n}
+
+so ranks with different batch sizes, lengths or amounts of padding are
+weighted by their real tokens (not averaged per device, as Flax's masked BN
+does), and a rank whose batch is all padding contributes nothing. The backward
+all-reduces the two sums it needs, ``Σ dy`` and ``Σ dy·x̂`` (one packed
+``all_reduce``), and returns
+
+.. math::
+    dx = \frac{w}{σ}\Bigl(dy − \frac{1}{n}\sum dy − \hat{x}\,\frac{1}{n}\sum dy\,\hat{x}\Bigr)
+
+with the sums over every real token of every rank. Weight and bias gradients
+are the *local* sums, as in :class:`torch.nn.SyncBatchNorm`: DistributedDataParallel
+all-reduces parameter gradients itself.
+
+The same code runs on gloo (CPU) and nccl (CUDA). Without an initialized
+process group, with one rank, or in eval mode, it is :class:`SeqBatchNorm`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional as F
+from .masks import resolve_padding
+from .modules import SeqBatchNorm
+from .ops import TorchBackend
+
+__all__ = ["SyncSeqBatchNorm", "merge_moments"]
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor):
+    """Chan's parallel merge of per-rank ``(n, μ, M)`` in order.
+
+    Args:
+        counts: ``(W,)``; means, m2s: ``(W, D)`` — float64.
+
+    Returns:
+        ``(n, mean (D,), var (D,))`` with ``var = M/n`` biased (0 where n = 0).
+    """
+    n = torch.zeros((), dtype=torch.float64, device=means.device)
+    mean = torch.zeros(means.shape[1], dtype=torch.float64, device=means.device)
+    m2 = torch.zeros_like(mean)
+    for r in range(counts.shape[0]):
+        nb = counts[r]
+        if nb == 0:
+            continue
+        total = n + nb
+        delta = means[r] - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2s[r] + delta * delta * (n * nb / total)
+        n = total
+    var = m2 / n if n > 0 else m2
+    return n, mean, var
+
+
+def _local_moments(x: Tensor, pad: Optional[Tensor]):
+    """Per-feature ``(n, μ, M)`` of the real rows of ``x (N, D)``, in float64."""
+    x = x if pad is None else x.masked_fill(pad.unsqueeze(-1), 0)
+    mean, var, count = TorchBackend.masked_moments(x.double(), pad)
+    return count.double(), mean, var * count.double()
+
+
+class _SyncFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad, eps, group, world):
+        ctx.set_materialize_grads(False)
+        d = x.shape[1]
+        n_l, mean_l, m2_l = _local_moments(x, pad)
+        packed = torch.cat([n_l.reshape(1), mean_l, m2_l])                       # 2D+1
+        gathered = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
+        dist.all_gather_into_tensor(gathered, packed, group=group)
+        gathered = gathered.view(world, packed.numel())
+        n, mean, var = merge_moments(gathered[:, 0], gathered[:, 1:1 + d], gathered[:, 1 + d:])
+        rstd = torch.rsqrt(var + eps).to(x.dtype)                                 # D
+        xhat = (x - mean.to(x.dtype)) * rstd                                      # N,D
+        if pad is not None:
+            xhat = xhat.masked_fill(pad.unsqueeze(-1), 0)
+        y = xhat if weight is None else xhat * weight
+        y = y if bias is None else y + bias
+        if pad is not None:
+            y = y.masked_fill(pad.unsqueeze(-1), 0)
+        ctx.save_for_backward(xhat, rstd, weight, pad)
+        ctx.n, ctx.group, ctx.has_bias = float(n), group, bias is not None
+        stats = (mean.to(x.dtype), var.to(x.dtype), n)
+        ctx.mark_non_differentiable(*stats)
+        return (y,) + stats
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        xhat, rstd, weight, pad = ctx.saved_tensors
+        if dy is None:  # every rank must still join the collective below
+            dy = torch.zeros_like(xhat)
+        if pad is not None:
+            dy = dy.masked_fill(pad.unsqueeze(-1), 0)
+        dbeta = dy.sum(0)                                                         # local Σ dy
+        dgamma = (dy * xhat).sum(0)                                               # local Σ dy·x̂
+        sums = torch.cat([dbeta, dgamma]).double()
+        dist.all_reduce(sums, group=ctx.group)
+        d = dy.shape[1]
+        if ctx.n > 0:
+            c1 = (sums[:d] / ctx.n).to(dy.dtype)
+            c2 = (sums[d:] / ctx.n).to(dy.dtype)
+            g = dy - c1 - xhat * c2
+        else:
+            g = dy
+        scale = rstd if weight is None else rstd * weight
+        dx = g * scale
+        if pad is not None:
+            dx = dx.masked_fill(pad.unsqueeze(-1), 0)
+        return (dx, dgamma if weight is not None else None, dbeta if ctx.has_bias else None,
+                None, None, None, None)
+
+
+class SyncSeqBatchNorm(SeqBatchNorm):
+    r"""Padding-aware BatchNorm with statistics over every real token of every rank.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    with ``E`` and ``Var`` (biased) over the real tokens of the *global* batch:
+    the concatenation of every rank's batch, whatever their sizes, lengths and
+    padding. Running statistics (unbiased variance) are updated identically on
+    every rank; a global batch with no real token changes nothing. Arguments,
+    parameters and buffers are those of :class:`SeqBatchNorm` (and so of
+    :class:`torch.nn.BatchNorm1d`) plus ``process_group``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, bias,
+        batch_first: as :class:`SeqBatchNorm`.
+        process_group: the group to synchronize over. Default: the world.
+
+    Shape:
+        - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``; ``padding_mask`` ``(B, T)``
+        - Output: same as input; 0 at padding
+
+    Example::
+
+        >>> bn = SyncSeqBatchNorm(4)        # no process group: plain SeqBatchNorm
+        >>> bn(torch.randn(2, 3, 4), lengths=torch.tensor([3, 1])).shape
+        torch.Size([2, 3, 4])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None, device=None,
+                 dtype=None, *, bias: bool = True, batch_first: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, batch_first=batch_first)
+        self.process_group = process_group
+
+    def _world(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        world = self._world()
+        if not self.training or world == 1:
+            return super().forward(input, padding_mask, lengths)
+        x = self._to_batch_first(input)
+        if x.dim() not in (2, 3):
+            raise ValueError(f"SyncSeqBatchNorm expects input of shape (B, T, D) or (N, D), got {x.dim()}-D "
+                             f"input of shape {tuple(x.shape)}")
+        pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths,
+                              what="(B, T)" if x.dim() == 3 else "(N,)")
+        d = x.shape[-1]
+        cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        x2 = x.reshape(-1, d).to(cdt)
+        pad1 = None if pad is None else pad.reshape(-1)
+        w = None if self.weight is None else self.weight.to(cdt)
+        b = None if self.bias is None else self.bias.to(cdt)
+        y, mean, var, n = _SyncFunction.apply(x2, w, b, pad1, self.eps, self.process_group, world)
+        n = int(n)
+        if n == 1:  # every rank sees the same n, so every rank raises
+            raise ValueError("SyncSeqBatchNorm: expected more than 1 real token per feature in the global "
+                             "batch when training, got 1")
+        if self.track_running_stats and n > 0:
+            factor = self._factor()
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var * (n / (n - 1))).to(self.running_var.dtype), factor)
+                self.num_batches_tracked.add_(1)
+        return self._to_batch_first(y.to(input.dtype).reshape(x.shape))
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every :class:`SeqBatchNorm` in ``module`` by a SyncSeqBatchNorm
+        sharing its parameters and buffers (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``)."""
+        out = module
+        if isinstance(module, SeqBatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, process_group, bias=module.bias is not None,
+                      batch_first=module.batch_first)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out

@@ -1,0 +1,100 @@
+"""Worker for tests/test_distributed.py: runs in each spawned process (gloo, CPU)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import seqnorm
+
+D = 6
+
+
+def global_batches():
+    """Per rank: a list of (x, padding_mask, dy) — two steps, different sizes, lengths, padding."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(b, t, lengths):
+        x = torch.randn(b, t, D, generator=g, dtype=torch.float64) * 3 + 1
+        mask = torch.arange(t)[None, :] >= torch.tensor(lengths)[:, None]
+        x[mask] = float("nan")  # padding must never leak
+        return x, mask, torch.randn(b, t, D, generator=g, dtype=torch.float64)
+
+    scenarios = {
+        "ragged": [[make(3, 5, [5, 2, 4]), make(2, 7, [7, 1])], [make(1, 4, [4]), make(4, 2, [2, 2, 1, 0])]],
+        "rank1_all_padding": [[make(2, 4, [4, 3]), make(3, 5, [0, 0, 0])],
+                              [make(2, 3, [3, 3]), make(1, 6, [0])]],
+    }
+    return scenarios
+
+
+def ddp_data():
+    """Eight steps on one fixed global batch (so that the loss must fall)."""
+    g = torch.Generator().manual_seed(1)
+    per_rank = []
+    for b, t in ((3, 5), (2, 7)):
+        x = torch.randn(b, t, D, generator=g, dtype=torch.float64)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        mask = torch.arange(t)[None, :] >= lengths[:, None]
+        target = x[..., :1] * 2 - x[..., 1:2]  # learnable from the input
+        per_rank.append((x, mask, target))
+    return [per_rank] * 8
+
+
+def make_model():
+    torch.manual_seed(2)
+    return Model().double()
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(D, D)
+        self.norm = seqnorm.SeqBatchNorm(D)
+        self.out = torch.nn.Linear(D, 1)
+
+    def forward(self, x, mask):
+        return self.out(torch.relu(self.norm(self.inp(x.masked_fill(mask[..., None], 0)), padding_mask=mask)))
+
+
+def worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for name, steps in global_batches().items():
+        bn = seqnorm.SyncSeqBatchNorm(D).double()
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, D))
+            bn.bias.copy_(torch.linspace(-1, 1, D))
+        record = []
+        for per_rank in steps:
+            x, mask, dy = per_rank[rank]
+            x = x.clone().requires_grad_()
+            bn.zero_grad()
+            y = bn(x, padding_mask=mask)
+            y.backward(dy)
+            record.append(dict(y=y.detach(), dx=x.grad, dw=bn.weight.grad.clone(), db=bn.bias.grad.clone(),
+                               running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(),
+                               nbt=bn.num_batches_tracked.clone()))
+        results[name] = record
+
+    # A short DistributedDataParallel run: per-rank loss scaled so that DDP's gradient
+    # average equals the gradient of the global mean loss.
+    model = seqnorm.SyncSeqBatchNorm.convert_sync_batchnorm(make_model())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    losses = []
+    for per_rank in ddp_data():
+        total = sum(int((~m).sum()) for _, m, _ in per_rank)
+        x, mask, target = per_rank[rank]
+        opt.zero_grad()
+        pred = ddp(x, mask)
+        err = ((pred - target) ** 2).masked_fill(mask[..., None], 0).sum()
+        (err * world / total).backward()
+        opt.step()
+        t = torch.tensor([err.item()], dtype=torch.float64)
+        dist.all_reduce(t)
+        losses.append(t.item() / total)
+    results["ddp"] = dict(losses=losses, params={k: v.detach().clone() for k, v in model.state_dict().items()})
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
