@@ -6,7 +6,8 @@ LayerNorm, RMSNorm, the fused residual Add & Norm, BatchNorm over real tokens
 
 from . import distributed, functional, reference
 from .distributed import SyncSeqBatchNorm
-from .masks import lengths_to_padding_mask
+from .convert import ConversionWarning, convert
+from .masks import lengths_to_padding_mask, padding
 from .modules import AddNorm, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
 from .ops import available_backends, get_backend, set_backend, use_backend
 
@@ -22,6 +23,9 @@ __all__ = [
     "functional",
     "reference",
     "lengths_to_padding_mask",
+    "padding",
+    "convert",
+    "ConversionWarning",
     "set_backend",
     "get_backend",
     "use_backend",

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import functional as F
 from .masks import resolve_padding
-from .modules import SeqBatchNorm
+from .modules import SeqBatchNorm, _batch_padding
 from .ops import TorchBackend
 
 __all__ = ["SyncSeqBatchNorm", "merge_moments"]
@@ -176,6 +176,7 @@ class SyncSeqBatchNorm(SeqBatchNorm):
         if x.dim() not in (2, 3):
             raise ValueError(f"SyncSeqBatchNorm expects input of shape (B, T, D) or (N, D), got {x.dim()}-D "
                              f"input of shape {tuple(x.shape)}")
+        padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
         pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths,
                               what="(B, T)" if x.dim() == 3 else "(N,)")
         d = x.shape[-1]

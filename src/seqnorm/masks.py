@@ -11,11 +11,12 @@ the start of sequence ``b``; the rest is padding.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str"]
+__all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding"]
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -115,3 +116,79 @@ def resolve_padding(
             f"padding_mask is on {padding_mask.device} but the input is on {device}"
         )
     return padding_mask
+
+
+# ---------------------------------------------------------------------------
+# Padding for norms you do not call yourself: ``with seqnorm.padding(mask): model(x)``
+# ---------------------------------------------------------------------------
+
+
+class PaddingContext:
+    """The padding set by :func:`padding`, handed to every seqnorm module that
+    is called without an explicit ``padding_mask`` / ``lengths``."""
+
+    def __init__(self, padding_mask, lengths, batch_first: bool):
+        self.padding_mask, self.lengths, self.batch_first = padding_mask, lengths, batch_first
+
+    def batch_major(self, token_shape: Sequence[int], device) -> torch.Tensor:
+        """The validated ``(B, T)`` mask; ``token_shape`` is ``(B, T)``."""
+        return resolve_padding(token_shape, device, self.padding_mask, self.lengths,
+                               what="(B, T) [from seqnorm.padding]")
+
+    def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
+        """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
+        ``batch_first``, ``(T, B)`` otherwise."""
+        token_shape = tuple(int(s) for s in token_shape)
+        if len(token_shape) != 2:
+            raise ValueError(f"seqnorm.padding gives a (B, T) mask, but this norm's input has token shape "
+                             f"{shape_str(token_shape)}; pass padding_mask to it directly")
+        bt = token_shape if self.batch_first else token_shape[::-1]
+        mask = self.batch_major(bt, device)
+        return mask if self.batch_first else mask.transpose(0, 1)
+
+
+def padding(padding_mask: Optional[torch.Tensor] = None, *, lengths: Optional[torch.Tensor] = None,
+            batch_first: bool = True):
+    """Context manager: every seqnorm module called inside it, without its own
+    ``padding_mask``/``lengths``, uses this padding.
+
+    This is how padding reaches the norms of a model you did not write (for
+    example after :func:`seqnorm.convert`)::
+
+        with seqnorm.padding(src_key_padding_mask, batch_first=False):
+            out = encoder(src, src_key_padding_mask=src_key_padding_mask)
+
+    Args:
+        padding_mask: bool ``(B, T)``, True at padding (torch.nn.Transformer's
+            ``src_key_padding_mask``).
+        lengths: ``(B,)`` integers, instead of ``padding_mask``.
+        batch_first: whether the model's activations are ``(B, T, D)``; for
+            ``(T, B, D)`` activations row-wise norms receive the transposed mask.
+            SeqBatchNorm/PowerNorm always take ``(B, T)`` (their own
+            ``batch_first`` says how their input is laid out).
+    """
+    if padding_mask is None and lengths is None:
+        raise ValueError("seqnorm.padding needs padding_mask or lengths")
+    if padding_mask is not None and lengths is not None:
+        raise ValueError("pass either padding_mask or lengths, not both")
+    return _PaddingScope(PaddingContext(padding_mask, lengths, batch_first))
+
+
+class _PaddingScope:
+    def __init__(self, ctx: PaddingContext):
+        self.ctx = ctx
+
+    def __enter__(self) -> PaddingContext:
+        self.token = _padding_context.set(self.ctx)
+        return self.ctx
+
+    def __exit__(self, *exc) -> None:
+        _padding_context.reset(self.token)
+
+
+def current_padding() -> Optional[PaddingContext]:
+    """The innermost :func:`padding` context, or None."""
+    return _padding_context.get()
+
+
+_padding_context = contextvars.ContextVar("seqnorm_padding", default=None)

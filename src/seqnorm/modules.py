@@ -12,11 +12,32 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .masks import resolve_padding, shape_str
+from .masks import current_padding, resolve_padding, shape_str
 
 __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "SeqBatchNorm", "PowerNorm"]
 
 Tensor = torch.Tensor
+
+
+def _rowwise_padding(input: Tensor, k: int, padding_mask, lengths):
+    """Explicit padding wins; otherwise the :func:`seqnorm.padding` context, laid
+    out as this norm's token grid ``input.shape[:-k]``."""
+    if padding_mask is not None or lengths is not None:
+        return padding_mask, lengths
+    ctx = current_padding()
+    if ctx is None:
+        return None, None
+    return ctx.for_tokens(input.shape[: input.dim() - k], input.device), None
+
+
+def _batch_padding(x: Tensor, padding_mask, lengths):
+    """As :func:`_rowwise_padding` for the feature-wise norms: always ``(B, T)``."""
+    if padding_mask is not None or lengths is not None or x.dim() != 3:
+        return padding_mask, lengths
+    ctx = current_padding()
+    if ctx is None:
+        return None, None
+    return ctx.batch_major(x.shape[:2], x.device), None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -52,6 +73,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        padding_mask, lengths = _rowwise_padding(input, len(self.normalized_shape), padding_mask, lengths)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                             padding_mask=padding_mask, lengths=lengths)
 
@@ -80,6 +102,7 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        padding_mask, lengths = _rowwise_padding(input, len(self.normalized_shape), padding_mask, lengths)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                           padding_mask=padding_mask, lengths=lengths)
 
@@ -149,6 +172,7 @@ class AddNorm(nn.Module):
 
     def forward(self, input: Tensor, residual: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None):
+        padding_mask, lengths = _rowwise_padding(input, len(self.normalized_shape), padding_mask, lengths)
         kw = dict(prenorm=self.prenorm, padding_mask=padding_mask, lengths=lengths)
         if self.norm == "layer":
             return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
@@ -308,6 +332,7 @@ class SeqBatchNorm(_FeaturewiseNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         x = self._to_batch_first(input)
+        padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
         # As torch: batch statistics in training, or when no running statistics exist.
         use_running = not self.training or self.track_running_stats
         y = F.seq_batch_norm(
@@ -379,6 +404,7 @@ class PowerNorm(_FeaturewiseNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         x = self._to_batch_first(input)
+        padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
         y = F.power_norm(
             x, self.running_phi, self.running_nu, self.weight, self.bias,
             training=self.training, momentum=self._factor() if self.training else 0.0,

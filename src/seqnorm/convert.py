@@ -1,0 +1,192 @@
+"""``seqnorm.convert``: swap the normalization layers of an existing model.
+
+In the spirit of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: walk the
+model, replace every ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``,
+``torch.nn.BatchNorm1d`` and seqnorm norm by the target, and carry parameters
+and buffers over where the maths allows. Where it does not, a
+:class:`ConversionWarning` says what was dropped or approximated:
+
+=================  ==================================================================
+from → to          what carries over
+=================  ==================================================================
+LN → layer         everything (outputs bit-identical)
+LN → rms           ``weight``; a non-zero ``bias`` is dropped (RMSNorm has none): warns
+RMS → layer        ``weight``; ``bias`` starts at 0
+LN/RMS → batch,    ``weight``/``bias`` (same per-feature role); running statistics start
+sync_batch, power  fresh (a LayerNorm has none); 1-D ``normalized_shape`` only
+BN → batch,        ``weight``, ``bias``, ``running_mean``, ``running_var``,
+sync_batch         ``num_batches_tracked``
+BN → power         ``weight``, ``bias``; ``running_phi = running_var + running_mean²``
+                   (the quadratic mean E[x²] = Var[x] + E[x]²)
+power → batch      ``weight``, ``bias``; ``running_var = running_phi``, ``running_mean = 0``:
+                   warns (PowerNorm keeps no mean)
+BN/power → layer,  ``weight``, ``bias``; running statistics dropped: warns
+rms
+=================  ==================================================================
+
+``torch.nn.BatchNorm1d`` takes ``(N, C, L)`` with channels in the middle;
+SeqBatchNorm takes ``(B, T, D)`` with features last: converting a BatchNorm1d
+that sees 3-D input warns, since the model's code must then pass ``(B, T, D)``.
+
+Padding reaches the converted norms through the :func:`seqnorm.padding`
+context manager (or explicit ``padding_mask`` arguments in your own code).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .distributed import SyncSeqBatchNorm
+from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, _FeaturewiseNorm
+
+__all__ = ["convert", "ConversionWarning", "TARGETS"]
+
+TARGETS = ("layer", "rms", "batch", "sync_batch", "power")
+
+
+class ConversionWarning(UserWarning):
+    """A parameter or statistic could not be carried over exactly."""
+
+
+def _kind(m: nn.Module) -> Optional[str]:
+    if isinstance(m, (nn.LayerNorm,)):
+        return "layer"
+    if isinstance(m, nn.RMSNorm):
+        return "rms"
+    if isinstance(m, PowerNorm):
+        return "power"
+    if isinstance(m, (SeqBatchNorm, nn.BatchNorm1d)):
+        return "batch"
+    return None
+
+
+def _features(m: nn.Module, name: str) -> int:
+    if hasattr(m, "num_features"):
+        return m.num_features
+    shape = tuple(m.normalized_shape)
+    if len(shape) != 1:
+        raise ValueError(f"{name}: cannot convert a norm over normalized_shape={list(shape)} to a "
+                         f"feature-wise norm; only 1-D normalized_shape has per-feature statistics")
+    return shape[0]
+
+
+def _warn(name: str, msg: str) -> None:
+    warnings.warn(f"seqnorm.convert: {name}: {msg}", ConversionWarning, stacklevel=4)
+
+
+def _copy(dst: Optional[torch.Tensor], src: Optional[torch.Tensor]) -> None:
+    if dst is not None and src is not None:
+        with torch.no_grad():
+            dst.copy_(src.reshape(dst.shape))
+
+
+def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process_group) -> nn.Module:
+    kind = _kind(m)
+    factory = dict(device=(m.weight.device if getattr(m, "weight", None) is not None else None),
+                   dtype=(m.weight.dtype if getattr(m, "weight", None) is not None else None))
+    weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+    affine = weight is not None
+    src_eps = m.eps if m.eps is not None else None
+
+    if to in ("layer", "rms"):
+        shape = tuple(m.normalized_shape) if kind in ("layer", "rms") else (m.num_features,)
+        if to == "layer":
+            has_bias = bias is not None or kind == "rms"
+            new = LayerNorm(shape, eps=eps if eps is not None else (src_eps if src_eps is not None else 1e-5),
+                            elementwise_affine=affine, bias=has_bias and affine, **factory)
+            _copy(new.bias, bias)
+        else:
+            new = RMSNorm(shape, eps=eps if eps is not None else (src_eps if kind in ("layer", "rms") else None),
+                          elementwise_affine=affine, **factory)
+            if bias is not None and bool(torch.any(bias != 0)):
+                _warn(name, "RMSNorm has no bias: the non-zero bias was dropped")
+        _copy(new.weight, weight)
+        if kind in ("batch", "power"):
+            _warn(name, "running statistics dropped: a row-wise norm uses each token's own statistics")
+        return new
+
+    d = _features(m, name)
+    common = dict(eps=eps if eps is not None else (src_eps if src_eps is not None else 1e-5),
+                  affine=affine, bias=bias is not None or not affine, batch_first=batch_first, **factory)
+    if momentum is not None:
+        common["momentum"] = momentum
+    elif isinstance(m, (nn.BatchNorm1d, _FeaturewiseNorm)):
+        common["momentum"] = m.momentum
+    if to == "power":
+        new = PowerNorm(d, **common)
+    else:
+        track = getattr(m, "track_running_stats", True)
+        cls = SyncSeqBatchNorm if to == "sync_batch" else SeqBatchNorm
+        extra = dict(process_group=process_group) if to == "sync_batch" else {}
+        new = cls(d, track_running_stats=track, **common, **extra)
+    _copy(new.weight, weight)
+    _copy(new.bias, bias)
+    if isinstance(m, nn.BatchNorm1d) and not isinstance(m, SeqBatchNorm):
+        _warn(name, "torch.nn.BatchNorm1d takes (N, C, L); the seqnorm module takes (B, T, D) with features "
+                    "last (or (N, D)): pass it (B, T, D) activations")
+    if kind == "batch" and getattr(m, "running_mean", None) is not None:
+        if to == "power":
+            _copy(new.running_phi, m.running_var + m.running_mean ** 2)
+        elif new.running_mean is not None:
+            _copy(new.running_mean, m.running_mean)
+            _copy(new.running_var, m.running_var)
+            _copy(new.num_batches_tracked, m.num_batches_tracked)
+    elif kind == "power":
+        if to == "power":
+            _copy(new.running_phi, m.running_phi)
+            _copy(new.running_nu, m.running_nu)
+            _copy(new.num_batches_tracked, m.num_batches_tracked)
+        elif new.running_mean is not None:
+            _copy(new.running_var, m.running_phi)
+            _warn(name, "PowerNorm keeps no running mean: running_mean starts at 0 and running_var takes "
+                        "the quadratic mean running_phi (exact only for zero-mean features)")
+    return new
+
+
+def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum: Optional[float] = None,
+            batch_first: bool = True, process_group=None) -> nn.Module:
+    """Replace every LayerNorm / RMSNorm / BatchNorm1d / seqnorm norm in ``model`` by ``to``.
+
+    Args:
+        model: any ``nn.Module`` (converted in place; also returned). A norm
+            passed as ``model`` itself is returned converted.
+        to: ``"layer"``, ``"rms"``, ``"batch"`` (SeqBatchNorm), ``"sync_batch"``
+            (SyncSeqBatchNorm) or ``"power"`` (PowerNorm).
+        eps: the new modules' eps. Default: each source module's eps.
+        momentum: for batch/power targets. Default: the source's, else 0.1.
+        batch_first: for batch/power targets, the layout of the activations
+            they will see (``(B, T, D)`` if True, ``(T, B, D)`` if False).
+        process_group: for ``"sync_batch"``.
+
+    Returns:
+        The converted model. Parameters are new ``nn.Parameter`` objects:
+        build the optimizer after converting.
+
+    Example::
+
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        >>> layer = convert(layer, "rms")
+        >>> type(layer.norm1).__name__
+        'RMSNorm'
+    """
+    if to not in TARGETS:
+        raise ValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
+    if _kind(model) is not None:
+        return _build(model, to, type(model).__name__, eps, momentum, batch_first, process_group)
+    for name, child in list(model.named_modules()):
+        for child_name, grandchild in list(child.named_children()):
+            if _kind(grandchild) is None:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            new = _build(grandchild, to, full, eps, momentum, batch_first, process_group)
+            new.train(grandchild.training)
+            setattr(child, child_name, new)
+        if isinstance(child, nn.TransformerEncoderLayer) and to != "layer":
+            # torch's fused inference fast path computes LayerNorm itself from the
+            # norms' weights; with another norm it would silently compute the wrong thing.
+            child.activation_relu_or_gelu = 0
+    return model

@@ -1,0 +1,150 @@
+"""seqnorm.convert and the seqnorm.padding context on existing models."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import seqnorm
+
+
+def _encoder(batch_first=True, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+
+
+def _batch(batch_first=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 16, generator=g)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] + [True] * 4])
+    return (x if batch_first else x.transpose(0, 1)), mask
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_norm_conversion_is_bit_identical_and_state_dicts_round_trip(training):
+    ref = _encoder().train(training)
+    conv = seqnorm.convert(_encoder(), "layer").train(training)
+    assert all(type(m) is not nn.LayerNorm for m in conv.modules())
+    assert sum(isinstance(m, seqnorm.LayerNorm) for m in conv.modules()) == 5
+    x, mask = _batch()
+    assert torch.equal(conv(x, src_key_padding_mask=mask), ref(x, src_key_padding_mask=mask))
+    # state_dicts load both ways, strictly
+    fresh = seqnorm.convert(_encoder(seed=7), "layer")
+    fresh.load_state_dict(ref.state_dict())
+    back = _encoder(seed=8)
+    back.load_state_dict(fresh.state_dict())
+    for (k, a), (_, b) in zip(back.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+class UserModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.bn = nn.BatchNorm1d(8)
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+
+    def forward(self, x):  # x: (N, 8)
+        return self.blocks(self.bn(self.rms(self.ln(self.proj(x)))))
+
+
+def test_user_model_to_batch_carries_statistics():
+    torch.manual_seed(2)
+    model = UserModel()
+    model.train()
+    for _ in range(3):
+        model(torch.randn(32, 8) * 2 + 1)
+    model.eval()
+    x = torch.randn(10, 8)
+    before = model(x)
+    bn_state = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    with pytest.warns(seqnorm.ConversionWarning, match=r"bn: torch.nn.BatchNorm1d takes \(N, C, L\)"):
+        conv = seqnorm.convert(model, "batch")
+    assert isinstance(conv.bn, seqnorm.SeqBatchNorm) and isinstance(conv.blocks[1], seqnorm.SeqBatchNorm)
+    for k, v in bn_state.items():
+        assert torch.equal(conv.bn.state_dict()[k], v), k
+    # the BatchNorm itself computes the same thing on (N, D) tokens
+    h = torch.randn(10, 8)
+    ref_bn = nn.BatchNorm1d(8).eval()
+    ref_bn.load_state_dict(bn_state)
+    torch.testing.assert_close(conv.bn.eval()(h), ref_bn(h))
+    assert not conv.training and before.shape == conv(x).shape
+
+
+def test_batch_to_power_uses_the_quadratic_mean_and_power_to_batch_warns():
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.0, 3.0]))
+        bn.running_var.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
+    with pytest.warns(seqnorm.ConversionWarning):
+        pn = seqnorm.convert(bn, "power")
+    torch.testing.assert_close(pn.running_phi, torch.tensor([1.5, 5.0, 2.0, 13.0]))
+    with pytest.warns(seqnorm.ConversionWarning, match="PowerNorm keeps no running mean"):
+        back = seqnorm.convert(pn, "batch")
+    torch.testing.assert_close(back.running_var, pn.running_phi)
+    assert torch.equal(back.running_mean, torch.zeros(4))
+
+
+def test_layer_to_rms_warns_about_a_dropped_bias_only_when_nonzero():
+    ln = nn.LayerNorm(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rms = seqnorm.convert(ln, "rms")          # zero bias: nothing lost, no warning
+    assert isinstance(rms, seqnorm.RMSNorm) and rms.eps == ln.eps
+    with torch.no_grad():
+        ln.bias.fill_(0.5)
+        ln.weight.fill_(2.0)
+    with pytest.warns(seqnorm.ConversionWarning, match="bias was dropped"):
+        rms = seqnorm.convert(ln, "rms")
+    assert torch.equal(rms.weight, ln.weight)
+
+
+def test_convert_errors():
+    with pytest.raises(ValueError, match="to must be one of"):
+        seqnorm.convert(nn.LayerNorm(4), "group")
+    with pytest.raises(ValueError, match=r"normalized_shape=\[3, 4\]"):
+        seqnorm.convert(nn.LayerNorm((3, 4)), "batch")
+
+
+def test_padding_reaches_the_norms_of_a_converted_transformer():
+    """Masked BN inside nn.TransformerEncoder: with seqnorm.padding, what padded tokens
+    contain no longer changes any real token's output; without it, it does."""
+    model = seqnorm.convert(_encoder(), "batch").train()
+    assert model.layers[0].activation_relu_or_gelu == 0   # torch's LayerNorm fast path is off
+    x, mask = _batch()
+    other = x.clone()
+    other[mask] = 1e3 * torch.randn(int(mask.sum()), 16)
+    real = ~mask
+
+    def run(inp, use_context):
+        torch.manual_seed(0)
+        m = seqnorm.convert(_encoder(), "batch").train()
+        if use_context:
+            with seqnorm.padding(mask):
+                return m(inp, src_key_padding_mask=mask)
+        return m(inp, src_key_padding_mask=mask)
+
+    with_ctx = run(x, True), run(other, True)
+    torch.testing.assert_close(with_ctx[0][real], with_ctx[1][real], atol=1e-5, rtol=1e-5)
+    assert torch.all(with_ctx[0][mask] == 0)       # the final LayerNorm zeroes padding too
+    without = run(x, False), run(other, False)
+    assert (without[0][real] - without[1][real]).abs().max() > 1e-2
+
+
+def test_padding_context_with_sequence_first_activations():
+    torch.manual_seed(3)
+    model = seqnorm.convert(_encoder(batch_first=False), "layer").train()
+    x, mask = _batch(batch_first=False)             # x: (T, B, D), mask: (B, T)
+    with seqnorm.padding(mask, batch_first=False):
+        y = model(x, src_key_padding_mask=mask)
+    assert torch.all(y.transpose(0, 1)[mask] == 0)
+    assert torch.all(y.transpose(0, 1)[~mask] != 0)
+    with pytest.raises(ValueError, match="needs padding_mask or lengths"):
+        seqnorm.padding()
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(B, T\) \[from seqnorm.padding\]"):
+        with seqnorm.padding(mask[:, :3]):
+            seqnorm.LayerNorm(16)(torch.randn(3, 5, 16))
