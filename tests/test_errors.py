@@ -81,7 +81,7 @@ def test_featurewise_shape_errors():
         seqnorm.PowerNorm(5)(X)
     with pytest.raises(ValueError, match="given together"):
         F.seq_batch_norm(X, torch.zeros(4), None)
-    with pytest.raises(ValueError, match="momentum must be a float in"):
+    with pytest.raises(ValueError, match="momentum must be None or a float in"):
         F.seq_batch_norm(X, torch.zeros(4), torch.ones(4), training=True, momentum=1.5)
     with pytest.raises(ValueError, match="momentum must be None or a float"):
         seqnorm.SeqBatchNorm(4, momentum=-0.1)

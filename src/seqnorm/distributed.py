@@ -191,11 +191,8 @@ class SyncSeqBatchNorm(SeqBatchNorm):
             raise ValueError("SyncSeqBatchNorm: expected more than 1 real token per feature in the global "
                              "batch when training, got 1")
         if self.track_running_stats and n > 0:
-            factor = self._factor()
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_((var * (n / (n - 1))).to(self.running_var.dtype), factor)
-                self.num_batches_tracked.add_(1)
+            F.update_running_stats([(self.running_mean, mean), (self.running_var, var * (n / (n - 1)))],
+                                   n, self.momentum, self.num_batches_tracked)
         return self._to_batch_first(y.to(input.dtype).reshape(x.shape))
 
     @classmethod

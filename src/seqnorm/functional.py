@@ -20,6 +20,7 @@ The work itself is done by the active backend (:mod:`seqnorm.ops`).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,6 +29,8 @@ from . import ops
 from .masks import resolve_padding, shape_str
 
 __all__ = [
+    "NonFiniteStatisticsWarning",
+    "update_running_stats",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -329,10 +332,48 @@ def _featurewise_setup(x, padding_mask, lengths, params, op_name):
     return x2, pad1, cdt
 
 
-def _check_momentum(momentum) -> float:
+def _check_momentum(momentum) -> None:
+    if momentum is None:
+        return
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    return float(momentum)
+        raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch had NaN/Inf statistics; the running statistics were kept."""
+
+
+def update_running_stats(pairs, count: int, momentum: Optional[float],
+                         num_batches_tracked: Optional[Tensor] = None) -> bool:
+    """The one place running statistics change (SeqBatchNorm, PowerNorm, SyncSeqBatchNorm).
+
+    ``pairs`` is a list of ``(running, batch_value)``; each running tensor moves
+    to ``(1 − f)·running + f·batch`` with ``f = momentum``, or, for
+    ``momentum=None``, ``f = 1/(num_batches_tracked + 1)`` (a cumulative average).
+    Nothing changes — neither the statistics nor ``num_batches_tracked`` — when
+    the batch had no real token, or when a batch statistic is NaN/Inf: such a
+    batch would poison the running statistics for good, so it is skipped with a
+    :class:`NonFiniteStatisticsWarning` (shown once per call site). Returns
+    whether the statistics were updated.
+    """
+    if count <= 0 or not pairs:
+        return False
+    if not all(bool(torch.isfinite(v).all()) for _, v in pairs):
+        warnings.warn("seqnorm: a training batch has NaN/Inf statistics (NaN/Inf at real tokens); the running "
+                      "statistics were left unchanged", NonFiniteStatisticsWarning, stacklevel=3)
+        return False
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / (int(num_batches_tracked) + 1)
+    else:
+        factor = momentum
+    with torch.no_grad():
+        for running, value in pairs:
+            running.lerp_(value.to(running.dtype), factor)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    return True
 
 
 def seq_batch_norm(
@@ -347,6 +388,7 @@ def seq_batch_norm(
     *,
     padding_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Batch normalization of token features, statistics over real tokens only.
 
@@ -360,18 +402,22 @@ def seq_batch_norm(
     statistics, if given, are then updated in place from the real tokens:
     ``running = (1 − momentum)·running + momentum·batch``, with the unbiased
     (n/(n − 1)) variance as torch stores it. A batch with no real token
-    returns zeros and leaves the running statistics untouched. In eval mode
-    the running statistics are used.
+    returns zeros and leaves the running statistics untouched; so does a batch
+    whose statistics are NaN/Inf (with a warning; see
+    :func:`update_running_stats`). In eval mode the running statistics are used.
 
     Args:
         input: ``(B, T, D)`` batch-first sequences, or ``(N, D)`` tokens.
         running_mean, running_var: ``(D,)`` tensors or None.
         weight, bias: ``(D,)`` or None.
         training: use (and record) batch statistics. Default: False.
-        momentum: weight of the new batch in the running average. Default: 0.1.
+        momentum: weight of the new batch in the running average, or None for a
+            cumulative average (needs ``num_batches_tracked``). Default: 0.1.
         eps: added to the variance. Default: 1e-5.
         padding_mask: bool ``(B, T)`` (or ``(N,)``), True at padding.
         lengths: ``(B,)`` integers, alternative to ``padding_mask``.
+        num_batches_tracked: 0-d long tensor, incremented when the running
+            statistics are updated (the module's buffer).
 
     Raises:
         ValueError: in training, when exactly one real token is present
@@ -397,7 +443,7 @@ def seq_batch_norm(
     )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
-    factor = _check_momentum(momentum)
+    _check_momentum(momentum)
     use_batch_stats = training or running_mean is None
     mean = var = None
     if not use_batch_stats:
@@ -414,9 +460,8 @@ def seq_batch_norm(
                 f"(input {shape_str(input.shape)}; check padding_mask/lengths)"
             )
         if running_mean is not None and n > 0:
-            with torch.no_grad():
-                running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
-                running_var.lerp_((batch_var * (n / (n - 1))).to(running_var.dtype), factor)
+            update_running_stats([(running_mean, batch_mean), (running_var, batch_var * (n / (n - 1)))],
+                                 n, momentum, num_batches_tracked)
     return y.to(input.dtype).reshape(input.shape)
 
 
@@ -432,6 +477,7 @@ def power_norm(
     *,
     padding_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Power normalization (Shen et al., ICML 2020, Algorithm 1), exactly masked.
 
@@ -457,10 +503,12 @@ def power_norm(
         running_nu: ``(D,)`` running gradient statistic ν, or None.
         weight, bias: ``(D,)`` or None.
         training: update ψ² (forward) and ν (backward). Default: False.
-        momentum: ``1 − α``. Default: 0.1 (the paper's α = 0.9).
+        momentum: ``1 − α``, or None for a cumulative average (needs
+            ``num_batches_tracked``). Default: 0.1 (the paper's α = 0.9).
         eps: added to ψ². Default: 1e-5.
         padding_mask: bool ``(B, T)`` (or ``(N,)``), True at padding.
         lengths: ``(B,)`` integers, alternative to ``padding_mask``.
+        num_batches_tracked: 0-d long tensor, incremented when ψ² is updated.
 
     Shape:
         - Input: ``(B, T, D)`` or ``(N, D)``
@@ -479,13 +527,17 @@ def power_norm(
         dict(running_phi=running_phi, running_nu=running_nu, weight=weight, bias=bias),
         "power_norm",
     )
-    factor = _check_momentum(momentum)
+    _check_momentum(momentum)
+    # ν's update in the backward uses the same weight as ψ²'s update here
+    factor = momentum if momentum is not None else (
+        1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 0.0)
+    if momentum is None and num_batches_tracked is None and training:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     backend = ops.current_backend(x2)
     y, batch_phi, count = backend.power_norm(
         x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, running_phi,
         running_nu if training else None, factor,
     )
-    if training and int(count) > 0:
-        with torch.no_grad():
-            running_phi.lerp_(batch_phi.to(running_phi.dtype), factor)
+    if training:
+        update_running_stats([(running_phi, batch_phi)], int(count), momentum, num_batches_tracked)
     return y.to(input.dtype).reshape(input.shape)

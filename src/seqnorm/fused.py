@@ -253,7 +253,7 @@ def _featurewise_setup(ctx, inputs, output):
     x, weight, bias, pad, mean, var, eps = inputs
     _, _, _, count, shift, delta, rstd = output
     ctx.save_for_backward(x, weight, pad, shift, delta, rstd)
-    ctx.count, ctx.batch_stats = int(count), mean is None
+    ctx.count, ctx.batch_stats = count, mean is None  # a tensor: int() only in the backward (traceable)
     ctx.has_bias = bias is not None
 
 
@@ -262,7 +262,7 @@ def _featurewise_backward(ctx, dy, *_):
     if dy is None:
         return (None,) * 7
     dx, dw, db = _call(featurewise_bwd, _featurewise_bwd_impl)(dy, x, weight, pad, shift, delta, rstd,
-                                                               ctx.count, ctx.batch_stats)
+                                                               int(ctx.count), ctx.batch_stats)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None
 
 
@@ -337,7 +337,7 @@ def _power_setup(ctx, inputs, output):
     x, weight, bias, pad, running_phi, running_nu, eps, factor = inputs
     _, batch_phi, count, rstd = output
     ctx.save_for_backward(x, weight, pad, rstd, batch_phi)
-    ctx.count = int(count)
+    ctx.count = count  # a tensor: int() only in the backward (traceable)
     ctx.has_bias = bias is not None
     ctx.nu, ctx.factor = running_nu, factor  # the buffer the backward updates
 
@@ -348,10 +348,11 @@ def _power_backward(ctx, dy, *_):
         return (None,) * 8
     nu = ctx.nu
     dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
-    if nu is not None and ctx.count > 0:
+    count = int(ctx.count)
+    if nu is not None and count > 0:
         with torch.no_grad():
             gamma = rstd * rstd * batch_phi                              # mean over real rows of x̂²
-            lam = (dw if weight is None else weight * dw) / ctx.count   # mean of x̂ ⊙ (w ⊙ dy)
+            lam = (dw if weight is None else weight * dw) / count       # mean of x̂ ⊙ (w ⊙ dy)
             nu.copy_(nu * (1 - ctx.factor * gamma.to(nu.dtype)) + ctx.factor * lam.to(nu.dtype))
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None, None
 

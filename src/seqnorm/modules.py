@@ -5,14 +5,13 @@ loads both ways; every ``forward`` also takes ``padding_mask`` or ``lengths``.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import functional as F
-from .masks import current_padding, resolve_padding, shape_str
+from .masks import current_padding, shape_str
 
 __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "SeqBatchNorm", "PowerNorm"]
 
@@ -225,22 +224,6 @@ class _FeaturewiseNorm(nn.Module):
             return input.transpose(0, 1)  # (T, B, D) -> (B, T, D); padding_mask stays (B, T)
         return input
 
-    def _factor(self) -> float:
-        """Momentum for this batch; momentum=None is a cumulative average over
-        the batches that held real tokens (counted *after* this one)."""
-        if self.momentum is None:
-            return 1.0 / (int(self.num_batches_tracked) + 1)
-        return self.momentum
-
-    def _count_batch(self, x: Tensor, padding_mask, lengths) -> None:
-        """After a successful training forward: count the batch if it held a real token."""
-        if x.dim() not in (2, 3):
-            return
-        pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths)
-        real = math.prod(x.shape[:-1]) if pad is None else int((~pad).sum())
-        if real > 0 and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Old BatchNorm checkpoints (version < 2) have no num_batches_tracked: start it at 0,
@@ -341,11 +324,10 @@ class SeqBatchNorm(_FeaturewiseNorm):
             self.running_var if use_running else None,
             self.weight, self.bias,
             training=self.training or self.running_mean is None,
-            momentum=self._factor() if self.training and self.track_running_stats else 0.0,
+            momentum=self.momentum if self.training and self.track_running_stats else 0.0,
             eps=self.eps, padding_mask=padding_mask, lengths=lengths,
+            num_batches_tracked=self.num_batches_tracked if self.training else None,
         )
-        if self.training and self.track_running_stats:
-            self._count_batch(x, padding_mask, lengths)
         return self._to_batch_first(y)
 
 
@@ -407,9 +389,8 @@ class PowerNorm(_FeaturewiseNorm):
         padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
         y = F.power_norm(
             x, self.running_phi, self.running_nu, self.weight, self.bias,
-            training=self.training, momentum=self._factor() if self.training else 0.0,
+            training=self.training, momentum=self.momentum if self.training else 0.0,
             eps=self.eps, padding_mask=padding_mask, lengths=lengths,
+            num_batches_tracked=self.num_batches_tracked if self.training else None,
         )
-        if self.training:
-            self._count_batch(x, padding_mask, lengths)
         return self._to_batch_first(y)
