@@ -217,9 +217,12 @@ def _(x, weight, bias, pad, mean, var, eps):
 
 
 def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
-                    delta: Tensor, rstd: Tensor, count: int, batch_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dweight, dbias)``."""
+                          delta: Tensor, rstd: Tensor, count: Tensor, batch_stats: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)``; ``count`` (a 0-d tensor, so that tracing
+    never reads data) is the number of real rows."""
     _threads()
+    count = int(count)
     dy, x = dy.contiguous(), x.contiguous()
     n_rows, d = x.shape
     k = _k(x, 0.0, 0.0)
@@ -262,7 +265,7 @@ def _featurewise_backward(ctx, dy, *_):
     if dy is None:
         return (None,) * 7
     dx, dw, db = _call(featurewise_bwd, _featurewise_bwd_impl)(dy, x, weight, pad, shift, delta, rstd,
-                                                               int(ctx.count), ctx.batch_stats)
+                                                               ctx.count, ctx.batch_stats)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None
 
 
@@ -348,12 +351,13 @@ def _power_backward(ctx, dy, *_):
         return (None,) * 8
     nu = ctx.nu
     dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
-    count = int(ctx.count)
-    if nu is not None and count > 0:
-        with torch.no_grad():
-            gamma = rstd * rstd * batch_phi                              # mean over real rows of x̂²
-            lam = (dw if weight is None else weight * dw) / count       # mean of x̂ ⊙ (w ⊙ dy)
-            nu.copy_(nu * (1 - ctx.factor * gamma.to(nu.dtype)) + ctx.factor * lam.to(nu.dtype))
+    if nu is not None:
+        with torch.no_grad():  # tensor ops only (no int() of data), so that tracing works
+            count = ctx.count.to(dw.dtype)
+            gamma = rstd * rstd * batch_phi                                      # mean of x̂² over real rows
+            lam = (dw if weight is None else weight * dw) / count.clamp_min(1)  # mean of x̂ ⊙ (w ⊙ dy)
+            new = nu * (1 - ctx.factor * gamma.to(nu.dtype)) + ctx.factor * lam.to(nu.dtype)
+            nu.copy_(torch.where(count > 0, new, nu))  # an all-padding batch leaves ν alone
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None, None
 
 
