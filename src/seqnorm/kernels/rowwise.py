@@ -50,18 +50,23 @@ def _row_forward(src, yr, w, b, k, center):  # pragma: no cover - jitted
     return sh, m, rs
 
 
+@nb.njit(fastmath=FASTMATH, cache=True, inline="always")
+def _padded_row(yr, shift, delta, rstd, r, zero):  # pragma: no cover - jitted
+    """A padded row: output 0 and zero statistics (never read by the backward)."""
+    for j in range(yr.shape[0]):
+        yr[j] = zero
+    shift[r] = zero
+    delta[r] = zero
+    rstd[r] = zero
+
+
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def forward(x, w, b, pad, k, center, y, shift, delta, rstd):  # pragma: no cover - jitted
     """x, y: (R, D); w, b: (D,); pad: (R,) uint8; shift, delta, rstd: (R,) out. Pads: y = 0."""
     R, D = x.shape
-    zero = k[3]
     for r in nb.prange(R):
         if pad[r] or D == 0:
-            for j in range(D):
-                y[r, j] = zero
-            shift[r] = zero
-            delta[r] = zero
-            rstd[r] = zero
+            _padded_row(y[r], shift, delta, rstd, r, k[3])
         else:
             shift[r], delta[r], rstd[r] = _row_forward(x[r], y[r], w, b, k, center)
 
@@ -71,7 +76,6 @@ def add_forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # prag
     """As :func:`forward` on ``s = x + res``, which is also written out (every
     row, padding included: the residual stream is not normalized)."""
     R, D = x.shape
-    zero = k[3]
     for r in nb.prange(R):
         sr = s[r]
         xr = x[r]
@@ -79,11 +83,7 @@ def add_forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # prag
         for j in range(D):
             sr[j] = xr[j] + rr[j]
         if pad[r] or D == 0:
-            for j in range(D):
-                y[r, j] = zero
-            shift[r] = zero
-            delta[r] = zero
-            rstd[r] = zero
+            _padded_row(y[r], shift, delta, rstd, r, k[3])
         else:
             shift[r], delta[r], rstd[r] = _row_forward(sr, y[r], w, b, k, center)
 
