@@ -107,7 +107,6 @@ def test_rowwise_outputs_ignore_the_other_sequences(case):
 def test_masked_batch_norm_matches_real_tokens_only(case):
     """Masked SeqBatchNorm equals plain BatchNorm over the gathered real tokens."""
     x, mask, _, _, _ = case
-    d = x.shape[-1]
     y = F.seq_batch_norm(torch.tensor(x), None, None, training=True, padding_mask=torch.tensor(mask))
     gathered, _ = ref.seq_batch_norm_forward(x[~mask])
     np.testing.assert_allclose(y[torch.tensor(~mask)].numpy(), gathered, rtol=1e-7, atol=1e-7)

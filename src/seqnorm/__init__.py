@@ -22,6 +22,7 @@ __all__ = [
     "SyncSeqBatchNorm",
     "functional",
     "reference",
+    "distributed",
     "lengths_to_padding_mask",
     "padding",
     "convert",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
