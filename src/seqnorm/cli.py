@@ -1,5 +1,5 @@
 """``seqnorm`` console script: ``explain`` (the default; ``seqnorm`` alone and
-``python -m seqnorm`` run it on the note's example) and ``bench``."""
+``python -m seqnorm`` run it on the note's example), ``bench`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the fused kernels against torch (see benchmarks/RESULTS.md)")
     bench_arguments(bench)
+    from .experiments.compare import add_arguments as compare_arguments
+
+    compare = sub.add_parser("compare", help="train the note's Transformer with every norm and compare "
+                                             "(quick by default, --full for tighter bands)")
+    compare_arguments(compare)
     return parser
 
 
@@ -45,6 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import run as run_bench
 
         return run_bench(args)
+    if args.command == "compare":
+        from .experiments.compare import run as run_compare
+
+        return run_compare(args)
     from .explain.command import run
 
     return run(args)

@@ -1,0 +1,1 @@
+"""``seqnorm compare``: train the note's Transformer with every norm and compare."""
