@@ -76,3 +76,17 @@ def test_bad_arguments_exit_2_with_one_line(args, expected):
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in res.stderr
+
+
+def test_row_wise_norms_do_not_depend_on_the_batch_and_only_batch_norms_fluctuate():
+    """LayerNorm's accuracy is the same in eval mode, train mode, bucketed batches and at batch
+    size 1 (exactly: its statistics are per token); masked BN's batch statistics are measured."""
+    cfg = C.Config(tasks=["majority"], seeds=1, steps=6, data_scale=0.05, eval_every=3)
+    task = T.load("majority", cfg.data_scale)
+    ln = C.train_one(task, "layer", 0, cfg)
+    assert ln.val_acc == ln.train_mode_acc == ln.acc_bucketed == ln.acc_bs1
+    assert ln.fluct_var is None and ln.fluct_steps == []
+    bn = C.train_one(task, "masked_batch", 0, cfg)
+    assert len(bn.fluct_steps) == 6 and all(v > 0 for v in bn.fluct_mean_curve + bn.fluct_rel_curve)
+    pn = C.train_one(task, "power", 0, cfg)
+    assert pn.fluct_mean is None and pn.fluct_rel > 0       # PowerNorm keeps no mean, only ψ²

@@ -12,10 +12,13 @@ trained with Adam on shuffled mini-batches, and we record:
 * composition sensitivity, in train mode: accuracy with length-bucketed
   batches, shuffled batches and batch size 1 (row-wise norms do not depend on
   the batch, so their three numbers coincide);
-* batch-statistic fluctuation (the PowerNorm paper's Figure 1): for every
-  SeqBatchNorm / PowerNorm module, ``‖μ_B − μ‖/d`` and ``‖σ²_B − σ²‖/d``
-  (PowerNorm: ``‖ψ²_B − ψ²‖/d``) between the batch's statistics and the
-  running ones, before each training step's update, averaged over modules.
+* batch-statistic fluctuation, as the PowerNorm paper measures it (its
+  Figure 2: "average Euclidean distance" ``(1/d)‖μ_B − μ‖`` and
+  ``(1/d)‖σ²_B − σ²‖`` between the batch's statistics and the running ones),
+  for every SeqBatchNorm module, before each training step's update, averaged
+  over modules; and, scale-free so that BatchNorm and PowerNorm can be set side
+  by side, ``‖σ²_B − σ²‖ / ‖σ²‖`` (PowerNorm: its quadratic mean ψ² in place of
+  σ²). Table values average the second half of training.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -55,8 +59,8 @@ class Config:
     eval_every: int = 25
 
 
-QUICK = Config(steps=250)
-FULL = Config(seeds=3, steps=500, data_scale=1.0, eval_every=50)
+QUICK = Config(steps=400)
+FULL = Config(seeds=5, steps=600, data_scale=1.0, eval_every=50)
 
 
 @dataclass
@@ -72,12 +76,14 @@ class Run:
     acc_bs1: float
     fluct_mean: Optional[float]
     fluct_var: Optional[float]
+    fluct_rel: Optional[float]
     seconds: float
     curve_steps: List[int]
     curve_acc: List[float]
     fluct_steps: List[int]
     fluct_mean_curve: List[float]
     fluct_var_curve: List[float]
+    fluct_rel_curve: List[float]
 
 
 class _StatProbe:
@@ -87,6 +93,7 @@ class _StatProbe:
     def __init__(self, model: nn.Module):
         self.mean_d: List[float] = []
         self.var_d: List[float] = []
+        self.rel_d: List[float] = []
         self.handles = []
         for m in model.modules():
             if isinstance(m, (SeqBatchNorm, PowerNorm)):
@@ -102,17 +109,25 @@ class _StatProbe:
         if rows.shape[0] < 2:
             return
         d = x.shape[-1]
-        if isinstance(module, PowerNorm):   # no mean kept: only ψ² is compared
-            self.var_d.append(float(((rows * rows).mean(0) - module.running_phi.double()).norm() / d))
+        if isinstance(module, PowerNorm):   # no mean kept: only ψ², relative, is compared
+            running = module.running_phi.double()
+            self.rel_d.append(float(((rows * rows).mean(0) - running).norm() / running.norm().clamp_min(1e-12)))
         else:
+            running = module.running_var.double()
+            var_b = rows.var(0)   # unbiased, as the running variance is kept
             self.mean_d.append(float((rows.mean(0) - module.running_mean.double()).norm() / d))
-            self.var_d.append(float((rows.var(0) - module.running_var.double()).norm() / d))
+            self.var_d.append(float((var_b - running).norm() / d))
+            self.rel_d.append(float((var_b - running).norm() / running.norm().clamp_min(1e-12)))
 
     def take(self):
-        """(mean distance, variance distance) averaged over modules since the last call."""
-        out = (float(np.mean(self.mean_d)) if self.mean_d else float("nan"),
-               float(np.mean(self.var_d))) if self.var_d else (None, None)
-        self.mean_d, self.var_d = [], []
+        """(mean distance, variance distance, relative variance distance), each averaged over
+        modules since the last call; None when nothing was measured (no batch-statistic module,
+        or a batch with fewer than 2 real tokens), NaN for what PowerNorm does not keep."""
+        def avg(v):
+            return float(np.mean(v)) if v else float("nan")
+
+        out = (avg(self.mean_d), avg(self.var_d), avg(self.rel_d)) if self.rel_d else None
+        self.mean_d, self.var_d, self.rel_d = [], [], []
         return out
 
     def remove(self):
@@ -142,10 +157,15 @@ def train_one(task: T.Task, norm: str, seed: int, cfg: Config, progress=None) ->
                     prenorm=cfg.prenorm, num_classes=task.num_classes,
                     max_len=int(task.train.tokens.shape[1]))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # linear warm-up over the first 5 % of steps, then cosine decay to 10 %: the usual Transformer
+    # recipe, and it keeps the final accuracies from jittering with the last few updates
+    warm = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, i - warm) / max(1, cfg.steps - warm))))))
     loss_fn = nn.CrossEntropyLoss()
     val_batches = T.batches(task.val, cfg.batch_size, "shuffled", np.random.default_rng(1000 + seed))
     probe = _StatProbe(model)
-    curve_steps, curve_acc, fl_steps, fl_mean, fl_var = [], [], [], [], []
+    curve_steps, curve_acc, fl_steps, fl_mean, fl_var, fl_rel = [], [], [], [], [], []
     step = 0
     while step < cfg.steps:
         for tokens, mask, labels in T.batches(task.train, cfg.batch_size, "shuffled", rng):
@@ -157,12 +177,14 @@ def train_one(task: T.Task, norm: str, seed: int, cfg: Config, progress=None) ->
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             step += 1
-            fm, fv = probe.take()
-            if fm is not None:
+            measured = probe.take()
+            if measured is not None:
                 fl_steps.append(step)
-                fl_mean.append(fm)
-                fl_var.append(fv)
+                fl_mean.append(measured[0])
+                fl_var.append(measured[1])
+                fl_rel.append(measured[2])
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 curve_steps.append(step)
                 curve_acc.append(accuracy(model, val_batches))
@@ -172,14 +194,15 @@ def train_one(task: T.Task, norm: str, seed: int, cfg: Config, progress=None) ->
     val_acc = curve_acc[-1]
     train_mode = accuracy(model, val_batches, train_mode=True)
     bucketed = accuracy(model, T.batches(task.val, cfg.batch_size, "bucketed", rng), train_mode=True)
-    single = [b for b in T.batches(task.val, 1, "bucketed", rng) if int((~b[1]).sum()) >= 2][:200]
-    bs1 = accuracy(model, single, train_mode=True)
-    half = len(fl_var) // 2
-    late_mean = [v for v in fl_mean[half:] if not np.isnan(v)]
+    bs1 = accuracy(model, T.batches(task.val, 1, "bucketed", rng), train_mode=True)   # every val example alone
+
+    def late(curve):   # second half of training; None when never measured
+        vals = [v for v in curve[len(curve) // 2:] if not np.isnan(v)]
+        return float(np.mean(vals)) if vals else None
+
     return Run(task.name, norm, seed, val_acc, train_mode, val_acc - train_mode, bucketed, train_mode, bs1,
-               float(np.mean(late_mean)) if late_mean else None,
-               float(np.mean(fl_var[half:])) if fl_var else None,
-               time.perf_counter() - t0, curve_steps, curve_acc, fl_steps, fl_mean, fl_var)
+               late(fl_mean), late(fl_var), late(fl_rel), time.perf_counter() - t0, curve_steps, curve_acc,
+               fl_steps, fl_mean, fl_var, fl_rel)
 
 
 class _Progress:
@@ -217,7 +240,7 @@ def run_all(cfg: Config, stream=sys.stderr) -> List[Run]:
 
 
 COLUMNS = ["task", "norm", "val_acc", "train_mode_acc", "gap", "acc_bucketed", "acc_shuffled", "acc_bs1",
-           "fluct_mean", "fluct_var"]
+           "fluct_mean", "fluct_var", "fluct_rel"]
 
 
 def summarize(runs: List[Run]) -> List[Dict]:
@@ -242,7 +265,7 @@ def _fmt(v, pct=True):
 
 
 HEADERS = ["task", "norm", "val acc %", "train-mode acc %", "gap (pts)", "bucketed %", "shuffled %",
-           "batch size 1 %", "|μ_B−μ|/d", "|σ²_B−σ²|/d"]
+           "batch size 1 %", "‖μ_B−μ‖/d", "‖σ²_B−σ²‖/d", "‖σ²_B−σ²‖/‖σ²‖"]
 
 
 def table_rows(rows: List[Dict]) -> List[List[str]]:
@@ -250,7 +273,7 @@ def table_rows(rows: List[Dict]) -> List[List[str]]:
     for r in rows:
         out.append([r["task"], r["norm"], _fmt(r["val_acc"]), _fmt(r["train_mode_acc"]), _fmt(r["gap"]),
                     _fmt(r["acc_bucketed"]), _fmt(r["acc_shuffled"]), _fmt(r["acc_bs1"]),
-                    _fmt(r["fluct_mean"], False), _fmt(r["fluct_var"], False)])
+                    _fmt(r["fluct_mean"], False), _fmt(r["fluct_var"], False), _fmt(r["fluct_rel"], False)])
     return out
 
 
@@ -268,9 +291,20 @@ def render(rows: List[Dict], fmt: str) -> str:
     return "\n".join(lines)
 
 
+def _rounded(obj, digits: int = 5):
+    """``obj`` with every float cut to ``digits`` significant digits (the curves are long)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def write_csv(runs: List[Run], path: str) -> None:
     fields = ["task", "norm", "seed", "val_acc", "train_mode_acc", "gap", "acc_bucketed", "acc_shuffled",
-              "acc_bs1", "fluct_mean", "fluct_var", "seconds"]
+              "acc_bs1", "fluct_mean", "fluct_var", "fluct_rel", "seconds"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
@@ -308,25 +342,26 @@ def plot(runs: List[Run], out_dir: str) -> List[str]:
     plt.close(fig)
     paths.append(path)
 
-    fig, axes = plt.subplots(2, len(task_names), figsize=(6 * len(task_names), 7), squeeze=False)
+    panels = (("fluct_mean_curve", "(1/d)‖μ_B − μ‖  (paper's Fig. 2, left)", ("batch", "masked_batch")),
+              ("fluct_var_curve", "(1/d)‖σ²_B − σ²‖  (paper's Fig. 2, right)", ("batch", "masked_batch")),
+              ("fluct_rel_curve", "‖σ²_B − σ²‖ / ‖σ²‖  (PowerNorm: ψ²)", ("batch", "masked_batch", "power")))
+    fig, axes = plt.subplots(len(panels), len(task_names), figsize=(6 * len(task_names), 10), squeeze=False)
     for col, task in enumerate(task_names):
-        for norm in ("batch", "masked_batch", "power"):
-            rs = [r for r in runs if r.task == task and r.norm == norm and r.fluct_steps]
-            if not rs:
-                continue
-            n = min(len(r.fluct_steps) for r in rs)
-            steps = rs[0].fluct_steps[:n]
-            for row, attr in enumerate(("fluct_mean_curve", "fluct_var_curve")):
-                if norm == "power" and row == 0:
-                    continue   # PowerNorm keeps no mean
-                vals = np.array([getattr(r, attr)[:n] for r in rs]).mean(0)
-                axes[row][col].plot(steps, vals, label=norm, color=colors[norm], lw=1)
-        axes[0][col].set_title(f"{task}: ‖μ_B − μ_running‖ / d")
-        axes[1][col].set_title(f"{task}: ‖σ²_B − σ²_running‖ / d  (PowerNorm: ψ²)")
-        for row in range(2):
-            axes[row][col].set_yscale("log")
-            axes[row][col].set_xlabel("training step")
-            axes[row][col].legend(fontsize=8)
+        for row, (attr, title, norms) in enumerate(panels):
+            ax = axes[row][col]
+            for norm in norms:
+                rs = [r for r in runs if r.task == task and r.norm == norm and r.fluct_steps]
+                if not rs:
+                    continue
+                n = min(len(r.fluct_steps) for r in rs)
+                vals = np.array([getattr(r, attr)[:n] for r in rs]).mean(0)   # mean over seeds
+                ax.plot(rs[0].fluct_steps[:n], vals, label=norm, color=colors[norm], lw=1)
+            ax.set_title(f"{task}: {title}", fontsize=10)
+            ax.set_yscale("log")
+            ax.set_xlabel("training step")
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle("batch statistics vs running statistics during training (mean over layers and seeds)")
     fig.tight_layout()
     path = os.path.join(out_dir, "fluctuation.png")
     fig.savefig(path, dpi=100)
@@ -336,12 +371,12 @@ def plot(runs: List[Run], out_dir: str) -> List[str]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--full", action="store_true", help="longer runs, 5 seeds, bigger model (tighter bands)")
+    p.add_argument("--full", action="store_true", help=f"longer runs on all the data, {FULL.seeds} seeds (tighter bands; about 8 min on 2 cores)")
     p.add_argument("--tasks", default=",".join(T.TASKS), help=f"comma list of {', '.join(T.TASKS)}")
     p.add_argument("--norms", default=",".join(NORMS), help=f"comma list of {', '.join(NORMS)}")
-    p.add_argument("--seeds", type=int, help="seeds per (task, norm) (quick: 2, full: 5)")
-    p.add_argument("--steps", type=int, help="training steps per run (quick: 150, full: 800)")
-    p.add_argument("--data-scale", type=float, help="fraction of each task's examples (quick: 0.5)")
+    p.add_argument("--seeds", type=int, help=f"seeds per (task, norm) (quick: {QUICK.seeds}, full: {FULL.seeds})")
+    p.add_argument("--steps", type=int, help=f"training steps per run (quick: {QUICK.steps}, full: {FULL.steps})")
+    p.add_argument("--data-scale", type=float, help=f"fraction of each task's examples (quick: {QUICK.data_scale}, full: {FULL.data_scale})")
     p.add_argument("--prenorm", action="store_true", help="pre-norm layers (default: post-norm, as the note)")
     p.add_argument("--out", default="seqnorm-compare", help="output folder (default: ./seqnorm-compare)")
     p.add_argument("--format", choices=("text", "markdown", "json"), default="text")
@@ -387,7 +422,7 @@ def run(args) -> int:
     with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as fh:
         fh.write(render(rows, "markdown") + "\n")
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(dict(config=asdict(cfg), rows=rows, runs=[asdict(r) for r in runs]), fh, indent=1)
+        json.dump(_rounded(dict(config=asdict(cfg), rows=rows, runs=[asdict(r) for r in runs])), fh)
     plots = plot(runs, args.out)
     print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; wrote runs.csv, summary.md, summary.json, "
           f"{', '.join(os.path.basename(p) for p in plots)} to {args.out}", file=sys.stderr)
