@@ -4,6 +4,10 @@
   6 symbols, each sequence with its own skewed symbol distribution; the label
   is the most frequent symbol (ties to the smallest). Lengths vary 20-fold, so
   a batch mixes very different amounts of padding.
+* ``majority_fixed`` (control): the same task with every sequence 32 tokens
+  long (about the mean length of ``majority``), so a batch holds no padding and
+  equally long sentences — the "vision-like" case, where the PowerNorm paper
+  found batch statistics steady.
 * ``wordorder`` (real text): English sentences of 4–48 words from the Python
   documentation that ships with CPython (``pydoc_data.topics``, the text of
   ``help()``; Python Software Foundation License; on Debian in the
@@ -24,7 +28,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-TASKS = ("majority", "wordorder")
+TASKS = ("majority", "wordorder", "majority_fixed")
 
 
 @dataclass
@@ -52,7 +56,8 @@ def _pack(seqs: List[List[int]], labels: List[int]) -> Split:
     return Split(tokens, torch.tensor([len(s) for s in seqs]), torch.tensor(labels))
 
 
-def majority(n_train: int = 2000, n_val: int = 500, seed: int = 0, min_len: int = 3, max_len: int = 64) -> Task:
+def majority(n_train: int = 2000, n_val: int = 500, seed: int = 0, min_len: int = 3, max_len: int = 64,
+             name: str = "majority") -> Task:
     rng = np.random.default_rng(seed)
     k = 6
 
@@ -65,9 +70,9 @@ def majority(n_train: int = 2000, n_val: int = 500, seed: int = 0, min_len: int 
 
     data = [one() for _ in range(n_train + n_val)]
     seqs, labels = zip(*data)
-    return Task("majority", k + 1, k, _pack(list(seqs[:n_train]), list(labels[:n_train])),
+    return Task(name, k + 1, k, _pack(list(seqs[:n_train]), list(labels[:n_train])),
                 _pack(list(seqs[n_train:]), list(labels[n_train:])),
-                "most frequent of 6 symbols, lengths 3–64 (synthetic)")
+                f"most frequent of 6 symbols, lengths {min_len}–{max_len} (synthetic)")
 
 
 def _sentences() -> List[List[str]]:
@@ -112,6 +117,8 @@ def load(name: str, scale: float = 1.0, seed: int = 0) -> Task:
     """The task ``name`` with ``scale`` × its default number of examples."""
     if name == "majority":
         return majority(int(2000 * scale), int(500 * scale), seed)
+    if name == "majority_fixed":
+        return majority(int(2000 * scale), int(500 * scale), seed, min_len=32, max_len=32, name=name)
     if name == "wordorder":
         return wordorder(int(2300 * scale), int(600 * scale), seed)
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
