@@ -125,17 +125,23 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
                           what="input.shape[:-len(normalized_shape)]")
     rows = math.prod(token_shape)
     cdt = _compute_dtype(x)
-    x2 = x.reshape(rows, d).to(cdt)
+    backend = ops.current_backend(x)
+    # A backend that reads this low-precision dtype itself (the fused bfloat16 row
+    # kernels) gets it as it is, and computes in float32 inside; any other gets
+    # the input cast to float32 here.
+    native = x.dtype in getattr(backend, "native_low_precision", ())
+    x2 = x.reshape(rows, d) if native else x.reshape(rows, d).to(cdt)
     w = None if weight is None else weight.reshape(d).to(cdt)
     b = None if bias is None else bias.reshape(d).to(cdt)
     pad1 = None if pad is None else pad.reshape(rows)
-    backend = ops.current_backend(x2)
+    if not native:
+        backend = ops.current_backend(x2)
     if residual is None:
         y = backend.rowwise_norm(x2, w, b, eps, pad1, center)
         return y.to(x.dtype).reshape(x.shape)
     # Low-precision inputs are summed in float32 too: the norm sees the exact sum,
     # and the returned residual stream is rounded once, like the output.
-    r2 = residual.reshape(rows, d).to(cdt)
+    r2 = residual.reshape(rows, d) if native else residual.reshape(rows, d).to(cdt)
     y, s = backend.add_rowwise_norm(x2, r2, w, b, eps, pad1, center)
     return y.to(x.dtype).reshape(x.shape), s.to(x.dtype).reshape(x.shape)
 

@@ -8,7 +8,9 @@ torch ops. Tensors reach the kernels as zero-copy NumPy views; inputs are made
 contiguous first. Numba's thread count follows ``torch.get_num_threads()``.
 
 Only CPU float32/float64 tensors come here (``ops`` routes everything else to
-the torch backend); float16/bfloat16 are cast to float32 by ``functional``.
+the torch backend), and bfloat16 for the row-wise norms, whose kernels
+(:mod:`.kernels.bf16`) read and write bfloat16 and compute in float32; every
+other float16/bfloat16 input is cast to float32 by ``functional``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .kernels import NCHUNK, featurewise, rowwise
+from .kernels import NCHUNK, bf16, featurewise, rowwise
 
 __all__ = ["FusedBackend", "supports"]
 
@@ -28,6 +30,38 @@ __all__ = ["FusedBackend", "supports"]
 def supports(x: Tensor) -> bool:
     """Whether the fused kernels can run ``x``."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    """The raw uint16 bits of a contiguous bfloat16 tensor, zero-copy."""
+    return t.detach().view(torch.int16).numpy().view(np.uint16)
+
+
+def _empty_bf16(shape) -> Tuple[np.ndarray, Tensor]:
+    a = np.empty(shape, dtype=np.int16)
+    return a.view(np.uint16), torch.from_numpy(a).view(torch.bfloat16)
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Per-row statistics are kept in float32 for a bfloat16 input."""
+    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+
+
+def _rowwise_fwd_bf16(x, residual, weight, bias, pad, eps, center):
+    rows, d = x.shape
+    f32 = torch.float32
+    y_a, y = _empty_bf16((rows, d))
+    stats = [np.empty(rows, np.float32) for _ in range(3)]
+    k = np.array([eps, 1.0 / max(d, 1), 1.0, 0.0], dtype=np.float32)
+    w = np.ones(d, np.float32) if weight is None else _a(weight.to(f32).contiguous())
+    b = np.zeros(d, np.float32) if bias is None else _a(bias.to(f32).contiguous())
+    if residual is None:
+        s, res_a, s_a = x.new_empty(0), np.empty((0, d), np.uint16), np.empty((0, d), np.uint16)
+    else:
+        res_a = _bits(residual.contiguous())
+        s_a, s = _empty_bf16((rows, d))
+    bf16.forward(_bits(x), res_a, w, b, _pad(pad, rows), k, center, y_a, s_a, *stats)
+    return (y, s, *(torch.from_numpy(a) for a in stats))
 
 
 def _threads() -> None:
@@ -87,6 +121,8 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     """Returns ``(y, s, shift, delta, rstd)``; ``s = x + residual`` (empty without residual)."""
     _threads()
     x = x.contiguous()
+    if x.dtype == torch.bfloat16:
+        return _rowwise_fwd_bf16(x, residual, weight, bias, pad, eps, center)
     rows, d = x.shape
     y_a, y = _empty((rows, d), x)
     (sh_a, shift), (de_a, delta), (rs_a, rstd) = _empty(rows, x), _empty(rows, x), _empty(rows, x)
@@ -107,16 +143,41 @@ rowwise_fwd = torch.library.custom_op("seqnorm::rowwise_fwd", mutates_args=())(_
 
 @rowwise_fwd.register_fake
 def _(x, residual, weight, bias, pad, eps, center):
-    rows = x.shape[0]
+    rows, sd = x.shape[0], _stat_dtype(x)
     s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty(rows), x.new_empty(rows), x.new_empty(rows)
+    return (torch.empty_like(x), s, x.new_empty(rows, dtype=sd), x.new_empty(rows, dtype=sd),
+            x.new_empty(rows, dtype=sd))
 
 
-def _rowwise_bwd_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
-                delta: Tensor, rstd: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dsrc, dweight, dbias)`` (the parameter grads as if both existed)."""
+def _rowwise_bwd_bf16(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
+    rows, d = src.shape
+    dx_a, dx = _empty_bf16((rows, d))
+    k = np.array([0.0, 1.0 / max(d, 1), 1.0, 0.0], dtype=np.float32)
+    w = np.ones(d, np.float32) if weight is None else _a(weight.to(torch.float32).contiguous())
+    none = np.empty((0, d), np.uint16)
+    res = none if src2 is None else _bits(src2.contiguous())
+    ds_a = none if ds is None else _bits(ds.contiguous())
+    dw_part = np.empty((NCHUNK, d), np.float32)
+    db_part = np.empty((NCHUNK, d), np.float32)
+    bf16.backward(_bits(dy), _bits(src), res, ds_a, w, _pad(pad, rows), _a(shift), _a(delta), _a(rstd), k, center,
+                  dx_a, dw_part, db_part)
+    # float32, the dtype of the weight and bias this path is handed (functional casts them)
+    return dx, torch.from_numpy(_sum_chunks(dw_part)).float(), torch.from_numpy(_sum_chunks(db_part)).float()
+
+
+def _rowwise_bwd_impl(dy: Tensor, src: Tensor, src2: Optional[Tensor], ds: Optional[Tensor],
+                      weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
+                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dsrc, dweight, dbias)`` (the parameter grads as if both existed).
+
+    ``src`` is what the forward normalized; for bfloat16 with the residual Add
+    it is ``x`` and ``src2`` the residual, whose exact float32 sum the kernel
+    re-forms (None otherwise). ``ds``, the gradient of the returned sum, is
+    added to ``dsrc`` (None: nothing to add)."""
     _threads()
     dy, src = dy.contiguous(), src.contiguous()
+    if src.dtype == torch.bfloat16:
+        return _rowwise_bwd_bf16(dy, src, src2, ds, weight, pad, shift, delta, rstd, center)
     rows, d = src.shape
     dx_a, dx = _empty((rows, d), src)
     k = _k(src, 0.0, 1.0 / max(d, 1))
@@ -127,6 +188,8 @@ def _rowwise_bwd_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor], pad: Op
                      _a(rstd), k, center, dx_a, dw_part, db_part)
     dw = torch.from_numpy(_sum_chunks(dw_part)).to(src.dtype)
     db = torch.from_numpy(_sum_chunks(db_part)).to(src.dtype)
+    if ds is not None:
+        dx.add_(ds)  # the returned sum s = x + residual carries its own gradient
     return dx, dw, db
 
 
@@ -134,27 +197,30 @@ rowwise_bwd = torch.library.custom_op("seqnorm::rowwise_bwd", mutates_args=())(_
 
 
 @rowwise_bwd.register_fake
-def _(dy, src, weight, pad, shift, delta, rstd, center):
-    d = src.shape[1]
-    return torch.empty_like(src), src.new_empty(d), src.new_empty(d)
+def _(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
+    d, sd = src.shape[1], _stat_dtype(src)
+    return torch.empty_like(src), src.new_empty(d, dtype=sd), src.new_empty(d, dtype=sd)
 
 
 def _rowwise_setup(ctx, inputs, output):
     x, residual, weight, bias, pad, eps, center = inputs
     _, s, shift, delta, rstd = output
-    src = x if residual is None else s
-    ctx.save_for_backward(src, weight, pad, shift, delta, rstd)
+    if x.dtype == torch.bfloat16:  # the rounded s is not what was normalized: keep both addends
+        src, src2 = x, residual
+    else:
+        src, src2 = (x if residual is None else s), None
+    ctx.save_for_backward(src, src2, weight, pad, shift, delta, rstd)
     ctx.center = center
     ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
 
 
 def _rowwise_backward(ctx, dy, ds, _shift, _delta, _rstd):
-    src, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    src, src2, weight, pad, shift, delta, rstd = ctx.saved_tensors
     if dy is None:  # only the sum s was used downstream
         dy = torch.zeros_like(src)
-    dx, dw, db = _call(rowwise_bwd, _rowwise_bwd_impl)(dy, src, weight, pad, shift, delta, rstd, ctx.center)
-    if ctx.has_residual and ds is not None:
-        dx = dx + ds  # the returned sum s = x + residual carries its own gradient
+    ds = ds if ctx.has_residual else None
+    dx, dw, db = _call(rowwise_bwd, _rowwise_bwd_impl)(dy, src, src2, ds, weight, pad, shift, delta, rstd,
+                                                       ctx.center)
     dw = dw.reshape(weight.shape) if weight is not None else None
     db = db if ctx.has_bias else None
     return dx, (dx if ctx.has_residual else None), dw, db, None, None, None
@@ -410,6 +476,9 @@ class FusedBackend:
     """Numba kernels behind custom ops. See :mod:`seqnorm.ops` for the contract."""
 
     name = "fused"
+    #: dtypes the row-wise ops take as they are (read and written in that dtype,
+    #: computed in float32); functional casts any other low-precision input
+    native_low_precision = (torch.bfloat16,)
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):

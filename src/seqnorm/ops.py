@@ -339,11 +339,15 @@ def _check_name(name: str) -> None:
 
 
 def _fused_or_torch(x: Tensor, min_numel: int = 0):
-    """The fused backend where it supports ``x`` (CPU float32/float64, Numba
-    importable) and ``x`` has at least ``min_numel`` elements; torch elsewhere."""
-    if x.numel() < min_numel or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    """The fused backend where it supports ``x`` (CPU float32/float64, or
+    bfloat16 for the row-wise norms; Numba importable) and ``x`` has at least
+    ``min_numel`` elements; torch elsewhere."""
+    if x.numel() < min_numel or x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES:
         return TorchBackend
     return _fused_backend() or TorchBackend
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 _fused_class = None  # the FusedBackend class once imported; False when Numba is missing
