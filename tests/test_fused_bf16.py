@@ -1,7 +1,7 @@
-"""The bfloat16 row-wise kernels (``kernels/bf16.py``): bfloat16 in and out,
+"""The fused kernels on bfloat16 (``kernels/rows.py``): bfloat16 in and out,
 float32 inside. Checked against the float64 reference on the same (bfloat16)
 inputs — to one bfloat16 rounding — and against the torch backend, which casts
-to float32 around torch's own ops, forward and backward."""
+to float32 around torch's own ops: forward, backward, running statistics."""
 
 import numpy as np
 import pytest
@@ -223,3 +223,72 @@ def test_auto_routes_bf16_row_norms_to_the_kernels_and_fp16_to_torch():
         assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL, dtype=BF)) is FusedBackend
         assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL, dtype=torch.float16)) is ops.TorchBackend
         assert ops.current_backend(torch.empty(8, dtype=BF)) is ops.TorchBackend
+
+
+FEATURE_SHAPES = [(2, 3, 17), (3, 5, 33), (4, 1, 16), (1, 40, 1000), (2, 0, 8), (6, 50, 1)]
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES)
+@pytest.mark.parametrize("op", ["batch", "batch_eval", "power"])
+def test_bf16_feature_kernels_match_the_reference(op, shape, threads):
+    x, _, w, b, mask, dy = _inputs(shape, hash((op, shape)) % 1000)
+    if mask.numel():
+        mask[0, 0] = False
+        mask.view(-1)[-1] = False               # at least two real tokens
+    x = torch.where(mask.unsqueeze(-1), x, x.nan_to_num(0.5))   # ... that are not poisoned
+    d = shape[-1]
+    gen = torch.Generator().manual_seed(1)
+    running = (torch.randn(d, generator=gen), torch.rand(d, generator=gen) + 0.5)   # float32 buffers
+    xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+    g = dy.to(BF)
+    xq, wq, bq, m, gq = to_np(x), to_np(w), to_np(b), mask.numpy(), to_np(g)
+    if op == "power":
+        phi, nu = running[1].clone(), running[0].clone() * 0.1
+        phi0, nu0 = to_np(phi), to_np(nu)
+        y = F.power_norm(xl, phi, nu, wl, bl, training=True, momentum=0.25, padding_mask=mask)
+        ref_y, c = ref.power_norm_forward(xq, phi0, wq, bq, 1e-5, m)
+        got = torch.autograd.grad(y, [xl, wl, bl], g)
+        *want, new_nu = ref.power_norm_backward(gq, c, nu0, factor=0.25)
+        if new_nu is None:                          # no real token: ν is left alone
+            new_nu = nu0
+        np.testing.assert_allclose(to_np(nu), new_nu, rtol=1e-5, atol=1e-6)      # ν kept in float32
+    else:
+        training = op == "batch"
+        rm, rv = running
+        y = F.seq_batch_norm(xl, rm, rv, wl, bl, training=training, momentum=0.0, padding_mask=mask)
+        ref_y, c = ref.seq_batch_norm_forward(xq, wq, bq, 1e-5, m, to_np(rm), to_np(rv), training)
+        got = torch.autograd.grad(y, [xl, wl, bl], g)
+        want = ref.seq_batch_norm_backward(gq, c)
+    assert y.dtype == BF
+    _close_to_one_rounding(y, ref_y)
+    assert torch.all(y[mask] == 0) and torch.all(got[0][mask] == 0)
+    for gr, wa in zip(got, want):
+        assert gr.dtype == BF
+        _close_to_one_rounding(gr, wa)
+
+
+@pytest.mark.parametrize("name", ["layer", "rms", "add", "batch", "power"])
+def test_bf16_modules_agree_across_backends_including_running_statistics(name):
+    """A module converted with ``.to(torch.bfloat16)`` (bfloat16 parameters and
+    buffers) runs under the fused kernels and under torch alike: outputs,
+    gradients and the running statistics it keeps."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 60, 48, generator=gen).to(BF)
+    r = torch.randn(4, 60, 48, generator=gen).to(BF)
+    mask = torch.rand(4, 60, generator=gen) < 0.3
+    dy = torch.randn(4, 60, 48, generator=gen).to(BF)
+    make = {"layer": lambda: seqnorm.LayerNorm(48), "rms": lambda: seqnorm.RMSNorm(48),
+            "add": lambda: seqnorm.AddNorm(48), "batch": lambda: seqnorm.SeqBatchNorm(48),
+            "power": lambda: seqnorm.PowerNorm(48)}[name]
+    results = []
+    for backend in ("fused", "torch"):
+        torch.manual_seed(0)
+        module = make().to(BF)
+        xl = x.clone().requires_grad_()
+        with seqnorm.use_backend(backend):
+            y = module(xl, r, padding_mask=mask) if name == "add" else module(xl, padding_mask=mask)
+            y = y[0] if isinstance(y, tuple) else y
+            grads = torch.autograd.grad(y, [xl, *module.parameters()], dy)
+        results.append([y, *grads, *(b.float() for b in module.buffers() if b.is_floating_point())])
+    for a, c in zip(*results):
+        torch.testing.assert_close(a.float(), c.float(), rtol=2 * ULP, atol=2e-2)

@@ -86,6 +86,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
+def _backend_and_rows(x: Tensor, rows: int, d: int):
+    """The backend for ``x``, and ``x`` as ``(rows, d)``: in its own dtype when
+    that backend reads it itself (the fused kernels take bfloat16 and compute in
+    float32 inside), else cast to the compute dtype here. Returns
+    ``(backend, rows_tensor, native)``."""
+    backend = ops.current_backend(x)
+    if x.dtype in getattr(backend, "native_low_precision", ()):
+        return backend, x.reshape(rows, d), True
+    x2 = x.reshape(rows, d).to(_compute_dtype(x))
+    return ops.current_backend(x2), x2, False
+
+
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
@@ -125,17 +137,10 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
                           what="input.shape[:-len(normalized_shape)]")
     rows = math.prod(token_shape)
     cdt = _compute_dtype(x)
-    backend = ops.current_backend(x)
-    # A backend that reads this low-precision dtype itself (the fused bfloat16 row
-    # kernels) gets it as it is, and computes in float32 inside; any other gets
-    # the input cast to float32 here.
-    native = x.dtype in getattr(backend, "native_low_precision", ())
-    x2 = x.reshape(rows, d) if native else x.reshape(rows, d).to(cdt)
+    backend, x2, native = _backend_and_rows(x, rows, d)
     w = None if weight is None else weight.reshape(d).to(cdt)
     b = None if bias is None else bias.reshape(d).to(cdt)
     pad1 = None if pad is None else pad.reshape(rows)
-    if not native:
-        backend = ops.current_backend(x2)
     if residual is None:
         y = backend.rowwise_norm(x2, w, b, eps, pad1, center)
         return y.to(x.dtype).reshape(x.shape)
@@ -331,11 +336,9 @@ def _featurewise_setup(x, padding_mask, lengths, params, op_name):
     token_shape = tuple(x.shape[:-1])
     pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
                           what="(B, T)" if x.dim() == 3 else "(N,)")
-    rows = math.prod(token_shape)
-    cdt = _compute_dtype(x)
-    x2 = x.reshape(rows, d).to(cdt)
-    pad1 = None if pad is None else pad.reshape(rows)
-    return x2, pad1, cdt
+    backend, x2, _ = _backend_and_rows(x, math.prod(token_shape), d)
+    pad1 = None if pad is None else pad.reshape(x2.shape[0])
+    return backend, x2, pad1, _compute_dtype(x)
 
 
 def _check_momentum(momentum) -> None:
@@ -442,7 +445,7 @@ def seq_batch_norm(
         tensor([[-0.9045,  1.5076],
                 [ 0.3015, -0.9045]])
     """
-    x2, pad, cdt = _featurewise_setup(
+    backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
         "seq_batch_norm",
@@ -454,7 +457,6 @@ def seq_batch_norm(
     mean = var = None
     if not use_batch_stats:
         mean, var = running_mean.to(cdt), running_var.to(cdt)
-    backend = ops.current_backend(x2)
     y, batch_mean, batch_var, count = backend.featurewise_norm(
         x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, mean, var
     )
@@ -528,7 +530,7 @@ def power_norm(
     """
     if not isinstance(running_phi, torch.Tensor):
         raise TypeError("running_phi must be a (D,) tensor (the running quadratic mean ψ²)")
-    x2, pad, cdt = _featurewise_setup(
+    backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_phi=running_phi, running_nu=running_nu, weight=weight, bias=bias),
         "power_norm",
@@ -539,7 +541,6 @@ def power_norm(
         1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 0.0)
     if momentum is None and num_batches_tracked is None and training:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    backend = ops.current_backend(x2)
     y, batch_phi, count = backend.power_norm(
         x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, running_phi,
         running_nu if training else None, factor,

@@ -7,10 +7,11 @@ Each kernel family is one forward and one backward custom op
 torch ops. Tensors reach the kernels as zero-copy NumPy views; inputs are made
 contiguous first. Numba's thread count follows ``torch.get_num_threads()``.
 
-Only CPU float32/float64 tensors come here (``ops`` routes everything else to
-the torch backend), and bfloat16 for the row-wise norms, whose kernels
-(:mod:`.kernels.bf16`) read and write bfloat16 and compute in float32; every
-other float16/bfloat16 input is cast to float32 by ``functional``.
+Only CPU float32, float64 and bfloat16 tensors come here (``ops`` routes
+everything else to the torch backend). bfloat16 reaches the kernels as its raw
+bits; they read and write bfloat16 and compute in float32
+(:mod:`.kernels.rows`). float16 (which Numba cannot compute with) is cast to
+float32 by ``functional``.
 """
 
 from __future__ import annotations
@@ -22,46 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .kernels import NCHUNK, bf16, featurewise, rowwise
+from .kernels import NCHUNK, featurewise, rowwise
 
 __all__ = ["FusedBackend", "supports"]
 
 
 def supports(x: Tensor) -> bool:
     """Whether the fused kernels can run ``x``."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-
-
-def _bits(t: Tensor) -> np.ndarray:
-    """The raw uint16 bits of a contiguous bfloat16 tensor, zero-copy."""
-    return t.detach().view(torch.int16).numpy().view(np.uint16)
-
-
-def _empty_bf16(shape) -> Tuple[np.ndarray, Tensor]:
-    a = np.empty(shape, dtype=np.int16)
-    return a.view(np.uint16), torch.from_numpy(a).view(torch.bfloat16)
-
-
-def _stat_dtype(x: Tensor) -> torch.dtype:
-    """Per-row statistics are kept in float32 for a bfloat16 input."""
-    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-
-
-def _rowwise_fwd_bf16(x, residual, weight, bias, pad, eps, center):
-    rows, d = x.shape
-    f32 = torch.float32
-    y_a, y = _empty_bf16((rows, d))
-    stats = [np.empty(rows, np.float32) for _ in range(3)]
-    k = np.array([eps, 1.0 / max(d, 1), 1.0, 0.0], dtype=np.float32)
-    w = np.ones(d, np.float32) if weight is None else _a(weight.to(f32).contiguous())
-    b = np.zeros(d, np.float32) if bias is None else _a(bias.to(f32).contiguous())
-    if residual is None:
-        s, res_a, s_a = x.new_empty(0), np.empty((0, d), np.uint16), np.empty((0, d), np.uint16)
-    else:
-        res_a = _bits(residual.contiguous())
-        s_a, s = _empty_bf16((rows, d))
-    bf16.forward(_bits(x), res_a, w, b, _pad(pad, rows), k, center, y_a, s_a, *stats)
-    return (y, s, *(torch.from_numpy(a) for a in stats))
+    return x.device.type == "cpu" and x.dtype in _NP_DTYPE
 
 
 def _threads() -> None:
@@ -69,29 +38,53 @@ def _threads() -> None:
 
 
 def _a(t: Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a contiguous CPU tensor (bool → uint8)."""
+    """Zero-copy NumPy view of a contiguous CPU tensor (bool → uint8, bfloat16 →
+    its uint16 bits, which the kernels widen to float32 row by row)."""
     t = t.detach()
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
+    elif t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
 
 
-_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+# The dtype the kernels compute in, per input dtype: bfloat16 is computed in
+# float32 (statistics, accumulation, parameters), read and written as bfloat16.
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.float32}
+_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16}
 
 
-def _np_dtype(x: Tensor):
-    return _NP_DTYPE[x.dtype]
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the statistics and parameter gradients the ops return for ``x``."""
+    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
 
 
 def _k(x: Tensor, eps: float, inv: float) -> np.ndarray:
-    """The kernels' constants in the input dtype: [eps, inv, 1, 0]."""
+    """The kernels' constants in the compute dtype: [eps, inv, 1, 0]."""
     return np.array([eps, inv, 1.0, 0.0], dtype=_NP_DTYPE[x.dtype])
 
 
-def _empty(shape, x: Tensor) -> Tuple[np.ndarray, Tensor]:
-    """A new NumPy array and the tensor sharing its memory (cheaper than torch.empty)."""
+def _stats(shape, x: Tensor) -> Tuple[np.ndarray, Tensor]:
+    """A new array in the compute dtype, and the tensor sharing its memory."""
     a = np.empty(shape, dtype=_NP_DTYPE[x.dtype])
     return a, torch.from_numpy(a)
+
+
+def _empty(shape, x: Tensor) -> Tuple[np.ndarray, Tensor]:
+    """A new array for an output in ``x``'s dtype (as the kernels see it) and the
+    tensor sharing its memory (cheaper than torch.empty)."""
+    a = np.empty(shape, dtype=_STORAGE[x.dtype])
+    t = torch.from_numpy(a)
+    if x.dtype == torch.bfloat16:
+        return a.view(np.uint16), t.view(torch.bfloat16)
+    return a, t
+
+
+def _rows_or_none(t: Optional[Tensor], like: Tensor) -> np.ndarray:
+    """``t`` as the kernels see it, or a ``(0, D)`` array of ``like``'s kind for "none"."""
+    if t is None:
+        return np.empty((0, like.shape[1]), dtype=_a(like[:0]).dtype)
+    return _a(t.contiguous())
 
 
 def _pad(pad: Optional[Tensor], rows: int) -> np.ndarray:
@@ -99,9 +92,10 @@ def _pad(pad: Optional[Tensor], rows: int) -> np.ndarray:
 
 
 def _param(p: Optional[Tensor], d: int, fill: float, like: Tensor) -> np.ndarray:
+    """A per-feature tensor (weight, bias, running statistic) in the compute dtype."""
     if p is None:
         return np.full(d, fill, dtype=_NP_DTYPE[like.dtype])
-    return _a(p.contiguous())
+    return _a(p.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous())
 
 
 def _sum_chunks(part: np.ndarray) -> np.ndarray:
@@ -118,23 +112,19 @@ def _sum_chunks(part: np.ndarray) -> np.ndarray:
 def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                       pad: Optional[Tensor], eps: float, center: bool
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, s, shift, delta, rstd)``; ``s = x + residual`` (empty without residual)."""
+    """Returns ``(y, s, shift, delta, rstd)``; ``s = x + residual`` (empty without
+    residual); the per-row statistics are in the compute dtype."""
     _threads()
     x = x.contiguous()
-    if x.dtype == torch.bfloat16:
-        return _rowwise_fwd_bf16(x, residual, weight, bias, pad, eps, center)
     rows, d = x.shape
     y_a, y = _empty((rows, d), x)
-    (sh_a, shift), (de_a, delta), (rs_a, rstd) = _empty(rows, x), _empty(rows, x), _empty(rows, x)
-    k = _k(x, eps, 1.0 / max(d, 1))
-    w, b = _param(weight, d, 1.0, x), _param(bias, d, 0.0, x)
-    p = _pad(pad, rows)
+    (sh_a, shift), (de_a, delta), (rs_a, rstd) = _stats(rows, x), _stats(rows, x), _stats(rows, x)
     if residual is None:
-        s = x.new_empty(0)
-        rowwise.forward(_a(x), w, b, p, k, center, y_a, sh_a, de_a, rs_a)
+        s_a, s = _rows_or_none(None, x), x.new_empty(0)
     else:
         s_a, s = _empty((rows, d), x)
-        rowwise.add_forward(_a(x), _a(residual.contiguous()), w, b, p, k, center, y_a, s_a, sh_a, de_a, rs_a)
+    rowwise.forward(_a(x), _rows_or_none(residual, x), _param(weight, d, 1.0, x), _param(bias, d, 0.0, x),
+                    _pad(pad, rows), _k(x, eps, 1.0 / max(d, 1)), center, y_a, s_a, sh_a, de_a, rs_a)
     return y, s, shift, delta, rstd
 
 
@@ -149,48 +139,24 @@ def _(x, residual, weight, bias, pad, eps, center):
             x.new_empty(rows, dtype=sd))
 
 
-def _rowwise_bwd_bf16(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
-    rows, d = src.shape
-    dx_a, dx = _empty_bf16((rows, d))
-    k = np.array([0.0, 1.0 / max(d, 1), 1.0, 0.0], dtype=np.float32)
-    w = np.ones(d, np.float32) if weight is None else _a(weight.to(torch.float32).contiguous())
-    none = np.empty((0, d), np.uint16)
-    res = none if src2 is None else _bits(src2.contiguous())
-    ds_a = none if ds is None else _bits(ds.contiguous())
-    dw_part = np.empty((NCHUNK, d), np.float32)
-    db_part = np.empty((NCHUNK, d), np.float32)
-    bf16.backward(_bits(dy), _bits(src), res, ds_a, w, _pad(pad, rows), _a(shift), _a(delta), _a(rstd), k, center,
-                  dx_a, dw_part, db_part)
-    # float32, the dtype of the weight and bias this path is handed (functional casts them)
-    return dx, torch.from_numpy(_sum_chunks(dw_part)).float(), torch.from_numpy(_sum_chunks(db_part)).float()
-
-
 def _rowwise_bwd_impl(dy: Tensor, src: Tensor, src2: Optional[Tensor], ds: Optional[Tensor],
                       weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
                       center: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dsrc, dweight, dbias)`` (the parameter grads as if both existed).
 
-    ``src`` is what the forward normalized; for bfloat16 with the residual Add
-    it is ``x`` and ``src2`` the residual, whose exact float32 sum the kernel
-    re-forms (None otherwise). ``ds``, the gradient of the returned sum, is
-    added to ``dsrc`` (None: nothing to add)."""
+    ``src`` is what the forward normalized, or with ``src2`` (bfloat16 with the
+    residual Add) its two addends, whose exact sum the kernel re-forms. ``ds``,
+    the gradient of the returned sum, is added to ``dsrc`` (None: nothing to add)."""
     _threads()
     dy, src = dy.contiguous(), src.contiguous()
-    if src.dtype == torch.bfloat16:
-        return _rowwise_bwd_bf16(dy, src, src2, ds, weight, pad, shift, delta, rstd, center)
     rows, d = src.shape
     dx_a, dx = _empty((rows, d), src)
-    k = _k(src, 0.0, 1.0 / max(d, 1))
-    dtype = _NP_DTYPE[src.dtype]
-    dw_part = np.empty((NCHUNK, d), dtype)
-    db_part = np.empty((NCHUNK, d), dtype)
-    rowwise.backward(_a(dy), _a(src), _param(weight, d, 1.0, src), _pad(pad, rows), _a(shift), _a(delta),
-                     _a(rstd), k, center, dx_a, dw_part, db_part)
-    dw = torch.from_numpy(_sum_chunks(dw_part)).to(src.dtype)
-    db = torch.from_numpy(_sum_chunks(db_part)).to(src.dtype)
-    if ds is not None:
-        dx.add_(ds)  # the returned sum s = x + residual carries its own gradient
-    return dx, dw, db
+    dw_part, db_part = _stats((NCHUNK, d), src)[0], _stats((NCHUNK, d), src)[0]
+    rowwise.backward(_a(dy), _a(src), _rows_or_none(src2, src), _rows_or_none(ds, src), _param(weight, d, 1.0, src),
+                     _pad(pad, rows), _a(shift), _a(delta), _a(rstd), _k(src, 0.0, 1.0 / max(d, 1)), center,
+                     dx_a, dw_part, db_part)
+    sd = _stat_dtype(src)
+    return dx, torch.from_numpy(_sum_chunks(dw_part)).to(sd), torch.from_numpy(_sum_chunks(db_part)).to(sd)
 
 
 rowwise_bwd = torch.library.custom_op("seqnorm::rowwise_bwd", mutates_args=())(_rowwise_bwd_impl)
@@ -253,17 +219,17 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
         delta64 = np.empty(d, np.float64)
         var64 = np.empty(d, np.float64)
         count = int(featurewise.moments(_a(x), p, k, NCHUNK, shift, delta64, var64))
-        batch_mean = torch.from_numpy(shift.astype(np.float64) + delta64).to(x.dtype)
-        batch_var = torch.from_numpy(var64).to(x.dtype)
+        batch_mean = torch.from_numpy(shift.astype(np.float64) + delta64).to(_stat_dtype(x))
+        batch_var = torch.from_numpy(var64).to(_stat_dtype(x))
         delta = delta64.astype(dtype)
         rstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
     else:
         count = int(n_rows - p.sum(dtype=np.int64))
-        shift = _a(mean.contiguous()).astype(dtype)
+        shift = _param(mean, d, 0.0, x)
         delta = np.zeros(d, dtype)
-        rstd = (1.0 / np.sqrt(_a(var.contiguous()).astype(np.float64) + eps)).astype(dtype)
-        batch_mean = x.new_zeros(d)
-        batch_var = x.new_zeros(d)
+        rstd = (1.0 / np.sqrt(_param(var, d, 1.0, x).astype(np.float64) + eps)).astype(dtype)
+        batch_mean = x.new_zeros(d, dtype=_stat_dtype(x))
+        batch_var = x.new_zeros(d, dtype=_stat_dtype(x))
     w = _param(weight, d, 1.0, x)
     scale = (rstd * w).astype(dtype)
     y_a, y = _empty((n_rows, d), x)
@@ -277,9 +243,9 @@ featurewise_fwd = torch.library.custom_op("seqnorm::featurewise_fwd", mutates_ar
 
 @featurewise_fwd.register_fake
 def _(x, weight, bias, pad, mean, var, eps):
-    d = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(d), x.new_empty(d), torch.empty((), dtype=torch.int64),
-            x.new_empty(d), x.new_empty(d), x.new_empty(d))
+    d, sd = x.shape[1], _stat_dtype(x)
+    return (torch.empty_like(x), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd), torch.empty((), dtype=torch.int64),
+            x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd))
 
 
 def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
@@ -306,7 +272,7 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: 
     dx_a, dx = _empty((n_rows, d), x)
     featurewise.bn_input_grad(_a(dy), _a(x), p, _a(shift), _a(delta), _a(rstd), a.astype(dtype),
                               c1.astype(dtype), c2.astype(dtype), k, dx_a)
-    return dx, torch.from_numpy(dgamma).to(x.dtype), torch.from_numpy(dbeta).to(x.dtype)
+    return dx, torch.from_numpy(dgamma).to(_stat_dtype(x)), torch.from_numpy(dbeta).to(_stat_dtype(x))
 
 
 featurewise_bwd = torch.library.custom_op("seqnorm::featurewise_bwd", mutates_args=())(_featurewise_bwd_impl)
@@ -314,8 +280,8 @@ featurewise_bwd = torch.library.custom_op("seqnorm::featurewise_bwd", mutates_ar
 
 @featurewise_bwd.register_fake
 def _(dy, x, weight, pad, shift, delta, rstd, count, batch_stats):
-    d = x.shape[1]
-    return torch.empty_like(x), x.new_empty(d), x.new_empty(d)
+    d, sd = x.shape[1], _stat_dtype(x)
+    return torch.empty_like(x), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd)
 
 
 def _featurewise_setup(ctx, inputs, output):
@@ -357,7 +323,7 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     n_rows, d = x.shape
     dtype = _NP_DTYPE[x.dtype]
     k = _k(x, eps, 0.0)
-    rstd = (1.0 / np.sqrt(_a(running_phi.contiguous()).astype(np.float64) + eps)).astype(dtype)
+    rstd = (1.0 / np.sqrt(_param(running_phi, d, 1.0, x).astype(np.float64) + eps)).astype(dtype)
     scale = (rstd * _param(weight, d, 1.0, x)).astype(dtype)
     y_a, y = _empty((n_rows, d), x)
     n_part = np.zeros(NCHUNK, np.int64)
@@ -365,7 +331,7 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     featurewise.power_forward(_a(x), _pad(pad, n_rows), scale, _param(bias, d, 0.0, x), k, y_a, n_part, q_part)
     count = int(n_part.sum())
     phi = _sum_chunks(q_part) / max(count, 1)
-    return y, torch.from_numpy(phi).to(x.dtype), torch.tensor(count), torch.from_numpy(rstd)
+    return y, torch.from_numpy(phi).to(_stat_dtype(x)), torch.tensor(count), torch.from_numpy(rstd)
 
 
 power_fwd = torch.library.custom_op("seqnorm::power_fwd", mutates_args=())(_power_fwd_impl)
@@ -373,8 +339,8 @@ power_fwd = torch.library.custom_op("seqnorm::power_fwd", mutates_args=())(_powe
 
 @power_fwd.register_fake
 def _(x, weight, bias, pad, running_phi, running_nu, eps, factor):
-    d = x.shape[1]
-    return torch.empty_like(x), x.new_empty(d), torch.empty((), dtype=torch.int64), x.new_empty(d)
+    d, sd = x.shape[1], _stat_dtype(x)
+    return torch.empty_like(x), x.new_empty(d, dtype=sd), torch.empty((), dtype=torch.int64), x.new_empty(d, dtype=sd)
 
 
 def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
@@ -384,13 +350,14 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Option
     dy, x = dy.contiguous(), x.contiguous()
     n_rows, d = x.shape
     dtype = _NP_DTYPE[x.dtype]
-    nu_np = np.zeros(d, dtype) if nu is None else _a(nu.contiguous()).astype(dtype)
+    nu_np = _param(nu, d, 0.0, x)
     dg_part = np.empty((NCHUNK, d), dtype)
     db_part = np.empty((NCHUNK, d), dtype)
     dx_a, dx = _empty((n_rows, d), x)
     featurewise.power_backward(_a(dy), _a(x), _pad(pad, n_rows), _param(weight, d, 1.0, x), _a(rstd), nu_np,
                                _k(x, 0.0, 0.0), dx_a, dg_part, db_part)
-    return dx, torch.from_numpy(_sum_chunks(dg_part)).to(x.dtype), torch.from_numpy(_sum_chunks(db_part)).to(x.dtype)
+    sd = _stat_dtype(x)
+    return dx, torch.from_numpy(_sum_chunks(dg_part)).to(sd), torch.from_numpy(_sum_chunks(db_part)).to(sd)
 
 
 power_bwd = torch.library.custom_op("seqnorm::power_bwd", mutates_args=())(_power_bwd_impl)
@@ -398,8 +365,8 @@ power_bwd = torch.library.custom_op("seqnorm::power_bwd", mutates_args=())(_powe
 
 @power_bwd.register_fake
 def _(dy, x, weight, pad, rstd, nu):
-    d = x.shape[1]
-    return torch.empty_like(x), x.new_empty(d), x.new_empty(d)
+    d, sd = x.shape[1], _stat_dtype(x)
+    return torch.empty_like(x), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd)
 
 
 def _power_setup(ctx, inputs, output):
@@ -416,7 +383,7 @@ def _power_backward(ctx, dy, *_):
     if dy is None:
         return (None,) * 8
     nu = ctx.nu
-    dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, None if nu is None else nu.to(x.dtype))
+    dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, nu)
     if nu is not None:
         with torch.no_grad():  # tensor ops only (no int() of data), so that tracing works
             count = ctx.count.to(dw.dtype)

@@ -35,7 +35,8 @@ per-chunk sums of ``x²`` that give the batch's ψ_B²; the backward is
 import numba as nb
 import numpy as np
 
-from . import FASTMATH
+from . import FASTMATH, NCHUNK
+from .rows import commit, in_row, out_row, scratch
 
 
 @nb.njit(cache=True)
@@ -59,11 +60,12 @@ def _chunk_sums(x, pad, shift, k, n_part, s_part, q_part):  # pragma: no cover -
             sp[j] = zero
             qp[j] = zero
         n = 0
+        xbuf = scratch(x, D)
         for i in range(c * size, min(N, (c + 1) * size)):
             if pad[i]:
                 continue
             n += 1
-            xi = x[i]
+            xi = in_row(x, i, xbuf)
             for j in range(D):
                 d = xi[j] - shift[j]
                 sp[j] += d
@@ -101,11 +103,16 @@ def moments(x, pad, k, nchunk, shift, delta, var):  # pragma: no cover - jitted
     (δ, so μ = K + δ) and ``var`` (biased σ²); returns the count of real rows."""
     N, D = x.shape
     first = first_real_row(pad)
-    for j in range(D):
-        shift[j] = x[first, j] if first >= 0 else k[3]
+    if first >= 0:
+        row = in_row(x, first, scratch(x, D))
+        for j in range(D):
+            shift[j] = row[j]
+    else:
+        for j in range(D):
+            shift[j] = k[3]
     n_part = np.zeros(nchunk, np.int64)
-    s_part = np.empty((nchunk, D), x.dtype)
-    q_part = np.empty((nchunk, D), x.dtype)
+    s_part = np.empty((nchunk, D), k.dtype)
+    q_part = np.empty((nchunk, D), k.dtype)
     _chunk_sums(x, pad, shift, k, n_part, s_part, q_part)
     _chan_merge(n_part, s_part, q_part, delta, var)
     return n_part.sum()
@@ -116,15 +123,19 @@ def normalize(x, pad, shift, delta, scale, b, k, y):  # pragma: no cover - jitte
     """``y = ((x − K) − δ)·scale + b`` at real rows, 0 at padding."""
     N, D = x.shape
     zero = k[3]
-    for i in nb.prange(N):
-        yi = y[i]
-        if pad[i]:
-            for j in range(D):
-                yi[j] = zero
-        else:
-            xi = x[i]
-            for j in range(D):
-                yi[j] = ((xi[j] - shift[j]) - delta[j]) * scale[j] + b[j]
+    size = (N + NCHUNK - 1) // NCHUNK
+    for c in nb.prange(NCHUNK):
+        xbuf, ybuf = scratch(x, D), scratch(y, D)
+        for i in range(c * size, min(N, (c + 1) * size)):
+            yi = out_row(y, i, ybuf)
+            if pad[i]:
+                for j in range(D):
+                    yi[j] = zero
+            else:
+                xi = in_row(x, i, xbuf)
+                for j in range(D):
+                    yi[j] = ((xi[j] - shift[j]) - delta[j]) * scale[j] + b[j]
+            commit(y, i, ybuf)
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -140,11 +151,12 @@ def grad_sums(dy, x, pad, shift, delta, rstd, k, dg_part, db_part):  # pragma: n
         for j in range(D):
             gp[j] = zero
             bp[j] = zero
+        xbuf, gbuf = scratch(x, D), scratch(dy, D)
         for i in range(c * size, min(N, (c + 1) * size)):
             if pad[i]:
                 continue
-            xi = x[i]
-            di = dy[i]
+            xi = in_row(x, i, xbuf)
+            di = in_row(dy, i, gbuf)
             for j in range(D):
                 gp[j] += di[j] * (((xi[j] - shift[j]) - delta[j]) * rstd[j])
                 bp[j] += di[j]
@@ -155,17 +167,21 @@ def bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2, k, dx):  # pragma: 
     """``dx = a·dy − c1 − x̂·c2`` (a = r·w, c1 = a·dβ/n, c2 = a·dγ/n), 0 at padding."""
     N, D = x.shape
     zero = k[3]
-    for i in nb.prange(N):
-        dxi = dx[i]
-        if pad[i]:
-            for j in range(D):
-                dxi[j] = zero
-        else:
-            xi = x[i]
-            di = dy[i]
-            for j in range(D):
-                xh = ((xi[j] - shift[j]) - delta[j]) * rstd[j]
-                dxi[j] = a[j] * di[j] - c1[j] - xh * c2[j]
+    size = (N + NCHUNK - 1) // NCHUNK
+    for c in nb.prange(NCHUNK):
+        xbuf, gbuf, dxbuf = scratch(x, D), scratch(dy, D), scratch(dx, D)
+        for i in range(c * size, min(N, (c + 1) * size)):
+            dxi = out_row(dx, i, dxbuf)
+            if pad[i]:
+                for j in range(D):
+                    dxi[j] = zero
+            else:
+                xi = in_row(x, i, xbuf)
+                di = in_row(dy, i, gbuf)
+                for j in range(D):
+                    xh = ((xi[j] - shift[j]) - delta[j]) * rstd[j]
+                    dxi[j] = a[j] * di[j] - c1[j] - xh * c2[j]
+            commit(dx, i, dxbuf)
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -181,18 +197,20 @@ def power_forward(x, pad, scale, b, k, y, n_part, q_part):  # pragma: no cover -
         for j in range(D):
             qp[j] = zero
         n = 0
+        xbuf, ybuf = scratch(x, D), scratch(y, D)
         for i in range(c * size, min(N, (c + 1) * size)):
-            yi = y[i]
+            yi = out_row(y, i, ybuf)
             if pad[i]:
                 for j in range(D):
                     yi[j] = zero
-                continue
-            n += 1
-            xi = x[i]
-            for j in range(D):
-                v = xi[j]
-                qp[j] += v * v
-                yi[j] = v * scale[j] + b[j]
+            else:
+                n += 1
+                xi = in_row(x, i, xbuf)
+                for j in range(D):
+                    v = xi[j]
+                    qp[j] += v * v
+                    yi[j] = v * scale[j] + b[j]
+            commit(y, i, ybuf)
         n_part[c] = n
 
 
@@ -209,16 +227,18 @@ def power_backward(dy, x, pad, w, rstd, nu, k, dx, dg_part, db_part):  # pragma:
         for j in range(D):
             gp[j] = zero
             bp[j] = zero
+        xbuf, gbuf, dxbuf = scratch(x, D), scratch(dy, D), scratch(dx, D)
         for i in range(c * size, min(N, (c + 1) * size)):
-            dxi = dx[i]
+            dxi = out_row(dx, i, dxbuf)
             if pad[i]:
                 for j in range(D):
                     dxi[j] = zero
-                continue
-            xi = x[i]
-            di = dy[i]
-            for j in range(D):
-                xh = xi[j] * rstd[j]
-                gp[j] += di[j] * xh
-                bp[j] += di[j]
-                dxi[j] = (w[j] * di[j] - nu[j] * xh) * rstd[j]
+            else:
+                xi = in_row(x, i, xbuf)
+                di = in_row(dy, i, gbuf)
+                for j in range(D):
+                    xh = xi[j] * rstd[j]
+                    gp[j] += di[j] * xh
+                    bp[j] += di[j]
+                    dxi[j] = (w[j] * di[j] - nu[j] * xh) * rstd[j]
+            commit(dx, i, dxbuf)

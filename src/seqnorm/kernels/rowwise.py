@@ -25,7 +25,8 @@ Backward, with ``x̂ = (s − μ)·r`` and ``g = w ⊙ dy``:
 import numba as nb
 import numpy as np
 
-from . import FASTMATH
+from . import FASTMATH, NCHUNK
+from .rows import commit, in_row, out_row, scratch
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -50,42 +51,40 @@ def _row_forward(src, yr, w, b, k, center):  # pragma: no cover - jitted
     return sh, m, rs
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, inline="always")
-def _padded_row(yr, shift, delta, rstd, r, zero):  # pragma: no cover - jitted
-    """A padded row: output 0 and zero statistics (never read by the backward)."""
-    for j in range(yr.shape[0]):
-        yr[j] = zero
-    shift[r] = zero
-    delta[r] = zero
-    rstd[r] = zero
-
-
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def forward(x, w, b, pad, k, center, y, shift, delta, rstd):  # pragma: no cover - jitted
-    """x, y: (R, D); w, b: (D,); pad: (R,) uint8; shift, delta, rstd: (R,) out. Pads: y = 0."""
-    R, D = x.shape
-    for r in nb.prange(R):
-        if pad[r] or D == 0:
-            _padded_row(y[r], shift, delta, rstd, r, k[3])
-        else:
-            shift[r], delta[r], rstd[r] = _row_forward(x[r], y[r], w, b, k, center)
+def forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: no cover - jitted
+    """x, y: (R, D); res, s: (R, D) with the residual Add, else (0, D); w, b: (D,);
+    pad: (R,) uint8; shift, delta, rstd: (R,) out. Pads: y = 0.
 
-
-@nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def add_forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: no cover - jitted
-    """As :func:`forward` on ``s = x + res``, which is also written out (every
-    row, padding included: the residual stream is not normalized)."""
+    With the residual, ``s = x + res`` is formed in the compute dtype, written out
+    for every row (padding included: the residual stream is not normalized), and
+    normalized as formed — for bfloat16 the exact float32 sum, not the rounded
+    one that is returned."""
     R, D = x.shape
-    for r in nb.prange(R):
-        sr = s[r]
-        xr = x[r]
-        rr = res[r]
-        for j in range(D):
-            sr[j] = xr[j] + rr[j]
-        if pad[r] or D == 0:
-            _padded_row(y[r], shift, delta, rstd, r, k[3])
-        else:
-            shift[r], delta[r], rstd[r] = _row_forward(sr, y[r], w, b, k, center)
+    has_res = res.shape[0] > 0
+    zero = k[3]
+    size = (R + NCHUNK - 1) // NCHUNK
+    for c in nb.prange(NCHUNK):
+        xbuf, rbuf, sbuf, ybuf = scratch(x, D), scratch(res, D), scratch(s, D), scratch(y, D)
+        for r in range(c * size, min(R, (c + 1) * size)):
+            src = in_row(x, r, xbuf)
+            if has_res:
+                rr = in_row(res, r, rbuf)
+                sr = out_row(s, r, sbuf)
+                for j in range(D):
+                    sr[j] = src[j] + rr[j]
+                commit(s, r, sbuf)
+                src = sr
+            yr = out_row(y, r, ybuf)
+            if pad[r] or D == 0:  # statistics 0: never read by the backward
+                for j in range(D):
+                    yr[j] = zero
+                shift[r] = zero
+                delta[r] = zero
+                rstd[r] = zero
+            else:
+                shift[r], delta[r], rstd[r] = _row_forward(src, yr, w, b, k, center)
+            commit(y, r, ybuf)
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -109,25 +108,45 @@ def _row_backward(dyr, src, w, sh, m, rs, k, center, dxr, dwp, dbp):  # pragma: 
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def backward(dy, src, w, pad, shift, delta, rstd, k, center, dx, dw_part, db_part):  # pragma: no cover
-    """dy, src, dx: (R, D); w: (D,); shift, delta, rstd: (R,); dw_part, db_part: (NCHUNK, D) out.
+def backward(dy, x, res, ds, w, pad, shift, delta, rstd, k, center, dx, dw_part, db_part):  # pragma: no cover
+    """dy, x, dx: (R, D); res: (R, D) or (0, D); ds: (R, D) or (0, D); w: (D,);
+    shift, delta, rstd: (R,); dw_part, db_part: (NCHUNK, D) out.
 
-    ``src`` is the normalized input (``x``, or ``s = x + res``). Each chunk of
-    rows accumulates its own partials; the caller adds them in chunk order.
+    ``x`` is what the forward normalized — or, with ``res``, one addend of it:
+    the sum is re-formed here in the compute dtype (bfloat16 keeps both addends
+    rather than the rounded sum). ``ds``, the gradient of the returned sum, is
+    added to ``dx`` before it is stored (at padding ``dx = ds``: the residual
+    stream passes through). Each chunk of rows accumulates its own partials; the
+    caller adds them in chunk order.
     """
     R, D = dy.shape
+    has_res = res.shape[0] > 0
+    has_ds = ds.shape[0] > 0
     zero = k[3]
-    nchunk = dw_part.shape[0]
-    size = (R + nchunk - 1) // nchunk
-    for c in nb.prange(nchunk):
+    size = (R + NCHUNK - 1) // NCHUNK
+    for c in nb.prange(NCHUNK):
         dwp = dw_part[c]
         dbp = db_part[c]
         for j in range(D):
             dwp[j] = zero
             dbp[j] = zero
+        gbuf, xbuf, rbuf, dsbuf, dxbuf = scratch(dy, D), scratch(x, D), scratch(res, D), scratch(ds, D), scratch(dx, D)
+        total = np.empty(D if has_res else 0, k.dtype)
         for r in range(c * size, min(R, (c + 1) * size)):
+            dxr = out_row(dx, r, dxbuf)
             if pad[r]:
                 for j in range(D):
-                    dx[r, j] = zero
+                    dxr[j] = zero
             else:
-                _row_backward(dy[r], src[r], w, shift[r], delta[r], rstd[r], k, center, dx[r], dwp, dbp)
+                src = in_row(x, r, xbuf)
+                if has_res:
+                    rr = in_row(res, r, rbuf)
+                    for j in range(D):
+                        total[j] = src[j] + rr[j]
+                    src = total
+                _row_backward(in_row(dy, r, gbuf), src, w, shift[r], delta[r], rstd[r], k, center, dxr, dwp, dbp)
+            if has_ds:
+                dsr = in_row(ds, r, dsbuf)
+                for j in range(D):
+                    dxr[j] += dsr[j]
+            commit(dx, r, dxbuf)
