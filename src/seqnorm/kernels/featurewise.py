@@ -36,7 +36,7 @@ import numba as nb
 import numpy as np
 
 from . import FASTMATH, NCHUNK
-from .rows import commit, in_row, out_row, scratch
+from .rows import commit, in_row, out_row, over_row, scratch
 
 
 @nb.njit(cache=True)
@@ -169,19 +169,20 @@ def bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2, k, dx):  # pragma: 
     zero = k[3]
     size = (N + NCHUNK - 1) // NCHUNK
     for c in nb.prange(NCHUNK):
-        xbuf, gbuf, dxbuf = scratch(x, D), scratch(dy, D), scratch(dx, D)
+        xbuf, gbuf = scratch(x, D), scratch(dy, D)   # dx is written over the widened dy
         for i in range(c * size, min(N, (c + 1) * size)):
-            dxi = out_row(dx, i, dxbuf)
             if pad[i]:
+                dxi = out_row(dx, i, gbuf)
                 for j in range(D):
                     dxi[j] = zero
             else:
                 xi = in_row(x, i, xbuf)
                 di = in_row(dy, i, gbuf)
+                dxi = over_row(dx, i, di)
                 for j in range(D):
                     xh = ((xi[j] - shift[j]) - delta[j]) * rstd[j]
                     dxi[j] = a[j] * di[j] - c1[j] - xh * c2[j]
-            commit(dx, i, dxbuf)
+            commit(dx, i, gbuf)
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -227,18 +228,19 @@ def power_backward(dy, x, pad, w, rstd, nu, k, dx, dg_part, db_part):  # pragma:
         for j in range(D):
             gp[j] = zero
             bp[j] = zero
-        xbuf, gbuf, dxbuf = scratch(x, D), scratch(dy, D), scratch(dx, D)
+        xbuf, gbuf = scratch(x, D), scratch(dy, D)   # dx is written over the widened dy
         for i in range(c * size, min(N, (c + 1) * size)):
-            dxi = out_row(dx, i, dxbuf)
             if pad[i]:
+                dxi = out_row(dx, i, gbuf)
                 for j in range(D):
                     dxi[j] = zero
             else:
                 xi = in_row(x, i, xbuf)
                 di = in_row(dy, i, gbuf)
+                dxi = over_row(dx, i, di)
                 for j in range(D):
                     xh = xi[j] * rstd[j]
                     gp[j] += di[j] * xh
                     bp[j] += di[j]
                     dxi[j] = (w[j] * di[j] - nu[j] * xh) * rstd[j]
-            commit(dx, i, dxbuf)
+            commit(dx, i, gbuf)
