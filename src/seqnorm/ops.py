@@ -1,8 +1,10 @@
 """Backends: the canonical, flattened operations every norm lowers to.
 
 ``seqnorm.functional`` validates arguments, resolves padding, flattens the
-input to rows and casts low-precision inputs to float32; it then calls one of
-four operations on the active backend, always with the same simple contract:
+input to rows and casts low-precision inputs to float32 (unless the backend
+lists the dtype in ``native_low_precision``: the fused kernels read bfloat16
+themselves); it then calls one of four operations on the active backend,
+always with the same simple contract:
 
 ========================  ====================================================
 ``rowwise_norm``          ``x (R, D)`` → ``y (R, D)``; LayerNorm (``center``)
@@ -15,7 +17,8 @@ four operations on the active backend, always with the same simple contract:
 ========================  ====================================================
 
 ``pad`` is ``None`` or a bool ``(R,)`` / ``(N,)`` tensor, True at padding.
-Inputs are float32 or float64 here. Outputs are 0 at padded rows and no
+Inputs are float32 or float64 here (or a backend's native low-precision dtype,
+with float32 parameters and statistics). Outputs are 0 at padded rows and no
 gradient reaches a padded row. Running statistics are *not* updated by a
 backend (``functional`` does that, in one place), except PowerNorm's ν, which
 Algorithm 1 updates during the backward pass.
