@@ -18,9 +18,34 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run a test with 1 and with 2 torch threads (Numba follows torch)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def to_t(a, dtype=torch.float64, requires_grad=False):
     t = torch.as_tensor(np.asarray(a), dtype=dtype).clone()
     return t.requires_grad_(requires_grad)
+
+
+def assert_same_bits_for_thread_counts(run, counts=(1, 2, 2)):
+    """Call ``run()`` (a list of tensors) under each torch thread count (Numba
+    follows it) and assert that every run gives the same bits as the first."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
 
 
 def to_np(t):
