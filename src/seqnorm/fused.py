@@ -95,7 +95,7 @@ def _param(p: Optional[Tensor], d: int, fill: float, like: Tensor) -> np.ndarray
     """A per-feature tensor (weight, bias, running statistic) in the compute dtype."""
     if p is None:
         return np.full(d, fill, dtype=_NP_DTYPE[like.dtype])
-    return _a(p.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous())
+    return _a(p.to(_stat_dtype(like)).contiguous())
 
 
 def _sum_chunks(part: np.ndarray) -> np.ndarray:
