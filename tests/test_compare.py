@@ -69,6 +69,8 @@ def test_tasks_are_deterministic_and_variable_length():
     (["--seeds", "0"], "--seeds: must be at least 1, got 0"),
     (["--tasks", "imdb"], "--tasks: unknown task"),
     (["--data-scale", "2"], "--data-scale: must lie in (0, 1]"),
+    (["--layers", "0"], "--layers: must be at least 1, got 0"),
+    (["--d-model", "33"], "--d-model: must be a multiple of the 2 heads, got 33"),
     (["--out", "/proc/version/out"], "--out: cannot write to /proc/version/out"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, expected):

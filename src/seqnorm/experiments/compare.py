@@ -378,6 +378,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", type=int, help=f"seeds per (task, norm) (quick: {QUICK.seeds}, full: {FULL.seeds})")
     p.add_argument("--steps", type=int, help=f"training steps per run (quick: {QUICK.steps}, full: {FULL.steps})")
     p.add_argument("--data-scale", type=float, help=f"fraction of each task's examples (quick: {QUICK.data_scale}, full: {FULL.data_scale})")
+    p.add_argument("--d-model", type=int, help=f"model width (default {QUICK.d_model}; heads: {QUICK.n_heads}, "
+                                                 f"FFN: 2 × width)")
+    p.add_argument("--layers", type=int, help=f"encoder layers (default {QUICK.n_layers})")
     p.add_argument("--prenorm", action="store_true", help="pre-norm layers (default: post-norm, as the note)")
     p.add_argument("--out", default="seqnorm-compare", help="output folder (default: ./seqnorm-compare)")
     p.add_argument("--format", choices=("text", "markdown", "json"), default="text")
@@ -398,9 +401,15 @@ def run(args) -> int:
     bad = [n for n in cfg.norms if n not in NORMS]
     if bad or not cfg.norms:
         return fail(f"--norms: unknown norm {', '.join(bad) if bad else '(none)'}; choose from {', '.join(NORMS)}")
-    for name, value, low in (("--seeds", args.seeds, 1), ("--steps", args.steps, 1)):
+    for name, value, low in (("--seeds", args.seeds, 1), ("--steps", args.steps, 1), ("--layers", args.layers, 1),
+                             ("--d-model", args.d_model, cfg.n_heads)):
         if value is not None and value < low:
             return fail(f"{name}: must be at least {low}, got {value}")
+    if args.d_model is not None and args.d_model % cfg.n_heads:
+        return fail(f"--d-model: must be a multiple of the {cfg.n_heads} heads, got {args.d_model}")
+    if args.d_model is not None:
+        cfg.d_model, cfg.d_ff = args.d_model, 2 * args.d_model
+    cfg.n_layers = args.layers or cfg.n_layers
     if args.data_scale is not None and not 0 < args.data_scale <= 1:
         return fail(f"--data-scale: must lie in (0, 1], got {args.data_scale}")
     cfg.seeds = args.seeds or cfg.seeds
