@@ -342,9 +342,9 @@ def _check_name(name: str) -> None:
 
 
 def _fused_or_torch(x: Tensor, min_numel: int = 0):
-    """The fused backend where it supports ``x`` (CPU float32/float64, or
-    bfloat16 for the row-wise norms; Numba importable) and ``x`` has at least
-    ``min_numel`` elements; torch elsewhere."""
+    """The fused backend where it supports ``x`` (CPU float32, float64 or
+    bfloat16; Numba importable) and ``x`` has at least ``min_numel`` elements;
+    torch elsewhere."""
     if x.numel() < min_numel or x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES:
         return TorchBackend
     return _fused_backend() or TorchBackend
