@@ -121,7 +121,8 @@ def _split_rowwise(x: Tensor, normalized_shape: _ShapeLike, name: str = "input")
 # ---------------------------------------------------------------------------
 
 
-def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual=None):
+def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual=None,
+             need_sum=True):
     _check_input(x)
     shape, token_shape, d = _split_rowwise(x, normalized_shape)
     _check_param(weight, "weight", shape, x)
@@ -147,8 +148,9 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
     # Low-precision inputs are summed in float32 too: the norm sees the exact sum,
     # and the returned residual stream is rounded once, like the output.
     r2 = residual.reshape(rows, d) if native else residual.reshape(rows, d).to(cdt)
-    y, s = backend.add_rowwise_norm(x2, r2, w, b, eps, pad1, center)
-    return y.to(x.dtype).reshape(x.shape), s.to(x.dtype).reshape(x.shape)
+    y, s = backend.add_rowwise_norm(x2, r2, w, b, eps, pad1, center, need_sum)
+    y = y.to(x.dtype).reshape(x.shape)
+    return y, (None if s is None else s.to(x.dtype).reshape(x.shape))
 
 
 def layer_norm(
@@ -279,7 +281,7 @@ def add_layer_norm(
         tensor([[-1.,  1.]])
     """
     y, s = _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths,
-                    center=True, residual=residual)
+                    center=True, residual=residual, need_sum=prenorm)
     return (y, s) if prenorm else y
 
 
@@ -313,7 +315,7 @@ def add_rms_norm(
         (tensor([[1., 1.]]), tensor([[2., 2.]]))
     """
     y, s = _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input), padding_mask,
-                    lengths, center=False, residual=residual)
+                    lengths, center=False, residual=residual, need_sum=prenorm)
     return (y, s) if prenorm else y
 
 

@@ -114,12 +114,19 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, s, shift, delta, rstd)``; ``s = x + residual`` (empty without
     residual); the per-row statistics are in the compute dtype."""
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, keep_sum=True)
+
+
+def _rowwise_forward(x, residual, weight, bias, pad, eps, center, keep_sum):
+    """:func:`_rowwise_fwd_impl`, and with ``keep_sum=False`` the inference-only
+    post-norm Add & Norm: the sum is normalized but not written out (``s`` comes
+    back empty), which saves one of the four x-sized passes of the forward."""
     _threads()
     x = x.contiguous()
     rows, d = x.shape
     y_a, y = _empty((rows, d), x)
     (sh_a, shift), (de_a, delta), (rs_a, rstd) = _stats(rows, x), _stats(rows, x), _stats(rows, x)
-    if residual is None:
+    if residual is None or not keep_sum:
         s_a, s = _rows_or_none(None, x), x.new_empty(0)
     else:
         s_a, s = _empty((rows, d), x)
@@ -452,8 +459,12 @@ class FusedBackend:
         return _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, x, None, weight, bias, pad, float(eps), center)[0]
 
     @staticmethod
-    def add_rowwise_norm(x, residual, weight, bias, eps, pad, center):
-        y, s, *_ = _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, x, residual, weight, bias, pad, float(eps), center)
+    def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
+        args = (x, residual, weight, bias, pad, float(eps), center)
+        if not need_sum and not torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return _rowwise_forward(*args, keep_sum=False)[0], None   # inference, post-norm: s never written
+        y, s, *_ = _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, *args)
         return y, s
 
     @staticmethod

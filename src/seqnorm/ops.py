@@ -10,7 +10,9 @@ always with the same simple contract:
 ``rowwise_norm``          ``x (R, D)`` → ``y (R, D)``; LayerNorm (``center``)
                           or RMSNorm of each row.
 ``add_rowwise_norm``      ``x, residual (R, D)`` → ``(y, s)`` with
-                          ``s = x + residual`` and ``y = rowwise_norm(s)``.
+                          ``s = x + residual`` and ``y = rowwise_norm(s)``;
+                          with ``need_sum=False`` (post-norm) a backend may
+                          return ``s = None`` when no gradient is needed.
 ``featurewise_norm``      ``x (N, D)`` → ``(y, mean, var, count)``: masked
                           BatchNorm; statistics over the real rows.
 ``power_norm``            ``x (N, D)`` → ``(y, phi, count)``: PowerNorm.
@@ -88,7 +90,7 @@ class TorchBackend:
         return _zero_padded_rows(y, pad)
 
     @classmethod
-    def add_rowwise_norm(cls, x, residual, weight, bias, eps, pad, center):
+    def add_rowwise_norm(cls, x, residual, weight, bias, eps, pad, center, need_sum=True):
         s = x + residual
         return cls.rowwise_norm(s, weight, bias, eps, pad, center), s
 
@@ -274,7 +276,7 @@ class ReferenceBackend:
         return _ReferenceRowwise.apply(x, None, weight, bias, eps, pad, center)[0]
 
     @staticmethod
-    def add_rowwise_norm(x, residual, weight, bias, eps, pad, center):
+    def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
         return _ReferenceRowwise.apply(x, residual, weight, bias, eps, pad, center)
 
     @staticmethod

@@ -53,15 +53,17 @@ def _row_forward(src, yr, w, b, k, center):  # pragma: no cover - jitted
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: no cover - jitted
-    """x, y: (R, D); res, s: (R, D) with the residual Add, else (0, D); w, b: (D,);
-    pad: (R,) uint8; shift, delta, rstd: (R,) out. Pads: y = 0.
+    """x, y: (R, D); res: (R, D) with the residual Add, else (0, D); s: (R, D) to
+    write the sum out, else (0, D); w, b: (D,); pad: (R,) uint8; shift, delta,
+    rstd: (R,) out. Pads: y = 0.
 
     With the residual, ``s = x + res`` is formed in the compute dtype, written out
-    for every row (padding included: the residual stream is not normalized), and
-    normalized as formed — for bfloat16 the exact float32 sum, not the rounded
-    one that is returned."""
+    for every row when asked (padding included: the residual stream is not
+    normalized), and normalized as formed — for bfloat16 the exact float32 sum,
+    not the rounded one that is returned."""
     R, D = x.shape
     has_res = res.shape[0] > 0
+    has_s = s.shape[0] > 0
     zero = k[3]
     size = (R + NCHUNK - 1) // NCHUNK
     for c in nb.prange(NCHUNK):
@@ -69,14 +71,16 @@ def forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: 
         # with the rows of x, res, y and s they stay within L1: the sum overwrites the
         # widened x in place, and y takes the widened residual's place once it is used.
         xbuf, rbuf = scratch(x, D), scratch(x, D)
+        total = np.empty(D if has_res and not has_s else 0, k.dtype)   # the sum, when not written out
         for r in range(c * size, min(R, (c + 1) * size)):
             xr = in_row(x, r, xbuf)
             if has_res:
                 rr = in_row(res, r, rbuf)
-                sr = over_row(s, r, xr)
+                sr = over_row(s, r, xr) if has_s else own_row(x, xr, total)
                 for j in range(D):
                     sr[j] = xr[j] + rr[j]
-                commit(s, r, xbuf)
+                if has_s:
+                    commit(s, r, xbuf)
             yr = out_row(y, r, rbuf)
             if pad[r] or D == 0:  # statistics 0: never read by the backward
                 for j in range(D):
