@@ -1,8 +1,18 @@
 """Shared test helpers."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# The property and fuzz suites draw the same examples on every run by default, so
+# that CI is reproducible; HYPOTHESIS_PROFILE=explore draws fresh random ones
+# (run it locally, several times, after touching a kernel).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def random_mask(b, t, rng, p=0.3, full_row=None):

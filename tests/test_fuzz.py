@@ -3,7 +3,7 @@ and backend: no crash, no NaN where the input had none, parity with the referenc
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import seqnorm
@@ -13,6 +13,21 @@ from seqnorm import reference as ref
 OPS = ["layer", "rms", "add_layer", "add_rms", "batch", "power"]
 DTYPES = {"float64": (torch.float64, 1e-9), "float32": (torch.float32, 2e-4),
           "bfloat16": (torch.bfloat16, 6e-2), "float16": (torch.float16, 1e-2)}
+# unit roundoff of the precision the statistics are computed in (float32 for the half types)
+UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -24, "float16": 2.0 ** -24}
+
+
+def conditioning(xq, eps, axis):
+    """max |x| / √(σ² + ε) over the groups a norm pools (rows: axis -1; features:
+    the token axes). Computing x − μ in a working precision with unit roundoff u
+    is off by about u·|x|, and the norm divides that by √(σ² + ε): an
+    implementation that forms the mean directly (torch's own LayerNorm does)
+    cannot be more accurate than u × this, whatever the tolerance says. (seqnorm's
+    kernels shift by a member of the group first and do better.)"""
+    if xq.size == 0:
+        return 0.0
+    amax = np.abs(xq).max(axis=axis)
+    return float((amax / np.sqrt(xq.var(axis=axis) + eps)).max())
 
 
 @st.composite
@@ -31,12 +46,17 @@ def cases(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(cases())
+# found by a random run: torch's own float32 LayerNorm on a row at 100 with σ ~ 1e-4 is off
+# by 1.6e-3 — the inherent u·|x|/√(σ² + ε), which the tolerance must (and now does) allow
+@example(dict(x=np.array([[[100.00012573, 99.9998679]]]), mask=np.array([[False]]), rng=np.random.default_rng(0),
+              op="layer", dtype="float32", eps=1e-5, backend="torch"))
 def test_every_op_fuzzed(case):
     x_np, mask, rng, op = case["x"], case["mask"], case["rng"], case["op"]
     dtype, tol = DTYPES[case["dtype"]]
     eps, d = case["eps"], x_np.shape[-1]
     x = torch.tensor(x_np).to(dtype)
     xq = x.double().numpy()          # what the op really sees, after rounding to dtype
+    pooled = xq                      # what the statistics are taken of
     m = torch.tensor(mask)
     w_np = rng.uniform(0.5, 1.5, size=d)
     b_np = rng.normal(size=d)
@@ -58,6 +78,7 @@ def test_every_op_fuzzed(case):
                 y, s = F.add_rms_norm(x, r, d, w, eps, prenorm=True, padding_mask=m)
             cdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
             sq = (x.to(cdt) + r.to(cdt)).double().numpy()  # summed in the compute dtype, as documented
+            pooled = sq
             ref_y, _ = (ref.layer_norm_forward(sq, wq, bq, eps, mask) if center
                         else ref.rms_norm_forward(sq, wq, eps, mask))
             assert s.dtype == dtype and s.shape == x.shape
@@ -75,4 +96,6 @@ def test_every_op_fuzzed(case):
     assert torch.isfinite(y).all()                   # finite in, finite out
     assert torch.all(y[m] == 0)                      # padding is exactly 0
     scale = max(1.0, float(np.abs(ref_y).max())) if ref_y.size else 1.0
-    np.testing.assert_allclose(y.double().numpy(), ref_y, atol=tol * scale, rtol=tol)
+    axis = (0, 1) if op == "batch" else -1
+    inherent = 4 * UNIT[case["dtype"]] * conditioning(pooled, eps, axis) * float(np.abs(wq).max(initial=1.0))
+    np.testing.assert_allclose(y.double().numpy(), ref_y, atol=tol * scale + inherent, rtol=tol)
