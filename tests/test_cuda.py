@@ -1,0 +1,56 @@
+"""CUDA: every functional op and module runs on a GPU through torch's own ops
+(the fused kernels are CPU-only; "auto" and "fused" fall back to torch there)
+and matches the CPU result, padding included. Skipped without CUDA (CI has none)."""
+
+import pytest
+import torch
+
+import seqnorm
+from seqnorm import functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _ops(x, r, w, b, m, stats):
+    d = x.shape[-1]
+    rm, rv, phi = stats
+    return [F.layer_norm(x, d, w, b, padding_mask=m), F.rms_norm(x, d, w, padding_mask=m),
+            *F.add_layer_norm(x, r, d, w, b, padding_mask=m, prenorm=True),
+            F.add_rms_norm(x, r, d, w, padding_mask=m),
+            F.seq_batch_norm(x, rm, rv, w, b, training=True, padding_mask=m),
+            F.power_norm(x, phi, None, w, b, training=True, padding_mask=m)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(backend, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.randn(3, 17, 64, generator=gen), torch.randn(3, 17, 64, generator=gen)
+    w, b = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen)
+    m = torch.rand(3, 17, generator=gen) < 0.3
+    dy = torch.randn(3, 17, 64, generator=gen)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (x, r, w, b)]
+        stats = (torch.zeros(64, device=device), torch.ones(64, device=device), torch.ones(64, device=device))
+        with seqnorm.use_backend(backend):
+            outs = _ops(*leaves, m.to(device), stats)
+        grads = torch.autograd.grad(sum((o.float() * dy.to(device)).sum() for o in outs), leaves)
+        results.append([t.detach().float().cpu() for t in (*outs, *grads, *stats)])
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for a, c in zip(*results):
+        torch.testing.assert_close(c, a, **tol)
+
+
+def test_modules_move_to_cuda_with_their_state():
+    for module in (seqnorm.LayerNorm(32), seqnorm.RMSNorm(32), seqnorm.SeqBatchNorm(32), seqnorm.PowerNorm(32),
+                   seqnorm.AddNorm(32)):
+        module = module.cuda()
+        x = torch.randn(2, 5, 32, device="cuda")
+        m = torch.zeros(2, 5, dtype=torch.bool, device="cuda")
+        m[1, 3:] = True
+        y = module(x, x, padding_mask=m) if isinstance(module, seqnorm.AddNorm) else module(x, padding_mask=m)
+        y = y[0] if isinstance(y, tuple) else y
+        assert y.device.type == "cuda" and torch.all(y[m] == 0)
+        for t in module.state_dict().values():
+            assert t.device.type == "cuda"
