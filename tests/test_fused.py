@@ -143,8 +143,9 @@ def test_non_contiguous_inputs_are_made_contiguous():
         torch.testing.assert_close(g, e)
 
 
-def test_nan_and_inf_stay_in_their_row():
-    x = torch.randn(3, 5, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_stay_in_their_row(dtype):
+    x = torch.randn(3, 5, 32).to(dtype)
     x[0, 1, 7] = float("nan")
     x[2, 3, 0] = float("inf")
     bad = torch.zeros(3, 5, dtype=torch.bool)
