@@ -436,12 +436,16 @@ _FeaturewiseFunction = _eager(_featurewise_fwd_impl, _featurewise_setup, _featur
 _PowerFunction = _eager(_power_fwd_impl, _power_setup, _power_backward, 1)
 
 
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
 def _run(op, impl, fn, *args):
     """Trace the custom op under torch.compile; in eager mode run the
     autograd.Function when a gradient is needed and the bare kernel otherwise."""
     if torch.compiler.is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+    if _needs_grad(args):
         return fn.apply(*args)
     return impl(*args)
 
@@ -450,7 +454,7 @@ class FusedBackend:
     """Numba kernels behind custom ops. See :mod:`seqnorm.ops` for the contract."""
 
     name = "fused"
-    #: dtypes the row-wise ops take as they are (read and written in that dtype,
+    #: dtypes every op here takes as it is (read and written in that dtype,
     #: computed in float32); functional casts any other low-precision input
     native_low_precision = (torch.bfloat16,)
 
@@ -461,8 +465,7 @@ class FusedBackend:
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
         args = (x, residual, weight, bias, pad, float(eps), center)
-        if not need_sum and not torch.compiler.is_compiling() and not (
-                torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+        if not need_sum and not torch.compiler.is_compiling() and not _needs_grad(args):
             return _rowwise_forward(*args, keep_sum=False)[0], None   # inference, post-norm: s never written
         y, s, *_ = _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, *args)
         return y, s
