@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as TF
 
 from . import __version__, functional as F, use_backend
+from .masks import lengths_to_padding_mask
 
 SHAPES = [(8, 128, 512), (16, 512, 1024), (4, 2048, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,7 +77,7 @@ def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 30) -> float:
 def _lengths_mask(b: int, t: int, gen: torch.Generator) -> torch.Tensor:
     """About a quarter of the positions are padding: lengths uniform in [T/2, T]."""
     lengths = torch.randint(t // 2, t + 1, (b,), generator=gen)
-    return torch.arange(t)[None, :] >= lengths[:, None]
+    return lengths_to_padding_mask(lengths, t)
 
 
 def _gather_bn(x, mask, w, b, rm, rv):

@@ -28,6 +28,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
+from ..masks import lengths_to_padding_mask
+
 TASKS = ("majority", "wordorder", "majority_fixed")
 
 
@@ -135,6 +137,6 @@ def batches(split: Split, batch_size: int, order: str, rng: np.random.Generator)
         lengths = split.lengths[sel]
         t = int(lengths.max())
         tokens = split.tokens[sel, :t]
-        mask = torch.arange(t)[None, :] >= lengths[:, None]
+        mask = lengths_to_padding_mask(lengths, t)
         out.append((tokens, mask, split.labels[sel]))
     return out
