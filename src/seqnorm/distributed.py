@@ -2,7 +2,7 @@ r"""SyncSeqBatchNorm: masked BatchNorm whose statistics span every process.
 
 In training, each rank computes, per feature, the count ``n_r`` of its real
 tokens, their mean ``μ_r`` and centred second moment ``M_r = Σ (x − μ_r)²``.
-One collective (``all_gather_into_tensor`` of the packed ``[n_r, μ_r, M_r]``)
+One collective (an all-gather into one flat tensor of the packed ``[n_r, μ_r, M_r]``)
 gives every rank all of them, and every rank merges them in rank order with
 Chan et al.'s formula, in float64:
 
@@ -75,6 +75,16 @@ def _local_moments(x: Tensor, pad: Optional[Tensor]):
     return count.double(), mean, var * count.double()
 
 
+def _all_gather_flat(out: Tensor, inp: Tensor, group) -> None:
+    """All-gather equal-sized ``inp`` from every rank into ``out`` (rank-major).
+
+    torch 2.13 renamed ``all_gather_into_tensor`` to ``all_gather_single`` and
+    deprecates the old name with a FutureWarning; use whichever this torch has.
+    """
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
 class _SyncFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pad, eps, group, world):
@@ -83,7 +93,7 @@ class _SyncFunction(torch.autograd.Function):
         n_l, mean_l, m2_l = _local_moments(x, pad)
         packed = torch.cat([n_l.reshape(1), mean_l, m2_l])                       # 2D+1
         gathered = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
-        dist.all_gather_into_tensor(gathered, packed, group=group)
+        _all_gather_flat(gathered, packed, group)
         gathered = gathered.view(world, packed.numel())
         n, mean, var = merge_moments(gathered[:, 0], gathered[:, 1:1 + d], gathered[:, 1 + d:])
         rstd = torch.rsqrt(var + eps).to(x.dtype)                                 # D
