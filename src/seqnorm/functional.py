@@ -88,8 +88,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _backend_and_rows(x: Tensor, rows: int, d: int):
     """The backend for ``x``, and ``x`` as ``(rows, d)``: in its own dtype when
-    that backend reads it itself (the fused kernels take bfloat16 and compute in
-    float32 inside), else cast to the compute dtype here. Returns
+    that backend reads it itself (the fused kernels take bfloat16 and float16
+    and compute in float32 inside), else cast to the compute dtype here. Returns
     ``(backend, rows_tensor, native)``."""
     backend = ops.current_backend(x)
     if x.dtype in getattr(backend, "native_low_precision", ()):

@@ -7,11 +7,11 @@ Each kernel family is one forward and one backward custom op
 torch ops. Tensors reach the kernels as zero-copy NumPy views; inputs are made
 contiguous first. Numba's thread count follows ``torch.get_num_threads()``.
 
-Only CPU float32, float64 and bfloat16 tensors come here (``ops`` routes
-everything else to the torch backend). bfloat16 reaches the kernels as its raw
-bits; they read and write bfloat16 and compute in float32
-(:mod:`.kernels.rows`). float16 (which Numba cannot compute with) is cast to
-float32 by ``functional``.
+Only CPU float32, float64, bfloat16 and float16 tensors come here (``ops``
+routes everything else to the torch backend). The 16-bit types reach the
+kernels as their raw bits; they read and write them and compute in float32
+(:mod:`.kernels.rows`). float16 needs hardware conversions (F16C on x86-64):
+without them it is not taken here, and ``functional`` casts it to float32.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .kernels import NCHUNK, featurewise, rowwise
+from .kernels import NCHUNK, featurewise, rows, rowwise
 
 __all__ = ["FusedBackend", "supports"]
 
 
 def supports(x: Tensor) -> bool:
     """Whether the fused kernels can run ``x``."""
-    return x.device.type == "cpu" and x.dtype in _NP_DTYPE
+    return x.device.type == "cpu" and x.dtype in DTYPES
 
 
 def _threads() -> None:
@@ -38,25 +38,36 @@ def _threads() -> None:
 
 
 def _a(t: Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a contiguous CPU tensor (bool → uint8, bfloat16 →
-    its uint16 bits, which the kernels widen to float32 row by row)."""
+    """Zero-copy NumPy view of a contiguous CPU tensor (bool → uint8; bfloat16 →
+    its uint16 bits, float16 → its int16 bits, which the kernels widen to
+    float32 row by row)."""
     t = t.detach()
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
     elif t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
+    elif t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
     return t.numpy()
 
 
-# The dtype the kernels compute in, per input dtype: bfloat16 is computed in
-# float32 (statistics, accumulation, parameters), read and written as bfloat16.
-_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.float32}
-_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16}
+#: The 16-bit dtypes the kernels read and write themselves.
+LOW_PRECISION = (torch.bfloat16,) + ((torch.float16,) if rows.HALF_NATIVE else ())
+#: Every dtype the kernels take.
+DTYPES = (torch.float32, torch.float64) + LOW_PRECISION
+
+# The dtype the kernels compute in, per input dtype: the 16-bit types are
+# computed in float32 (statistics, accumulation, parameters), read and written
+# as themselves.
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.float32,
+             torch.float16: np.float32}
+_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
+            torch.float16: np.int16}
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the statistics and parameter gradients the ops return for ``x``."""
-    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
 def _k(x: Tensor, eps: float, inv: float) -> np.ndarray:
@@ -77,6 +88,8 @@ def _empty(shape, x: Tensor) -> Tuple[np.ndarray, Tensor]:
     t = torch.from_numpy(a)
     if x.dtype == torch.bfloat16:
         return a.view(np.uint16), t.view(torch.bfloat16)
+    if x.dtype == torch.float16:
+        return a, t.view(torch.float16)
     return a, t
 
 
@@ -151,7 +164,7 @@ def _rowwise_bwd_impl(dy: Tensor, src: Tensor, src2: Optional[Tensor], ds: Optio
                       center: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dsrc, dweight, dbias)`` (the parameter grads as if both existed).
 
-    ``src`` is what the forward normalized, or with ``src2`` (bfloat16 with the
+    ``src`` is what the forward normalized, or with ``src2`` (16-bit with the
     residual Add) its two addends, whose exact sum the kernel re-forms. ``ds``,
     the gradient of the returned sum, is added to ``dsrc`` (None: nothing to add)."""
     _threads()
@@ -178,7 +191,7 @@ def _(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
 def _rowwise_setup(ctx, inputs, output):
     x, residual, weight, bias, pad, eps, center = inputs
     _, s, shift, delta, rstd = output
-    if x.dtype == torch.bfloat16:  # the rounded s is not what was normalized: keep both addends
+    if x.dtype in (torch.bfloat16, torch.float16):  # the rounded s is not what was normalized: keep both addends
         src, src2 = x, residual
     else:
         src, src2 = (x if residual is None else s), None
@@ -456,7 +469,9 @@ class FusedBackend:
     name = "fused"
     #: dtypes every op here takes as it is (read and written in that dtype,
     #: computed in float32); functional casts any other low-precision input
-    native_low_precision = (torch.bfloat16,)
+    native_low_precision = LOW_PRECISION
+    #: every dtype the ops here take (``ops`` routes the others to torch)
+    dtypes = DTYPES
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):

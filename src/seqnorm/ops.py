@@ -2,8 +2,8 @@
 
 ``seqnorm.functional`` validates arguments, resolves padding, flattens the
 input to rows and casts low-precision inputs to float32 (unless the backend
-lists the dtype in ``native_low_precision``: the fused kernels read bfloat16
-themselves); it then calls one of four operations on the active backend,
+lists the dtype in ``native_low_precision``: the fused kernels read bfloat16,
+and float16 where the CPU converts it in hardware, themselves); it then calls one of four operations on the active backend,
 always with the same simple contract:
 
 ========================  ====================================================
@@ -344,15 +344,13 @@ def _check_name(name: str) -> None:
 
 
 def _fused_or_torch(x: Tensor, min_numel: int = 0):
-    """The fused backend where it supports ``x`` (CPU float32, float64 or
-    bfloat16; Numba importable) and ``x`` has at least ``min_numel`` elements;
-    torch elsewhere."""
-    if x.numel() < min_numel or x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES:
+    """The fused backend where it supports ``x`` (CPU float32, float64,
+    bfloat16, float16 with hardware conversions; Numba importable) and ``x``
+    has at least ``min_numel`` elements; torch elsewhere."""
+    if x.numel() < min_numel or x.device.type != "cpu":
         return TorchBackend
-    return _fused_backend() or TorchBackend
-
-
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+    fused = _fused_backend()
+    return fused if fused is not None and x.dtype in fused.dtypes else TorchBackend
 
 
 _fused_class = None  # the FusedBackend class once imported; False when Numba is missing

@@ -1,18 +1,27 @@
 r"""Row I/O shared by the kernels, so that one kernel source serves float32,
-float64 and bfloat16.
+float64, bfloat16 and float16.
 
-NumPy has no bfloat16, so a bfloat16 tensor reaches the kernels as its raw
-``uint16`` bits. bfloat16 is the top half of a float32, which makes both
-conversions cheap and exact to state:
+The two 16-bit types reach the kernels as their raw bits, told apart by the
+integer type (Numba computes in neither):
 
-* widen: ``bits32 = bits16 << 16`` — exact, every bfloat16 is a float32;
-* narrow: round to nearest, ties to even —
+* **bfloat16 as ``uint16``** (NumPy has no bfloat16). bfloat16 is the top half
+  of a float32, which makes both conversions cheap and exact to state:
+  widen ``bits32 = bits16 << 16`` (exact, every bfloat16 is a float32); narrow
+  with round to nearest, ties to even,
   ``bits16 = (bits32 + 0x7FFF + ((bits32 >> 16) & 1)) >> 16`` — the rounding
   torch's ``.to(torch.bfloat16)`` uses (NaN becomes torch's quiet NaN ``0x7FC0``).
+* **float16 as ``int16``** (Numba has no CPU float16). The conversions are
+  LLVM's own ``fpext half → float`` (exact) and ``fptrunc float → half`` (round
+  to nearest, ties to even, overflow to ±Inf, subnormals kept): what NumPy's and
+  torch's ``.half()`` give, bit for bit. They become the F16C instructions
+  ``vcvtph2ps`` / ``vcvtps2ph`` (8 values per instruction); without F16C, LLVM
+  would call runtime helpers that Numba's JIT need not find, so
+  :data:`HALF_NATIVE` says whether this machine may use them, and the fused
+  backend takes float16 only then (else functional casts it to float32).
 
 A kernel asks for a row with :func:`in_row` and gets the row itself for a float
 array, or the row widened into a float32 scratch row (:func:`scratch`, one per
-chunk of rows, so it stays in cache) for a ``uint16`` array. Outputs go the same
+chunk of rows, so it stays in cache) for a 16-bit array. Outputs go the same
 way: :func:`out_row` (or :func:`over_row`, which writes over an input row already
 widened) hands out the row or a scratch row, and :func:`commit` narrows the
 scratch row into the output (a no-op for floats). The choice is made
@@ -20,15 +29,53 @@ when Numba compiles the kernel for the argument types (``overload``), so the
 float32/float64 code is what it was without these helpers.
 """
 
+import platform
+
+import numba
 import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 _NAN16 = 0x7FC0
 
 
+def _half_native() -> bool:
+    """Whether the code Numba generates here converts float16 in hardware:
+    always on 64-bit Arm (FCVT); on x86-64 with F16C in the target CPU."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":  # e.g. a portable "generic" cache
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
+
+
+#: True where the fused kernels read and write float16 themselves.
+HALF_NATIVE = _half_native()
+
+
+@intrinsic
+def _half_to_float(typingctx, bits):
+    """float16 bits (int16) → float32, exactly (``fpext``)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx, value):
+    """float32 → float16 bits (int16), rounded to nearest, ties to even (``fptrunc``)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.int16(value), codegen
+
+
 def scratch(a, n):  # pragma: no cover - replaced by the overload in jitted code
-    """A float32 scratch row of ``n`` elements (as uint32 bits) for a bfloat16 array; empty otherwise."""
+    """A float32 scratch row of ``n`` elements (as uint32 bits) for a 16-bit array; empty otherwise."""
 
 
 def in_row(a, i, buf):  # pragma: no cover
@@ -42,7 +89,7 @@ def out_row(a, i, buf):  # pragma: no cover
 def over_row(a, i, row):  # pragma: no cover
     """Where to write row ``i`` of ``a`` when ``row`` — a row :func:`in_row` widened
     into a scratch row, done with once this row is written — may be overwritten:
-    ``row`` itself for a bfloat16 ``a`` (then :func:`commit` that scratch row), the
+    ``row`` itself for a 16-bit ``a`` (then :func:`commit` that scratch row), the
     row of ``a`` for a float ``a``. Handing back the very same array (not a second
     view of its scratch) lets LLVM see that each element is read before it is
     written in place, and vectorize; with two views it checks for overlap at run
@@ -52,16 +99,25 @@ def over_row(a, i, row):  # pragma: no cover
 def own_row(a, row, spare):  # pragma: no cover
     """A float row the kernel may fill with something computed from ``row`` (a row
     of ``a`` from :func:`in_row`): ``row`` itself when it is a scratch row widened
-    from a bfloat16 ``a`` (in place, as :func:`over_row`), else ``spare`` — a float
+    from a 16-bit ``a`` (in place, as :func:`over_row`), else ``spare`` — a float
     ``a``'s own row is an input and is never written."""
 
 
 def commit(a, i, buf):  # pragma: no cover
-    """Narrow ``buf`` into row ``i`` of a bfloat16 ``a``; nothing for a float ``a``."""
+    """Narrow ``buf`` into row ``i`` of a 16-bit ``a``; nothing for a float ``a``."""
+
+
+def _is_bf16(a) -> bool:
+    return isinstance(a, types.Array) and a.dtype == types.uint16
+
+
+def _is_half(a) -> bool:
+    return isinstance(a, types.Array) and a.dtype == types.int16
 
 
 def _is_bits(a) -> bool:
-    return isinstance(a, types.Array) and a.dtype == types.uint16
+    """A 16-bit array, read and written through a float32 scratch row."""
+    return _is_bf16(a) or _is_half(a)
 
 
 @overload(scratch, inline="always")
@@ -73,7 +129,14 @@ def _scratch(a, n):
 
 @overload(in_row, inline="always")
 def _in_row(a, i, buf):
-    if _is_bits(a):
+    if _is_half(a):
+        def widen_half(a, i, buf):
+            src, row = a[i], buf.view(np.float32)
+            for j in range(src.shape[0]):
+                row[j] = _half_to_float(src[j])
+            return row
+        return widen_half
+    if _is_bf16(a):
         def widen(a, i, buf):
             src = a[i]
             for j in range(src.shape[0]):
@@ -106,7 +169,13 @@ def _own_row(a, row, spare):
 
 @overload(commit, inline="always")
 def _commit(a, i, buf):
-    if _is_bits(a):
+    if _is_half(a):
+        def narrow_half(a, i, buf):
+            dst, row = a[i], buf.view(np.float32)
+            for j in range(dst.shape[0]):
+                dst[j] = _float_to_half(row[j])
+        return narrow_half
+    if _is_bf16(a):
         def narrow(a, i, buf):
             dst = a[i]
             for j in range(dst.shape[0]):
