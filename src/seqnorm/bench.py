@@ -30,7 +30,7 @@ from . import __version__, functional as F, use_backend
 from .masks import lengths_to_padding_mask
 
 SHAPES = [(8, 128, 512), (16, 512, 1024), (4, 2048, 4096)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "seq_batch_norm", "power_norm"]
 
 # Bytes moved by the fused kernels, in units of one tensor of x's size:
@@ -207,7 +207,7 @@ def time_round_robin(calls: Dict[str, Callable[[], object]], budget_s: float, mi
 def check(outputs: Dict[str, torch.Tensor], op: str, dtype) -> None:
     """Every provider must agree with seqnorm before anything is timed."""
     ref = outputs["seqnorm"].float()
-    tol = 5e-2 if dtype == torch.bfloat16 else 2e-4
+    tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(dtype, 2e-4)
     for name, y in outputs.items():
         if name in ("seqnorm",) or (op == "seq_batch_norm" and name in ("torch", "torch.compile")):
             continue  # unmasked BatchNorm computes a different (padding-polluted) thing
@@ -317,7 +317,7 @@ def markdown(rows: List[Row]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
                    help="B,T,D;B,T,D;... (default: the three standard shapes)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16", help="fp32,bf16 (and fp16)")
     p.add_argument("--ops", default=",".join(OPS), help=",".join(OPS))
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd,fwd+bwd")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the torch code "

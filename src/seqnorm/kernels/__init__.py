@@ -6,8 +6,9 @@ NumPy arrays out (written in place). One file per family:
 * :mod:`.rows` — row I/O, so that one kernel source serves every dtype.
 
 Shared conventions: ``x`` is a C-contiguous ``(R, D)`` array of float32 or
-float64, or of uint16 holding bfloat16 bits (:mod:`.rows` widens each row to
-float32 and narrows outputs back; the compute dtype is then float32); ``pad``
+float64, or of 16-bit integers holding bfloat16 (uint16) or float16 (int16)
+bits (:mod:`.rows` widens each row to float32 and narrows outputs back; the
+compute dtype is then float32); ``pad``
 is a ``(R,)`` uint8 array, 1 at padding; ``k`` is a small array of constants
 *in the compute dtype* (so that the accumulators keep that dtype and
 vectorize): ``k = [eps, 1/D or 1/n, 1, 0]``; parameters and statistics are in
