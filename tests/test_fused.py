@@ -190,10 +190,10 @@ def test_deterministic_for_any_thread_count_and_run():
     assert_same_bits_for_thread_counts(run)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_torch_compile_sees_custom_ops(dtype):
     """Under torch.compile the fake implementations stand in for the kernels:
-    their shapes and dtypes (float32 statistics for bfloat16) must be right."""
+    their shapes and dtypes (float32 statistics for 16-bit inputs) must be right."""
     torch.manual_seed(9)
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), seqnorm.LayerNorm(32)).to(dtype)
     bn = seqnorm.SeqBatchNorm(32).to(dtype)
