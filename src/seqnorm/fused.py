@@ -65,9 +65,12 @@ _STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16
             torch.float16: np.int16}
 
 
+_16BIT = (torch.bfloat16, torch.float16)
+
+
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the statistics and parameter gradients the ops return for ``x``."""
-    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    return torch.float32 if x.dtype in _16BIT else x.dtype
 
 
 def _k(x: Tensor, eps: float, inv: float) -> np.ndarray:
@@ -191,7 +194,7 @@ def _(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
 def _rowwise_setup(ctx, inputs, output):
     x, residual, weight, bias, pad, eps, center = inputs
     _, s, shift, delta, rstd = output
-    if x.dtype in (torch.bfloat16, torch.float16):  # the rounded s is not what was normalized: keep both addends
+    if x.dtype in _16BIT:  # the rounded s is not what was normalized: keep both addends
         src, src2 = x, residual
     else:
         src, src2 = (x if residual is None else s), None

@@ -2,9 +2,10 @@
 
 ``seqnorm.functional`` validates arguments, resolves padding, flattens the
 input to rows and casts low-precision inputs to float32 (unless the backend
-lists the dtype in ``native_low_precision``: the fused kernels read bfloat16,
-and float16 where the CPU converts it in hardware, themselves); it then calls one of four operations on the active backend,
-always with the same simple contract:
+lists the dtype in ``native_low_precision``: the fused kernels read bfloat16
+themselves, and float16 where the CPU converts it in hardware); it then calls
+one of four operations on the active backend, always with the same simple
+contract:
 
 ========================  ====================================================
 ``rowwise_norm``          ``x (R, D)`` → ``y (R, D)``; LayerNorm (``center``)
