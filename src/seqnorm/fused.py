@@ -448,6 +448,16 @@ def _eager(impl, setup, backward, n_diff: int):
 
 
 _RowwiseFunction = _eager(_rowwise_fwd_impl, _rowwise_setup, _rowwise_backward, 2)
+
+
+def _add_norm_16bit_no_sum(x, residual, weight, bias, pad, eps, center):
+    """Post-norm Add & Norm of a 16-bit input, with autograd: the backward re-forms
+    the float32 sum from the two addends (:func:`_rowwise_setup`), so the rounded
+    sum is needed by nobody and is not written (one 16-bit pass fewer)."""
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, keep_sum=False)
+
+
+_AddNorm16BitFunction = _eager(_add_norm_16bit_no_sum, _rowwise_setup, _rowwise_backward, 2)
 _FeaturewiseFunction = _eager(_featurewise_fwd_impl, _featurewise_setup, _featurewise_backward, 1)
 _PowerFunction = _eager(_power_fwd_impl, _power_setup, _power_backward, 1)
 
@@ -483,8 +493,11 @@ class FusedBackend:
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
         args = (x, residual, weight, bias, pad, float(eps), center)
-        if not need_sum and not torch.compiler.is_compiling() and not _needs_grad(args):
-            return _rowwise_forward(*args, keep_sum=False)[0], None   # inference, post-norm: s never written
+        if not need_sum and not torch.compiler.is_compiling():   # post-norm, eager: s is never written
+            if not _needs_grad(args):
+                return _rowwise_forward(*args, keep_sum=False)[0], None           # inference
+            if x.dtype in _16BIT:
+                return _AddNorm16BitFunction.apply(*args)[0], None                # backward reads x and residual
         y, s, *_ = _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, *args)
         return y, s
 
