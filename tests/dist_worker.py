@@ -43,16 +43,17 @@ def ddp_data():
     return [per_rank] * 8
 
 
-def make_model():
+def make_model(norm="batch"):
+    """The DDP test's model with a SeqBatchNorm (``"batch"``) or a PowerNorm (``"power"``)."""
     torch.manual_seed(2)
-    return Model().double()
+    return Model(norm).double()
 
 
 class Model(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, norm="batch"):
         super().__init__()
         self.inp = torch.nn.Linear(D, D)
-        self.norm = seqnorm.SeqBatchNorm(D)
+        self.norm = seqnorm.SeqBatchNorm(D) if norm == "batch" else seqnorm.PowerNorm(D)
         self.out = torch.nn.Linear(D, 1)
 
     def forward(self, x, mask):
@@ -79,18 +80,44 @@ def _sync_steps(rank, results):
         results[name] = record
 
 
-def worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    results = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _sync_steps(rank, results)
-    results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+POWER_CONFIGS = {"momentum0.1": 0.1, "cumulative": None}
 
-    # A short DistributedDataParallel run: per-rank loss scaled so that DDP's gradient
-    # average equals the gradient of the global mean loss.
-    model = seqnorm.SyncSeqBatchNorm.convert_sync_batchnorm(make_model())
+
+def make_power(cls, momentum):
+    """A PowerNorm (or SyncPowerNorm) with fixed affine parameters and non-trivial ν."""
+    pn = cls(D, momentum=momentum).double()
+    with torch.no_grad():
+        pn.weight.copy_(torch.linspace(0.5, 1.5, D))
+        pn.bias.copy_(torch.linspace(-1, 1, D))
+        pn.running_phi.copy_(torch.linspace(0.5, 2.0, D))
+        pn.running_nu.copy_(torch.linspace(-0.1, 0.1, D))
+    return pn
+
+
+def _sync_power_steps(rank, results):
+    """SyncPowerNorm over every scenario and momentum: what each rank got, step by step."""
+    for config, momentum in POWER_CONFIGS.items():
+        for name, steps in global_batches().items():
+            pn = make_power(seqnorm.SyncPowerNorm, momentum)
+            record = []
+            for per_rank in steps:
+                x, mask, dy = per_rank[rank]
+                x = x.clone().requires_grad_()
+                pn.zero_grad()
+                y = pn(x, padding_mask=mask)
+                y.backward(dy)
+                record.append(dict(y=y.detach(), dx=x.grad, dw=pn.weight.grad.clone(), db=pn.bias.grad.clone(),
+                                   phi=pn.running_phi.clone(), nu=pn.running_nu.clone(),
+                                   nbt=pn.num_batches_tracked.clone()))
+            results[f"power/{config}/{name}"] = record
+
+
+def _ddp_run(rank, world, norm):
+    """A short DistributedDataParallel run of the model with its norm made sync: per-rank
+    loss scaled so that DDP's gradient average equals the gradient of the global mean loss."""
+    model = make_model(norm)
+    model = (seqnorm.SyncSeqBatchNorm.convert_sync_batchnorm(model) if norm == "batch"
+             else seqnorm.SyncPowerNorm.convert_sync_powernorm(model))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     losses = []
@@ -105,11 +132,23 @@ def worker(rank, world, init_file, out_dir):
         t = torch.tensor([err.item()], dtype=torch.float64)
         dist.all_reduce(t)
         losses.append(t.item() / total)
-    results["ddp"] = dict(losses=losses, params={k: v.detach().clone() for k, v in model.state_dict().items()})
+    return dict(losses=losses, params={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sync_steps(rank, results)
+        _sync_power_steps(rank, results)
+    results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+
+    for norm in ("batch", "power"):
+        results[f"ddp/{norm}"] = _ddp_run(rank, world, norm)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    # Tear down in order: DDP's reducer holds the process group, so drop it first,
-    # and let no rank leave while the other may still be talking to it.
-    del ddp, opt, model
+    # Let no rank leave while the other may still be talking to it.
     dist.barrier()
     dist.destroy_process_group()
     # Leave without finalizing the interpreter. A gloo worker thread can drop its last

@@ -89,6 +89,28 @@ def test_batch_to_power_uses_the_quadratic_mean_and_power_to_batch_warns():
     assert torch.equal(back.running_mean, torch.zeros(4))
 
 
+def test_power_to_sync_power_carries_every_buffer_and_batch_to_sync_power_the_quadratic_mean():
+    pn = seqnorm.PowerNorm(4, momentum=0.2)
+    with torch.no_grad():
+        pn.running_phi.copy_(torch.tensor([1.5, 5.0, 2.0, 13.0]))
+        pn.running_nu.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
+        pn.num_batches_tracked.fill_(7)
+        pn.weight.fill_(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # nothing is lost: no warning
+        sync = seqnorm.convert(pn, "sync_power")
+    assert isinstance(sync, seqnorm.SyncPowerNorm) and sync.momentum == 0.2
+    for k, v in pn.state_dict().items():
+        assert torch.equal(sync.state_dict()[k], v), k
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.0, 3.0]))
+        bn.running_var.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
+    with pytest.warns(seqnorm.ConversionWarning):           # BatchNorm1d's (N, C, L) layout
+        sync = seqnorm.convert(bn, "sync_power")
+    torch.testing.assert_close(sync.running_phi, torch.tensor([1.5, 5.0, 2.0, 13.0]))
+
+
 def test_layer_to_rms_warns_about_a_dropped_bias_only_when_nonzero():
     ln = nn.LayerNorm(4)
     with warnings.catch_warnings():

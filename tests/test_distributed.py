@@ -74,14 +74,56 @@ def test_sync_equals_single_process_on_the_concatenated_batch(results, scenario)
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("momentum", list(W.POWER_CONFIGS))
+@pytest.mark.parametrize("scenario", ["ragged", "rank1_all_padding"])
+def test_sync_power_norm_equals_single_process_on_the_concatenated_batch(results, scenario, momentum):
+    """Outputs and input gradients are local (PowerNorm divides by the running ψ²),
+    but ψ², ν and the next steps' outputs depend on the global batch. The single
+    process minimizes what DistributedDataParallel does: the *mean* of the ranks'
+    losses, so its ``dy`` is the ranks' over WORLD, the ranks' gradients are WORLD
+    times its own, and their average is its parameter gradient."""
+    steps = W.global_batches()[scenario]
+    single = W.make_power(seqnorm.PowerNorm, W.POWER_CONFIGS[momentum])
+    for step, per_rank in enumerate(steps):
+        xs, masks, dys = zip(*per_rank)
+        x = _concat(list(xs)).requires_grad_()
+        mask, dy = _concat(list(masks)), _concat(list(dys))
+        single.zero_grad()
+        y = single(x, padding_mask=mask)
+        y.backward(dy / WORLD)
+        for r in range(WORLD):
+            got = results[r][f"power/{momentum}/{scenario}"][step]
+            torch.testing.assert_close(got["y"], _split(y.detach(), xs)[r], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["dx"], WORLD * _split(x.grad, xs)[r], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["phi"], single.running_phi, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["nu"], single.running_nu, atol=1e-5, rtol=1e-5)
+            assert got["nbt"] == single.num_batches_tracked
+        for key, grad in (("dw", single.weight.grad), ("db", single.bias.grad)):
+            torch.testing.assert_close(sum(results[r][f"power/{momentum}/{scenario}"][step][key]
+                                           for r in range(WORLD)) / WORLD, grad, atol=1e-5, rtol=1e-5)
+    # Rank 0 keeping statistics of its own batch alone: elsewhere when rank 1 had real
+    # tokens (so the check above has teeth), the same when rank 1 was all padding.
+    local = W.make_power(seqnorm.PowerNorm, W.POWER_CONFIGS[momentum])
+    for per_rank in steps:
+        x0, m0, dy0 = per_rank[0]
+        local(x0.clone().requires_grad_(), padding_mask=m0).backward(dy0 / WORLD)
+    if scenario == "rank1_all_padding":
+        torch.testing.assert_close(local.running_phi, single.running_phi)
+        torch.testing.assert_close(local.running_nu, single.running_nu)
+    else:
+        assert not torch.allclose(local.running_phi, single.running_phi, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(local.running_nu, single.running_nu, atol=1e-5, rtol=1e-5)
+
+
 def test_sync_path_warns_nothing(results):
     # e.g. torch 2.13 deprecates all_gather_into_tensor with a FutureWarning on every call
     for r in range(WORLD):
         assert results[r]["warnings"] == []
 
 
-def test_ddp_training_matches_single_process(results):
-    model = W.make_model()   # SeqBatchNorm, same initial weights as the ranks' models
+@pytest.mark.parametrize("norm", ["batch", "power"])
+def test_ddp_training_matches_single_process(results, norm):
+    model = W.make_model(norm)   # SeqBatchNorm / PowerNorm, same initial weights as the ranks' models
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
     for per_rank in W.ddp_data():
@@ -94,11 +136,34 @@ def test_ddp_training_matches_single_process(results):
         opt.step()
         losses.append(err.item())
     for r in range(WORLD):
-        got = results[r]["ddp"]
+        got = results[r][f"ddp/{norm}"]
         assert got["losses"] == pytest.approx(losses, rel=1e-6)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(got["params"][k], v, atol=1e-6, rtol=1e-6, msg=k)
     assert losses[-1] < losses[0]   # it trained
+
+
+def test_without_process_group_sync_power_norm_is_power_norm():
+    torch.manual_seed(5)
+    a, b = seqnorm.SyncPowerNorm(5), seqnorm.PowerNorm(5)
+    x = torch.randn(2, 4, 5)
+    m = torch.tensor([[False] * 4, [False, False, True, True]])
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa, padding_mask=m), b(xb, padding_mask=m)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+    assert torch.equal(a.running_phi, b.running_phi) and torch.equal(a.running_nu, b.running_nu)
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+def test_convert_sync_powernorm_shares_parameters_and_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), seqnorm.PowerNorm(4))
+    model[1].running_phi.fill_(3.0)
+    out = seqnorm.SyncPowerNorm.convert_sync_powernorm(model)
+    assert isinstance(out[1], seqnorm.SyncPowerNorm)
+    assert out[1].weight is model[1].weight and out[1].running_phi is model[1].running_phi
+    assert out[1].running_nu is model[1].running_nu
 
 
 def test_without_process_group_it_is_seq_batch_norm():

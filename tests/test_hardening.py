@@ -57,6 +57,38 @@ def test_non_finite_batch_leaves_running_statistics_and_warns(name, bad):
     assert torch.isfinite(y[..., :5]).all()          # … the others are not touched
 
 
+@pytest.mark.parametrize("backend", ["torch", "fused", "reference"])
+@pytest.mark.parametrize("where", ["input", "gradient"])
+def test_non_finite_backward_leaves_running_nu_and_warns(backend, where):
+    """PowerNorm's ν is updated in the backward from the gradient: NaN/Inf at a real
+    token, or an Inf gradient (a loss-scaling overflow step), must not poison it."""
+    torch.manual_seed(1)
+    with seqnorm.use_backend(backend):
+        pn = seqnorm.PowerNorm(D).train()
+        for _ in range(3):                          # a ν that is not all zeros
+            pn(torch.randn(4, 5, D) * 2 + 1).pow(2).sum().backward()
+        nu = pn.running_nu.clone()
+        assert nu.abs().sum() > 0
+        x = torch.randn(3, 4, D)
+        dy = torch.randn(3, 4, D)
+        if where == "input":
+            x[1, 2, 5] = float("nan")
+        else:
+            dy[0, 1, 3] = float("inf")
+        x.requires_grad_()
+        phi = pn.running_phi.clone()
+        with pytest.warns(NonFiniteStatisticsWarning) as caught:
+            pn(x).backward(dy)
+        messages = " | ".join(str(w.message) for w in caught)
+        assert "running_nu was left unchanged" in messages
+        # a NaN input also stops the forward's ψ² update; an Inf gradient does not concern it
+        assert ("running statistics were left unchanged" in messages) == (where == "input")
+        assert torch.equal(pn.running_nu, nu)
+        assert torch.equal(pn.running_phi, phi) == (where == "input")
+        pn(torch.randn(3, 4, D)).sum().backward()   # a finite batch moves it again
+        assert not torch.equal(pn.running_nu, nu) and torch.isfinite(pn.running_nu).all()
+
+
 @pytest.mark.parametrize("name", ["layer", "rms", "add"])
 def test_non_finite_token_stays_in_its_row(name):
     mod = modules()[name].train()

@@ -5,7 +5,7 @@ LayerNorm, RMSNorm, the fused residual Add & Norm, BatchNorm over real tokens
 """
 
 from . import distributed, functional, reference
-from .distributed import SyncSeqBatchNorm
+from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .convert import ConversionWarning, convert
 from .masks import lengths_to_padding_mask, padding
 from .modules import AddNorm, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
@@ -20,6 +20,7 @@ __all__ = [
     "SeqBatchNorm",
     "PowerNorm",
     "SyncSeqBatchNorm",
+    "SyncPowerNorm",
     "functional",
     "reference",
     "distributed",

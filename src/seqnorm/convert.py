@@ -13,11 +13,14 @@ LN → layer         everything (outputs bit-identical)
 LN → rms           ``weight``; a non-zero ``bias`` is dropped (RMSNorm has none): warns
 RMS → layer        ``weight``; ``bias`` starts at 0
 LN/RMS → batch,    ``weight``/``bias`` (same per-feature role); running statistics start
-sync_batch, power  fresh (a LayerNorm has none); 1-D ``normalized_shape`` only
+sync_batch, power, fresh (a LayerNorm has none); 1-D ``normalized_shape`` only
+sync_power
 BN → batch,        ``weight``, ``bias``, ``running_mean``, ``running_var``,
 sync_batch         ``num_batches_tracked``
-BN → power         ``weight``, ``bias``; ``running_phi = running_var + running_mean²``
-                   (the quadratic mean E[x²] = Var[x] + E[x]²)
+BN → power,        ``weight``, ``bias``; ``running_phi = running_var + running_mean²``
+sync_power         (the quadratic mean E[x²] = Var[x] + E[x]²)
+power → power,     everything (``running_phi``, ``running_nu``, ``num_batches_tracked``)
+sync_power
 power → batch      ``weight``, ``bias``; ``running_var = running_phi``, ``running_mean = 0``:
                    warns (PowerNorm keeps no mean)
 BN/power → layer,  ``weight``, ``bias``; running statistics dropped: warns
@@ -40,12 +43,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .distributed import SyncSeqBatchNorm
+from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, _FeaturewiseNorm
 
 __all__ = ["convert", "ConversionWarning", "TARGETS"]
 
-TARGETS = ("layer", "rms", "batch", "sync_batch", "power")
+TARGETS = ("layer", "rms", "batch", "sync_batch", "power", "sync_power")
 
 
 class ConversionWarning(UserWarning):
@@ -118,6 +121,8 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
         common["momentum"] = m.momentum
     if to == "power":
         new = PowerNorm(d, **common)
+    elif to == "sync_power":
+        new = SyncPowerNorm(d, process_group=process_group, **common)
     else:
         track = getattr(m, "track_running_stats", True)
         cls = SyncSeqBatchNorm if to == "sync_batch" else SeqBatchNorm
@@ -129,14 +134,14 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
         _warn(name, "torch.nn.BatchNorm1d takes (N, C, L); the seqnorm module takes (B, T, D) with features "
                     "last (or (N, D)): pass it (B, T, D) activations")
     if kind == "batch" and getattr(m, "running_mean", None) is not None:
-        if to == "power":
+        if to in ("power", "sync_power"):
             _copy(new.running_phi, m.running_var + m.running_mean ** 2)
         elif new.running_mean is not None:
             _copy(new.running_mean, m.running_mean)
             _copy(new.running_var, m.running_var)
             _copy(new.num_batches_tracked, m.num_batches_tracked)
     elif kind == "power":
-        if to == "power":
+        if to in ("power", "sync_power"):
             _copy(new.running_phi, m.running_phi)
             _copy(new.running_nu, m.running_nu)
             _copy(new.num_batches_tracked, m.num_batches_tracked)
@@ -155,12 +160,13 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
         model: any ``nn.Module`` (converted in place; also returned). A norm
             passed as ``model`` itself is returned converted.
         to: ``"layer"``, ``"rms"``, ``"batch"`` (SeqBatchNorm), ``"sync_batch"``
-            (SyncSeqBatchNorm) or ``"power"`` (PowerNorm).
+            (SyncSeqBatchNorm), ``"power"`` (PowerNorm) or ``"sync_power"``
+            (SyncPowerNorm).
         eps: the new modules' eps. Default: each source module's eps.
         momentum: for batch/power targets. Default: the source's, else 0.1.
         batch_first: for batch/power targets, the layout of the activations
             they will see (``(B, T, D)`` if True, ``(T, B, D)`` if False).
-        process_group: for ``"sync_batch"``.
+        process_group: for ``"sync_batch"`` and ``"sync_power"``.
 
     Returns:
         The converted model. Parameters are new ``nn.Parameter`` objects:

@@ -25,6 +25,13 @@ all-reduces parameter gradients itself.
 
 The same code runs on gloo (CPU) and nccl (CUDA). Without an initialized
 process group, with one rank, or in eval mode, it is :class:`SeqBatchNorm`.
+
+SyncPowerNorm: PowerNorm divides by its *running* ψ², so its outputs and input
+gradients are local to each rank; what spans the batch are the statistics it
+keeps. The forward all-reduces ``[n_r, Σ x²]`` (ψ²'s update then uses the
+global quadratic mean) and the backward all-reduces ``[Σ x̂², Σ x̂ ⊙ g]`` (ν's
+update then uses the global Γ and Λ of Algorithm 1), so every rank keeps the
+statistics of one process that saw the concatenated batch.
 """
 
 from __future__ import annotations
@@ -37,10 +44,10 @@ from torch import Tensor
 
 from . import functional as F
 from .masks import resolve_padding
-from .modules import SeqBatchNorm, _batch_padding
-from .ops import TorchBackend
+from .modules import PowerNorm, SeqBatchNorm, _batch_padding
+from .ops import TorchBackend, update_running_nu
 
-__all__ = ["SyncSeqBatchNorm", "merge_moments"]
+__all__ = ["SyncSeqBatchNorm", "SyncPowerNorm", "merge_moments"]
 
 
 def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor):
@@ -136,6 +143,33 @@ class _SyncFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _world(process_group) -> int:
+    """Ranks in ``process_group`` (1 without an initialized process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _sync_rows(module, input: Tensor, padding_mask, lengths):
+    """Validate and flatten a sync module's input: ``(x, x2, pad1, cdt)`` with
+    ``x`` batch-first, ``x2 (N, D)`` in the compute dtype (float32 for 16-bit
+    input), ``pad1 (N,)`` or None."""
+    x = module._to_batch_first(input)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{type(module).__name__} expects input of shape (B, T, D) or (N, D), got {x.dim()}-D "
+                         f"input of shape {tuple(x.shape)}")
+    padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
+    pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths,
+                          what="(B, T)" if x.dim() == 3 else "(N,)")
+    cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    return x, x2, None if pad is None else pad.reshape(-1), cdt
+
+
+def _cast(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if p is None else p.to(dtype)
+
+
 class SyncSeqBatchNorm(SeqBatchNorm):
     r"""Padding-aware BatchNorm with statistics over every real token of every rank.
 
@@ -172,30 +206,14 @@ class SyncSeqBatchNorm(SeqBatchNorm):
                          bias=bias, batch_first=batch_first)
         self.process_group = process_group
 
-    def _world(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
-        world = self._world()
+        world = _world(self.process_group)
         if not self.training or world == 1:
             return super().forward(input, padding_mask, lengths)
-        x = self._to_batch_first(input)
-        if x.dim() not in (2, 3):
-            raise ValueError(f"SyncSeqBatchNorm expects input of shape (B, T, D) or (N, D), got {x.dim()}-D "
-                             f"input of shape {tuple(x.shape)}")
-        padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
-        pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths,
-                              what="(B, T)" if x.dim() == 3 else "(N,)")
-        d = x.shape[-1]
-        cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        x2 = x.reshape(-1, d).to(cdt)
-        pad1 = None if pad is None else pad.reshape(-1)
-        w = None if self.weight is None else self.weight.to(cdt)
-        b = None if self.bias is None else self.bias.to(cdt)
-        y, mean, var, n = _SyncFunction.apply(x2, w, b, pad1, self.eps, self.process_group, world)
+        x, x2, pad1, cdt = _sync_rows(self, input, padding_mask, lengths)
+        y, mean, var, n = _SyncFunction.apply(x2, _cast(self.weight, cdt), _cast(self.bias, cdt), pad1, self.eps,
+                                              self.process_group, world)
         n = int(n)
         if n == 1:  # every rank sees the same n, so every rank raises
             raise ValueError("SyncSeqBatchNorm: expected more than 1 real token per feature in the global "
@@ -224,4 +242,146 @@ class SyncSeqBatchNorm(SeqBatchNorm):
             out.train(module.training)
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
+
+
+class _SyncPowerFunction(torch.autograd.Function):
+    """PowerNorm's forward and Algorithm 1's backward with global statistics:
+    one all_reduce of ``[n, Σ x²]`` forward, one of ``[Σ x̂², Σ x̂ ⊙ g]`` backward
+    (the latter only when ν is kept); see
+    :func:`seqnorm.reference.power_norm_backward` for the maths.
+
+    ν is kept in the scale of the gradient DistributedDataParallel applies —
+    the average over the ``W`` ranks of their gradients — so that it is the ν
+    of one process minimizing the mean of the ranks' losses, whatever ``W``:
+    ``Λ = Σ_ranks Σ x̂ ⊙ g / (W·n)``, and a rank's own (``W`` times larger)
+    gradient subtracts ``W·ν ⊙ x̂``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor, group, world):
+        ctx.set_materialize_grads(False)
+        if pad is not None:
+            x = x.masked_fill(pad.unsqueeze(-1), 0)
+        count = torch.tensor([x.shape[0] if pad is None else int((~pad).sum())], dtype=torch.float64,
+                             device=x.device)
+        sums = torch.cat([count, (x.double() * x.double()).sum(0)])                  # 1 + D
+        dist.all_reduce(sums, group=group)
+        n = sums[0]
+        phi = sums[1:] / n.clamp_min(1)                                               # global ψ_B²
+        rstd = torch.rsqrt(running_phi.to(x.dtype) + eps)                             # running ψ², as PowerNorm
+        xhat = x * rstd
+        if pad is not None:
+            xhat = xhat.masked_fill(pad.unsqueeze(-1), 0)
+        y = xhat if weight is None else xhat * weight
+        y = y if bias is None else y + bias
+        if pad is not None:
+            y = y.masked_fill(pad.unsqueeze(-1), 0)
+        ctx.save_for_backward(xhat, rstd, weight, pad)
+        ctx.nu, ctx.factor, ctx.group, ctx.n, ctx.world = running_nu, factor, group, float(n), world
+        ctx.has_bias = bias is not None
+        phi = phi.to(x.dtype)
+        ctx.mark_non_differentiable(phi, n)
+        return y, phi, n
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        xhat, rstd, weight, pad = ctx.saved_tensors
+        nu = ctx.nu
+        if dy is None:  # every rank must still join the collective below
+            dy = torch.zeros_like(xhat)
+        if pad is not None:
+            dy = dy.masked_fill(pad.unsqueeze(-1), 0)
+        g = dy if weight is None else dy * weight                                     # ∂L/∂x̂
+        dweight = (dy * xhat).sum(0) if weight is not None else None                  # local: DDP reduces
+        dbias = dy.sum(0) if ctx.has_bias else None
+        if nu is not None:
+            nu_prev = nu.to(g.dtype)                                                  # may be ν itself
+            sums = torch.cat([(xhat * xhat).sum(0), (xhat * g).sum(0)]).double()
+            g = g - ctx.world * nu_prev * xhat                                        # g̃, with ν before it moves
+            dist.all_reduce(sums, group=ctx.group)
+            if ctx.n > 0:  # a global batch of padding carries no information about ν
+                d = xhat.shape[1]
+                gamma, lam = sums[:d] / ctx.n, sums[d:] / (ctx.n * ctx.world)         # Γ, Λ over every rank
+                update_running_nu(nu, nu_prev.double() * (1 - ctx.factor * gamma) + ctx.factor * lam, True)
+        dx = g * rstd
+        if pad is not None:
+            dx = dx.masked_fill(pad.unsqueeze(-1), 0)
+        return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
+class SyncPowerNorm(PowerNorm):
+    r"""PowerNorm whose running statistics see every real token of every rank.
+
+    .. math::
+        y = \gamma \frac{x}{\sqrt{\psi^2 + \epsilon}} + \beta, \qquad
+        \psi^2 \leftarrow (1 - m)\,\psi^2 + m\,\frac{\sum_{\text{ranks}} \sum_{\text{real}} x^2}
+        {\sum_{\text{ranks}} n_r}
+
+    PowerNorm divides by the running ψ² in training too, so each rank's output
+    and input gradient need nothing from the others; the statistics do: ψ² is
+    updated from the global batch's quadratic mean (one all_reduce in the
+    forward) and ν, Algorithm 1's running gradient statistic, from the global
+    means Γ = mean(x̂²) and Λ = mean(x̂ ⊙ γ∂L/∂y) (one all_reduce in the
+    backward). Every rank then holds the buffers one process would hold after
+    the concatenated batch, whatever the ranks' sizes, lengths and padding.
+    Weight and bias gradients are local sums (DistributedDataParallel reduces
+    them). ν, a statistic of the gradient, assumes DistributedDataParallel's
+    convention — the applied gradient is the *average* of the ranks' — and is
+    kept in that scale: it is the ν of one process minimizing the mean of the
+    ranks' losses, so a checkpoint means the same on any number of ranks. Arguments, parameters and buffers are :class:`PowerNorm`'s plus
+    ``process_group``; without a process group, with one rank, or in eval, it
+    is :class:`PowerNorm`.
+
+    Args:
+        num_features, eps, momentum, affine, bias, batch_first: as :class:`PowerNorm`.
+        process_group: the group to synchronize over. Default: the world.
+
+    Shape:
+        - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``; ``padding_mask`` ``(B, T)``
+        - Output: same as input; 0 at padding
+
+    Example::
+
+        >>> pn = SyncPowerNorm(4)           # no process group: plain PowerNorm
+        >>> pn(torch.randn(2, 3, 4), lengths=torch.tensor([3, 1])).shape
+        torch.Size([2, 3, 4])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, process_group=None, device=None, dtype=None, *, bias: bool = True,
+                 batch_first: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype, bias=bias, batch_first=batch_first)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        world = _world(self.process_group)
+        if not self.training or world == 1:
+            return super().forward(input, padding_mask, lengths)
+        x, x2, pad1, cdt = _sync_rows(self, input, padding_mask, lengths)
+        # ν's update in the backward uses the weight ψ²'s update uses here (as power_norm)
+        factor = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
+        y, phi, n = _SyncPowerFunction.apply(x2, _cast(self.weight, cdt), _cast(self.bias, cdt), pad1,
+                                             self.running_phi, self.running_nu, self.eps, factor,
+                                             self.process_group, world)
+        F.update_running_stats([(self.running_phi, phi)], int(n), self.momentum, self.num_batches_tracked)
+        return self._to_batch_first(y.to(input.dtype).reshape(x.shape))
+
+    @classmethod
+    def convert_sync_powernorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every :class:`PowerNorm` in ``module`` by a SyncPowerNorm sharing
+        its parameters and buffers."""
+        out = module
+        if isinstance(module, PowerNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, process_group,
+                      bias=module.bias is not None, batch_first=module.batch_first)
+            if module.affine:
+                out.weight = module.weight
+                out.bias = module.bias
+            out.running_phi = module.running_phi
+            out.running_nu = module.running_nu
+            out.num_batches_tracked = module.num_batches_tracked
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_powernorm(child, process_group))
         return out

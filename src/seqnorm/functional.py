@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
+from .ops import NonFiniteStatisticsWarning
 from .masks import resolve_padding, shape_str
 
 __all__ = [
@@ -348,10 +349,6 @@ def _check_momentum(momentum) -> None:
         return
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
-
-
-class NonFiniteStatisticsWarning(RuntimeWarning):
-    """A training batch had NaN/Inf statistics; the running statistics were kept."""
 
 
 def update_running_stats(pairs, count: int, momentum: Optional[float],

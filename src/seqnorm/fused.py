@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .kernels import NCHUNK, featurewise, rows, rowwise
+from .ops import update_running_nu
 
 __all__ = ["FusedBackend", "supports"]
 
@@ -413,7 +414,7 @@ def _power_backward(ctx, dy, *_):
             gamma = rstd * rstd * batch_phi                                      # mean of x̂² over real rows
             lam = (dw if weight is None else weight * dw) / count.clamp_min(1)  # mean of x̂ ⊙ (w ⊙ dy)
             new = nu * (1 - ctx.factor * gamma.to(nu.dtype)) + ctx.factor * lam.to(nu.dtype)
-            nu.copy_(torch.where(count > 0, new, nu))  # an all-padding batch leaves ν alone
+            update_running_nu(nu, new, count > 0)  # an all-padding batch leaves ν alone
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None, None
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -42,6 +43,35 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch had NaN/Inf statistics; the running statistics were kept."""
+
+
+def update_running_nu(nu: Tensor, new: Tensor, has_tokens) -> None:
+    """The one place PowerNorm's ν changes (every backend's backward).
+
+    ``new`` is Algorithm 1's update, computed by the caller. ν keeps its value
+    when the batch had no real token (``has_tokens``: a bool, or a 0-d bool
+    tensor) and when ``new`` is not finite — NaN/Inf at a real token, or in the
+    gradient (a loss-scaling overflow step): ν would stay poisoned for good, so
+    the update is skipped with a :class:`NonFiniteStatisticsWarning`, as
+    ``functional.update_running_stats`` does for the forward's statistics.
+    """
+    with torch.no_grad():
+        if torch.compiler.is_compiling():  # traced: no data-dependent branch, no warning
+            keep = torch.logical_not(torch.as_tensor(has_tokens) & torch.isfinite(new).all())
+            nu.copy_(torch.where(keep, nu, new.to(nu.dtype)))
+            return
+        if not bool(has_tokens):
+            return
+        if not bool(torch.isfinite(new).all()):
+            warnings.warn("seqnorm: a PowerNorm backward had NaN/Inf gradient statistics (NaN/Inf at real tokens "
+                          "or in the gradient); running_nu was left unchanged", NonFiniteStatisticsWarning,
+                          stacklevel=2)
+            return
+        nu.copy_(new.to(nu.dtype))
 
 __all__ = [
     "TorchBackend",
@@ -166,7 +196,7 @@ class _PowerNormFunction(torch.autograd.Function):
                 with torch.no_grad():
                     gamma = (xhat * xhat).sum(0) / count
                     lam = (xhat * g).sum(0) / count
-                    nu.copy_(nu_prev * (1 - factor * gamma) + factor * lam)
+                    update_running_nu(nu, nu_prev * (1 - factor * gamma) + factor * lam, True)
         else:
             g_tilde = g
         dx = _zero_padded_rows(g_tilde * rstd, pad)
@@ -259,8 +289,8 @@ class _ReferencePower(torch.autograd.Function):
     def backward(ctx, dy, *_):
         x, weight, bias = ctx.like
         dx, dw, db, new_nu = reference.power_norm_backward(_np(dy), ctx.cache, _np(ctx.nu), ctx.factor)
-        if new_nu is not None:
-            ctx.nu.copy_(_back(new_nu, ctx.nu))  # Algorithm 1 updates ν in the backward pass
+        if new_nu is not None:  # Algorithm 1 updates ν in the backward pass
+            update_running_nu(ctx.nu, _back(new_nu, ctx.nu), True)
         return (_back(dx, x), _back(dw, weight) if weight is not None else None,
                 _back(db, bias) if bias is not None else None, None, None, None, None, None)
 
