@@ -60,56 +60,62 @@ class Model(torch.nn.Module):
         return self.out(torch.relu(self.norm(self.inp(x.masked_fill(mask[..., None], 0)), padding_mask=mask)))
 
 
-def _sync_steps(rank, results):
-    """SyncSeqBatchNorm forward and backward on every scenario; records what each rank got."""
-    for name, steps in global_batches().items():
-        bn = seqnorm.SyncSeqBatchNorm(D).double()
-        with torch.no_grad():
-            bn.weight.copy_(torch.linspace(0.5, 1.5, D))
-            bn.bias.copy_(torch.linspace(-1, 1, D))
-        record = []
-        for per_rank in steps:
-            x, mask, dy = per_rank[rank]
-            x = x.clone().requires_grad_()
-            bn.zero_grad()
-            y = bn(x, padding_mask=mask)
-            y.backward(dy)
-            record.append(dict(y=y.detach(), dx=x.grad, dw=bn.weight.grad.clone(), db=bn.bias.grad.clone(),
-                               running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(),
-                               nbt=bn.num_batches_tracked.clone()))
-        results[name] = record
+# The sync modules under test: (kind, momentum) → results key prefix.
+CASES = {"batch": ("batch", 0.1), "power": ("power", 0.1), "power_cumulative": ("power", None)}
+BUFFERS = {"batch": ("running_mean", "running_var"), "power": ("running_phi", "running_nu")}
 
 
-POWER_CONFIGS = {"momentum0.1": 0.1, "cumulative": None}
-
-
-def make_power(cls, momentum):
-    """A PowerNorm (or SyncPowerNorm) with fixed affine parameters and non-trivial ν."""
-    pn = cls(D, momentum=momentum).double()
+def make_norm(kind, sync, momentum=0.1):
+    """SeqBatchNorm / PowerNorm, or their Sync versions, with fixed affine parameters
+    (and for PowerNorm a ψ² and ν that are not the defaults)."""
+    cls = {("batch", False): seqnorm.SeqBatchNorm, ("batch", True): seqnorm.SyncSeqBatchNorm,
+           ("power", False): seqnorm.PowerNorm, ("power", True): seqnorm.SyncPowerNorm}[kind, sync]
+    norm = cls(D, momentum=momentum).double()
     with torch.no_grad():
-        pn.weight.copy_(torch.linspace(0.5, 1.5, D))
-        pn.bias.copy_(torch.linspace(-1, 1, D))
-        pn.running_phi.copy_(torch.linspace(0.5, 2.0, D))
-        pn.running_nu.copy_(torch.linspace(-0.1, 0.1, D))
-    return pn
+        norm.weight.copy_(torch.linspace(0.5, 1.5, D))
+        norm.bias.copy_(torch.linspace(-1, 1, D))
+        if kind == "power":
+            norm.running_phi.copy_(torch.linspace(0.5, 2.0, D))
+            norm.running_nu.copy_(torch.linspace(-0.1, 0.1, D))
+    return norm
 
 
-def _sync_power_steps(rank, results):
-    """SyncPowerNorm over every scenario and momentum: what each rank got, step by step."""
-    for config, momentum in POWER_CONFIGS.items():
+def concat_batch(parts):
+    """Concatenate per-rank (B_r, T_r, ...) tensors along B, padding T to the longest
+    (with padding: True in a mask, 0 elsewhere)."""
+    t = max(p.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        pad_shape = (p.shape[0], t - p.shape[1]) + tuple(p.shape[2:])
+        fill = torch.ones(pad_shape, dtype=p.dtype) if p.dtype == torch.bool else torch.zeros(pad_shape, dtype=p.dtype)
+        out.append(torch.cat([p, fill], dim=1))
+    return torch.cat(out, dim=0)
+
+
+def run_steps(norm, kind, steps, rank=None, dy_scale=1.0):
+    """Forward and backward of ``norm`` on each step — rank ``rank``'s part, or with
+    ``rank=None`` the concatenated global batch — recording what it gave and kept."""
+    record = []
+    for per_rank in steps:
+        if rank is None:
+            x, mask, dy = (concat_batch(list(t)) for t in zip(*per_rank))
+        else:
+            x, mask, dy = per_rank[rank]
+        x = x.clone().requires_grad_()
+        norm.zero_grad()
+        y = norm(x, padding_mask=mask)
+        y.backward(dy * dy_scale)
+        record.append(dict(y=y.detach(), dx=x.grad, dw=norm.weight.grad.clone(), db=norm.bias.grad.clone(),
+                           nbt=norm.num_batches_tracked.clone(),
+                           **{b: getattr(norm, b).clone() for b in BUFFERS[kind]}))
+    return record
+
+
+def _sync_steps(rank, results):
+    """Every sync module on every scenario: what this rank got, step by step."""
+    for case, (kind, momentum) in CASES.items():
         for name, steps in global_batches().items():
-            pn = make_power(seqnorm.SyncPowerNorm, momentum)
-            record = []
-            for per_rank in steps:
-                x, mask, dy = per_rank[rank]
-                x = x.clone().requires_grad_()
-                pn.zero_grad()
-                y = pn(x, padding_mask=mask)
-                y.backward(dy)
-                record.append(dict(y=y.detach(), dx=x.grad, dw=pn.weight.grad.clone(), db=pn.bias.grad.clone(),
-                                   phi=pn.running_phi.clone(), nu=pn.running_nu.clone(),
-                                   nbt=pn.num_batches_tracked.clone()))
-            results[f"power/{config}/{name}"] = record
+            results[f"{case}/{name}"] = run_steps(make_norm(kind, True, momentum), kind, steps, rank)
 
 
 def _ddp_run(rank, world, norm):
@@ -142,7 +148,6 @@ def worker(rank, world, init_file, out_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _sync_steps(rank, results)
-        _sync_power_steps(rank, results)
     results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
 
     for norm in ("batch", "power"):

@@ -27,18 +27,8 @@ def results(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _concat(parts):
-    """Concatenate per-rank (B_r, T_r, ...) tensors along B, padding T to the longest."""
-    t = max(p.shape[1] for p in parts)
-    out = []
-    for p in parts:
-        pad_shape = (p.shape[0], t - p.shape[1]) + tuple(p.shape[2:])
-        fill = torch.ones(pad_shape, dtype=p.dtype) if p.dtype == torch.bool else torch.zeros(pad_shape, dtype=p.dtype)
-        out.append(torch.cat([p, fill], dim=1))
-    return torch.cat(out, dim=0)
-
-
 def _split(t, parts):
+    """The per-rank pieces of a tensor over the concatenated batch."""
     out, start = [], 0
     for p in parts:
         out.append(t[start:start + p.shape[0], : p.shape[1]])
@@ -46,73 +36,37 @@ def _split(t, parts):
     return out
 
 
+@pytest.mark.parametrize("case", list(W.CASES))
 @pytest.mark.parametrize("scenario", ["ragged", "rank1_all_padding"])
-def test_sync_equals_single_process_on_the_concatenated_batch(results, scenario):
+def test_sync_equals_single_process_on_the_concatenated_batch(results, case, scenario):
+    """One process on the concatenated batch minimizing what DistributedDataParallel
+    minimizes, the *mean* of the ranks' losses (so its ``dy`` is the ranks' over
+    WORLD): outputs, running statistics (ψ² and ν too) and counters are equal, each
+    rank's input gradient is WORLD times its own, and the ranks' parameter
+    gradients average to its own."""
+    kind, momentum = W.CASES[case]
     steps = W.global_batches()[scenario]
-    single = seqnorm.SeqBatchNorm(W.D).double()
-    with torch.no_grad():
-        single.weight.copy_(torch.linspace(0.5, 1.5, W.D))
-        single.bias.copy_(torch.linspace(-1, 1, W.D))
+    single = W.run_steps(W.make_norm(kind, False, momentum), kind, steps, dy_scale=1 / WORLD)
+    close = dict(atol=1e-5, rtol=1e-5)
     for step, per_rank in enumerate(steps):
-        xs, masks, dys = zip(*per_rank)
-        x = _concat(list(xs)).requires_grad_()
-        mask, dy = _concat(list(masks)), _concat(list(dys))
-        single.zero_grad()
-        y = single(x, padding_mask=mask)
-        y.backward(dy)
+        xs = [x for x, _, _ in per_rank]
+        want = single[step]
         for r in range(WORLD):
-            got = results[r][scenario][step]
-            torch.testing.assert_close(got["y"], _split(y.detach(), xs)[r], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["dx"], _split(x.grad, xs)[r], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["running_mean"], single.running_mean, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["running_var"], single.running_var, atol=1e-5, rtol=1e-5)
-            assert got["nbt"] == single.num_batches_tracked
-        # parameter gradients are local sums (DDP reduces them): their sum is the global gradient
-        torch.testing.assert_close(sum(results[r][scenario][step]["dw"] for r in range(WORLD)), single.weight.grad,
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(sum(results[r][scenario][step]["db"] for r in range(WORLD)), single.bias.grad,
-                                   atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("momentum", list(W.POWER_CONFIGS))
-@pytest.mark.parametrize("scenario", ["ragged", "rank1_all_padding"])
-def test_sync_power_norm_equals_single_process_on_the_concatenated_batch(results, scenario, momentum):
-    """Outputs and input gradients are local (PowerNorm divides by the running ψ²),
-    but ψ², ν and the next steps' outputs depend on the global batch. The single
-    process minimizes what DistributedDataParallel does: the *mean* of the ranks'
-    losses, so its ``dy`` is the ranks' over WORLD, the ranks' gradients are WORLD
-    times its own, and their average is its parameter gradient."""
-    steps = W.global_batches()[scenario]
-    single = W.make_power(seqnorm.PowerNorm, W.POWER_CONFIGS[momentum])
-    for step, per_rank in enumerate(steps):
-        xs, masks, dys = zip(*per_rank)
-        x = _concat(list(xs)).requires_grad_()
-        mask, dy = _concat(list(masks)), _concat(list(dys))
-        single.zero_grad()
-        y = single(x, padding_mask=mask)
-        y.backward(dy / WORLD)
-        for r in range(WORLD):
-            got = results[r][f"power/{momentum}/{scenario}"][step]
-            torch.testing.assert_close(got["y"], _split(y.detach(), xs)[r], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["dx"], WORLD * _split(x.grad, xs)[r], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["phi"], single.running_phi, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got["nu"], single.running_nu, atol=1e-5, rtol=1e-5)
-            assert got["nbt"] == single.num_batches_tracked
-        for key, grad in (("dw", single.weight.grad), ("db", single.bias.grad)):
-            torch.testing.assert_close(sum(results[r][f"power/{momentum}/{scenario}"][step][key]
-                                           for r in range(WORLD)) / WORLD, grad, atol=1e-5, rtol=1e-5)
-    # Rank 0 keeping statistics of its own batch alone: elsewhere when rank 1 had real
-    # tokens (so the check above has teeth), the same when rank 1 was all padding.
-    local = W.make_power(seqnorm.PowerNorm, W.POWER_CONFIGS[momentum])
-    for per_rank in steps:
-        x0, m0, dy0 = per_rank[0]
-        local(x0.clone().requires_grad_(), padding_mask=m0).backward(dy0 / WORLD)
-    if scenario == "rank1_all_padding":
-        torch.testing.assert_close(local.running_phi, single.running_phi)
-        torch.testing.assert_close(local.running_nu, single.running_nu)
-    else:
-        assert not torch.allclose(local.running_phi, single.running_phi, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(local.running_nu, single.running_nu, atol=1e-5, rtol=1e-5)
+            got = results[r][f"{case}/{scenario}"][step]
+            torch.testing.assert_close(got["y"], _split(want["y"], xs)[r], **close)
+            torch.testing.assert_close(got["dx"], WORLD * _split(want["dx"], xs)[r], **close)
+            for b in W.BUFFERS[kind]:
+                torch.testing.assert_close(got[b], want[b], **close, msg=b)
+            assert got["nbt"] == want["nbt"]
+        for key in ("dw", "db"):
+            mean = sum(results[r][f"{case}/{scenario}"][step][key] for r in range(WORLD)) / WORLD
+            torch.testing.assert_close(mean, want[key], **close)
+    # Rank 0 keeping statistics of its own batch alone ends elsewhere when rank 1 had
+    # real tokens (so the checks above have teeth), and the same when it was all padding.
+    alone = W.run_steps(W.make_norm(kind, False, momentum), kind, [[p[0]] for p in steps], dy_scale=1 / WORLD)
+    for b in W.BUFFERS[kind]:
+        same = torch.allclose(alone[-1][b], single[-1][b], **close)
+        assert same == (scenario == "rank1_all_padding"), b
 
 
 def test_sync_path_warns_nothing(results):
@@ -128,7 +82,7 @@ def test_ddp_training_matches_single_process(results, norm):
     losses = []
     for per_rank in W.ddp_data():
         xs, masks, targets = zip(*per_rank)
-        x, mask, target = _concat(list(xs)), _concat(list(masks)), _concat(list(targets))
+        x, mask, target = (W.concat_batch(list(t)) for t in (xs, masks, targets))
         total = int((~mask).sum())
         opt.zero_grad()
         err = ((model(x, mask) - target) ** 2).masked_fill(mask[..., None], 0).sum() / total

@@ -170,6 +170,23 @@ def _cast(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if p is None else p.to(dtype)
 
 
+def _swap(module: torch.nn.Module, source: type, target: type, make, buffers) -> torch.nn.Module:
+    """``module`` with every ``source`` instance in it (itself included) replaced by
+    ``make(m)``, a ``target`` sharing ``m``'s parameters and the named buffers."""
+    out = module
+    if isinstance(module, source) and not isinstance(module, target):
+        out = make(module)
+        if module.affine:
+            out.weight = module.weight
+            out.bias = module.bias
+        for name in buffers:
+            setattr(out, name, getattr(module, name))
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _swap(child, source, target, make, buffers))
+    return out
+
+
 class SyncSeqBatchNorm(SeqBatchNorm):
     r"""Padding-aware BatchNorm with statistics over every real token of every rank.
 
@@ -227,22 +244,10 @@ class SyncSeqBatchNorm(SeqBatchNorm):
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """Replace every :class:`SeqBatchNorm` in ``module`` by a SyncSeqBatchNorm
         sharing its parameters and buffers (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``)."""
-        out = module
-        if isinstance(module, SeqBatchNorm) and not isinstance(module, cls):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, process_group, bias=module.bias is not None,
-                      batch_first=module.batch_first)
-            if module.affine:
-                with torch.no_grad():
-                    out.weight = module.weight
-                    out.bias = module.bias
-            out.running_mean = module.running_mean
-            out.running_var = module.running_var
-            out.num_batches_tracked = module.num_batches_tracked
-            out.train(module.training)
-        for name, child in module.named_children():
-            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
-        return out
+        def make(m):
+            return cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
+                       bias=m.bias is not None, batch_first=m.batch_first)
+        return _swap(module, SeqBatchNorm, cls, make, ("running_mean", "running_var", "num_batches_tracked"))
 
 
 class _SyncPowerFunction(torch.autograd.Function):
@@ -328,7 +333,8 @@ class SyncPowerNorm(PowerNorm):
     them). ν, a statistic of the gradient, assumes DistributedDataParallel's
     convention — the applied gradient is the *average* of the ranks' — and is
     kept in that scale: it is the ν of one process minimizing the mean of the
-    ranks' losses, so a checkpoint means the same on any number of ranks. Arguments, parameters and buffers are :class:`PowerNorm`'s plus
+    ranks' losses, so a checkpoint means the same on any number of ranks.
+    Arguments, parameters and buffers are :class:`PowerNorm`'s plus
     ``process_group``; without a process group, with one rank, or in eval, it
     is :class:`PowerNorm`.
 
@@ -371,17 +377,7 @@ class SyncPowerNorm(PowerNorm):
     def convert_sync_powernorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """Replace every :class:`PowerNorm` in ``module`` by a SyncPowerNorm sharing
         its parameters and buffers."""
-        out = module
-        if isinstance(module, PowerNorm) and not isinstance(module, cls):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, process_group,
-                      bias=module.bias is not None, batch_first=module.batch_first)
-            if module.affine:
-                out.weight = module.weight
-                out.bias = module.bias
-            out.running_phi = module.running_phi
-            out.running_nu = module.running_nu
-            out.num_batches_tracked = module.num_batches_tracked
-            out.train(module.training)
-        for name, child in module.named_children():
-            out.add_module(name, cls.convert_sync_powernorm(child, process_group))
-        return out
+        def make(m):
+            return cls(m.num_features, m.eps, m.momentum, m.affine, process_group, bias=m.bias is not None,
+                       batch_first=m.batch_first)
+        return _swap(module, PowerNorm, cls, make, ("running_phi", "running_nu", "num_batches_tracked"))
