@@ -269,7 +269,7 @@ class _SyncPowerFunction(torch.autograd.Function):
             x = x.masked_fill(pad.unsqueeze(-1), 0)
         count = torch.tensor([x.shape[0] if pad is None else int((~pad).sum())], dtype=torch.float64,
                              device=x.device)
-        sums = torch.cat([count, (x.double() * x.double()).sum(0)])                  # 1 + D
+        sums = torch.cat([count, x.double().square().sum(0)])                        # 1 + D
         dist.all_reduce(sums, group=group)
         n = sums[0]
         phi = sums[1:] / n.clamp_min(1)                                               # global ψ_B²
