@@ -44,6 +44,19 @@ import torch.nn.functional as F
 
 from . import reference
 
+__all__ = [
+    "TorchBackend",
+    "ReferenceBackend",
+    "register_backend",
+    "available_backends",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "current_backend",
+]
+
+Tensor = torch.Tensor
+
 
 class NonFiniteStatisticsWarning(RuntimeWarning):
     """A training batch had NaN/Inf statistics; the running statistics were kept."""
@@ -72,19 +85,6 @@ def update_running_nu(nu: Tensor, new: Tensor, has_tokens) -> None:
                           stacklevel=2)
             return
         nu.copy_(new.to(nu.dtype))
-
-__all__ = [
-    "TorchBackend",
-    "ReferenceBackend",
-    "register_backend",
-    "available_backends",
-    "set_backend",
-    "get_backend",
-    "use_backend",
-    "current_backend",
-]
-
-Tensor = torch.Tensor
 
 
 def _zero_padded_rows(t: Tensor, pad: Optional[Tensor]) -> Tensor:

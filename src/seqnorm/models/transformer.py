@@ -22,7 +22,6 @@ The norm is chosen by name (:data:`NORMS`), all from seqnorm's own modules:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
