@@ -161,13 +161,9 @@ def _sync_rows(module, input: Tensor, padding_mask, lengths):
     padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
     pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths,
                           what="(B, T)" if x.dim() == 3 else "(N,)")
-    cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cdt = F._compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     return x, x2, None if pad is None else pad.reshape(-1), cdt
-
-
-def _cast(p: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if p is None else p.to(dtype)
 
 
 def _swap(module: torch.nn.Module, source: type, target: type, make, buffers) -> torch.nn.Module:
@@ -229,7 +225,7 @@ class SyncSeqBatchNorm(SeqBatchNorm):
         if not self.training or world == 1:
             return super().forward(input, padding_mask, lengths)
         x, x2, pad1, cdt = _sync_rows(self, input, padding_mask, lengths)
-        y, mean, var, n = _SyncFunction.apply(x2, _cast(self.weight, cdt), _cast(self.bias, cdt), pad1, self.eps,
+        y, mean, var, n = _SyncFunction.apply(x2, F._cast(self.weight, cdt), F._cast(self.bias, cdt), pad1, self.eps,
                                               self.process_group, world)
         n = int(n)
         if n == 1:  # every rank sees the same n, so every rank raises
@@ -367,7 +363,7 @@ class SyncPowerNorm(PowerNorm):
         x, x2, pad1, cdt = _sync_rows(self, input, padding_mask, lengths)
         # ν's update in the backward uses the weight ψ²'s update uses here (as power_norm)
         factor = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
-        y, phi, n = _SyncPowerFunction.apply(x2, _cast(self.weight, cdt), _cast(self.bias, cdt), pad1,
+        y, phi, n = _SyncPowerFunction.apply(x2, F._cast(self.weight, cdt), F._cast(self.bias, cdt), pad1,
                                              self.running_phi, self.running_nu, self.eps, factor,
                                              self.process_group, world)
         F.update_running_stats([(self.running_phi, phi)], int(n), self.momentum, self.num_batches_tracked)

@@ -59,7 +59,7 @@ def forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: 
 
     With the residual, ``s = x + res`` is formed in the compute dtype, written out
     for every row when asked (padding included: the residual stream is not
-    normalized), and normalized as formed — for bfloat16 the exact float32 sum,
+    normalized), and normalized as formed — for 16-bit inputs the exact float32 sum,
     not the rounded one that is returned."""
     R, D = x.shape
     has_res = res.shape[0] > 0
@@ -67,7 +67,7 @@ def forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: 
     zero = k[3]
     size = (R + NCHUNK - 1) // NCHUNK
     for c in nb.prange(NCHUNK):
-        # Two scratch rows (bfloat16 only; empty otherwise), each serving twice, so that
+        # Two scratch rows (16-bit inputs only; empty otherwise), each serving twice, so that
         # with the rows of x, res, y and s they stay within L1: the sum overwrites the
         # widened x in place, and y takes the widened residual's place once it is used.
         xbuf, rbuf = scratch(x, D), scratch(x, D)
@@ -121,7 +121,7 @@ def backward(dy, x, res, ds, w, pad, shift, delta, rstd, k, center, dx, dw_part,
     shift, delta, rstd: (R,); dw_part, db_part: (NCHUNK, D) out.
 
     ``x`` is what the forward normalized — or, with ``res``, one addend of it:
-    the sum is re-formed here in the compute dtype (bfloat16 keeps both addends
+    the sum is re-formed here in the compute dtype (16-bit inputs keep both addends
     rather than the rounded sum). ``ds``, the gradient of the returned sum, is
     added to ``dx`` before it is stored (at padding ``dx = ds``: the residual
     stream passes through). Each chunk of rows accumulates its own partials; the
@@ -138,7 +138,7 @@ def backward(dy, x, res, ds, w, pad, shift, delta, rstd, k, center, dx, dw_part,
         for j in range(D):
             dwp[j] = zero
             dbp[j] = zero
-        # Scratch rows (bfloat16 only) serve twice, to stay within L1: dx is written over
+        # Scratch rows (16-bit inputs only) serve twice, to stay within L1: dx is written over
         # the widened dy (element by element, after it is read), ds over the residual.
         gbuf, xbuf, rbuf = scratch(dy, D), scratch(dy, D), scratch(dy, D)
         total = np.empty(D if has_res else 0, k.dtype)
