@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import seqnorm
+from seqnorm import backends
 from seqnorm import functional as F
 from seqnorm import reference as ref
 
@@ -238,10 +239,10 @@ def test_torch_compile_sees_custom_ops(dtype):
 
 
 def test_auto_uses_fused_for_large_cpu_float_inputs():
-    from seqnorm import ops
-    from seqnorm.fused import FusedBackend
+    from seqnorm.backends.fused import FusedBackend
+    from seqnorm.backends.torch import TorchBackend
 
     with seqnorm.use_backend("auto"):
-        assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL)) is FusedBackend
-        assert ops.current_backend(torch.empty(8)) is ops.TorchBackend
-        assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL, dtype=torch.int32)) is ops.TorchBackend
+        assert backends.current_backend(torch.empty(backends.AUTO_MIN_NUMEL)) is FusedBackend
+        assert backends.current_backend(torch.empty(8)) is TorchBackend
+        assert backends.current_backend(torch.empty(backends.AUTO_MIN_NUMEL, dtype=torch.int32)) is TorchBackend

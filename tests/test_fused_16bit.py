@@ -13,7 +13,7 @@ import torch
 
 import seqnorm
 from seqnorm import functional as F
-from seqnorm import ops
+from seqnorm import backends
 from seqnorm import reference as ref
 
 from conftest import assert_same_bits_for_thread_counts, to_np
@@ -187,14 +187,15 @@ def test_non_contiguous_input(dt):
 def test_auto_routing():
     """bfloat16 always goes to the kernels; float16 where the CPU converts it in
     hardware (else to torch, after functional's cast); small tensors to torch."""
-    from seqnorm.fused import FusedBackend
+    from seqnorm.backends.fused import FusedBackend
+    from seqnorm.backends.torch import TorchBackend
 
     with seqnorm.use_backend("auto"):
-        assert ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL, dtype=BF)) is FusedBackend
-        half = ops.current_backend(torch.empty(ops.AUTO_MIN_NUMEL, dtype=torch.float16))
-        assert half is (FusedBackend if rows.HALF_NATIVE else ops.TorchBackend)
-        assert ops.current_backend(torch.empty(8, dtype=BF)) is ops.TorchBackend
-        assert ops.current_backend(torch.empty(8, dtype=torch.float16)) is ops.TorchBackend
+        assert backends.current_backend(torch.empty(backends.AUTO_MIN_NUMEL, dtype=BF)) is FusedBackend
+        half = backends.current_backend(torch.empty(backends.AUTO_MIN_NUMEL, dtype=torch.float16))
+        assert half is (FusedBackend if rows.HALF_NATIVE else TorchBackend)
+        assert backends.current_backend(torch.empty(8, dtype=BF)) is TorchBackend
+        assert backends.current_backend(torch.empty(8, dtype=torch.float16)) is TorchBackend
     assert (torch.float16 in FusedBackend.native_low_precision) is rows.HALF_NATIVE
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import seqnorm
-from seqnorm.functional import NonFiniteStatisticsWarning
+from seqnorm.running import NonFiniteStatisticsWarning
 
 D = 8
 

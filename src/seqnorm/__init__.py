@@ -9,7 +9,7 @@ from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .convert import ConversionWarning, convert
 from .masks import lengths_to_padding_mask, padding
 from .modules import AddNorm, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
-from .ops import available_backends, get_backend, set_backend, use_backend
+from .backends import available_backends, get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
-from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, _FeaturewiseNorm
+from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, FeaturewiseNorm
 
 __all__ = ["convert", "ConversionWarning", "TARGETS"]
 
@@ -117,7 +117,7 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
                   affine=affine, bias=bias is not None or not affine, batch_first=batch_first, **factory)
     if momentum is not None:
         common["momentum"] = momentum
-    elif isinstance(m, (nn.BatchNorm1d, _FeaturewiseNorm)):
+    elif isinstance(m, (nn.BatchNorm1d, FeaturewiseNorm)):
         common["momentum"] = m.momentum
     if to == "power":
         new = PowerNorm(d, **common)

@@ -1,8 +1,12 @@
-r"""SyncSeqBatchNorm: masked BatchNorm whose statistics span every process.
+r"""SyncSeqBatchNorm and SyncPowerNorm: the batch-statistic norms with statistics
+over every process. This module holds their collectives only: the statistics,
+the normalization and both backwards are the torch backend's one feature-wise
+path (:mod:`seqnorm.backends.torch`), which calls the :class:`Collectives` hook
+between statistics and normalization.
 
-In training, each rank computes, per feature, the count ``n_r`` of its real
-tokens, their mean ``μ_r`` and centred second moment ``M_r = Σ (x − μ_r)²``.
-One collective (an all-gather into one flat tensor of the packed ``[n_r, μ_r, M_r]``)
+SyncSeqBatchNorm: in training, each rank computes, per feature, the count
+``n_r`` of its real tokens, their mean ``μ_r`` and centred second moment
+``M_r = Σ (x − μ_r)²``. One collective (an all-gather into one flat tensor of the packed ``[n_r, μ_r, M_r]``)
 gives every rank all of them, and every rank merges them in rank order with
 Chan et al.'s formula, in float64:
 
@@ -42,44 +46,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as F
-from .masks import resolve_padding
-from .modules import PowerNorm, SeqBatchNorm, _batch_padding
-from .ops import TorchBackend, update_running_nu
+from .backends.torch import StatsReduce, merge_moments
+from .modules import FeaturewiseNorm, PowerNorm, SeqBatchNorm
 
-__all__ = ["SyncSeqBatchNorm", "SyncPowerNorm", "merge_moments"]
-
-
-def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor):
-    """Chan's parallel merge of per-rank ``(n, μ, M)`` in order.
-
-    Args:
-        counts: ``(W,)``; means, m2s: ``(W, D)`` — float64.
-
-    Returns:
-        ``(n, mean (D,), var (D,))`` with ``var = M/n`` biased (0 where n = 0).
-    """
-    n = torch.zeros((), dtype=torch.float64, device=means.device)
-    mean = torch.zeros(means.shape[1], dtype=torch.float64, device=means.device)
-    m2 = torch.zeros_like(mean)
-    for r in range(counts.shape[0]):
-        nb = counts[r]
-        if nb == 0:
-            continue
-        total = n + nb
-        delta = means[r] - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2s[r] + delta * delta * (n * nb / total)
-        n = total
-    var = m2 / n if n > 0 else m2
-    return n, mean, var
-
-
-def _local_moments(x: Tensor, pad: Optional[Tensor]):
-    """Per-feature ``(n, μ, M)`` of the real rows of ``x (N, D)``, in float64."""
-    x = x if pad is None else x.masked_fill(pad.unsqueeze(-1), 0)
-    mean, var, count = TorchBackend.masked_moments(x.double(), pad)
-    return count.double(), mean, var * count.double()
+__all__ = ["SyncSeqBatchNorm", "SyncPowerNorm", "Collectives", "merge_moments"]
 
 
 def _all_gather_flat(out: Tensor, inp: Tensor, group) -> None:
@@ -92,55 +62,30 @@ def _all_gather_flat(out: Tensor, inp: Tensor, group) -> None:
     gather(out, inp, group=group)
 
 
-class _SyncFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, pad, eps, group, world):
-        ctx.set_materialize_grads(False)
-        d = x.shape[1]
-        n_l, mean_l, m2_l = _local_moments(x, pad)
-        packed = torch.cat([n_l.reshape(1), mean_l, m2_l])                       # 2D+1
-        gathered = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
-        _all_gather_flat(gathered, packed, group)
-        gathered = gathered.view(world, packed.numel())
-        n, mean, var = merge_moments(gathered[:, 0], gathered[:, 1:1 + d], gathered[:, 1 + d:])
-        rstd = torch.rsqrt(var + eps).to(x.dtype)                                 # D
-        xhat = (x - mean.to(x.dtype)) * rstd                                      # N,D
-        if pad is not None:
-            xhat = xhat.masked_fill(pad.unsqueeze(-1), 0)
-        y = xhat if weight is None else xhat * weight
-        y = y if bias is None else y + bias
-        if pad is not None:
-            y = y.masked_fill(pad.unsqueeze(-1), 0)
-        ctx.save_for_backward(xhat, rstd, weight, pad)
-        ctx.n, ctx.group, ctx.has_bias = float(n), group, bias is not None
-        stats = (mean.to(x.dtype), var.to(x.dtype), n)
-        ctx.mark_non_differentiable(*stats)
-        return (y,) + stats
+class Collectives(StatsReduce):
+    """The :class:`~seqnorm.backends.torch.StatsReduce` hook over a process group.
 
-    @staticmethod
-    def backward(ctx, dy, *_):
-        xhat, rstd, weight, pad = ctx.saved_tensors
-        if dy is None:  # every rank must still join the collective below
-            dy = torch.zeros_like(xhat)
-        if pad is not None:
-            dy = dy.masked_fill(pad.unsqueeze(-1), 0)
-        dbeta = dy.sum(0)                                                         # local Σ dy
-        dgamma = (dy * xhat).sum(0)                                               # local Σ dy·x̂
-        sums = torch.cat([dbeta, dgamma]).double()
-        dist.all_reduce(sums, group=ctx.group)
-        d = dy.shape[1]
-        if ctx.n > 0:
-            c1 = (sums[:d] / ctx.n).to(dy.dtype)
-            c2 = (sums[d:] / ctx.n).to(dy.dtype)
-            g = dy - c1 - xhat * c2
-        else:
-            g = dy
-        scale = rstd if weight is None else rstd * weight
-        dx = g * scale
-        if pad is not None:
-            dx = dx.masked_fill(pad.unsqueeze(-1), 0)
-        return (dx, dgamma if weight is not None else None, dbeta if ctx.has_bias else None,
-                None, None, None, None)
+    ``moments``: one all-gather of every rank's packed ``[n, μ, M]`` (float64),
+    merged in rank order with Chan's formula, so every rank gets the same bits.
+    ``sums``: one all_reduce (float64). ``world``: the group's size.
+    """
+
+    def __init__(self, group, world: int):
+        self.group, self.world = group, world
+
+    def moments(self, count, mean, var):
+        d = mean.shape[0]
+        n = count.to(torch.float64).reshape(1)
+        packed = torch.cat([n, mean.double(), var.double() * n])                     # 2D+1
+        gathered = torch.empty(self.world * packed.numel(), dtype=torch.float64, device=packed.device)
+        _all_gather_flat(gathered, packed, self.group)
+        gathered = gathered.view(self.world, packed.numel())
+        return merge_moments(gathered[:, 0], gathered[:, 1:1 + d], gathered[:, 1 + d:])
+
+    def sums(self, t):
+        t = t.double()
+        dist.all_reduce(t, group=self.group)
+        return t
 
 
 def _world(process_group) -> int:
@@ -150,20 +95,10 @@ def _world(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
-def _sync_rows(module, input: Tensor, padding_mask, lengths):
-    """Validate and flatten a sync module's input: ``(x, x2, pad1, cdt)`` with
-    ``x`` batch-first, ``x2 (N, D)`` in the compute dtype (float32 for 16-bit
-    input), ``pad1 (N,)`` or None."""
-    x = module._to_batch_first(input)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"{type(module).__name__} expects input of shape (B, T, D) or (N, D), got {x.dim()}-D "
-                         f"input of shape {tuple(x.shape)}")
-    padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
-    pad = resolve_padding(x.shape[:-1], x.device, padding_mask, lengths,
-                          what="(B, T)" if x.dim() == 3 else "(N,)")
-    cdt = F._compute_dtype(x)
-    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-    return x, x2, None if pad is None else pad.reshape(-1), cdt
+def _sync_reduce(module: FeaturewiseNorm) -> Optional[Collectives]:
+    """The module's collectives while training in a group of several ranks, else None."""
+    world = _world(module.process_group)
+    return Collectives(module.process_group, world) if module.training and world > 1 else None
 
 
 def _swap(module: torch.nn.Module, source: type, target: type, make, buffers) -> torch.nn.Module:
@@ -219,22 +154,8 @@ class SyncSeqBatchNorm(SeqBatchNorm):
                          bias=bias, batch_first=batch_first)
         self.process_group = process_group
 
-    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
-                lengths: Optional[Tensor] = None) -> Tensor:
-        world = _world(self.process_group)
-        if not self.training or world == 1:
-            return super().forward(input, padding_mask, lengths)
-        x, x2, pad1, cdt = _sync_rows(self, input, padding_mask, lengths)
-        y, mean, var, n = _SyncFunction.apply(x2, F._cast(self.weight, cdt), F._cast(self.bias, cdt), pad1, self.eps,
-                                              self.process_group, world)
-        n = int(n)
-        if n == 1:  # every rank sees the same n, so every rank raises
-            raise ValueError("SyncSeqBatchNorm: expected more than 1 real token per feature in the global "
-                             "batch when training, got 1")
-        if self.track_running_stats and n > 0:
-            F.update_running_stats([(self.running_mean, mean), (self.running_var, var * (n / (n - 1)))],
-                                   n, self.momentum, self.num_batches_tracked)
-        return self._to_batch_first(y.to(input.dtype).reshape(x.shape))
+    def stats_reduce(self):
+        return _sync_reduce(self)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
@@ -244,70 +165,6 @@ class SyncSeqBatchNorm(SeqBatchNorm):
             return cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
                        bias=m.bias is not None, batch_first=m.batch_first)
         return _swap(module, SeqBatchNorm, cls, make, ("running_mean", "running_var", "num_batches_tracked"))
-
-
-class _SyncPowerFunction(torch.autograd.Function):
-    """PowerNorm's forward and Algorithm 1's backward with global statistics:
-    one all_reduce of ``[n, Σ x²]`` forward, one of ``[Σ x̂², Σ x̂ ⊙ g]`` backward
-    (the latter only when ν is kept); see
-    :func:`seqnorm.reference.power_norm_backward` for the maths.
-
-    ν is kept in the scale of the gradient DistributedDataParallel applies —
-    the average over the ``W`` ranks of their gradients — so that it is the ν
-    of one process minimizing the mean of the ranks' losses, whatever ``W``:
-    ``Λ = Σ_ranks Σ x̂ ⊙ g / (W·n)``, and a rank's own (``W`` times larger)
-    gradient subtracts ``W·ν ⊙ x̂``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor, group, world):
-        ctx.set_materialize_grads(False)
-        if pad is not None:
-            x = x.masked_fill(pad.unsqueeze(-1), 0)
-        count = torch.tensor([x.shape[0] if pad is None else int((~pad).sum())], dtype=torch.float64,
-                             device=x.device)
-        sums = torch.cat([count, x.double().square().sum(0)])                        # 1 + D
-        dist.all_reduce(sums, group=group)
-        n = sums[0]
-        phi = sums[1:] / n.clamp_min(1)                                               # global ψ_B²
-        rstd = torch.rsqrt(running_phi.to(x.dtype) + eps)                             # running ψ², as PowerNorm
-        xhat = x * rstd
-        if pad is not None:
-            xhat = xhat.masked_fill(pad.unsqueeze(-1), 0)
-        y = xhat if weight is None else xhat * weight
-        y = y if bias is None else y + bias
-        if pad is not None:
-            y = y.masked_fill(pad.unsqueeze(-1), 0)
-        ctx.save_for_backward(xhat, rstd, weight, pad)
-        ctx.nu, ctx.factor, ctx.group, ctx.n, ctx.world = running_nu, factor, group, float(n), world
-        ctx.has_bias = bias is not None
-        phi = phi.to(x.dtype)
-        ctx.mark_non_differentiable(phi, n)
-        return y, phi, n
-
-    @staticmethod
-    def backward(ctx, dy, *_):
-        xhat, rstd, weight, pad = ctx.saved_tensors
-        nu = ctx.nu
-        if dy is None:  # every rank must still join the collective below
-            dy = torch.zeros_like(xhat)
-        if pad is not None:
-            dy = dy.masked_fill(pad.unsqueeze(-1), 0)
-        g = dy if weight is None else dy * weight                                     # ∂L/∂x̂
-        dweight = (dy * xhat).sum(0) if weight is not None else None                  # local: DDP reduces
-        dbias = dy.sum(0) if ctx.has_bias else None
-        if nu is not None:
-            nu_prev = nu.to(g.dtype)                                                  # may be ν itself
-            sums = torch.cat([(xhat * xhat).sum(0), (xhat * g).sum(0)]).double()
-            g = g - ctx.world * nu_prev * xhat                                        # g̃, with ν before it moves
-            dist.all_reduce(sums, group=ctx.group)
-            if ctx.n > 0:  # a global batch of padding carries no information about ν
-                d = xhat.shape[1]
-                gamma, lam = sums[:d] / ctx.n, sums[d:] / (ctx.n * ctx.world)         # Γ, Λ over every rank
-                update_running_nu(nu, nu_prev.double() * (1 - ctx.factor * gamma) + ctx.factor * lam, True)
-        dx = g * rstd
-        if pad is not None:
-            dx = dx.masked_fill(pad.unsqueeze(-1), 0)
-        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 class SyncPowerNorm(PowerNorm):
@@ -355,19 +212,8 @@ class SyncPowerNorm(PowerNorm):
         super().__init__(num_features, eps, momentum, affine, device, dtype, bias=bias, batch_first=batch_first)
         self.process_group = process_group
 
-    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
-                lengths: Optional[Tensor] = None) -> Tensor:
-        world = _world(self.process_group)
-        if not self.training or world == 1:
-            return super().forward(input, padding_mask, lengths)
-        x, x2, pad1, cdt = _sync_rows(self, input, padding_mask, lengths)
-        # ν's update in the backward uses the weight ψ²'s update uses here (as power_norm)
-        factor = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
-        y, phi, n = _SyncPowerFunction.apply(x2, F._cast(self.weight, cdt), F._cast(self.bias, cdt), pad1,
-                                             self.running_phi, self.running_nu, self.eps, factor,
-                                             self.process_group, world)
-        F.update_running_stats([(self.running_phi, phi)], int(n), self.momentum, self.num_batches_tracked)
-        return self._to_batch_first(y.to(input.dtype).reshape(x.shape))
+    def stats_reduce(self):
+        return _sync_reduce(self)
 
     @classmethod
     def convert_sync_powernorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:

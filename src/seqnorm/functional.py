@@ -14,20 +14,23 @@ What every function here guarantees:
 * A wrong shape, dtype or device raises ``ValueError`` / ``TypeError`` naming
   the argument and the expected shape; nothing is broadcast silently.
 
-The work itself is done by the active backend (:mod:`seqnorm.ops`).
+The work itself is done by the active backend (:mod:`seqnorm.backends`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import ops
-from .ops import NonFiniteStatisticsWarning
+from . import backends
+from .checks import (cast, check_featurewise_input, check_input, check_param, compute_dtype,
+                     split_rowwise)
+from .backends.torch import StatsReduce
 from .masks import resolve_padding, shape_str
+from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
+                      update_batch_norm_stats, update_running_stats)
 
 __all__ = [
     "NonFiniteStatisticsWarning",
@@ -42,79 +45,25 @@ __all__ = [
 
 Tensor = torch.Tensor
 _ShapeLike = Union[int, Sequence[int], torch.Size]
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-# ---------------------------------------------------------------------------
-# Validation helpers (shared by every op)
-# ---------------------------------------------------------------------------
-
-
-def _check_input(x, name: str = "input") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
-
-
-def _normalized_shape(normalized_shape: _ShapeLike) -> Tuple[int, ...]:
-    if isinstance(normalized_shape, int):
-        return (normalized_shape,)
-    if isinstance(normalized_shape, str):
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    try:
-        return tuple(int(s) for s in normalized_shape)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        ) from None
-
-
-def _check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tensor) -> None:
-    if p is None:
-        return
-    if not isinstance(p, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_str(shape)} or None, "
-                        f"got {type(p).__name__}")
-    if tuple(p.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape_str(shape)}, got {shape_str(p.shape)}")
-    if p.device != x.device:
-        raise ValueError(f"{name} is on {p.device} but the input is on {x.device}")
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float16/bfloat16 are computed in float32; float32/float64 as they are."""
-    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-
-
-def _backend_and_rows(x: Tensor, rows: int, d: int):
+def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     """The backend for ``x``, and ``x`` as ``(rows, d)``: in its own dtype when
     that backend reads it itself (the fused kernels take bfloat16 and float16
-    and compute in float32 inside), else cast to the compute dtype here. Returns
-    ``(backend, rows_tensor, native)``."""
-    backend = ops.current_backend(x)
-    if x.dtype in getattr(backend, "native_low_precision", ()):
+    and compute in float32 inside), else cast to the compute dtype here. A
+    ``reduce`` hook goes to the torch backend unless the chosen one takes hooks.
+    Returns ``(backend, rows_tensor, native)``."""
+    def choose(t):
+        backend = backends.current_backend(t)
+        if reduce is not None and not backend.reduces:
+            backend = backends.backend_named("torch", t)
+        return backend
+
+    backend = choose(x)
+    if x.dtype in backend.native_low_precision:
         return backend, x.reshape(rows, d), True
-    x2 = x.reshape(rows, d).to(_compute_dtype(x))
-    return ops.current_backend(x2), x2, False
-
-
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
-def _split_rowwise(x: Tensor, normalized_shape: _ShapeLike, name: str = "input"):
-    """Check ``x (..., *normalized_shape)``; return ``(normalized_shape, token_shape, D)``."""
-    shape = _normalized_shape(normalized_shape)
-    k = len(shape)
-    if k == 0:
-        raise ValueError("normalized_shape must have at least one dimension")
-    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
-        raise ValueError(
-            f"{name} must have shape (*, {', '.join(map(str, shape))}) to match normalized_shape="
-            f"{list(shape)}, got {shape_str(x.shape)}"
-        )
-    return shape, tuple(x.shape[: x.dim() - k]), math.prod(shape)
+    x2 = x.reshape(rows, d).to(compute_dtype(x))
+    return choose(x2), x2, False
 
 
 # ---------------------------------------------------------------------------
@@ -124,12 +73,12 @@ def _split_rowwise(x: Tensor, normalized_shape: _ShapeLike, name: str = "input")
 
 def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual=None,
              need_sum=True):
-    _check_input(x)
-    shape, token_shape, d = _split_rowwise(x, normalized_shape)
-    _check_param(weight, "weight", shape, x)
-    _check_param(bias, "bias", shape, x)
+    check_input(x)
+    shape, token_shape, d = split_rowwise(x, normalized_shape)
+    check_param(weight, "weight", shape, x)
+    check_param(bias, "bias", shape, x)
     if residual is not None:
-        _check_input(residual, "residual")
+        check_input(residual, "residual")
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(
                 f"residual must have the input's shape {shape_str(x.shape)} and dtype {x.dtype}, "
@@ -138,7 +87,7 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
     pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
                           what="input.shape[:-len(normalized_shape)]")
     rows = math.prod(token_shape)
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     backend, x2, native = _backend_and_rows(x, rows, d)
     w = None if weight is None else weight.reshape(d).to(cdt)
     b = None if bias is None else bias.reshape(d).to(cdt)
@@ -325,63 +274,18 @@ def add_rms_norm(
 # ---------------------------------------------------------------------------
 
 
-def _featurewise_setup(x, padding_mask, lengths, params, op_name):
+def _featurewise_setup(x, padding_mask, lengths, params, op_name, reduce):
     """Validate a ``(B, T, D)`` or ``(N, D)`` input and its per-feature tensors."""
-    _check_input(x)
-    if x.dim() not in (2, 3):
-        raise ValueError(
-            f"{op_name} expects input of shape (B, T, D) or (N, D), got {x.dim()}-D input "
-            f"of shape {shape_str(x.shape)}"
-        )
+    check_featurewise_input(x, op_name)
     d = x.shape[-1]
     for name, p in params.items():
-        _check_param(p, name, (d,), x)
+        check_param(p, name, (d,), x)
     token_shape = tuple(x.shape[:-1])
     pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
                           what="(B, T)" if x.dim() == 3 else "(N,)")
-    backend, x2, _ = _backend_and_rows(x, math.prod(token_shape), d)
+    backend, x2, _ = _backend_and_rows(x, math.prod(token_shape), d, reduce)
     pad1 = None if pad is None else pad.reshape(x2.shape[0])
-    return backend, x2, pad1, _compute_dtype(x)
-
-
-def _check_momentum(momentum) -> None:
-    if momentum is None:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
-
-
-def update_running_stats(pairs, count: int, momentum: Optional[float],
-                         num_batches_tracked: Optional[Tensor] = None) -> bool:
-    """The one place running statistics change (SeqBatchNorm, PowerNorm, SyncSeqBatchNorm).
-
-    ``pairs`` is a list of ``(running, batch_value)``; each running tensor moves
-    to ``(1 − f)·running + f·batch`` with ``f = momentum``, or, for
-    ``momentum=None``, ``f = 1/(num_batches_tracked + 1)`` (a cumulative average).
-    Nothing changes — neither the statistics nor ``num_batches_tracked`` — when
-    the batch had no real token, or when a batch statistic is NaN/Inf: such a
-    batch would poison the running statistics for good, so it is skipped with a
-    :class:`NonFiniteStatisticsWarning` (shown once per call site). Returns
-    whether the statistics were updated.
-    """
-    if count <= 0 or not pairs:
-        return False
-    if not all(bool(torch.isfinite(v).all()) for _, v in pairs):
-        warnings.warn("seqnorm: a training batch has NaN/Inf statistics (NaN/Inf at real tokens); the running "
-                      "statistics were left unchanged", NonFiniteStatisticsWarning, stacklevel=3)
-        return False
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / (int(num_batches_tracked) + 1)
-    else:
-        factor = momentum
-    with torch.no_grad():
-        for running, value in pairs:
-            running.lerp_(value.to(running.dtype), factor)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-    return True
+    return backend, x2, pad1, compute_dtype(x)
 
 
 def seq_batch_norm(
@@ -397,6 +301,7 @@ def seq_batch_norm(
     padding_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
     num_batches_tracked: Optional[Tensor] = None,
+    reduce: Optional[StatsReduce] = None,
 ) -> Tensor:
     r"""Batch normalization of token features, statistics over real tokens only.
 
@@ -426,6 +331,10 @@ def seq_batch_norm(
         lengths: ``(B,)`` integers, alternative to ``padding_mask``.
         num_batches_tracked: 0-d long tensor, incremented when the running
             statistics are updated (the module's buffer).
+        reduce: how this process's statistics become the batch's: None (this
+            process holds the whole batch) or a
+            :class:`~seqnorm.backends.torch.StatsReduce` hook
+            (:class:`~seqnorm.SyncSeqBatchNorm` passes its collectives).
 
     Raises:
         ValueError: in training, when exactly one real token is present
@@ -447,28 +356,24 @@ def seq_batch_norm(
     backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
-        "seq_batch_norm",
+        "seq_batch_norm", reduce,
     )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
-    _check_momentum(momentum)
+    check_momentum(momentum)
     use_batch_stats = training or running_mean is None
     mean = var = None
     if not use_batch_stats:
         mean, var = running_mean.to(cdt), running_var.to(cdt)
     y, batch_mean, batch_var, count = backend.featurewise_norm(
-        x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, mean, var
+        x2, cast(weight, cdt), cast(bias, cdt), eps, pad, mean, var, reduce=reduce
     )
     if training:
         n = int(count)
-        if n == 1:
-            raise ValueError(
-                "seq_batch_norm: expected more than 1 real token per feature when training, got 1 "
-                f"(input {shape_str(input.shape)}; check padding_mask/lengths)"
-            )
-        if running_mean is not None and n > 0:
-            update_running_stats([(running_mean, batch_mean), (running_var, batch_var * (n / (n - 1)))],
-                                 n, momentum, num_batches_tracked)
+        check_real_tokens(n, f"seq_batch_norm (input {tuple(input.shape)})")
+        if running_mean is not None:
+            update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, n, momentum,
+                                    num_batches_tracked)
     return y.to(input.dtype).reshape(input.shape)
 
 
@@ -485,6 +390,7 @@ def power_norm(
     padding_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
     num_batches_tracked: Optional[Tensor] = None,
+    reduce: Optional[StatsReduce] = None,
 ) -> Tensor:
     r"""Power normalization (Shen et al., ICML 2020, Algorithm 1), exactly masked.
 
@@ -516,6 +422,8 @@ def power_norm(
         padding_mask: bool ``(B, T)`` (or ``(N,)``), True at padding.
         lengths: ``(B,)`` integers, alternative to ``padding_mask``.
         num_batches_tracked: 0-d long tensor, incremented when ψ² is updated.
+        reduce: None, or a :class:`~seqnorm.backends.torch.StatsReduce` hook
+            (:class:`~seqnorm.SyncPowerNorm` passes its collectives).
 
     Shape:
         - Input: ``(B, T, D)`` or ``(N, D)``
@@ -532,17 +440,14 @@ def power_norm(
     backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_phi=running_phi, running_nu=running_nu, weight=weight, bias=bias),
-        "power_norm",
+        "power_norm", reduce,
     )
-    _check_momentum(momentum)
+    check_momentum(momentum)
     # ν's update in the backward uses the same weight as ψ²'s update here
-    factor = momentum if momentum is not None else (
-        1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 0.0)
-    if momentum is None and num_batches_tracked is None and training:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    factor = momentum_factor(momentum, num_batches_tracked) if training else 0.0
     y, batch_phi, count = backend.power_norm(
-        x2, _cast(weight, cdt), _cast(bias, cdt), eps, pad, running_phi,
-        running_nu if training else None, factor,
+        x2, cast(weight, cdt), cast(bias, cdt), eps, pad, running_phi,
+        running_nu if training else None, factor, reduce=reduce,
     )
     if training:
         update_running_stats([(running_phi, batch_phi)], int(count), momentum, num_batches_tracked)

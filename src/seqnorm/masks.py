@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding"]
+__all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
+           "padding_for_rows", "padding_for_features"]
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -192,3 +193,26 @@ def current_padding() -> Optional[PaddingContext]:
 
 
 _padding_context = contextvars.ContextVar("seqnorm_padding", default=None)
+
+
+def padding_for_rows(input: torch.Tensor, k: int, padding_mask, lengths):
+    """A row-wise norm's padding: explicit ``padding_mask``/``lengths`` win;
+    otherwise the :func:`padding` context, laid out as the token grid
+    ``input.shape[:-k]``; otherwise none. Returns ``(padding_mask, lengths)``."""
+    if padding_mask is not None or lengths is not None:
+        return padding_mask, lengths
+    ctx = current_padding()
+    if ctx is None:
+        return None, None
+    return ctx.for_tokens(input.shape[: input.dim() - k], input.device), None
+
+
+def padding_for_features(x: torch.Tensor, padding_mask, lengths):
+    """As :func:`padding_for_rows` for the feature-wise norms, whose batch-first
+    ``x`` has the token grid ``(B, T)`` (a 2-D ``(N, D)`` input takes no context)."""
+    if padding_mask is not None or lengths is not None or x.dim() != 3:
+        return padding_mask, lengths
+    ctx = current_padding()
+    if ctx is None:
+        return None, None
+    return ctx.batch_major(x.shape[:2], x.device), None

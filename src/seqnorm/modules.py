@@ -11,32 +11,13 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .masks import current_padding, shape_str
+from .checks import check_num_features
+from .masks import padding_for_features, padding_for_rows
+from .running import check_momentum
 
-__all__ = ["LayerNorm", "RMSNorm", "AddNorm", "SeqBatchNorm", "PowerNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm", "PowerNorm"]
 
 Tensor = torch.Tensor
-
-
-def _rowwise_padding(input: Tensor, k: int, padding_mask, lengths):
-    """Explicit padding wins; otherwise the :func:`seqnorm.padding` context, laid
-    out as this norm's token grid ``input.shape[:-k]``."""
-    if padding_mask is not None or lengths is not None:
-        return padding_mask, lengths
-    ctx = current_padding()
-    if ctx is None:
-        return None, None
-    return ctx.for_tokens(input.shape[: input.dim() - k], input.device), None
-
-
-def _batch_padding(x: Tensor, padding_mask, lengths):
-    """As :func:`_rowwise_padding` for the feature-wise norms: always ``(B, T)``."""
-    if padding_mask is not None or lengths is not None or x.dim() != 3:
-        return padding_mask, lengths
-    ctx = current_padding()
-    if ctx is None:
-        return None, None
-    return ctx.batch_major(x.shape[:2], x.device), None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -72,7 +53,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
-        padding_mask, lengths = _rowwise_padding(input, len(self.normalized_shape), padding_mask, lengths)
+        padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                             padding_mask=padding_mask, lengths=lengths)
 
@@ -101,7 +82,7 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
-        padding_mask, lengths = _rowwise_padding(input, len(self.normalized_shape), padding_mask, lengths)
+        padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                           padding_mask=padding_mask, lengths=lengths)
 
@@ -171,7 +152,7 @@ class AddNorm(nn.Module):
 
     def forward(self, input: Tensor, residual: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None):
-        padding_mask, lengths = _rowwise_padding(input, len(self.normalized_shape), padding_mask, lengths)
+        padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         kw = dict(prenorm=self.prenorm, padding_mask=padding_mask, lengths=lengths)
         if self.norm == "layer":
             return F.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
@@ -179,9 +160,11 @@ class AddNorm(nn.Module):
         return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, **kw)
 
 
-class _FeaturewiseNorm(nn.Module):
-    """Shared plumbing of the batch-statistic norms: parameters, the
-    ``num_batches_tracked`` counter, ``batch_first`` and the padding count."""
+class FeaturewiseNorm(nn.Module):
+    """Shared plumbing of the batch-statistic norms (:class:`SeqBatchNorm`,
+    :class:`PowerNorm` and their Sync variants): parameters, the
+    ``num_batches_tracked`` counter, ``batch_first``, and :meth:`stats_reduce`,
+    the hook through which a Sync variant combines statistics across processes."""
 
     _version = 2
 
@@ -190,8 +173,7 @@ class _FeaturewiseNorm(nn.Module):
         super().__init__()
         if not isinstance(num_features, int) or num_features < 0:
             raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
+        check_momentum(momentum)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -214,12 +196,14 @@ class _FeaturewiseNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def stats_reduce(self):
+        """How this module's batch statistics become the whole batch's: None
+        (this process holds the whole batch); the Sync variants return their
+        collectives while training in a process group."""
+        return None
+
     def _to_batch_first(self, input: Tensor) -> Tensor:
-        if isinstance(input, torch.Tensor) and input.dim() in (2, 3) and input.shape[-1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}(num_features={self.num_features}) expects input of shape "
-                f"(B, T, {self.num_features}) or (N, {self.num_features}), got {shape_str(input.shape)}"
-            )
+        check_num_features(input, self.num_features, type(self).__name__)
         if input.dim() == 3 and not self.batch_first:
             return input.transpose(0, 1)  # (T, B, D) -> (B, T, D); padding_mask stays (B, T)
         return input
@@ -241,7 +225,7 @@ class _FeaturewiseNorm(nn.Module):
                 + ("" if self.batch_first else ", batch_first=False"))
 
 
-class SeqBatchNorm(_FeaturewiseNorm):
+class SeqBatchNorm(FeaturewiseNorm):
     r"""Padding-aware BatchNorm for ``(B, T, D)`` token sequences.
 
     .. math::
@@ -315,7 +299,7 @@ class SeqBatchNorm(_FeaturewiseNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         x = self._to_batch_first(input)
-        padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
+        padding_mask, lengths = padding_for_features(x, padding_mask, lengths)
         # As torch: batch statistics in training, or when no running statistics exist.
         use_running = not self.training or self.track_running_stats
         y = F.seq_batch_norm(
@@ -327,11 +311,12 @@ class SeqBatchNorm(_FeaturewiseNorm):
             momentum=self.momentum if self.training and self.track_running_stats else 0.0,
             eps=self.eps, padding_mask=padding_mask, lengths=lengths,
             num_batches_tracked=self.num_batches_tracked if self.training else None,
+            reduce=self.stats_reduce(),
         )
         return self._to_batch_first(y)
 
 
-class PowerNorm(_FeaturewiseNorm):
+class PowerNorm(FeaturewiseNorm):
     r"""Power normalization (Shen et al., ICML 2020), exactly masked.
 
     .. math::
@@ -386,11 +371,12 @@ class PowerNorm(_FeaturewiseNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         x = self._to_batch_first(input)
-        padding_mask, lengths = _batch_padding(x, padding_mask, lengths)
+        padding_mask, lengths = padding_for_features(x, padding_mask, lengths)
         y = F.power_norm(
             x, self.running_phi, self.running_nu, self.weight, self.bias,
             training=self.training, momentum=self.momentum if self.training else 0.0,
             eps=self.eps, padding_mask=padding_mask, lengths=lengths,
             num_batches_tracked=self.num_batches_tracked if self.training else None,
+            reduce=self.stats_reduce(),
         )
         return self._to_batch_first(y)

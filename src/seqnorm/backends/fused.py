@@ -7,8 +7,8 @@ Each kernel family is one forward and one backward custom op
 torch ops. Tensors reach the kernels as zero-copy NumPy views; inputs are made
 contiguous first. Numba's thread count follows ``torch.get_num_threads()``.
 
-Only CPU float32, float64, bfloat16 and float16 tensors come here (``ops``
-routes everything else to the torch backend). The 16-bit types reach the
+Only CPU float32, float64, bfloat16 and float16 tensors come here (the
+chooser registered at the end hands everything else to the torch backend). The 16-bit types reach the
 kernels as their raw bits; they read and write them and compute in float32
 (:mod:`.kernels.rows`). float16 needs hardware conversions (F16C on x86-64):
 without them it is not taken here, and ``functional`` casts it to float32.
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .kernels import NCHUNK, featurewise, rows, rowwise
-from .ops import update_running_nu
+from ..kernels import NCHUNK, featurewise, rows, rowwise
+from ..running import update_running_nu
+from . import backend_named, register_backend
 
 __all__ = ["FusedBackend", "supports"]
 
@@ -478,13 +479,14 @@ def _run(op, impl, fn, *args):
 
 
 class FusedBackend:
-    """Numba kernels behind custom ops. See :mod:`seqnorm.ops` for the contract."""
+    """Numba kernels behind custom ops. See :mod:`seqnorm.backends` for the contract."""
 
     name = "fused"
+    reduces = False
     #: dtypes every op here takes as it is (read and written in that dtype,
     #: computed in float32); functional casts any other low-precision input
     native_low_precision = LOW_PRECISION
-    #: every dtype the ops here take (``ops`` routes the others to torch)
+    #: every dtype the ops here take (the others go to torch)
     dtypes = DTYPES
 
     @staticmethod
@@ -503,13 +505,16 @@ class FusedBackend:
         return y, s
 
     @staticmethod
-    def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None):
+    def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None):
         y, bm, bv, count, *_ = _run(featurewise_fwd, _featurewise_fwd_impl, _FeaturewiseFunction, x, weight, bias, pad, mean, var,
                                     float(eps))
         return y, bm, bv, count
 
     @staticmethod
-    def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor):
+    def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
         y, phi, count, _ = _run(power_fwd, _power_fwd_impl, _PowerFunction, x, weight, bias, pad, running_phi, running_nu,
                                 float(eps), float(factor))
         return y, phi, count
+
+
+register_backend("fused", lambda x: FusedBackend if supports(x) else backend_named("torch", x))

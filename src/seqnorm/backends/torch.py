@@ -1,0 +1,269 @@
+r"""The torch backend: composite torch ops, on every device and dtype torch supports.
+
+Row-wise norms call ``torch.nn.functional.layer_norm`` / ``rms_norm``, so that
+unpadded results are torch's, bit for bit. Feature-wise norms (masked
+BatchNorm, PowerNorm) are written out here as two small steps with a hook
+between them, and this is the *one* feature-wise path on the torch side — the
+Sync modules of :mod:`seqnorm.distributed` run it with a hook that performs
+their collectives:
+
+1. **statistics** of this process's real rows — masked BatchNorm: the count
+   ``n``, mean ``μ`` and biased variance per feature (:func:`masked_moments`); PowerNorm: ``[n, Σ x²]``;
+2. ``reduce`` (a :class:`StatsReduce`) turns them into the statistics of the
+   whole batch: :class:`LocalStats` returns them as they are; a collective
+   gathers every process's and merges them with Chan's formula
+   (:func:`merge_moments`), or sums them;
+3. **normalize** with the reduced statistics.
+
+The backward is written out the same way (the sums it needs pass through
+``reduce.sums``), for BatchNorm with ``x̂ = (x − μ)/σ`` and ``a = γ/σ``:
+
+.. math::
+    \frac{\partial L}{\partial x} = a\Bigl(dy − c_1 − \hat{x}\,c_2\Bigr),\qquad
+    c_1 = \frac{1}{n}\sum_{\text{real}} dy,\quad c_2 = \frac{1}{n}\sum_{\text{real}} dy\,\hat{x}
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..running import update_running_nu
+from . import register_backend
+
+__all__ = ["TorchBackend", "StatsReduce", "LocalStats", "LOCAL", "masked_moments", "merge_moments",
+           "zero_padded_rows", "affine"]
+
+Tensor = torch.Tensor
+
+
+def zero_padded_rows(t: Tensor, pad: Optional[Tensor]) -> Tensor:
+    """0 at padded rows. ``masked_fill`` (not a multiply) so that NaN/Inf in a
+    padded row cannot leak, and the gradient to a padded row is exactly 0."""
+    return t if pad is None else t.masked_fill(pad.unsqueeze(-1), 0)
+
+
+def count_real(x: Tensor, pad: Optional[Tensor]) -> Tensor:
+    """Number of real rows of ``x (N, D)``, as a 0-d int64 tensor on x's device."""
+    return torch.tensor(x.shape[0], device=x.device) if pad is None else (~pad).sum()
+
+
+def affine(xhat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    y = xhat if weight is None else xhat * weight
+    return y if bias is None else y + bias
+
+
+def masked_moments(x: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-feature mean and biased variance of the real rows of ``x (N, D)``.
+
+    Corrected two-pass algorithm: ``m₁ = Σx/n``, ``δ = x − m₁``,
+    ``mean = m₁ + Σδ/n``, ``var = Σδ²/n − (Σδ/n)²``. The second pass removes
+    the rounding error of the first, so an offset of 1e4 costs no accuracy
+    in float32 (no E[x²] − E[x]² cancellation). ``x`` must already be 0 at
+    padded rows. Returns ``(mean (D,), var (D,), count ())``; an all-padding
+    batch gives mean 0, var 0 (not 0/0).
+    """
+    count = count_real(x, pad)
+    n = count.clamp_min(1).to(x.dtype)
+    m1 = x.sum(0) / n
+    delta = zero_padded_rows(x - m1, pad)
+    correction = delta.sum(0) / n
+    var = (delta * delta).sum(0) / n - correction * correction
+    return m1 + correction, var.clamp_min(0), count
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Chan's parallel merge of per-part ``(n, μ, M)``, in order.
+
+    .. math::
+        n = n_a + n_b,\quad Δ = μ_b − μ_a,\quad μ = μ_a + Δ\,\frac{n_b}{n},\quad
+        M = M_a + M_b + Δ^2\,\frac{n_a n_b}{n}
+
+    Parts are weighted by their real rows, and a part with none contributes
+    nothing. No data-dependent branch (no host synchronization).
+
+    Args:
+        counts: ``(W,)``; means, m2s: ``(W, D)`` — one row per part.
+
+    Returns:
+        ``(n (), mean (D,), var (D,))`` with ``var = M/n`` biased (0 where n = 0).
+    """
+    n = torch.zeros((), dtype=means.dtype, device=means.device)
+    mean = torch.zeros(means.shape[1], dtype=means.dtype, device=means.device)
+    m2 = torch.zeros_like(mean)
+    for r in range(counts.shape[0]):
+        nb = counts[r].to(means.dtype)
+        total = n + nb
+        w = torch.where(total > 0, nb / total.clamp_min(1), torch.zeros_like(nb))
+        delta = means[r] - mean
+        mean = mean + delta * w
+        m2 = m2 + m2s[r] + delta * delta * (n * w)
+        n = total
+    return n, mean, m2 / n.clamp_min(1)
+
+
+class StatsReduce:
+    """The hook between statistics and normalization (see the module docstring).
+
+    ``world`` is the number of processes whose gradients DistributedDataParallel
+    averages (PowerNorm keeps ν in that scale); ``moments`` takes this process's
+    ``(n (), mean (D,), var (D,))`` (biased variance) and returns the whole
+    batch's, the same three; ``sums`` returns the sum over processes of
+    a tensor of sums.
+    """
+
+    world = 1
+
+    def moments(self, count: Tensor, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def sums(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class LocalStats(StatsReduce):
+    """This process's batch is the whole batch."""
+
+    def moments(self, count, mean, var):
+        return count, mean, var
+
+    def sums(self, t):
+        return t
+
+
+LOCAL = LocalStats()
+
+
+class _FeaturewiseFunction(torch.autograd.Function):
+    """Masked BatchNorm: statistics → ``reduce`` → normalize; the backward's two
+    sums pass through ``reduce.sums``. With ``mean``/``var`` given (running
+    statistics, eval) the batch statistics are still returned (for the caller)
+    but not used, and the backward has no batch terms."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pad, mean, var, reduce):
+        ctx.set_materialize_grads(False)
+        x = zero_padded_rows(x, pad)
+        local_mean, local_var, count = masked_moments(x, pad)
+        n, batch_mean, batch_var = reduce.moments(count, local_mean, local_var)
+        batch_mean, batch_var = batch_mean.to(x.dtype), batch_var.to(x.dtype)
+        use_batch = mean is None
+        if use_batch:
+            mean, var = batch_mean, batch_var
+        rstd = torch.rsqrt(var + eps)                                             # D
+        xhat = zero_padded_rows((x - mean) * rstd, pad)                           # N,D
+        y = zero_padded_rows(affine(xhat, weight, bias), pad)
+        ctx.save_for_backward(xhat, rstd, weight, pad)
+        ctx.n, ctx.reduce, ctx.use_batch, ctx.has_bias = n, reduce, use_batch, bias is not None
+        ctx.mark_non_differentiable(batch_mean, batch_var, n)
+        return y, batch_mean, batch_var, n
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        xhat, rstd, weight, pad = ctx.saved_tensors
+        if dy is None:  # every process must still join the collective below
+            dy = torch.zeros_like(xhat)
+        dy = zero_padded_rows(dy, pad)
+        dbias = dy.sum(0)                                                         # Σ dy
+        dweight = (dy * xhat).sum(0)                                              # Σ dy·x̂
+        a = rstd if weight is None else rstd * weight
+        if ctx.use_batch:
+            d = dy.shape[1]
+            sums = ctx.reduce.sums(torch.cat([dbias, dweight]))
+            n = ctx.n.clamp_min(1).to(sums.dtype)
+            c1, c2 = (sums[:d] / n).to(dy.dtype), (sums[d:] / n).to(dy.dtype)
+            dy = dy - c1 - xhat * c2
+        dx = zero_padded_rows(dy * a, pad)
+        # Parameter gradients are this process's sums, as torch.nn.SyncBatchNorm's:
+        # DistributedDataParallel reduces them itself.
+        return (dx, dweight if weight is not None else None, dbias if ctx.has_bias else None,
+                None, None, None, None, None)
+
+
+class _PowerNormFunction(torch.autograd.Function):
+    r"""PowerNorm's forward with Algorithm 1's approximate backward.
+
+    The forward divides by the running ψ² (a constant here) and returns the
+    batch's quadratic mean ``ψ_B² = Σ_real x² / n`` (through ``reduce.sums``)
+    for the running update. The backward, with ``g = γ ⊙ ∂L/∂y``, returns
+    ``(g − W·ν ⊙ x̂)/√(ψ² + ε)`` and moves ν with ``Γ = Σ x̂²/n`` and
+    ``Λ = Σ x̂ ⊙ g/(W·n)`` (sums through ``reduce.sums``; ``W = reduce.world``:
+    ν is kept in the scale of the gradient DistributedDataParallel applies, the
+    average over processes, so it is the ν of one process minimizing the mean
+    of their losses). See :func:`seqnorm.reference.power_norm_backward`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor, reduce):
+        ctx.set_materialize_grads(False)
+        x = zero_padded_rows(x, pad)
+        with torch.no_grad():
+            count = count_real(x, pad).to(x.dtype).reshape(1)
+            sums = reduce.sums(torch.cat([count, (x * x).sum(0)]))                 # 1 + D
+            n = sums[0]
+            phi = (sums[1:] / n.clamp_min(1)).to(x.dtype)
+        rstd = torch.rsqrt(running_phi.to(x.dtype) + eps)                       # D
+        xhat = zero_padded_rows(x * rstd, pad)                                  # N,D
+        y = zero_padded_rows(affine(xhat, weight, bias), pad)
+        ctx.save_for_backward(xhat, rstd, weight, pad)
+        ctx.nu, ctx.factor, ctx.reduce, ctx.n = running_nu, factor, reduce, n
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(phi, n)
+        return y, phi, n
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        xhat, rstd, weight, pad = ctx.saved_tensors
+        nu, reduce = ctx.nu, ctx.reduce
+        if dy is None:  # every process must still join the collective below
+            dy = torch.zeros_like(xhat)
+        dy = zero_padded_rows(dy, pad)
+        g = dy if weight is None else dy * weight                               # ∂L/∂x̂
+        dweight = (dy * xhat).sum(0) if weight is not None else None
+        dbias = dy.sum(0) if ctx.has_bias else None
+        if nu is not None:
+            nu_prev = nu.to(g.dtype)                                            # ν before it moves
+            sums = reduce.sums(torch.cat([(xhat * xhat).sum(0), (xhat * g).sum(0)]))
+            g = g - reduce.world * nu_prev * xhat                               # g̃
+            with torch.no_grad():
+                d, n = xhat.shape[1], ctx.n.to(sums.dtype)
+                gamma, lam = sums[:d] / n.clamp_min(1), sums[d:] / (n.clamp_min(1) * reduce.world)
+                # an all-padding batch carries no information about ν
+                update_running_nu(nu, nu_prev.to(sums.dtype) * (1 - ctx.factor * gamma) + ctx.factor * lam,
+                                  n > 0)
+        dx = zero_padded_rows(g * rstd, pad)
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+class TorchBackend:
+    """Composite torch ops. See :mod:`seqnorm.backends` for the contract."""
+
+    name = "torch"
+    native_low_precision = ()
+    reduces = True
+
+    @staticmethod
+    def rowwise_norm(x, weight, bias, eps, pad, center):
+        x = zero_padded_rows(x, pad)  # a zero row normalizes to 0: finite, no leak
+        d = (x.shape[-1],)
+        y = F.layer_norm(x, d, weight, bias, eps) if center else F.rms_norm(x, d, weight, eps)
+        return zero_padded_rows(y, pad)
+
+    @classmethod
+    def add_rowwise_norm(cls, x, residual, weight, bias, eps, pad, center, need_sum=True):
+        s = x + residual
+        return cls.rowwise_norm(s, weight, bias, eps, pad, center), s
+
+    @staticmethod
+    def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None):
+        return _FeaturewiseFunction.apply(x, weight, bias, eps, pad, mean, var, reduce or LOCAL)
+
+    @staticmethod
+    def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
+        return _PowerNormFunction.apply(x, weight, bias, pad, running_phi, running_nu, eps, factor,
+                                        reduce or LOCAL)
+
+
+register_backend("torch", lambda x: TorchBackend)
