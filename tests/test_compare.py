@@ -4,12 +4,13 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
-from seqnorm.experiments import compare as C
-from seqnorm.experiments import tasks as T
+from seqnorm.commands.compare import compute as C, report as R
+from seqnorm.commands.compare import tasks as T
 
 
 def run_cli(*args):
@@ -23,13 +24,13 @@ def test_tiny_compare_writes_table_csv_json_and_plots(tmp_path):
                   "--steps", "4", "--data-scale", "0.05", "--out", str(out))
     assert res.returncode == 0, res.stderr
     header = res.stdout.splitlines()[0]
-    for col in C.HEADERS:
+    for col in R.HEADERS:
         assert col in header, col
     assert len(res.stdout.strip().splitlines()) == 1 + 2 * 4      # a row per (task, norm)
     with open(out / "runs.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 4 * 2                                # every run
-    assert {r["norm"] for r in rows} == {"layer", "batch", "masked_batch", "power"}
+    assert {r["norm"] for r in rows} == {"layer", "pooled_batch", "masked_batch", "power"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["steps"] == 4 and len(summary["runs"]) == 16
     assert "| task | norm | val acc % |" in (out / "summary.md").read_text()
@@ -53,6 +54,21 @@ def test_fixed_seeds_give_the_same_numbers():
     a = C.train_one(task, "masked_batch", 0, cfg)
     b = C.train_one(task, "masked_batch", 0, cfg)
     assert a.curve_acc == b.curve_acc and a.fluct_var_curve == b.fluct_var_curve and a.acc_bs1 == b.acc_bs1
+
+
+def test_parallel_workers_give_the_serial_results():
+    """Two worker processes (one torch thread each) reproduce a serial run exactly, in the same order."""
+    cfg = C.Config(tasks=["majority"], norms=["layer", "masked_batch", "power"], seeds=2, steps=4,
+                   data_scale=0.05, eval_every=2)
+    done = []
+    serial = C.run_all(cfg, workers=1)
+    parallel = C.run_all(cfg, workers=2, on_done=lambda k, total, run: done.append((k, total)))
+    assert [(r.norm, r.seed) for r in parallel] == [(r.norm, r.seed) for r in serial]
+    for a, b in zip(serial, parallel):
+        a, b = asdict(a), asdict(b)
+        a.pop("seconds"), b.pop("seconds")
+        np.testing.assert_equal(a, b)        # every metric and curve, bit for bit (NaN = NaN)
+    assert sorted(done) == [(k, 6) for k in range(1, 7)]
 
 
 def test_tasks_are_deterministic_and_variable_length():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from seqnorm import reference as ref
-from seqnorm.explain import compute_lesson, render_markdown, render_text
+from seqnorm.commands.explain import compute_lesson, render_markdown, render_text
 
 
 def explain(*args):
@@ -53,7 +53,7 @@ def test_json_output_matches_the_reference(seed):
     assert out.returncode == 0, out.stderr
     (lesson,) = json.loads(out.stdout)["lessons"]
     by = {n["norm"]: n for n in lesson["norms"]}
-    assert set(by) == {"layer", "batch", "batch_pooled", "rms", "power"} if mask.any() else {"layer", "batch", "rms", "power"}
+    assert set(by) == {"layer", "masked_batch", "pooled_batch", "rms", "power"} if mask.any() else {"layer", "masked_batch", "rms", "power"}
     y, c = ref.layer_norm_forward(x, eps=1e-5, padding_mask=mask)
     np.testing.assert_allclose(by["layer"]["output"], y, rtol=1e-12)
     real = [(bi, ti) for bi in range(x.shape[0]) for ti in range(x.shape[1]) if not mask[bi, ti]]
@@ -64,8 +64,8 @@ def test_json_output_matches_the_reference(seed):
         assert g["std"] == pytest.approx(np.sqrt(c["var"][bi, ti, 0]))
         assert g["members"] == [[bi, ti, di] for di in range(x.shape[2])]
     y, c = ref.seq_batch_norm_forward(x, eps=1e-5, padding_mask=mask)
-    np.testing.assert_allclose(by["batch"]["output"], y, rtol=1e-12)
-    for di, g in enumerate(by["batch"]["groups"]):
+    np.testing.assert_allclose(by["masked_batch"]["output"], y, rtol=1e-12)
+    for di, g in enumerate(by["masked_batch"]["groups"]):
         assert g["mean"] == pytest.approx(c["batch_mean"][di])
         assert g["var"] == pytest.approx(c["batch_var"][di])
         assert len(g["members"]) == len(real)   # padding never pooled
@@ -73,9 +73,9 @@ def test_json_output_matches_the_reference(seed):
     np.testing.assert_allclose(by["rms"]["output"], y, rtol=1e-12)
     if mask.any():
         y, c = ref.seq_batch_norm_forward(x, eps=1e-5)
-        np.testing.assert_allclose(by["batch_pooled"]["output"], y, rtol=1e-12)
-        assert len(by["batch_pooled"]["groups"][0]["members"]) == x.shape[0] * x.shape[1]
-        moved = np.abs(np.asarray(by["batch_pooled"]["output"]) - by["batch"]["output"]) * (~mask)[..., None]
+        np.testing.assert_allclose(by["pooled_batch"]["output"], y, rtol=1e-12)
+        assert len(by["pooled_batch"]["groups"][0]["members"]) == x.shape[0] * x.shape[1]
+        moved = np.abs(np.asarray(by["pooled_batch"]["output"]) - by["masked_batch"]["output"]) * (~mask)[..., None]
         np.testing.assert_allclose(lesson["padding_moved"], moved, rtol=1e-12)
 
 
@@ -100,7 +100,7 @@ def test_png_and_svg(tmp_path):
 
 
 def test_figure_degrades_without_a_cjk_font(tmp_path, monkeypatch):
-    from seqnorm.explain import figure
+    from seqnorm.commands.explain import figure
 
     monkeypatch.setattr(figure, "_cjk_font", lambda: None)
     lesson = compute_lesson([[[1, 2], [3, 4]]], tokens=[["你", "好"]], norms=("layer",))
@@ -169,3 +169,40 @@ def test_renderers_in_process():
     assert "|---|" in render_markdown(lesson)
     with pytest.raises(ValueError, match="norm must be one of"):
         compute_lesson([[1.0, 2.0]], norms=("group",))
+
+
+DEEP = "[" * 10_000 + "]" * 10_000
+
+
+def test_deeply_nested_json_is_one_line_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text(DEEP)
+    for args, option in ((["--x", DEEP], "--x"), (["--file", str(path)], "--file"),
+                         (["--x", "[" * 40 + "1" + "]" * 40], "--x")):
+        out = explain(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{option}: nested" in lines[0] and "deep" in lines[0], out.stderr
+
+
+def test_a_large_matrix_prints_one_line_unless_no_limit(tmp_path):
+    path = tmp_path / "big.npy"
+    np.save(path, np.arange(300 * 300, dtype=np.float64).reshape(300, 300) % 7)
+    out = explain("--file", str(path))
+    assert out.returncode == 2 and out.stdout == "", out.stdout[:200]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "300 tokens × 300 features" in lines[0] and "--no-limit" in lines[0]
+    wide = json.dumps((np.arange(3 * 70).reshape(3, 70) % 5).tolist())
+    assert explain("--x", wide, "--norm", "layer").returncode == 2
+    full = explain("--x", wide, "--norm", "layer", "--no-limit")
+    assert full.returncode == 0 and "token 2:" in full.stdout
+
+
+def test_png_without_matplotlib_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from seqnorm.cli import main; "
+            f"sys.exit(main(['explain', '--png', {str(tmp_path / 'x.png')!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seqnorm[explain]" in lines[0]
+    assert not (tmp_path / "x.png").exists()

@@ -72,19 +72,19 @@ def test_the_notes_batch_norm_moves_with_the_amount_of_padding():
     real = ~mask
     big, big_mask = _pad(tokens, mask, extra_t=9, extra_b=2, fill=7)
     moved = {}
-    for norm in ("batch", "masked_batch"):
+    for norm in ("pooled_batch", "masked_batch"):
         model = _model(norm).train()
         y = _run(model, tokens, mask)
         y_big = _run(model, big, big_mask)[:3, :7]
         moved[norm] = float((y_big[real] - y[real]).abs().max())
-    assert moved["batch"] > 0.5, moved
+    assert moved["pooled_batch"] > 0.5, moved
     assert moved["masked_batch"] < 1e-6, moved
     # more padding, more movement
     bigger, bigger_mask = _pad(tokens, mask, extra_t=25, extra_b=2, fill=7)
-    model = _model("batch").train()
+    model = _model("pooled_batch").train()
     y = _run(model, tokens, mask)
     more = float((_run(model, bigger, bigger_mask)[:3, :7][real] - y[real]).abs().max())
-    assert more > moved["batch"], (more, moved)   # more padding, more movement
+    assert more > moved["pooled_batch"], (more, moved)   # more padding, more movement
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -6,26 +6,27 @@ model, replace every ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm``,
 and buffers over where the maths allows. Where it does not, a
 :class:`ConversionWarning` says what was dropped or approximated:
 
-=================  ==================================================================
-from → to          what carries over
-=================  ==================================================================
-LN → layer         everything (outputs bit-identical)
-LN → rms           ``weight``; a non-zero ``bias`` is dropped (RMSNorm has none): warns
-RMS → layer        ``weight``; ``bias`` starts at 0
-LN/RMS → batch,    ``weight``/``bias`` (same per-feature role); running statistics start
-sync_batch, power, fresh (a LayerNorm has none); 1-D ``normalized_shape`` only
+=====================  ==============================================================
+from → to              what carries over
+=====================  ==============================================================
+LN → layer             everything (outputs bit-identical)
+LN → rms               ``weight``; a non-zero ``bias`` is dropped (RMSNorm has none): warns
+RMS → layer            ``weight``; ``bias`` starts at 0
+LN/RMS → masked_batch, ``weight``/``bias`` (same per-feature role); running statistics
+sync_batch, power,     start fresh (a LayerNorm has none); 1-D ``normalized_shape`` only
 sync_power
-BN → batch,        ``weight``, ``bias``, ``running_mean``, ``running_var``,
-sync_batch         ``num_batches_tracked``
-BN → power,        ``weight``, ``bias``; ``running_phi = running_var + running_mean²``
-sync_power         (the quadratic mean E[x²] = Var[x] + E[x]²)
-power → power,     everything (``running_phi``, ``running_nu``, ``num_batches_tracked``)
+BN → masked_batch,     ``weight``, ``bias``, ``running_mean``, ``running_var``,
+sync_batch             ``num_batches_tracked``
+BN → power,            ``weight``, ``bias``; ``running_phi = running_var + running_mean²``
+sync_power             (the quadratic mean E[x²] = Var[x] + E[x]²)
+power → power,         everything (``running_phi``, ``running_nu``, ``num_batches_tracked``)
 sync_power
-power → batch      ``weight``, ``bias``; ``running_var = running_phi``, ``running_mean = 0``:
-                   warns (PowerNorm keeps no mean)
-BN/power → layer,  ``weight``, ``bias``; running statistics dropped: warns
-rms
-=================  ==================================================================
+power → masked_batch   ``weight``, ``bias``; ``running_var = running_phi``, ``running_mean = 0``:
+                       warns (PowerNorm keeps no mean)
+BN/power → layer, rms  ``weight``, ``bias``; running statistics dropped: warns
+=====================  ==============================================================
+
+Target names are :mod:`seqnorm.kinds`'s; ``"batch"`` still means ``"masked_batch"``.
 
 ``torch.nn.BatchNorm1d`` takes ``(N, C, L)`` with channels in the middle;
 SeqBatchNorm takes ``(B, T, D)`` with features last: converting a BatchNorm1d
@@ -43,12 +44,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import kinds
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, FeaturewiseNorm
 
 __all__ = ["convert", "ConversionWarning", "TARGETS"]
 
-TARGETS = ("layer", "rms", "batch", "sync_batch", "power", "sync_power")
+#: the kinds (:mod:`seqnorm.kinds`) a model converts to; ``"batch"`` is accepted for ``"masked_batch"``
+TARGETS = ("layer", "rms", "masked_batch", "sync_batch", "power", "sync_power")
 
 
 class ConversionWarning(UserWarning):
@@ -56,14 +59,17 @@ class ConversionWarning(UserWarning):
 
 
 def _kind(m: nn.Module) -> Optional[str]:
+    """The kind of a norm to convert from: what its parameters and statistics mean."""
     if isinstance(m, (nn.LayerNorm,)):
         return "layer"
     if isinstance(m, nn.RMSNorm):
         return "rms"
     if isinstance(m, PowerNorm):
         return "power"
-    if isinstance(m, (SeqBatchNorm, nn.BatchNorm1d)):
-        return "batch"
+    if isinstance(m, SeqBatchNorm):
+        return "masked_batch"
+    if isinstance(m, nn.BatchNorm1d):
+        return "pooled_batch"
     return None
 
 
@@ -108,7 +114,7 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
             if bias is not None and bool(torch.any(bias != 0)):
                 _warn(name, "RMSNorm has no bias: the non-zero bias was dropped")
         _copy(new.weight, weight)
-        if kind in ("batch", "power"):
+        if kinds.kind(kind).feature_dim:
             _warn(name, "running statistics dropped: a row-wise norm uses each token's own statistics")
         return new
 
@@ -133,7 +139,7 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
     if isinstance(m, nn.BatchNorm1d) and not isinstance(m, SeqBatchNorm):
         _warn(name, "torch.nn.BatchNorm1d takes (N, C, L); the seqnorm module takes (B, T, D) with features "
                     "last (or (N, D)): pass it (B, T, D) activations")
-    if kind == "batch" and getattr(m, "running_mean", None) is not None:
+    if kind in ("masked_batch", "pooled_batch") and getattr(m, "running_mean", None) is not None:
         if to in ("power", "sync_power"):
             _copy(new.running_phi, m.running_var + m.running_mean ** 2)
         elif new.running_mean is not None:
@@ -159,7 +165,8 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
     Args:
         model: any ``nn.Module`` (converted in place; also returned). A norm
             passed as ``model`` itself is returned converted.
-        to: ``"layer"``, ``"rms"``, ``"batch"`` (SeqBatchNorm), ``"sync_batch"``
+        to: ``"layer"``, ``"rms"``, ``"masked_batch"`` (SeqBatchNorm; also
+            spelled ``"batch"``), ``"sync_batch"``
             (SyncSeqBatchNorm), ``"power"`` (PowerNorm) or ``"sync_power"``
             (SyncPowerNorm).
         eps: the new modules' eps. Default: each source module's eps.
@@ -179,8 +186,7 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
         >>> type(layer.norm1).__name__
         'RMSNorm'
     """
-    if to not in TARGETS:
-        raise ValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
+    to = kinds.resolve(to, TARGETS, "convert", "to")
     if _kind(model) is not None:
         return _build(model, to, type(model).__name__, eps, momentum, batch_first, process_group)
     for name, child in list(model.named_modules()):

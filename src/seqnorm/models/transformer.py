@@ -5,18 +5,12 @@ whose padded *columns* get weight 0 (the note's ``+ 0`` terms), a linear map,
 the residual Add, then the norm; the feed-forward sub-layer the same way.
 Post-norm: ``x = norm(x + f(x))``; pre-norm: ``x = x + f(norm(x))``.
 
-The norm is chosen by name (:data:`NORMS`), all from seqnorm's own modules:
-
-=================  ==========================================================
-``"layer"``        :class:`seqnorm.LayerNorm`: each token over its features
-``"rms"``          :class:`seqnorm.RMSNorm`
-``"batch"``        :class:`seqnorm.SeqBatchNorm` *without* the mask: each
-                   feature over every position, padding included — the
-                   BatchNorm the note describes (and torch's BatchNorm1d does)
-``"masked_batch"`` :class:`seqnorm.SeqBatchNorm` with the mask: real tokens only
-``"power"``        :class:`seqnorm.PowerNorm` with the mask
-``"none"``         no normalization
-=================  ==========================================================
+The norm is chosen by its :mod:`seqnorm.kinds` name (:data:`NORMS`), all from
+seqnorm's own modules: ``"layer"``, ``"rms"``, ``"pooled_batch"`` (SeqBatchNorm
+*without* the mask: each feature over every position, padding included — the
+BatchNorm the note describes, and torch's BatchNorm1d; formerly ``"batch"``),
+``"masked_batch"`` (SeqBatchNorm over real tokens only), ``"power"`` (PowerNorm
+with the mask) and ``"none"``.
 """
 
 from __future__ import annotations
@@ -26,9 +20,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
+from .. import kinds
 
-NORMS = ("layer", "rms", "batch", "masked_batch", "power", "none")
+NORMS = ("layer", "rms", "pooled_batch", "masked_batch", "power", "none")
 
 
 class Norm(nn.Module):
@@ -36,24 +30,14 @@ class Norm(nn.Module):
 
     def __init__(self, name: str, d_model: int):
         super().__init__()
-        if name not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {name!r}")
-        self.name = name
-        if name == "layer":
-            self.norm = LayerNorm(d_model)
-        elif name == "rms":
-            self.norm = RMSNorm(d_model, eps=1e-6)
-        elif name in ("batch", "masked_batch"):
-            self.norm = SeqBatchNorm(d_model)
-        elif name == "power":
-            self.norm = PowerNorm(d_model)
-        else:
-            self.norm = nn.Identity()
+        self.name = kinds.resolve(name, NORMS, "models", "norm")
+        self.masked = kinds.kind(self.name).masked
+        self.norm = kinds.build(self.name, d_model, **({"eps": 1e-6} if self.name == "rms" else {}))
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
-        if self.name == "none":
+        if self.masked is None:    # no norm: the padded rows still read 0
             return x.masked_fill(padding_mask.unsqueeze(-1), 0)
-        if self.name == "batch":   # the note's BN: padding pooled like any token
+        if not self.masked:        # the note's BN: padding pooled like any token
             return self.norm(x)
         return self.norm(x, padding_mask=padding_mask)
 

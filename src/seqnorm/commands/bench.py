@@ -26,12 +26,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as TF
 
-from . import __version__, functional as F, use_backend
-from .masks import lengths_to_padding_mask
+from .. import __version__, functional as F, kinds, use_backend
+from ..masks import lengths_to_padding_mask
+from . import CommandError
 
 SHAPES = [(8, 128, 512), (16, 512, 1024), (4, 2048, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "seq_batch_norm", "power_norm"]
+#: the functional ops of every kind that has one (:mod:`seqnorm.kinds`)
+OPS = [k.op for k in kinds.KINDS.values() if k.op]
 
 # Bytes moved by the fused kernels, in units of one tensor of x's size:
 # (forward, forward + backward). Row-wise: read x, write y; backward reads dy
@@ -329,16 +331,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    def fail(msg):
-        print(f"seqnorm bench: error: {msg}", file=sys.stderr)
-        return 2
-
     try:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
     except ValueError:
-        return fail(f"--shapes: expected B,T,D;B,T,D, got {args.shapes!r}")
+        raise CommandError(f"--shapes: expected B,T,D;B,T,D, got {args.shapes!r}") from None
     if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
-        return fail(f"--shapes: each shape is three positive integers B,T,D, got {args.shapes!r}")
+        raise CommandError(f"--shapes: each shape is three positive integers B,T,D, got {args.shapes!r}")
     dtypes = [d for d in args.dtypes.split(",") if d]
     ops = [o for o in args.ops.split(",") if o]
     modes = [m for m in args.modes.split(",") if m]
@@ -346,7 +344,7 @@ def run(args) -> int:
                                   ("--modes", modes, ("fwd", "fwd+bwd"))):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
-            return fail(f"{name}: unknown {bad or values}; choose from {', '.join(allowed)}")
+            raise CommandError(f"{name}: unknown {bad or values}; choose from {', '.join(allowed)}")
     print(f"machine: {machine()}")
     print(f"allocator: {allocator()}")
     print(f"{'op':15s} {'shape':17s} {'dt':4s} {'mode':7s} {'provider':14s} {'median':>12s}  "

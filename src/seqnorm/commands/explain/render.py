@@ -1,4 +1,4 @@
-"""Render a :class:`~seqnorm.explain.lesson.Lesson` as text, markdown or JSON."""
+"""Render a :class:`~seqnorm.commands.explain.lesson.Lesson` as text, markdown or JSON."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from .lesson import Group, Lesson, NormLesson
 
 TITLES = {
     "layer": "LayerNorm",
-    "batch": "BatchNorm, padding excluded (seqnorm.SeqBatchNorm)",
-    "batch_pooled": "BatchNorm, padding pooled (torch-style, as in the note)",
+    "masked_batch": "BatchNorm, padding excluded (seqnorm.SeqBatchNorm)",
+    "pooled_batch": "BatchNorm, padding pooled (torch-style, as in the note)",
     "rms": "RMSNorm",
     "power": "PowerNorm",
 }
@@ -20,7 +20,7 @@ TITLES = {
 
 def title(lesson: Lesson, nl: NormLesson) -> str:
     """The panel/section title; BN is only "padding excluded" when there is padding."""
-    return TITLES[nl.norm] if nl.norm != "batch" or lesson.has_padding else "BatchNorm"
+    return TITLES[nl.norm] if nl.norm != "masked_batch" or lesson.has_padding else "BatchNorm"
 
 
 def fmt(v: float, digits: int = 4) -> str:

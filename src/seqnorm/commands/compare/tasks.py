@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from ..masks import lengths_to_padding_mask
+from ...masks import lengths_to_padding_mask
 
 TASKS = ("majority", "wordorder", "majority_fixed")
 

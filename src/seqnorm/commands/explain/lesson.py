@@ -13,18 +13,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import reference
+from ... import kinds, reference
 
-NORMS = ("layer", "batch", "rms", "power")
+#: the kinds explained (:mod:`seqnorm.kinds`); with padding, ``masked_batch`` is
+#: preceded by ``pooled_batch``, the note's BatchNorm, to show what the pads move
+NORMS = ("layer", "masked_batch", "rms", "power")
 
-DESCRIPTIONS = {
-    "layer": "LayerNorm: each token (row) is normalized over its own features",
-    "batch": "BatchNorm: each feature (column) is normalized over all real tokens of the batch",
-    "batch_pooled": "BatchNorm as the note describes it: each feature pools every position, padding included",
-    "rms": "RMSNorm: each token is divided by the root mean square of its features (no mean)",
-    "power": "PowerNorm: each feature is divided by its quadratic mean ψ over real tokens (no mean); "
-             "in training ψ² is a running average, here it is this batch's own ψ_B²",
-}
+DESCRIPTIONS = {name: kinds.kind(name).description for name in NORMS + ("pooled_batch",)}
+DESCRIPTIONS["power"] += "; in training ψ² is a running average, here it is this batch's own ψ_B²"
 
 
 @dataclass
@@ -45,7 +41,7 @@ class Group:
 
 @dataclass
 class NormLesson:
-    norm: str                               # layer | batch | batch_pooled | rms | power
+    norm: str                               # a kind: layer | masked_batch | pooled_batch | rms | power
     description: str
     groups: List[Group]
     output: np.ndarray                      # (B, T, D)
@@ -66,9 +62,9 @@ class Lesson:
     def moved(self) -> Optional[np.ndarray]:
         """|pooled BN − masked BN| at every real token (the note's argument), or None."""
         by = {n.norm: n.output for n in self.norms}
-        if "batch" not in by or "batch_pooled" not in by:
+        if "masked_batch" not in by or "pooled_batch" not in by:
             return None
-        return np.abs(by["batch_pooled"] - by["batch"]) * (~self.padding_mask)[..., None]
+        return np.abs(by["pooled_batch"] - by["masked_batch"]) * (~self.padding_mask)[..., None]
 
 
 def default_tokens(b: int, t: int) -> List[List[str]]:
@@ -125,24 +121,23 @@ def compute_lesson(x, padding_mask=None, tokens=None, norms: Sequence[str] = NOR
     lesson = Lesson(x=x, padding_mask=mask, tokens=tokens, eps=eps)
     real = ~mask
     for norm in norms:
+        norm = kinds.resolve(norm, NORMS, "explain", "norm")
         if norm == "layer":
             y, c = reference.layer_norm_forward(x, eps=eps, padding_mask=mask)
             groups = _rowwise_groups(x, mask, tokens, y, c["mean"], c["var"])
         elif norm == "rms":
             y, c = reference.rms_norm_forward(x, eps=eps, padding_mask=mask)
             groups = _rowwise_groups(x, mask, tokens, y, None, c["var"])
-        elif norm == "batch":
+        elif norm == "masked_batch":
             if lesson.has_padding:  # the note's BN first: pads pooled like tokens
                 y, c = reference.seq_batch_norm_forward(x, eps=eps)
                 pooled = _featurewise_groups(x, np.ones_like(mask), y, c["batch_mean"], c["batch_var"], tokens)
-                lesson.norms.append(NormLesson("batch_pooled", DESCRIPTIONS["batch_pooled"], pooled, y))
+                lesson.norms.append(NormLesson("pooled_batch", DESCRIPTIONS["pooled_batch"], pooled, y))
             y, c = reference.seq_batch_norm_forward(x, eps=eps, padding_mask=mask)
             groups = _featurewise_groups(x, real, y, c["batch_mean"], c["batch_var"], tokens)
         elif norm == "power":
             _, c = reference.power_norm_forward(x, np.ones(d), eps=eps, padding_mask=mask)
             y, _ = reference.power_norm_forward(x, c["batch_phi"], eps=eps, padding_mask=mask)
             groups = _featurewise_groups(x, real, y, None, c["batch_phi"], tokens)
-        else:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)} or all, got {norm!r}")
         lesson.norms.append(NormLesson(norm, DESCRIPTIONS[norm], groups, y))
     return lesson

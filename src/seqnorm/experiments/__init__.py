@@ -1,1 +1,0 @@
-"""``seqnorm compare``: train the note's Transformer with every norm and compare."""
