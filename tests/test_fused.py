@@ -183,6 +183,43 @@ def test_nan_and_inf_stay_in_their_row(dtype):
     assert torch.equal(torch.isfinite(clean), torch.isfinite(F.layer_norm(x, 32)))
 
 
+@pytest.mark.parametrize("op", ["layer", "rms", "add_layer", "add_rms", "batch", "power"])
+def test_finite_rows_whose_squares_overflow_give_the_reference(op):
+    """Rows like [1e30, -1e30, 0, 1]: Σx² overflows float32, yet the normalized row is
+    finite (±√2); the fused kernels give the float64 reference's values and gradients
+    (torch's own float32 LayerNorm gives 0 and RMSNorm NaN-free zeros here)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 8, generator=gen)
+    x[0, 0, :4] = torch.tensor([1e30, -1e30, 0.0, 1.0])
+    x[1, 1, 5] = -1e36
+    if op not in ("batch", "power"):
+        x[1, 2] *= 3e37       # a whole row near float32's end (a feature-wise 1/σ that small is subnormal)
+    dy = torch.randn(2, 3, 8, generator=gen)
+    w, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 0] = True
+    fns = {
+        "layer": lambda t: F.layer_norm(t, 8, w, b, eps=1e-5, padding_mask=mask),
+        "rms": lambda t: F.rms_norm(t, 8, w, eps=1e-5, padding_mask=mask),
+        "add_layer": lambda t: F.add_layer_norm(t, torch.zeros_like(t), 8, w, b, eps=1e-5, padding_mask=mask),
+        "add_rms": lambda t: F.add_rms_norm(t, torch.zeros_like(t), 8, w, eps=1e-5, padding_mask=mask),
+        "batch": lambda t: F.seq_batch_norm(t, None, None, w, b, training=True, padding_mask=mask),
+        "power": lambda t: F.power_norm(t, torch.full((8,), 1e30, dtype=t.dtype), None, w, b, padding_mask=mask),
+    }
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        xx = x.to(dtype).clone().requires_grad_()
+        with seqnorm.use_backend("fused" if dtype == torch.float32 else "reference"):
+            y = fns[op](xx)
+            y.backward(dy.to(dtype))
+        results.append((y.detach().double(), xx.grad.double()))
+    (y32, g32), (y64, g64) = results
+    assert torch.isfinite(y32).all() and torch.isfinite(g32).all()
+    assert (y32 - y64).abs().max() <= 1e-5 * y64.abs().max() + 1e-6
+    scale = g64.abs().amax(-1, keepdim=True)           # gradients span 1e-37 … 1: compare row by row
+    assert ((g32 - g64).abs() <= 1e-4 * scale + 1e-45).all()
+
+
 def test_large_offset_float32():
     gen = torch.Generator().manual_seed(7)
     x = 1e4 + torch.randn(16, 64, 128, generator=gen)

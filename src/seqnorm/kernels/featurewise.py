@@ -12,7 +12,10 @@ chunk (the first real row), so that a large common offset cancels exactly:
 
 and the chunks are merged in order with Chan et al.'s parallel formula (in
 float64): ``n = n_a + n_b``, ``Δ = δ_b − δ_a``, ``δ = δ_a + Δ n_b/n``,
-``M = M_a + M_b + Δ² n_a n_b / n``. Then ``μ = K + δ`` and ``σ² = M/n``.
+``M = M_a + M_b + Δ² n_a n_b / n``. Then ``μ = K + δ`` and ``σ² = M/n``. A
+finite feature whose squares overflow the compute dtype (float32 values near
+1e20 and beyond) gets σ² Inf from the chunk sums; only such a feature is summed
+again, in float64 and scaled by a power of two (``_column_moments_rescaled``).
 
 Normalization (:func:`normalize`): ``y = ((x − K) − δ)·a + b`` with
 ``a = w/√(σ² + ε)``; 0 at padding.
@@ -31,6 +34,8 @@ PowerNorm (:func:`power_forward`, :func:`power_backward`): the forward is
 per-chunk sums of ``x²`` that give the batch's ψ_B²; the backward is
 ``dx = (w·dy − ν·x̂)·r`` fused with the sums for ``dγ`` and ``dβ``.
 """
+
+import math
 
 import numba as nb
 import numpy as np
@@ -115,7 +120,42 @@ def moments(x, pad, k, nchunk, shift, delta, var):  # pragma: no cover - jitted
     q_part = np.empty((nchunk, D), k.dtype)
     _chunk_sums(x, pad, shift, k, n_part, s_part, q_part)
     _chan_merge(n_part, s_part, q_part, delta, var)
+    for j in range(D):
+        if not np.isfinite(var[j]):  # rare: squares overflowed the compute dtype, or NaN/Inf
+            _column_moments_rescaled(x, pad, shift, j, delta, var)
     return n_part.sum()
+
+
+@nb.njit(cache=True)
+def _column_moments_rescaled(x, pad, shift, j, delta, var):  # pragma: no cover - jitted
+    """δ and σ² of feature ``j`` again, in float64 and scaled by a power of two
+    ``a ≤ max|x − K| < 2a``, for a finite column whose squares overflowed
+    (``[1e30, −1e30, …]`` in float32). A column holding NaN/Inf keeps its NaN."""
+    N, D = x.shape
+    xbuf = scratch(x, D)
+    amax = 0.0
+    for i in range(N):
+        if not pad[i]:
+            d = abs(float(in_row(x, i, xbuf)[j]) - float(shift[j]))
+            if not d <= amax:
+                amax = d
+    if not np.isfinite(amax) or amax == 0.0:
+        return
+    inv_a = math.ldexp(1.0, 1 - math.frexp(amax)[1])
+    n = 0
+    s1 = 0.0
+    for i in range(N):
+        if not pad[i]:
+            n += 1
+            s1 += (float(in_row(x, i, xbuf)[j]) - float(shift[j])) * inv_a
+    m = s1 / n
+    s2 = 0.0
+    for i in range(N):
+        if not pad[i]:
+            d = (float(in_row(x, i, xbuf)[j]) - float(shift[j])) * inv_a - m
+            s2 += d * d
+    delta[j] = m / inv_a
+    var[j] = (s2 / n) / inv_a / inv_a
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)

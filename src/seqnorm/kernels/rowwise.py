@@ -13,6 +13,16 @@ then ``x̂ = ((s − K) − δ)·r`` with ``r = 1/√(σ² + ε)`` and ``y = x̂
 an offset of 1e4 costs float32 no accuracy. RMSNorm: ``K = δ = 0``,
 ``σ² = mean(s²)``. The kernel stores ``K`` and ``δ`` per row for the backward.
 
+A finite row whose squares overflow (``[1e30, −1e30, 0, 1]`` in float32: the sum
+of squares is Inf, σ² NaN) is normalized a second time, scaled by the power of
+two ``a = 2^e ≤ max|s_j| < 2a``: the statistics of ``s/a`` are finite, and
+``x̂`` does not depend on the scale (``x̂ = (s/a − μ/a)/√(σ²/a² + ε/a²)``).
+``K``, ``δ`` and ``r`` are stored unscaled (``a·K'``, ``a·δ'``, ``r'/a``; exact,
+``a`` being a power of two), so the backward is the same code; it is finite
+while the row's differences are (``|s| < 2^126`` in float32). Only such a row
+pays for it — a normal row's only extra work is one test of σ²; NaN and Inf in
+a row still give NaN.
+
 Backward, with ``x̂ = (s − μ)·r`` and ``g = w ⊙ dy``:
 
 .. math::
@@ -21,6 +31,8 @@ Backward, with ``x̂ = (s − μ)·r`` and ``g = w ⊙ dy``:
 
 (``c_1 = 0`` for RMSNorm), ``dw = Σ_r dy ⊙ x̂``, ``db = Σ_r dy``.
 """
+
+import math
 
 import numba as nb
 import numpy as np
@@ -45,10 +57,45 @@ def _row_forward(src, yr, w, b, k, center):  # pragma: no cover - jitted
     var = s2 * inv_d - m * m
     if var < zero:  # rounding can give a tiny negative; NaN fails the test and stays NaN
         var = zero
+    if not np.isfinite(var):  # rare: squares overflowed, or NaN/Inf in the row
+        amax = zero
+        for j in range(D):
+            a = abs(src[j])
+            if not a <= amax:  # NaN wins, so a NaN row keeps its NaN
+                amax = a
+        if np.isfinite(amax) and amax > zero:
+            return _row_forward_rescaled(src, yr, w, b, k, center, amax)
     rs = one / np.sqrt(var + eps)
     for j in range(D):
         yr[j] = ((src[j] - sh) - m) * rs * w[j] + b[j]
     return sh, m, rs
+
+
+@nb.njit(fastmath=FASTMATH, cache=True)
+def _row_forward_rescaled(src, yr, w, b, k, center, amax):  # pragma: no cover - jitted
+    """:func:`_row_forward` of a finite row scaled by ``a = 2^e ≥ amax`` (see the
+    module docstring); the returned statistics are the unscaled ones."""
+    D = src.shape[0]
+    eps, inv_d, one, zero = k[0], k[1], k[2], k[3]
+    e = math.frexp(amax)[1] - 1              # 2^e ≤ amax < 2^(e+1): |s/a| < 2, and a = 2^e is finite
+    c = np.empty(3, k.dtype)                 # the constants in the compute dtype
+    c[0], c[1], c[2] = math.ldexp(1.0, -e), math.ldexp(1.0, e), math.ldexp(eps, -2 * e)
+    inv_a, a, eps_a = c[0], c[1], c[2]
+    sh = src[0] * inv_a if center else zero
+    s1 = zero
+    s2 = zero
+    for j in range(D):
+        d = src[j] * inv_a - sh
+        s1 += d
+        s2 += d * d
+    m = s1 * inv_d if center else zero
+    var = s2 * inv_d - m * m
+    if var < zero:
+        var = zero
+    rs = one / np.sqrt(var + eps_a)
+    for j in range(D):
+        yr[j] = ((src[j] * inv_a - sh) - m) * rs * w[j] + b[j]
+    return sh * a, m * a, rs * inv_a
 
 
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
