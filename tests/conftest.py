@@ -63,9 +63,94 @@ def to_np(t):
 
 
 @pytest.fixture(params=["torch", "reference", "fused"])
-def backend(request):
+def backend(request):  # every CPU backend; the test runs once under each
     """Run the test once per backend."""
     import seqnorm
 
     with seqnorm.use_backend(request.param):
         yield request.param
+
+
+# ---------------------------------------------------------------------------
+# The op table every backend test runs: one entry per kind (seqnorm.kinds) that
+# has a functional op, called the same way and checked against the same
+# float64 reference everywhere.
+# ---------------------------------------------------------------------------
+
+from seqnorm import functional as F  # noqa: E402
+from seqnorm import kinds  # noqa: E402
+from seqnorm import reference as ref  # noqa: E402
+
+#: layer, rms, add_layer, add_rms, masked_batch, power
+OPS = tuple(name for name, k in kinds.KINDS.items() if k.op)
+ROWWISE_OPS = tuple(op for op in OPS if not kinds.kind(op).feature_dim)
+FEATUREWISE_OPS = tuple(op for op in OPS if kinds.kind(op).feature_dim)
+#: what each op differentiates, in the order :func:`reference_op`'s backward returns it
+GRAD_ARGS = {"layer": ("x", "w", "b"), "rms": ("x", "w"), "add_layer": ("x", "r", "w", "b"),
+             "add_rms": ("x", "r", "w"), "masked_batch": ("x", "w", "b"), "power": ("x", "w", "b")}
+#: the eps each op runs with here (RMSNorm's default would depend on the dtype)
+EPS = {"rms": 1e-6, "add_rms": 1e-6}
+
+
+def call_op(op, x, w, b, mask, *, r=None, eps=None, training=True, running=None, momentum=0.1):
+    """Run ``op`` through ``seqnorm.functional``; returns ``(y, s)``, ``s`` the sum of
+    an Add & Norm (``prenorm=True``) and None for the others. ``running`` is
+    ``(running_mean, running_var)`` for masked_batch, ``(running_phi, running_nu)``
+    for power (both updated in place in training)."""
+    d = x.shape[-1]
+    eps = EPS.get(op, 1e-5) if eps is None else eps
+    if op == "layer":
+        return F.layer_norm(x, d, w, b, eps, padding_mask=mask), None
+    if op == "rms":
+        return F.rms_norm(x, d, w, eps, padding_mask=mask), None
+    if op == "add_layer":
+        return F.add_layer_norm(x, r, d, w, b, eps, prenorm=True, padding_mask=mask)
+    if op == "add_rms":
+        return F.add_rms_norm(x, r, d, w, eps, prenorm=True, padding_mask=mask)
+    first, second = running if running is not None else (None, None)
+    if op == "masked_batch":
+        return F.seq_batch_norm(x, first, second, w, b, training=training, momentum=momentum, eps=eps,
+                                padding_mask=mask), None
+    if op == "power":
+        return F.power_norm(x, first, second, w, b, training=training, momentum=momentum, eps=eps,
+                            padding_mask=mask), None
+    raise ValueError(op)
+
+
+def reference_op(op, x, w, b, mask, *, r=None, eps=None, training=True, running=None, momentum=0.1):
+    """The float64 reference of :func:`call_op` on NumPy arrays (``w``, ``b``,
+    ``r`` may be None): ``(y, backward)`` with ``backward(dy)`` the gradients of
+    :data:`GRAD_ARGS` (for power, then ν after Algorithm 1's update, or None)."""
+    eps = EPS.get(op, 1e-5) if eps is None else eps
+    if op == "layer":
+        y, c = ref.layer_norm_forward(x, w, b, eps, mask)
+        return y, lambda dy: ref.layer_norm_backward(dy, c)
+    if op == "rms":
+        y, c = ref.rms_norm_forward(x, w, eps, mask)
+        return y, lambda dy: ref.rms_norm_backward(dy, c)
+    if op in ("add_layer", "add_rms"):
+        center = op == "add_layer"
+        y, _, c = ref.add_norm_forward(x, r, w, b if center else None, eps, mask, center=center)
+
+        def backward(dy):
+            dx, dr, dw, db = ref.add_norm_backward(dy, c)
+            return (dx, dr, dw, db) if center else (dx, dr, dw)
+        return y, backward
+    first, second = running if running is not None else (None, None)
+    if op == "masked_batch":
+        y, c = ref.seq_batch_norm_forward(x, w, b, eps, mask, first, second, training or first is None)
+        return y, lambda dy: ref.seq_batch_norm_backward(dy, c)
+    if op == "power":
+        y, c = ref.power_norm_forward(x, first, w, b, eps, mask)
+        return y, lambda dy: ref.power_norm_backward(dy, c, second if training else None, factor=momentum)
+    raise ValueError(op)
+
+
+@pytest.fixture
+def fused():
+    """Run the test on the fused kernels (skipped where Numba is missing)."""
+    pytest.importorskip("numba")
+    import seqnorm
+
+    with seqnorm.use_backend("fused"):
+        yield

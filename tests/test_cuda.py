@@ -6,19 +6,22 @@ import pytest
 import torch
 
 import seqnorm
-from seqnorm import functional as F
+from seqnorm import kinds
+
+from conftest import OPS, call_op
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _ops(x, r, w, b, m, stats):
-    d = x.shape[-1]
+    """Every op of the shared table, in training, with both outputs of the Add & Norms."""
     rm, rv, phi = stats
-    return [F.layer_norm(x, d, w, b, padding_mask=m), F.rms_norm(x, d, w, padding_mask=m),
-            *F.add_layer_norm(x, r, d, w, b, padding_mask=m, prenorm=True),
-            F.add_rms_norm(x, r, d, w, padding_mask=m),
-            F.seq_batch_norm(x, rm, rv, w, b, training=True, padding_mask=m),
-            F.power_norm(x, phi, None, w, b, training=True, padding_mask=m)]
+    running = {"masked_batch": (rm, rv), "power": (phi, None)}
+    outs = []
+    for op in OPS:
+        y, s = call_op(op, x, w, b, m, r=r, training=True, running=running.get(op))
+        outs += [y] if s is None else [y, s]
+    return outs
 
 
 @pytest.mark.parametrize("backend", ["auto", "fused", "torch"])
@@ -43,8 +46,7 @@ def test_cuda_matches_cpu(backend, dtype):
 
 
 def test_modules_move_to_cuda_with_their_state():
-    for module in (seqnorm.LayerNorm(32), seqnorm.RMSNorm(32), seqnorm.SeqBatchNorm(32), seqnorm.PowerNorm(32),
-                   seqnorm.AddNorm(32)):
+    for module in (kinds.build(name, 32) for name in OPS):
         module = module.cuda()
         x = torch.randn(2, 5, 32, device="cuda")
         m = torch.zeros(2, 5, dtype=torch.bool, device="cuda")

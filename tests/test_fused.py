@@ -8,9 +8,8 @@ import torch
 import seqnorm
 from seqnorm import backends
 from seqnorm import functional as F
-from seqnorm import reference as ref
 
-from conftest import assert_same_bits_for_thread_counts, to_np
+from conftest import GRAD_ARGS, OPS, assert_same_bits_for_thread_counts, call_op, reference_op, to_np
 
 pytest.importorskip("numba")
 
@@ -19,10 +18,7 @@ SHAPES = [(2, 3, 17), (3, 5, 33), (1, 1, 1), (4, 1, 16), (2, 7, 1), (1, 4, 1000)
 TOLS = [(torch.float64, 1e-11, 1e-9), (torch.float32, 2e-5, 2e-5)]
 
 
-@pytest.fixture(autouse=True)
-def fused():
-    with seqnorm.use_backend("fused"):
-        yield
+pytestmark = pytest.mark.usefixtures("fused")
 
 
 def _case(shape, seed, pad_rows=True):
@@ -45,69 +41,47 @@ def _compare(y, ref_y, atol, rtol):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
-@pytest.mark.parametrize("op", ["layer", "rms", "add_layer", "add_rms", "batch", "batch_eval", "power"])
-def test_fused_matches_reference(op, shape, dtype, atol, rtol, threads):
-    rng, x_np, mask = _case(shape, hash((op, shape)) % 1000)
+@pytest.mark.parametrize("op,training", [(op, True) for op in OPS] + [("masked_batch", False)],
+                         ids=list(OPS) + ["masked_batch_eval"])
+def test_fused_matches_reference(op, training, shape, dtype, atol, rtol, threads):
+    rng, x_np, mask = _case(shape, hash((op, training, shape)) % 1000)
     d = shape[-1]
     w_np, b_np, r_np = rng.normal(size=d), rng.normal(size=d), rng.normal(size=shape)
     rm_np, rv_np = rng.normal(size=d), rng.random(d) + 0.5
-    x = torch.tensor(x_np, dtype=dtype, requires_grad=True)
-    w = torch.tensor(w_np, dtype=dtype, requires_grad=True)
-    b = torch.tensor(b_np, dtype=dtype, requires_grad=True)
-    r = torch.tensor(r_np, dtype=dtype, requires_grad=True)
+    leaf = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in (("x", x_np), ("w", w_np),
+                                                                          ("b", b_np), ("r", r_np))}
+    x, w, b, r = leaf["x"], leaf["w"], leaf["b"], leaf["r"]
     m = torch.tensor(mask)
-    xq = to_np(x)  # the reference sees exactly the inputs the kernel sees
-    wq, bq, rq = to_np(w), to_np(b), to_np(r)
-    dy = rng.normal(size=shape)
-    if op == "layer":
-        y = F.layer_norm(x, d, w, b, padding_mask=m)
-        ref_y, c = ref.layer_norm_forward(xq, wq, bq, 1e-5, mask)
-        grads, ref_grads = [x, w, b], ref.layer_norm_backward(dy, c)
-    elif op == "rms":
-        y = F.rms_norm(x, d, w, 1e-6, padding_mask=m)
-        ref_y, c = ref.rms_norm_forward(xq, wq, 1e-6, mask)
-        grads, ref_grads = [x, w], ref.rms_norm_backward(dy, c)
-    elif op in ("add_layer", "add_rms"):
-        center = op == "add_layer"
-        fn = F.add_layer_norm if center else F.add_rms_norm
-        args = (x, r, d, w, b) if center else (x, r, d, w)
-        y, s = fn(*args, eps=1e-5, prenorm=True, padding_mask=m)
-        ref_y, ref_s, c = ref.add_norm_forward(xq, rq, wq, bq if center else None, 1e-5, mask, center=center)
-        real = ~mask
-        np.testing.assert_array_equal(to_np(s)[real], to_np(x + r)[real])  # the sum in the input dtype
-        dx, dr, dw, db = ref.add_norm_backward(dy, c)
-        grads, ref_grads = ([x, r, w, b], (dx, dr, dw, db)) if center else ([x, r, w], (dx, dr, dw))
-    elif op in ("batch", "batch_eval"):
-        training = op == "batch"
-        rm, rv = torch.tensor(rm_np, dtype=dtype), torch.tensor(rv_np, dtype=dtype)
-        if training and (~mask).sum() == 1:  # one token has no variance: an error, as in torch
-            with pytest.raises(ValueError, match="more than 1 real token"):
-                F.seq_batch_norm(x, rm, rv, w, b, training=True, padding_mask=m)
-            return
-        y = F.seq_batch_norm(x, rm, rv, w, b, training=training, momentum=0.0, padding_mask=m)
-        ref_y, c = ref.seq_batch_norm_forward(xq, wq, bq, 1e-5, mask, to_np(rm), to_np(rv), training)
-        grads, ref_grads = [x, w, b], ref.seq_batch_norm_backward(dy, c)
+    if op == "masked_batch":
+        running = (torch.tensor(rm_np, dtype=dtype), torch.tensor(rv_np, dtype=dtype))
+        momentum = 0.0
+    elif op == "power":   # ψ² and ν, both updated in place by training
+        running = (torch.tensor(rv_np, dtype=dtype), torch.tensor(rng.normal(size=d) * 0.1, dtype=dtype))
+        momentum = 0.25
     else:
-        phi = torch.tensor(rv_np, dtype=dtype)
-        nu = torch.tensor(rng.normal(size=d) * 0.1, dtype=dtype)
-        nu0, phi0 = to_np(nu), to_np(phi)  # both are updated in place by training
-        y = F.power_norm(x, phi, nu, w, b, training=True, momentum=0.25, padding_mask=m)
-        ref_y, c = ref.power_norm_forward(xq, phi0, wq, bq, 1e-5, mask)
-        ref_grads = None
+        running, momentum = None, 0.1
+    # the reference sees exactly the inputs the kernel sees, before any in-place update
+    q = {k: to_np(t) for k, t in leaf.items()}
+    ref_running = None if running is None else tuple(to_np(t) for t in running)
+    dy = rng.normal(size=shape)
+    if op == "masked_batch" and training and (~mask).sum() == 1:  # one token has no variance: an error
+        with pytest.raises(ValueError, match="more than 1 real token"):
+            call_op(op, x, w, b, m, r=r, training=True, running=running, momentum=momentum)
+        return
+    y, s = call_op(op, x, w, b, m, r=r, training=training, running=running, momentum=momentum)
+    ref_y, backward = reference_op(op, q["x"], q["w"], q["b"], mask, r=q["r"], training=training,
+                                   running=ref_running, momentum=momentum)
     _compare(y, ref_y, atol, rtol)
     assert torch.all(y[m] == 0)
-    if op == "power":
-        (dx, dw, db) = torch.autograd.grad(y, [x, w, b], torch.tensor(dy, dtype=dtype))
-        rdx, rdw, rdb, new_nu = ref.power_norm_backward(dy, c, nu0, factor=0.25)
-        for g, rg in ((dx, rdx), (dw, rdw), (db, rdb)):
-            _compare(g, rg, atol * 10, rtol * 10)
-        if new_nu is not None:
-            _compare(nu, new_nu, atol * 10, rtol * 10)
-        return
-    got = torch.autograd.grad(y, grads, torch.tensor(dy, dtype=dtype))
+    if s is not None:  # the sum in the input dtype
+        np.testing.assert_array_equal(to_np(s)[~mask], to_np(x + r)[~mask])
+    ref_grads = backward(dy)
+    got = torch.autograd.grad(y, [leaf[k] for k in GRAD_ARGS[op]], torch.tensor(dy, dtype=dtype))
     for g, rg in zip(got, ref_grads):
         assert torch.isfinite(g).all()
         _compare(g, rg, atol * 10, rtol * 10)
+    if op == "power" and ref_grads[-1] is not None:   # ν, moved by Algorithm 1 in the backward
+        _compare(running[1], ref_grads[-1], atol * 10, rtol * 10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -183,7 +157,7 @@ def test_nan_and_inf_stay_in_their_row(dtype):
     assert torch.equal(torch.isfinite(clean), torch.isfinite(F.layer_norm(x, 32)))
 
 
-@pytest.mark.parametrize("op", ["layer", "rms", "add_layer", "add_rms", "batch", "power"])
+@pytest.mark.parametrize("op", OPS)
 def test_finite_rows_whose_squares_overflow_give_the_reference(op):
     """Rows like [1e30, -1e30, 0, 1]: Σx² overflows float32, yet the normalized row is
     finite (±√2); the fused kernels give the float64 reference's values and gradients
@@ -192,25 +166,19 @@ def test_finite_rows_whose_squares_overflow_give_the_reference(op):
     x = torch.randn(2, 3, 8, generator=gen)
     x[0, 0, :4] = torch.tensor([1e30, -1e30, 0.0, 1.0])
     x[1, 1, 5] = -1e36
-    if op not in ("batch", "power"):
+    if op not in ("masked_batch", "power"):
         x[1, 2] *= 3e37       # a whole row near float32's end (a feature-wise 1/σ that small is subnormal)
     dy = torch.randn(2, 3, 8, generator=gen)
     w, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
     mask = torch.zeros(2, 3, dtype=torch.bool)
     mask[1, 0] = True
-    fns = {
-        "layer": lambda t: F.layer_norm(t, 8, w, b, eps=1e-5, padding_mask=mask),
-        "rms": lambda t: F.rms_norm(t, 8, w, eps=1e-5, padding_mask=mask),
-        "add_layer": lambda t: F.add_layer_norm(t, torch.zeros_like(t), 8, w, b, eps=1e-5, padding_mask=mask),
-        "add_rms": lambda t: F.add_rms_norm(t, torch.zeros_like(t), 8, w, eps=1e-5, padding_mask=mask),
-        "batch": lambda t: F.seq_batch_norm(t, None, None, w, b, training=True, padding_mask=mask),
-        "power": lambda t: F.power_norm(t, torch.full((8,), 1e30, dtype=t.dtype), None, w, b, padding_mask=mask),
-    }
     results = []
     for dtype in (torch.float32, torch.float64):
         xx = x.to(dtype).clone().requires_grad_()
+        running = (torch.full((8,), 1e30, dtype=dtype), None) if op == "power" else None
         with seqnorm.use_backend("fused" if dtype == torch.float32 else "reference"):
-            y = fns[op](xx)
+            y, _ = call_op(op, xx, w.to(dtype), b.to(dtype), mask, r=torch.zeros_like(xx), eps=1e-5,
+                           training=op != "power", running=running)
             y.backward(dy.to(dtype))
         results.append((y.detach().double(), xx.grad.double()))
     (y32, g32), (y64, g64) = results

@@ -13,10 +13,9 @@ import torch
 
 import seqnorm
 from seqnorm import functional as F
-from seqnorm import backends
-from seqnorm import reference as ref
+from seqnorm import backends, kinds
 
-from conftest import assert_same_bits_for_thread_counts, to_np
+from conftest import GRAD_ARGS, ROWWISE_OPS, assert_same_bits_for_thread_counts, call_op, reference_op, to_np
 
 pytest.importorskip("numba")
 
@@ -27,13 +26,9 @@ BF = torch.bfloat16
 # (≤ 2^-8 of a value), float16 11 (≤ 2^-11).
 ULPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 SHAPES = [(2, 3, 17), (3, 5, 33), (1, 1, 1), (4, 1, 16), (2, 7, 1), (1, 4, 1000), (0, 3, 8), (2, 0, 8)]
-OPS = ["layer", "rms", "add_layer", "add_rms"]
 
 
-@pytest.fixture(autouse=True)
-def fused():
-    with seqnorm.use_backend("fused"):
-        yield
+pytestmark = pytest.mark.usefixtures("fused")
 
 
 @pytest.fixture(params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -56,31 +51,10 @@ def _inputs(shape, seed, dt):
     return x, r, w, b, mask, dy
 
 
-def _call(op, x, r, w, b, mask):
-    d = x.shape[-1]
-    if op == "layer":
-        return F.layer_norm(x, d, w, b, padding_mask=mask), None
-    if op == "rms":
-        return F.rms_norm(x, d, w, 1e-6, padding_mask=mask), None
-    if op == "add_layer":
-        return F.add_layer_norm(x, r, d, w, b, padding_mask=mask, prenorm=True)
-    return F.add_rms_norm(x, r, d, w, 1e-6, padding_mask=mask, prenorm=True)
-
-
 def _reference(op, x, r, w, b, mask, dy):
-    """Outputs and (dx, dw[, db][, dr]) of the float64 reference on the 16-bit inputs."""
-    xq, rq, wq, bq, m, g = to_np(x), to_np(r), to_np(w), to_np(b), mask.numpy(), to_np(dy.to(x.dtype))
-    if op == "layer":
-        y, c = ref.layer_norm_forward(xq, wq, bq, 1e-5, m)
-        dx, dw, db = ref.layer_norm_backward(g, c)
-        return y, [dx, dw, db]
-    if op == "rms":
-        y, c = ref.rms_norm_forward(xq, wq, 1e-6, m)
-        return y, list(ref.rms_norm_backward(g, c))
-    center = op == "add_layer"
-    y, _, c = ref.add_norm_forward(xq, rq, wq, bq if center else None, 1e-5 if center else 1e-6, m, center=center)
-    dx, dr, dw, db = ref.add_norm_backward(g, c)
-    return y, [dx, dw, db, dr] if center else [dx, dw, dr]
+    """Outputs and gradients (:data:`GRAD_ARGS` order) of the float64 reference on the 16-bit inputs."""
+    y, backward = reference_op(op, to_np(x), to_np(w), to_np(b), mask.numpy(), r=to_np(r))
+    return y, list(backward(to_np(dy.to(x.dtype))))
 
 
 def _close_to_one_rounding(got, want):
@@ -91,12 +65,11 @@ def _close_to_one_rounding(got, want):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ROWWISE_OPS)
 def test_kernels_match_the_reference(op, shape, threads, dt):
     x, r, w, b, mask, dy = _inputs(shape, hash((op, shape)) % 1000, dt)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
-    xl, wl, bl, rl = leaves
-    y, s = _call(op, xl, rl, wl, bl, mask)
+    leaf = {k: t.clone().requires_grad_() for k, t in (("x", x), ("w", w), ("b", b), ("r", r))}
+    y, s = call_op(op, leaf["x"], leaf["w"], leaf["b"], mask, r=leaf["r"])
     assert y.dtype == dt and (s is None or s.dtype == dt)
     ref_y, ref_grads = _reference(op, x, r, w, b, mask, dy)
     _close_to_one_rounding(y, ref_y)
@@ -105,15 +78,14 @@ def test_kernels_match_the_reference(op, shape, threads, dt):
         real = ~mask
         want = x.float() + r.float()
         assert torch.equal(s[real], want.to(dt)[real])          # the float32 sum, rounded once
-    wrt = {"layer": [xl, wl, bl], "rms": [xl, wl], "add_layer": [xl, wl, bl, rl], "add_rms": [xl, wl, rl]}[op]
-    got = torch.autograd.grad(y, wrt, dy.to(dt))
+    got = torch.autograd.grad(y, [leaf[k] for k in GRAD_ARGS[op]], dy.to(dt))
     for g, want in zip(got, ref_grads):
         assert g.dtype == dt and torch.isfinite(g).all()
         _close_to_one_rounding(g, want)
     assert torch.all(got[0][mask] == 0)                          # no gradient reaches a pad
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ROWWISE_OPS)
 def test_kernels_match_the_cast_path_forward_and_backward(op, dt):
     """The torch backend casts to float32 around torch's ops; the 16-bit kernels
     must agree with it to one rounding, including the gradient through the
@@ -124,7 +96,7 @@ def test_kernels_match_the_cast_path_forward_and_backward(op, dt):
     for backend in ("fused", "torch"):
         leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
         with seqnorm.use_backend(backend):
-            y, s = _call(op, leaves[0], leaves[3], leaves[1], leaves[2], mask)
+            y, s = call_op(op, leaves[0], leaves[1], leaves[2], mask, r=leaves[3])
         loss = (y.float() * dy).sum() + ((s.float() * ds).sum() if s is not None else 0)
         used = [t for t in leaves if t.requires_grad]
         grads = torch.autograd.grad(loss, used, allow_unused=True)
@@ -244,36 +216,30 @@ FEATURE_SHAPES = [(2, 3, 17), (3, 5, 33), (4, 1, 16), (1, 40, 1000), (2, 0, 8), 
 
 
 @pytest.mark.parametrize("shape", FEATURE_SHAPES)
-@pytest.mark.parametrize("op", ["batch", "batch_eval", "power"])
-def test_feature_kernels_match_the_reference(op, shape, threads, dt):
-    x, _, w, b, mask, dy = _inputs(shape, hash((op, shape)) % 1000, dt)
+@pytest.mark.parametrize("op,training", [("masked_batch", True), ("masked_batch", False), ("power", True)],
+                         ids=["masked_batch", "masked_batch_eval", "power"])
+def test_feature_kernels_match_the_reference(op, training, shape, threads, dt):
+    x, _, w, b, mask, dy = _inputs(shape, hash((op, training, shape)) % 1000, dt)
     if mask.numel():
         mask[0, 0] = False
         mask.view(-1)[-1] = False               # at least two real tokens
     x = torch.where(mask.unsqueeze(-1), x, x.nan_to_num(0.5))   # ... that are not poisoned
     d = shape[-1]
     gen = torch.Generator().manual_seed(1)
-    running = (torch.randn(d, generator=gen), torch.rand(d, generator=gen) + 0.5)   # float32 buffers
+    rm, rv = torch.randn(d, generator=gen), torch.rand(d, generator=gen) + 0.5   # float32 buffers
+    running = (rv.clone(), rm.clone() * 0.1) if op == "power" else (rm, rv)     # (ψ², ν) or (mean, var)
+    momentum = 0.25 if op == "power" else 0.0
+    ref_running = tuple(to_np(t) for t in running)                              # before training moves them
     xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
     g = dy.to(dt)
-    xq, wq, bq, m, gq = to_np(x), to_np(w), to_np(b), mask.numpy(), to_np(g)
+    y, _ = call_op(op, xl, wl, bl, mask, training=training, running=running, momentum=momentum)
+    ref_y, backward = reference_op(op, to_np(x), to_np(w), to_np(b), mask.numpy(), training=training,
+                                   running=ref_running, momentum=momentum)
+    got = torch.autograd.grad(y, [xl, wl, bl], g)
+    want = backward(to_np(g))
     if op == "power":
-        phi, nu = running[1].clone(), running[0].clone() * 0.1
-        phi0, nu0 = to_np(phi), to_np(nu)
-        y = F.power_norm(xl, phi, nu, wl, bl, training=True, momentum=0.25, padding_mask=mask)
-        ref_y, c = ref.power_norm_forward(xq, phi0, wq, bq, 1e-5, m)
-        got = torch.autograd.grad(y, [xl, wl, bl], g)
-        *want, new_nu = ref.power_norm_backward(gq, c, nu0, factor=0.25)
-        if new_nu is None:                          # no real token: ν is left alone
-            new_nu = nu0
-        np.testing.assert_allclose(to_np(nu), new_nu, rtol=1e-5, atol=1e-6)      # ν kept in float32
-    else:
-        training = op == "batch"
-        rm, rv = running
-        y = F.seq_batch_norm(xl, rm, rv, wl, bl, training=training, momentum=0.0, padding_mask=mask)
-        ref_y, c = ref.seq_batch_norm_forward(xq, wq, bq, 1e-5, m, to_np(rm), to_np(rv), training)
-        got = torch.autograd.grad(y, [xl, wl, bl], g)
-        want = ref.seq_batch_norm_backward(gq, c)
+        new_nu = want[-1] if want[-1] is not None else ref_running[1]   # no real token: ν is left alone
+        np.testing.assert_allclose(to_np(running[1]), new_nu, rtol=1e-5, atol=1e-6)      # ν kept in float32
     assert y.dtype == dt
     _close_to_one_rounding(y, ref_y)
     assert torch.all(y[mask] == 0) and torch.all(got[0][mask] == 0)
@@ -282,7 +248,7 @@ def test_feature_kernels_match_the_reference(op, shape, threads, dt):
         _close_to_one_rounding(gr, wa)
 
 
-@pytest.mark.parametrize("name", ["layer", "rms", "add", "batch", "power"])
+@pytest.mark.parametrize("name", ["layer", "rms", "add_layer", "masked_batch", "power"])
 def test_modules_agree_across_backends_including_running_statistics(name, dt):
     """A module converted with ``.to(dtype)`` (16-bit parameters and
     buffers) runs under the fused kernels and under torch alike: outputs,
@@ -292,16 +258,13 @@ def test_modules_agree_across_backends_including_running_statistics(name, dt):
     r = torch.randn(4, 60, 48, generator=gen).to(dt)
     mask = torch.rand(4, 60, generator=gen) < 0.3
     dy = torch.randn(4, 60, 48, generator=gen).to(dt)
-    make = {"layer": lambda: seqnorm.LayerNorm(48), "rms": lambda: seqnorm.RMSNorm(48),
-            "add": lambda: seqnorm.AddNorm(48), "batch": lambda: seqnorm.SeqBatchNorm(48),
-            "power": lambda: seqnorm.PowerNorm(48)}[name]
     results = []
     for backend in ("fused", "torch"):
         torch.manual_seed(0)
-        module = make().to(dt)
+        module = kinds.build(name, 48).to(dt)
         xl = x.clone().requires_grad_()
         with seqnorm.use_backend(backend):
-            y = module(xl, r, padding_mask=mask) if name == "add" else module(xl, padding_mask=mask)
+            y = module(xl, r, padding_mask=mask) if name == "add_layer" else module(xl, padding_mask=mask)
             y = y[0] if isinstance(y, tuple) else y
             grads = torch.autograd.grad(y, [xl, *module.parameters()], dy)
         results.append([y, *grads, *(b.float() for b in module.buffers() if b.is_floating_point())])

@@ -7,10 +7,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import seqnorm
-from seqnorm import functional as F
-from seqnorm import reference as ref
 
-OPS = ["layer", "rms", "add_layer", "add_rms", "batch", "power"]
+from conftest import OPS, call_op, reference_op
+
 DTYPES = {"float64": (torch.float64, 1e-9), "float32": (torch.float32, 2e-4),
           "bfloat16": (torch.bfloat16, 6e-2), "float16": (torch.float16, 1e-2)}
 # unit roundoff of the precision the statistics are computed in (float32 for the half types)
@@ -62,40 +61,28 @@ def test_every_op_fuzzed(case):
     b_np = rng.normal(size=d)
     w, b = torch.tensor(w_np).to(dtype), torch.tensor(b_np).to(dtype)
     wq, bq = w.double().numpy(), b.double().numpy()
+    r = torch.tensor(rng.normal(size=x_np.shape)).to(dtype) if op in ("add_layer", "add_rms") else None
+    if r is not None:
+        cdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        pooled = (x.to(cdt) + r.to(cdt)).double().numpy()  # summed in the compute dtype, as documented
+    if op == "masked_batch" and int((~mask).sum()) == 1:
+        return  # one real token cannot train BN (raises; tested elsewhere)
+    training = op != "power"
+    running = None
+    if op == "power":   # eval: divide by a running ψ² (float32 buffers)
+        running = (torch.tensor(rng.uniform(0.5, 2.0, size=d), dtype=torch.float32), None)
     with seqnorm.use_backend(case["backend"]):
-        if op == "layer":
-            y = F.layer_norm(x, d, w, b, eps, padding_mask=m)
-            ref_y, _ = ref.layer_norm_forward(xq, wq, bq, eps, mask)
-        elif op == "rms":
-            y = F.rms_norm(x, d, w, eps, padding_mask=m)
-            ref_y, _ = ref.rms_norm_forward(xq, wq, eps, mask)
-        elif op in ("add_layer", "add_rms"):
-            r = torch.tensor(rng.normal(size=x_np.shape)).to(dtype)
-            center = op == "add_layer"
-            if center:
-                y, s = F.add_layer_norm(x, r, d, w, b, eps, prenorm=True, padding_mask=m)
-            else:
-                y, s = F.add_rms_norm(x, r, d, w, eps, prenorm=True, padding_mask=m)
-            cdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            sq = (x.to(cdt) + r.to(cdt)).double().numpy()  # summed in the compute dtype, as documented
-            pooled = sq
-            ref_y, _ = (ref.layer_norm_forward(sq, wq, bq, eps, mask) if center
-                        else ref.rms_norm_forward(sq, wq, eps, mask))
-            assert s.dtype == dtype and s.shape == x.shape
-        elif op == "batch":
-            real = int((~mask).sum())
-            if real == 1:
-                return  # one real token cannot train BN (raises; tested elsewhere)
-            y = F.seq_batch_norm(x, None, None, w, b, training=True, eps=eps, padding_mask=m)
-            ref_y, _ = ref.seq_batch_norm_forward(xq, wq, bq, eps, mask)
-        else:
-            phi = torch.tensor(rng.uniform(0.5, 2.0, size=d), dtype=torch.float32)
-            y = F.power_norm(x, phi, None, w, b, training=False, eps=eps, padding_mask=m)
-            ref_y, _ = ref.power_norm_forward(xq, phi.double().numpy(), wq, bq, eps, mask)
+        y, s = call_op(op, x, w, b, m, r=r, eps=eps, training=training, running=running)
+    # the reference normalizes what the op sees: the inputs rounded to dtype (and their sum)
+    ref_x, ref_r = (pooled, np.zeros_like(pooled)) if r is not None else (xq, None)
+    ref_y, _ = reference_op(op, ref_x, wq, bq, mask, r=ref_r, eps=eps, training=training,
+                            running=None if running is None else (running[0].double().numpy(), None))
+    if s is not None:
+        assert s.dtype == dtype and s.shape == x.shape
     assert y.shape == x.shape and y.dtype == dtype
     assert torch.isfinite(y).all()                   # finite in, finite out
     assert torch.all(y[m] == 0)                      # padding is exactly 0
     scale = max(1.0, float(np.abs(ref_y).max())) if ref_y.size else 1.0
-    axis = (0, 1) if op == "batch" else -1
+    axis = (0, 1) if op == "masked_batch" else -1
     inherent = 4 * UNIT[case["dtype"]] * conditioning(pooled, eps, axis) * float(np.abs(wq).max(initial=1.0))
     np.testing.assert_allclose(y.double().numpy(), ref_y, atol=tol * scale + inherent, rtol=tol)

@@ -10,24 +10,22 @@ import pytest
 import torch
 
 import seqnorm
+from seqnorm import kinds
 from seqnorm.running import NonFiniteStatisticsWarning
 
 D = 8
 
 
+#: the module kinds (seqnorm.kinds) checked here
+NAMES = ("layer", "rms", "masked_batch", "power", "add_layer", "sync_batch")
+
+
 def modules():
-    return {
-        "layer": seqnorm.LayerNorm(D),
-        "rms": seqnorm.RMSNorm(D),
-        "batch": seqnorm.SeqBatchNorm(D),
-        "power": seqnorm.PowerNorm(D),
-        "add": seqnorm.AddNorm(D),
-        "sync_batch": seqnorm.SyncSeqBatchNorm(D),
-    }
+    return {name: kinds.build(name, D) for name in NAMES}
 
 
 def _call(name, mod, x, **kw):
-    return mod(x, x, **kw) if name == "add" else mod(x, **kw)
+    return mod(x, x, **kw) if name == "add_layer" else mod(x, **kw)
 
 
 def _trained(name, mod):
@@ -41,7 +39,7 @@ def _trained(name, mod):
     return mod
 
 
-@pytest.mark.parametrize("name", ["batch", "power", "sync_batch"])
+@pytest.mark.parametrize("name", ["masked_batch", "power", "sync_batch"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_batch_leaves_running_statistics_and_warns(name, bad):
     mod = _trained(name, modules()[name])
@@ -89,7 +87,7 @@ def test_non_finite_backward_leaves_running_nu_and_warns(backend, where):
         assert not torch.equal(pn.running_nu, nu) and torch.isfinite(pn.running_nu).all()
 
 
-@pytest.mark.parametrize("name", ["layer", "rms", "add"])
+@pytest.mark.parametrize("name", ["layer", "rms", "add_layer"])
 def test_non_finite_token_stays_in_its_row(name):
     mod = modules()[name].train()
     x = torch.randn(3, 4, D)
@@ -141,7 +139,7 @@ def test_train_eval_switching(name):
     _call(name, mod, torch.randn(2, 3, D))
     mod.eval()
     b = _call(name, mod, x)
-    if name in ("layer", "rms", "add"):
+    if name in ("layer", "rms", "add_layer"):
         assert torch.equal(a, b)        # no state: train/eval do not matter
     else:                                # one more training batch moved the running statistics
         assert not torch.equal(a, b)
@@ -156,7 +154,7 @@ def test_torch_export(backend):
     with seqnorm.use_backend(backend):
         for name, mod in modules().items():
             mod = _trained(name, mod).eval()
-            args = (x, x) if name == "add" else (x,)
+            args = (x, x) if name == "add_layer" else (x,)
             ep = torch.export.export(mod, args, kwargs={"padding_mask": mask})
             torch.testing.assert_close(ep.module()(*args, padding_mask=mask), mod(*args, padding_mask=mask))
 
@@ -165,7 +163,7 @@ def test_torch_compile_model_with_every_module():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.mods = torch.nn.ModuleDict({k: v for k, v in modules().items() if k != "add"})
+            self.mods = torch.nn.ModuleDict({k: v for k, v in modules().items() if k != "add_layer"})
             self.add = seqnorm.AddNorm(D, norm="rms")
 
         def forward(self, x, mask):
