@@ -196,14 +196,15 @@ class SyncPowerNorm(PowerNorm):
         process_group: the group to synchronize over. Default: the world.
 
     Shape:
-        - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``; ``padding_mask`` ``(B, T)``
-        - Output: same as input; 0 at padding
+        As :class:`PowerNorm`'s: input ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``, ``padding_mask``
+        ``(B, T)``; output the shape of the input, 0 at padding.
 
     Example::
 
         >>> pn = SyncPowerNorm(4)           # no process group: plain PowerNorm
-        >>> pn(torch.randn(2, 3, 4), lengths=torch.tensor([3, 1])).shape
-        torch.Size([2, 3, 4])
+        >>> y = pn(torch.randn(2, 3, 4), lengths=torch.tensor([3, 1]))
+        >>> y.shape, int(pn.num_batches_tracked)     # ψ² moved once, from the 4 real tokens
+        (torch.Size([2, 3, 4]), 1)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,

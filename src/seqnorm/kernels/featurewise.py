@@ -41,7 +41,7 @@ import numba as nb
 import numpy as np
 
 from . import FASTMATH, NCHUNK
-from .rows import commit, in_row, out_row, over_row, scratch
+from .rows import commit, grad_rows, in_row, out_row, scratch, zero_row, zeroed
 
 
 @nb.njit(cache=True)
@@ -59,11 +59,7 @@ def _chunk_sums(x, pad, shift, k, n_part, s_part, q_part):  # pragma: no cover -
     nchunk = s_part.shape[0]
     size = (N + nchunk - 1) // nchunk
     for c in nb.prange(nchunk):
-        sp = s_part[c]
-        qp = q_part[c]
-        for j in range(D):
-            sp[j] = zero
-            qp[j] = zero
+        sp, qp = zeroed(s_part, c, zero), zeroed(q_part, c, zero)
         n = 0
         xbuf = scratch(x, D)
         for i in range(c * size, min(N, (c + 1) * size)):
@@ -186,11 +182,7 @@ def grad_sums(dy, x, pad, shift, delta, rstd, k, dg_part, db_part):  # pragma: n
     nchunk = dg_part.shape[0]
     size = (N + nchunk - 1) // nchunk
     for c in nb.prange(nchunk):
-        gp = dg_part[c]
-        bp = db_part[c]
-        for j in range(D):
-            gp[j] = zero
-            bp[j] = zero
+        gp, bp = zeroed(dg_part, c, zero), zeroed(db_part, c, zero)
         xbuf, gbuf = scratch(x, D), scratch(dy, D)
         for i in range(c * size, min(N, (c + 1) * size)):
             if pad[i]:
@@ -212,13 +204,9 @@ def bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2, k, dx):  # pragma: 
         xbuf, gbuf = scratch(x, D), scratch(dy, D)   # dx is written over the widened dy
         for i in range(c * size, min(N, (c + 1) * size)):
             if pad[i]:
-                dxi = out_row(dx, i, gbuf)
-                for j in range(D):
-                    dxi[j] = zero
+                zero_row(dx, i, gbuf, zero)
             else:
-                xi = in_row(x, i, xbuf)
-                di = in_row(dy, i, gbuf)
-                dxi = over_row(dx, i, di)
+                xi, di, dxi = grad_rows(x, dy, dx, i, xbuf, gbuf)
                 for j in range(D):
                     xh = ((xi[j] - shift[j]) - delta[j]) * rstd[j]
                     dxi[j] = a[j] * di[j] - c1[j] - xh * c2[j]
@@ -234,9 +222,7 @@ def power_forward(x, pad, scale, b, k, y, n_part, q_part):  # pragma: no cover -
     nchunk = q_part.shape[0]
     size = (N + nchunk - 1) // nchunk
     for c in nb.prange(nchunk):
-        qp = q_part[c]
-        for j in range(D):
-            qp[j] = zero
+        qp = zeroed(q_part, c, zero)
         n = 0
         xbuf, ybuf = scratch(x, D), scratch(y, D)
         for i in range(c * size, min(N, (c + 1) * size)):
@@ -263,21 +249,13 @@ def power_backward(dy, x, pad, w, rstd, nu, k, dx, dg_part, db_part):  # pragma:
     nchunk = dg_part.shape[0]
     size = (N + nchunk - 1) // nchunk
     for c in nb.prange(nchunk):
-        gp = dg_part[c]
-        bp = db_part[c]
-        for j in range(D):
-            gp[j] = zero
-            bp[j] = zero
+        gp, bp = zeroed(dg_part, c, zero), zeroed(db_part, c, zero)
         xbuf, gbuf = scratch(x, D), scratch(dy, D)   # dx is written over the widened dy
         for i in range(c * size, min(N, (c + 1) * size)):
             if pad[i]:
-                dxi = out_row(dx, i, gbuf)
-                for j in range(D):
-                    dxi[j] = zero
+                zero_row(dx, i, gbuf, zero)
             else:
-                xi = in_row(x, i, xbuf)
-                di = in_row(dy, i, gbuf)
-                dxi = over_row(dx, i, di)
+                xi, di, dxi = grad_rows(x, dy, dx, i, xbuf, gbuf)
                 for j in range(D):
                     xh = xi[j] * rstd[j]
                     gp[j] += di[j] * xh

@@ -186,3 +186,31 @@ def _commit(a, i, buf):
                     dst[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
         return narrow
     return lambda a, i, buf: None
+
+
+@numba.njit(inline="always")
+def zero_row(a, i, buf, zero):  # pragma: no cover - jitted
+    """Row ``i`` of the output ``a`` set to ``zero`` (a padded row), through
+    ``buf`` for a 16-bit ``a`` (then :func:`commit`); returns the row written."""
+    row = out_row(a, i, buf)
+    for j in range(row.shape[0]):  # element by element: a slice fill of the float32 view of a 16-bit
+        row[j] = zero              # scratch row was lost (LLVM took the view and the bits as unrelated)
+    return row
+
+
+@numba.njit(inline="always")
+def grad_rows(x, dy, dx, i, xbuf, gbuf):  # pragma: no cover - jitted
+    """A backward kernel's row ``i``: ``x`` and ``dy`` as floats (:func:`in_row`),
+    and where ``dx`` goes — over the widened ``dy`` (:func:`over_row`)."""
+    xi = in_row(x, i, xbuf)
+    di = in_row(dy, i, gbuf)
+    return xi, di, over_row(dx, i, di)
+
+
+@numba.njit(inline="always")
+def zeroed(part, c, zero):  # pragma: no cover - jitted
+    """Chunk ``c``'s row of a per-chunk partial-sums array, set to ``zero``."""
+    row = part[c]
+    for j in range(row.shape[0]):
+        row[j] = zero
+    return row

@@ -38,7 +38,7 @@ import numba as nb
 import numpy as np
 
 from . import FASTMATH, NCHUNK
-from .rows import commit, in_row, out_row, over_row, own_row, scratch
+from .rows import commit, grad_rows, in_row, out_row, over_row, own_row, scratch, zero_row, zeroed
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -109,8 +109,7 @@ def forward(x, res, w, b, pad, k, center, y, s, shift, delta, rstd):  # pragma: 
     normalized), and normalized as formed — for 16-bit inputs the exact float32 sum,
     not the rounded one that is returned."""
     R, D = x.shape
-    has_res = res.shape[0] > 0
-    has_s = s.shape[0] > 0
+    has_res, has_s = res.shape[0] > 0, s.shape[0] > 0
     zero = k[3]
     size = (R + NCHUNK - 1) // NCHUNK
     for c in nb.prange(NCHUNK):
@@ -175,29 +174,20 @@ def backward(dy, x, res, ds, w, pad, shift, delta, rstd, k, center, dx, dw_part,
     caller adds them in chunk order.
     """
     R, D = dy.shape
-    has_res = res.shape[0] > 0
-    has_ds = ds.shape[0] > 0
+    has_res, has_ds = res.shape[0] > 0, ds.shape[0] > 0
     zero = k[3]
     size = (R + NCHUNK - 1) // NCHUNK
     for c in nb.prange(NCHUNK):
-        dwp = dw_part[c]
-        dbp = db_part[c]
-        for j in range(D):
-            dwp[j] = zero
-            dbp[j] = zero
+        dwp, dbp = zeroed(dw_part, c, zero), zeroed(db_part, c, zero)
         # Scratch rows (16-bit inputs only) serve twice, to stay within L1: dx is written over
         # the widened dy (element by element, after it is read), ds over the residual.
         gbuf, xbuf, rbuf = scratch(dy, D), scratch(dy, D), scratch(dy, D)
         total = np.empty(D if has_res else 0, k.dtype)
         for r in range(c * size, min(R, (c + 1) * size)):
             if pad[r]:
-                dxr = out_row(dx, r, gbuf)
-                for j in range(D):
-                    dxr[j] = zero
+                dxr = zero_row(dx, r, gbuf, zero)
             else:
-                xr = in_row(x, r, xbuf)
-                g = in_row(dy, r, gbuf)
-                dxr = over_row(dx, r, g)
+                xr, g, dxr = grad_rows(x, dy, dx, r, xbuf, gbuf)
                 # two calls rather than one on a reassigned row: LLVM then knows which
                 # array each call reads (a merged pointer costs ~15 % in vectorization)
                 if has_res:
