@@ -11,8 +11,8 @@ on every backend, goes through these helpers:
   channel when training");
 * :func:`update_running_stats` — the forward's update ``r ← (1 − f)·r + f·batch``;
   :func:`update_batch_norm_stats` stores BatchNorm's unbiased variance with it;
-* :func:`update_running_nu` — PowerNorm's ν, which Algorithm 1 updates in the
-  backward pass.
+* :func:`nu_step` and :func:`update_running_nu` — PowerNorm's ν, which
+  Algorithm 1 moves in the backward pass.
 
 A batch with no real token changes nothing, and neither does a batch whose
 statistics are NaN/Inf: they would poison the running statistics for good, so
@@ -33,6 +33,7 @@ __all__ = [
     "check_real_tokens",
     "update_running_stats",
     "update_batch_norm_stats",
+    "nu_step",
     "update_running_nu",
 ]
 
@@ -105,8 +106,21 @@ def update_batch_norm_stats(running_mean: Tensor, running_var: Tensor, batch_mea
                                 count, momentum, num_batches_tracked)
 
 
+def nu_step(nu: Tensor, gamma: Tensor, lam: Tensor, factor: float) -> Tensor:
+    r"""Algorithm 1's new ν (PowerNorm's running gradient statistic), in ``gamma``'s dtype:
+
+    .. math::
+        ν ← ν\,(1 − m\,Γ) + m\,Λ, \qquad Γ = \mathrm{mean}(\hat{x}^2),\quad
+        Λ = \mathrm{mean}(\hat{x} ⊙ γ\,∂L/∂y)
+
+    with the means over real tokens and ``m = factor`` (ψ²'s weight in the same
+    step). Store it with :func:`update_running_nu`.
+    """
+    return nu.to(gamma.dtype) * (1 - factor * gamma) + factor * lam.to(gamma.dtype)
+
+
 def update_running_nu(nu: Tensor, new: Tensor, has_tokens) -> None:
-    """PowerNorm's ν ← ``new`` (Algorithm 1's update, computed by the caller).
+    """PowerNorm's ν ← ``new`` (:func:`nu_step`, or the reference's own).
 
     ν keeps its value when the batch had no real token (``has_tokens``: a bool,
     or a 0-d bool tensor) and when ``new`` is not finite — NaN/Inf at a real

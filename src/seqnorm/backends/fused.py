@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import NCHUNK, featurewise, rows, rowwise
-from ..running import update_running_nu
+from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
 
 __all__ = ["FusedBackend", "supports"]
@@ -414,8 +414,7 @@ def _power_backward(ctx, dy, *_):
             count = ctx.count.to(dw.dtype)
             gamma = rstd * rstd * batch_phi                                      # mean of x̂² over real rows
             lam = (dw if weight is None else weight * dw) / count.clamp_min(1)  # mean of x̂ ⊙ (w ⊙ dy)
-            new = nu * (1 - ctx.factor * gamma.to(nu.dtype)) + ctx.factor * lam.to(nu.dtype)
-            update_running_nu(nu, new, count > 0)  # an all-padding batch leaves ν alone
+            update_running_nu(nu, nu_step(nu, gamma, lam, ctx.factor), count > 0)  # all padding: ν stays
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None, None
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..running import update_running_nu
+from ..running import nu_step, update_running_nu
 from . import register_backend
 
 __all__ = ["TorchBackend", "StatsReduce", "LocalStats", "LOCAL", "masked_moments", "merge_moments",
@@ -231,8 +231,7 @@ class _PowerNormFunction(torch.autograd.Function):
                 d, n = xhat.shape[1], ctx.n.to(sums.dtype)
                 gamma, lam = sums[:d] / n.clamp_min(1), sums[d:] / (n.clamp_min(1) * reduce.world)
                 # an all-padding batch carries no information about ν
-                update_running_nu(nu, nu_prev.to(sums.dtype) * (1 - ctx.factor * gamma) + ctx.factor * lam,
-                                  n > 0)
+                update_running_nu(nu, nu_step(nu, gamma, lam, ctx.factor), n > 0)
         dx = zero_padded_rows(g * rstd, pad)
         return dx, dweight, dbias, None, None, None, None, None, None
 
