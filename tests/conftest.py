@@ -1,6 +1,7 @@
 """Shared test helpers."""
 
 import os
+import importlib.util
 
 import numpy as np
 import pytest
@@ -13,6 +14,13 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Without a GPU, Triton's interpreter runs the triton backend's kernels on CPU tensors
+# (set before any kernel is defined); with one, they run on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+#: the backends every op test runs under: triton where Triton is installed
+BACKENDS = ["torch", "reference", "fused"] + (["triton"] if importlib.util.find_spec("triton") else [])
 
 
 def random_mask(b, t, rng, p=0.3, full_row=None):
@@ -62,8 +70,8 @@ def to_np(t):
     return None if t is None else t.detach().to(torch.float64).cpu().numpy().copy()
 
 
-@pytest.fixture(params=["torch", "reference", "fused"])
-def backend(request):  # every CPU backend; the test runs once under each
+@pytest.fixture(params=BACKENDS)
+def backend(request):  # every backend; the test runs once under each
     """Run the test once per backend."""
     import seqnorm
 

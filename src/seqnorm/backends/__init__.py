@@ -34,7 +34,8 @@ take a hook; ``functional`` runs the others' hooked calls on the torch backend.
 A backend is one module in this package that calls :func:`register_backend`
 when imported; :data:`BUILTIN` names the modules, imported on first use (the
 fused backend imports Numba, which the other backends do not need).
-``"auto"`` picks the fused kernels for large CPU inputs and torch elsewhere.
+``"auto"`` picks the Triton kernels for CUDA inputs, the fused kernels for
+large CPU inputs, and torch elsewhere.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Backend(Protocol):
 
 
 #: name → module of this package that registers it (imported on first use)
-BUILTIN = {"torch": "torch", "reference": "reference", "fused": "fused"}
+BUILTIN = {"torch": "torch", "reference": "reference", "fused": "fused", "triton": "triton"}
 
 # Below about a million elements the fixed cost of a fused call (~40 µs forward,
 # ~150 µs forward+backward: argument handling, the autograd.Function, Numba's
@@ -172,8 +173,12 @@ def current_backend(x: Tensor) -> Backend:
 
 
 def _auto(x: Tensor) -> Backend:
-    """The fused kernels for CPU inputs of at least :data:`AUTO_MIN_NUMEL`
-    elements in a dtype they take (when Numba imports); torch elsewhere."""
+    """The Triton kernels for CUDA inputs (when Triton imports); the fused
+    kernels for CPU inputs of at least :data:`AUTO_MIN_NUMEL` elements (when
+    Numba imports); each hands what it does not take to torch, as does every
+    other case."""
+    if x.device.type == "cuda" and _load("triton"):
+        return _choosers["triton"](x)
     if x.device.type == "cpu" and x.numel() >= AUTO_MIN_NUMEL and _load("fused"):
         return _choosers["fused"](x)
     return backend_named("torch", x)

@@ -1,4 +1,11 @@
-"""``seqnorm bench``: the fused kernels against torch, measured in one process.
+"""``seqnorm bench``: seqnorm's kernels against torch, measured in one process.
+
+On the CPU (default) seqnorm runs its fused Numba kernels; with ``--device
+cuda`` its Triton kernels, *with* the padding mask (lengths drawn from
+[T/4, T], about 40 % padding), against torch's native unmasked ops, seqnorm's
+own composite-torch path (``seqnorm[torch]``) and Liger-Kernel's Triton norms
+when Liger is installed. On CUDA, "% copy" counts the bytes of the real rows
+only (a padded row is never read by the kernels).
 
 For every op, shape, dtype and mode (forward, forward+backward) each provider
 is first checked against the others for correctness, then timed in
@@ -62,23 +69,31 @@ class Row:
     copy_gbs: float
 
 
-def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 30) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 64 << 20, repeats: int = 30, device: str = "cpu") -> float:
     """Bytes read + written per second by ``dst.copy_(src)`` (reused buffers)."""
-    src = torch.randn(nbytes // 4)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
     times = []
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * nbytes / statistics.median(times)
 
 
-def _lengths_mask(b: int, t: int, gen: torch.Generator) -> torch.Tensor:
-    """About a quarter of the positions are padding: lengths uniform in [T/2, T]."""
-    lengths = torch.randint(t // 2, t + 1, (b,), generator=gen)
+def _lengths_mask(b: int, t: int, gen: torch.Generator, shortest: float = 0.5) -> torch.Tensor:
+    """Lengths uniform in [shortest·T, T]: about a quarter of the positions are
+    padding for 1/2 (the CPU tables), about 40 % for 1/4 (the GPU tables)."""
+    lengths = torch.randint(int(t * shortest), t + 1, (b,), generator=gen)
     return lengths_to_padding_mask(lengths, t)
 
 
@@ -91,29 +106,48 @@ def _gather_bn(x, mask, w, b, rm, rv):
     return y
 
 
-def make_inputs(shape, dtype, gen: torch.Generator) -> dict:
+def make_inputs(shape, dtype, gen: torch.Generator, device: str = "cpu") -> dict:
     """One set of inputs shared by every provider of an (op, shape, dtype)."""
     b_, t_, d = shape
     return dict(
-        x=torch.randn(shape, generator=gen).to(dtype).requires_grad_(),
-        r=torch.randn(shape, generator=gen).to(dtype),
-        w=torch.randn(d, generator=gen).to(dtype).requires_grad_(),
-        bias=torch.randn(d, generator=gen).to(dtype).requires_grad_(),
-        mask=_lengths_mask(b_, t_, gen),
+        x=torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(),
+        r=torch.randn(shape, generator=gen).to(device, dtype),
+        w=torch.randn(d, generator=gen).to(device, dtype).requires_grad_(),
+        bias=torch.randn(d, generator=gen).to(device, dtype).requires_grad_(),
+        mask=_lengths_mask(b_, t_, gen, 0.25 if device == "cuda" else 0.5).to(device),
     )
+
+
+def _liger(op: str):
+    """Liger-Kernel's Triton function for ``op``, or None (not installed / no such op)."""
+    try:
+        if op == "layer_norm":
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+            return lambda x, r, w, b, d: LigerLayerNormFunction.apply(x, w, b, 1e-5)
+        if op == "rms_norm":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+            return lambda x, r, w, b, d: LigerRMSNormFunction.apply(x, w, 1e-6)
+        if op == "add_rms_norm":
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+            return lambda x, r, w, b, d: LigerFusedAddRMSNormFunction.apply(x, r, w, 1e-6)[0]
+    except ImportError:
+        return None
+    return None
 
 
 def setup(op: str, provider: str, tensors: dict, compiled: Dict):
     """Returns ``(fn, inputs)``: ``fn()`` computes the op on fresh outputs;
     ``inputs`` are the tensors to differentiate."""
     x, r, w, bias, mask = (tensors[k] for k in ("x", "r", "w", "bias", "mask"))
-    shape, dtype, d = tuple(x.shape), x.dtype, x.shape[-1]
-    rm, rv = torch.zeros(d), torch.ones(d)   # fresh running statistics per provider
-    phi = torch.ones(d)
+    shape, dtype, d, dev = tuple(x.shape), x.dtype, x.shape[-1], x.device
+    rm, rv = torch.zeros(d, device=dev), torch.ones(d, device=dev)   # fresh running statistics per provider
+    phi = torch.ones(d, device=dev)
     inputs = [x, w] if op in ("rms_norm", "add_rms_norm") else [x, w, bias]
+    # on the GPU seqnorm's row-wise norms get the mask too (the case it is built for)
+    rows_mask = mask if dev.type == "cuda" else None
 
     if provider in ("seqnorm", "seqnorm[torch]"):
-        backend = "fused" if provider == "seqnorm" else "torch"
+        backend = ("triton" if dev.type == "cuda" else "fused") if provider == "seqnorm" else "torch"
 
         def run(fn):
             def call():
@@ -122,21 +156,21 @@ def setup(op: str, provider: str, tensors: dict, compiled: Dict):
             return call
 
         fns = {
-            "layer_norm": lambda: F.layer_norm(x, d, w, bias),
-            "rms_norm": lambda: F.rms_norm(x, d, w),
-            "add_layer_norm": lambda: F.add_layer_norm(x, r, d, w, bias),
-            "add_rms_norm": lambda: F.add_rms_norm(x, r, d, w),
+            "layer_norm": lambda: F.layer_norm(x, d, w, bias, padding_mask=rows_mask),
+            "rms_norm": lambda: F.rms_norm(x, d, w, 1e-6, padding_mask=rows_mask),
+            "add_layer_norm": lambda: F.add_layer_norm(x, r, d, w, bias, padding_mask=rows_mask),
+            "add_rms_norm": lambda: F.add_rms_norm(x, r, d, w, 1e-6, padding_mask=rows_mask),
             "seq_batch_norm": lambda: F.seq_batch_norm(x, rm, rv, w, bias, training=True, padding_mask=mask),
             "power_norm": lambda: F.power_norm(x, phi, None, w, bias, training=True, padding_mask=mask),
         }
         return run(fns[op]), inputs
 
-    rm_t, rv_t = torch.zeros(d, dtype=dtype), torch.ones(d, dtype=dtype)  # torch wants matching dtypes
+    rm_t, rv_t = torch.zeros(d, dtype=dtype, device=dev), torch.ones(d, dtype=dtype, device=dev)
     torch_fns = {
         "layer_norm": lambda: TF.layer_norm(x, (d,), w, bias),
-        "rms_norm": lambda: TF.rms_norm(x, (d,), w),
+        "rms_norm": lambda: TF.rms_norm(x, (d,), w, 1e-6),
         "add_layer_norm": lambda: TF.layer_norm(x + r, (d,), w, bias),
-        "add_rms_norm": lambda: TF.rms_norm(x + r, (d,), w),
+        "add_rms_norm": lambda: TF.rms_norm(x + r, (d,), w, 1e-6),
         # BatchNorm1d wants (N, C, L): the transposed tensor, no mask
         "seq_batch_norm": lambda: TF.batch_norm(x.transpose(1, 2), rm_t, rv_t, w, bias, training=True).transpose(1, 2),
     }
@@ -144,6 +178,9 @@ def setup(op: str, provider: str, tensors: dict, compiled: Dict):
         return torch_fns[op], inputs
     if provider == "gather":
         return (lambda: _gather_bn(x, mask, w, bias, rm_t, rv_t)), inputs
+    if provider == "liger":
+        fn = _liger(op)
+        return (lambda: fn(x, r, w, bias, d)), inputs
     if provider == "torch.compile":
         key = (op, shape, dtype)
         if key not in compiled:
@@ -170,12 +207,16 @@ def _as_function(op: str, d: int) -> Callable:
     return lambda x, rm, rv, w, b: TF.batch_norm(x.transpose(1, 2), rm, rv, w, b, training=True).transpose(1, 2)
 
 
-def providers_for(op: str, with_compile: bool) -> List[str]:
+def providers_for(op: str, with_compile: bool, device: str = "cpu") -> List[str]:
     if op == "power_norm":  # torch has no PowerNorm: seqnorm's own torch backend is the baseline
         return ["seqnorm", "seqnorm[torch]"]
     names = ["seqnorm", "torch"]
     if op == "seq_batch_norm":
         names.append("gather")
+    if device == "cuda":
+        names.append("seqnorm[torch]")   # the composite path the Triton kernels replace
+        if _liger(op) is not None:
+            names.append("liger")
     if with_compile:
         names.append("torch.compile")
     return names
@@ -189,39 +230,48 @@ def _step(fn, inputs, mode, dy):
 
 
 def time_round_robin(calls: Dict[str, Callable[[], object]], budget_s: float, min_reps: int = 10,
-                     max_reps: int = 50) -> Dict[str, float]:
-    """Median seconds per call, providers interleaved round by round."""
+                     max_reps: int = 50, device: str = "cpu") -> Dict[str, float]:
+    """Median seconds per call, providers interleaved round by round. On CUDA
+    each sample is ``inner`` back-to-back calls between two synchronizations
+    (so that the launch and the synchronization are not what is measured)."""
+    inner = 10 if device == "cuda" else 1
     for fn in calls.values():  # warm-up (JIT, caches, first-touch of weights)
         fn()
         fn()
+    _sync(device)
     times: Dict[str, List[float]] = {k: [] for k in calls}
     start = time.perf_counter()
     reps = 0
     while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
         for name, fn in calls.items():
+            _sync(device)
             t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t) / inner)
         reps += 1
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def check(outputs: Dict[str, torch.Tensor], op: str, dtype) -> None:
-    """Every provider must agree with seqnorm before anything is timed."""
+def check(outputs: Dict[str, torch.Tensor], op: str, dtype, real: Optional[torch.Tensor] = None) -> None:
+    """Every provider must agree with seqnorm before anything is timed (at the
+    real tokens ``real`` when seqnorm's row-wise norms were given the mask)."""
     ref = outputs["seqnorm"].float()
     tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(dtype, 2e-4)
     for name, y in outputs.items():
         if name in ("seqnorm",) or (op == "seq_batch_norm" and name in ("torch", "torch.compile")):
             continue  # unmasked BatchNorm computes a different (padding-polluted) thing
-        err = (y.float() - ref).abs().max().item()
+        diff = (y.float() - ref).abs()
+        err = (diff[real] if real is not None else diff).max().item()
         if not err <= tol * max(1.0, ref.abs().max().item()):
             raise AssertionError(f"{op}: {name} differs from seqnorm by {err:.3g}")
 
 
-def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None) -> List[Row]:
+def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None, device="cpu") -> List[Row]:
     out = out or sys.stdout  # looked up per call, so that redirected stdout is honoured
     gen = torch.Generator().manual_seed(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(device=device)
     print(f"copy bandwidth at start (dst.copy_(src), 64 MiB, read+write): {bw / 1e9:.1f} GB/s; each "
           f"group below also times the copy of one x in its own rounds", file=out)
     rows: List[Row] = []
@@ -230,13 +280,16 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
         for dname in dtypes:
             dtype = DTYPES[dname]
             for op in ops:
-                provs = providers_for(op, with_compile)
-                tensors = make_inputs(shape, dtype, gen)
+                provs = providers_for(op, with_compile, device)
+                tensors = make_inputs(shape, dtype, gen, device)
                 setups = {p: setup(op, p, tensors, compiled) for p in provs}
+                real = ~tensors["mask"] if device == "cuda" else None
                 with torch.no_grad():
-                    check({p: fn() for p, (fn, _) in setups.items()}, op, dtype)
+                    check({p: fn() for p, (fn, _) in setups.items()}, op, dtype, real)
+                # the bytes a masked kernel moves: the real rows' (on CUDA, where seqnorm gets the mask)
+                real_frac = float(real.float().mean()) if real is not None else 1.0
                 for mode in modes:
-                    dy = torch.randn(shape, generator=gen).to(dtype)
+                    dy = torch.randn(shape, generator=gen).to(device, dtype)
                     calls = {}
                     for p, (fn, inputs) in setups.items():
                         if mode == "fwd":
@@ -248,11 +301,11 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
                     src = tensors["x"].detach()
                     dst = torch.empty_like(src)
                     calls["copy"] = lambda: dst.copy_(src)
-                    med = time_round_robin(calls, budget_s)
+                    med = time_round_robin(calls, budget_s, device=device)
                     copy_s = med.pop("copy")
                     group_bw = 2 * src.numel() * src.element_size() / copy_s
                     base = med.get("torch", med.get("seqnorm[torch]"))
-                    nbytes = MODEL[op][0 if mode == "fwd" else 1] * src.numel() * src.element_size()
+                    nbytes = MODEL[op][0 if mode == "fwd" else 1] * src.numel() * src.element_size() * real_frac
                     for p, s in med.items():
                         pct = 100 * nbytes / s / group_bw if p == "seqnorm" else None
                         rows.append(Row(op, shape, dname, mode, p, s * 1e3, base / s, pct, group_bw / 1e9))
@@ -281,9 +334,14 @@ def allocator() -> str:
             "outputs under 32 MiB come from the reused heap once one was freed (ratios: compare within a group)")
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     import numba
 
+    if device == "cuda":
+        import triton
+
+        return (f"{torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+                f"triton {triton.__version__}; Python {platform.python_version()}; seqnorm {__version__}")
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -328,6 +386,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                            "(adds ~10-20 s of compilation per op)")
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per provider (default 0.3)")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as markdown to FILE")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the fused Numba kernels (default); cuda: the Triton kernels")
 
 
 def run(args) -> int:
@@ -345,14 +405,16 @@ def run(args) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise CommandError(f"{name}: unknown {bad or values}; choose from {', '.join(allowed)}")
-    print(f"machine: {machine()}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda: no CUDA device is available")
+    print(f"machine: {machine(args.device)}")
     print(f"allocator: {allocator()}")
     print(f"{'op':15s} {'shape':17s} {'dt':4s} {'mode':7s} {'provider':14s} {'median':>12s}  "
           f"{'×torch':>7s}  {'%copy':>6s}")
     t0 = time.perf_counter()
-    rows = bench(shapes, dtypes, ops, modes, args.compile, args.budget)
+    rows = bench(shapes, dtypes, ops, modes, args.compile, args.budget, device=args.device)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as fh:
-            fh.write(f"machine: {machine()}\n\nallocator: {allocator()}\n\n{markdown(rows)}\n")
+            fh.write(f"machine: {machine(args.device)}\n\nallocator: {allocator()}\n\n{markdown(rows)}\n")
     return 0

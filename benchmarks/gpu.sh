@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU checks of one device session (target: under 6 minutes on an H200):
+# the CUDA tests (tests/test_cuda.py, tests/test_triton.py on the GPU), then
+# `seqnorm bench --device cuda` at the issue's shapes, then one BERT training step.
+# Logs and the markdown table go to $OUT (the device tool's folder) or benchmarks/.
+# Record the figures in benchmarks/RESULTS-gpu.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"
+timeout 150 python3 -m pytest -q -x tests/test_cuda.py tests/test_triton.py 2>&1 | tee "$out/gpu-tests.log" | tail -n 5
+timeout 150 python3 -m seqnorm bench --device cuda --shapes "16,512,1024;8,2048,4096" --dtypes bf16,fp32 \
+    --budget 0.2 --markdown "$out/results-gpu.md" 2>&1 | tee "$out/gpu-bench.log"
+timeout 60 python3 benchmarks/bert_step.py 2>&1 | tee "$out/bert-step.log"

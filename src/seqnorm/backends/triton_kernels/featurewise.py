@@ -1,0 +1,231 @@
+r"""Feature-wise norms in Triton: masked BatchNorm and PowerNorm over the token axis.
+
+``x`` is ``(N, D)`` (every token of a batch), ``PAD`` is ``(N,)``. Programs
+tile the rows into blocks of ``BLOCK_N`` and the features into blocks of
+``BLOCK_F``; a padded row's loads are masked off.
+
+Statistics (:func:`moments_partial`, :func:`moments_merge`), of ``x − K`` with
+``K`` the first real row (so that a large common offset cancels exactly, as in
+the CPU kernels). Each row block ``p`` gives, per feature, its count of real
+rows ``n_p``, mean ``μ_p`` and centred second moment ``M_p`` (corrected
+two-pass in registers); one ordered pass then merges them with Chan et al.'s
+formula into ``δ = μ − K`` and ``σ²``,
+
+.. math::
+    n = n_a + n_b,\quad Δ = μ_b − μ_a,\quad μ = μ_a + Δ\,\frac{n_b}{n},\quad
+    M = M_a + M_b + Δ^2\,\frac{n_a n_b}{n},\qquad σ^2 = M/n
+
+— deterministic, no atomics. Normalization (:func:`normalize`):
+``y = ((x − K) − δ)·a + b`` with ``a = w/√(σ² + ε)``, 0 at padding.
+
+Backward of BatchNorm (:func:`grad_partial`, then :func:`bn_input_grad`), with
+``x̂ = ((x − K) − δ)·r`` and sums over real rows (per-block partials, summed in order):
+
+.. math::
+    dβ = \sum dy,\quad dγ = \sum dy\,\hat{x},\quad
+    dx = a\Bigl(dy - \frac{dβ}{n} - \hat{x}\,\frac{dγ}{n}\Bigr)
+
+(with running statistics, eval: ``dx = a·dy``).
+
+PowerNorm (:func:`normalize` with ``μ = 0`` and the running ψ², its
+``SUMSQ_PART`` giving the batch's ``Σ x²``; :func:`power_input_grad`):
+``dx = (w·dy − ν·x̂)·r`` with ``x̂ = x·r``, fused with the partial sums of
+``dy·x̂`` and ``dy``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(PAD, N, D, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The program's rows (int64), features, real-row mask (BLOCK_N,) and tile mask."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    feats = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    real = rows < N
+    if HAS_PAD:
+        real = real & (tl.load(PAD + rows, mask=real, other=1) == 0)
+    tile = real[:, None] & (feats < D)[None, :]
+    return rows, feats, real, tile
+
+
+@triton.jit
+def moments_partial(
+    X,          # (N, D), row stride stride_x
+    PAD,        # (N,) uint8, 1 at padding (HAS_PAD)
+    SHIFT,      # (D,) float32: K, the first real row (so that a large common offset cancels)
+    COUNT_PART,  # (P,) float32 out: real rows of each row block
+    MEAN_PART,  # (P, D) float32 out: μ_p − K
+    M2_PART,    # (P, D) float32 out: M_p
+    stride_x, N, D,
+    HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    k = tl.load(SHIFT + feats, mask=feats < D, other=0.0)
+    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    x = tl.where(tile, x - k[None, :], 0.0)
+    n = tl.sum(real.to(tl.float32), axis=0)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    m = tl.sum(x, axis=0) * inv_n                                  # BLOCK_F
+    d = tl.where(tile, x - m[None, :], 0.0)
+    corr = tl.sum(d, axis=0) * inv_n
+    m2 = tl.maximum(tl.sum(d * d, axis=0) - n * corr * corr, 0.0)
+    p = tl.program_id(0)
+    fmask = feats < D
+    tl.store(MEAN_PART + p * D + feats, m + corr, mask=fmask)
+    tl.store(M2_PART + p * D + feats, m2, mask=fmask)
+    if tl.program_id(1) == 0:
+        tl.store(COUNT_PART + p, n)
+
+
+@triton.jit
+def moments_merge(
+    COUNT_PART,  # (P,) float32
+    MEAN_PART,  # (P, D) float32
+    M2_PART,    # (P, D) float32
+    DELTA,      # (D,) float32 out: δ = μ − K
+    VAR,        # (D,) float32 out: biased σ² (0 without a real row)
+    COUNT,      # () float32 out: n
+    P, D,
+    BLOCK_F: tl.constexpr,
+):
+    feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = feats < D
+    n_a = tl.zeros([BLOCK_F], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_F], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for p in range(0, P):                                          # in order: the same bits every run
+        n_b = tl.load(COUNT_PART + p)
+        n = n_a + n_b
+        w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+        diff = tl.load(MEAN_PART + p * D + feats, mask=fmask, other=0.0) - mean
+        mean += diff * w_b
+        m2 += tl.load(M2_PART + p * D + feats, mask=fmask, other=0.0) + diff * diff * n_a * w_b
+        n_a = n
+    tl.store(DELTA + feats, mean, mask=fmask)
+    tl.store(VAR + feats, m2 / tl.maximum(n_a, 1.0), mask=fmask)
+    if tl.program_id(0) == 0:
+        tl.store(COUNT, tl.max(n_a, axis=0))
+
+
+@triton.jit
+def normalize(
+    X,          # (N, D), row stride stride_x
+    PAD,        # (N,) uint8 (HAS_PAD)
+    SHIFT,      # (D,) float32: K (HAS_MEAN; PowerNorm: none)
+    DELTA,      # (D,) float32: δ, so that μ = K + δ (HAS_MEAN)
+    SCALE,      # (D,) float32: a = w·r
+    B,          # (D,) float32 bias (HAS_B)
+    Y,          # (N, D) out, row stride stride_y
+    SUMSQ_PART,  # (P, D) float32 out: Σ x² of the block's real rows (SUMSQ)
+    COUNT_PART,  # (P,) float32 out: the block's real rows (SUMSQ)
+    stride_x, stride_y, N, D,
+    HAS_PAD: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_B: tl.constexpr, SUMSQ: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    fmask = feats < D
+    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    a = tl.load(SCALE + feats, mask=fmask, other=0.0)
+    y = x
+    if HAS_MEAN:
+        y = (y - tl.load(SHIFT + feats, mask=fmask, other=0.0)[None, :]) \
+            - tl.load(DELTA + feats, mask=fmask, other=0.0)[None, :]
+    y = y * a[None, :]
+    if HAS_B:
+        y = y + tl.load(B + feats, mask=fmask, other=0.0)[None, :]
+    y = tl.where(tile, y, 0.0)
+    out = (rows < N)[:, None] & fmask[None, :]
+    tl.store(Y + rows[:, None] * stride_y + feats[None, :], y.to(Y.dtype.element_ty), mask=out)
+    if SUMSQ:
+        p = tl.program_id(0)
+        tl.store(SUMSQ_PART + p * D + feats, tl.sum(x * x, axis=0), mask=fmask)
+        if tl.program_id(1) == 0:
+            tl.store(COUNT_PART + p, tl.sum(real.to(tl.float32), axis=0))
+
+
+@triton.jit
+def grad_partial(
+    DY,         # (N, D), row stride stride_dy
+    X,          # (N, D), row stride stride_x
+    PAD,        # (N,) uint8 (HAS_PAD)
+    SHIFT,      # (D,) float32: K
+    DELTA,      # (D,) float32: δ (μ = K + δ)
+    RSTD,       # (D,) float32: r
+    DG_PART,    # (P, D) float32 out: Σ dy·x̂ of the block's real rows
+    DB_PART,    # (P, D) float32 out: Σ dy
+    stride_dy, stride_x, N, D,
+    HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    fmask = feats < D
+    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    k = tl.load(SHIFT + feats, mask=fmask, other=0.0)[None, :]
+    delta = tl.load(DELTA + feats, mask=fmask, other=0.0)[None, :]
+    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)[None, :]
+    xhat = tl.where(tile, ((x - k) - delta) * rstd, 0.0)
+    p = tl.program_id(0)
+    tl.store(DG_PART + p * D + feats, tl.sum(dy * xhat, axis=0), mask=fmask)
+    tl.store(DB_PART + p * D + feats, tl.sum(dy, axis=0), mask=fmask)
+
+
+@triton.jit
+def bn_input_grad(
+    DY,         # (N, D), row stride stride_dy
+    X,          # (N, D), row stride stride_x
+    PAD,        # (N,) uint8 (HAS_PAD)
+    SHIFT,      # (D,) float32: K
+    DELTA,      # (D,) float32: δ (μ = K + δ)
+    RSTD,       # (D,) float32: r
+    A,          # (D,) float32: a = w·r
+    C1,         # (D,) float32: a·dβ/n (0 in eval)
+    C2,         # (D,) float32: a·dγ/n (0 in eval)
+    DX,         # (N, D) out, row stride stride_dx
+    stride_dy, stride_x, stride_dx, N, D,
+    HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    fmask = feats < D
+    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    k = tl.load(SHIFT + feats, mask=fmask, other=0.0)[None, :]
+    delta = tl.load(DELTA + feats, mask=fmask, other=0.0)[None, :]
+    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)[None, :]
+    a = tl.load(A + feats, mask=fmask, other=0.0)[None, :]
+    c1 = tl.load(C1 + feats, mask=fmask, other=0.0)[None, :]
+    c2 = tl.load(C2 + feats, mask=fmask, other=0.0)[None, :]
+    xhat = ((x - k) - delta) * rstd
+    dx = tl.where(tile, a * dy - c1 - xhat * c2, 0.0)
+    out = (rows < N)[:, None] & fmask[None, :]
+    tl.store(DX + rows[:, None] * stride_dx + feats[None, :], dx.to(DX.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def power_input_grad(
+    DY,         # (N, D), row stride stride_dy
+    X,          # (N, D), row stride stride_x
+    PAD,        # (N,) uint8 (HAS_PAD)
+    W,          # (D,) float32 weight (ones without one)
+    RSTD,       # (D,) float32: r = 1/√(ψ² + ε) of the running ψ²
+    NU,         # (D,) float32: ν before this step's update (zeros without one)
+    DX,         # (N, D) out, row stride stride_dx
+    DG_PART,    # (P, D) float32 out: Σ dy·x̂ of the block's real rows
+    DB_PART,    # (P, D) float32 out: Σ dy
+    stride_dy, stride_x, stride_dx, N, D,
+    HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    fmask = feats < D
+    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    w = tl.load(W + feats, mask=fmask, other=0.0)[None, :]
+    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)[None, :]
+    nu = tl.load(NU + feats, mask=fmask, other=0.0)[None, :]
+    xhat = x * rstd
+    dx = tl.where(tile, (w * dy - nu * xhat) * rstd, 0.0)
+    out = (rows < N)[:, None] & fmask[None, :]
+    tl.store(DX + rows[:, None] * stride_dx + feats[None, :], dx.to(DX.dtype.element_ty), mask=out)
+    p = tl.program_id(0)
+    tl.store(DG_PART + p * D + feats, tl.sum(dy * xhat, axis=0), mask=fmask)
+    tl.store(DB_PART + p * D + feats, tl.sum(dy, axis=0), mask=fmask)
