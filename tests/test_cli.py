@@ -2,11 +2,10 @@
 
 import shutil
 import subprocess
-
-import torch
 import sys
 
 import pytest
+import torch
 
 import seqnorm
 
