@@ -368,11 +368,10 @@ def seq_batch_norm(
     y, batch_mean, batch_var, count = backend.featurewise_norm(
         x2, cast(weight, cdt), cast(bias, cdt), eps, pad, mean, var, reduce=reduce
     )
-    if training:
-        n = int(count)
-        check_real_tokens(n, f"seq_batch_norm (input {tuple(input.shape)})")
+    if training:   # (the policy reads count on the CPU only: see seqnorm.running)
+        check_real_tokens(count, f"seq_batch_norm (input {tuple(input.shape)})")
         if running_mean is not None:
-            update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, n, momentum,
+            update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
                                     num_batches_tracked)
     return y.to(input.dtype).reshape(input.shape)
 
@@ -450,5 +449,5 @@ def power_norm(
         running_nu if training else None, factor, reduce=reduce,
     )
     if training:
-        update_running_stats([(running_phi, batch_phi)], int(count), momentum, num_batches_tracked)
+        update_running_stats([(running_phi, batch_phi)], count, momentum, num_batches_tracked)
     return y.to(input.dtype).reshape(input.shape)

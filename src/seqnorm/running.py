@@ -17,6 +17,17 @@ on every backend, goes through these helpers:
 A batch with no real token changes nothing, and neither does a batch whose
 statistics are NaN/Inf: they would poison the running statistics for good, so
 it is skipped with a :class:`NonFiniteStatisticsWarning`.
+
+**Without host synchronization.** On a GPU (any tensor not on the CPU) and
+while ``torch.compile`` traces, reading a count or a finiteness flag back to
+the host would stall the device (and break CUDA-graph capture), so the same
+policy is a device-side select (:func:`sync_free`): the update is computed and
+kept only where the batch had real tokens and finite statistics,
+``num_batches_tracked`` moves by that flag, and the cumulative average's
+factor is a tensor. Two things differ there, because both need the host: a
+skipped batch raises no warning, and training on exactly one real token does
+not raise — its variance is 0, it normalizes to the bias, and the running
+statistics are left unchanged (BatchNorm's unbiased variance is undefined).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import torch
 
 __all__ = [
     "NonFiniteStatisticsWarning",
+    "sync_free",
     "check_momentum",
     "momentum_factor",
     "check_real_tokens",
@@ -44,6 +56,12 @@ class NonFiniteStatisticsWarning(RuntimeWarning):
     """A training batch had NaN/Inf statistics; the running statistics were kept."""
 
 
+def sync_free(t) -> bool:
+    """Whether the policy for ``t`` (a statistic or count) must not read data back
+    to the host: ``t`` is on an accelerator, or torch.compile is tracing."""
+    return torch.compiler.is_compiling() or (isinstance(t, Tensor) and t.device.type != "cpu")
+
+
 def check_momentum(momentum) -> None:
     """``momentum`` must be None (cumulative average) or a number in [0, 1]."""
     if momentum is None:
@@ -52,35 +70,49 @@ def check_momentum(momentum) -> None:
         raise ValueError(f"momentum must be None or a float in [0, 1], got {momentum!r}")
 
 
-def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
+def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]):
     """The weight of the new batch: ``momentum``, or for ``momentum=None`` the
-    cumulative average's ``1/(num_batches_tracked + 1)``."""
+    cumulative average's ``1/(num_batches_tracked + 1)`` (a 0-d tensor where
+    :func:`sync_free`, a float elsewhere)."""
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if sync_free(num_batches_tracked):
+        return 1.0 / (num_batches_tracked.double() + 1)
     return 1.0 / (int(num_batches_tracked) + 1)
 
 
-def check_real_tokens(count: int, who: str) -> None:
+def check_real_tokens(count, who: str) -> None:
     """Training needs more than one real token per feature (0 is allowed: the
-    batch is all padding and changes nothing)."""
-    if count == 1:
+    batch is all padding and changes nothing). Not checked where
+    :func:`sync_free` (see the module docstring)."""
+    if sync_free(count):
+        return
+    if int(count) == 1:
         raise ValueError(f"{who}: expected more than 1 real token per feature when training, got 1 "
                          f"(check padding_mask/lengths)")
 
 
-def update_running_stats(pairs: List[Tuple[Tensor, Tensor]], count: int, momentum: Optional[float],
-                         num_batches_tracked: Optional[Tensor] = None) -> bool:
+def update_running_stats(pairs: List[Tuple[Tensor, Tensor]], count, momentum: Optional[float],
+                         num_batches_tracked: Optional[Tensor] = None, min_count: int = 1) -> bool:
     """Move each running tensor of ``pairs`` (``(running, batch_value)``) to
     ``(1 − f)·running + f·batch`` with ``f`` = :func:`momentum_factor`.
 
     Nothing changes — neither the statistics nor ``num_batches_tracked`` — when
-    the batch had no real token, or when a batch statistic is NaN/Inf (with a
+    the batch had fewer than ``min_count`` real tokens (``count``, an int or a
+    0-d tensor), or when a batch statistic is NaN/Inf (with a
     :class:`NonFiniteStatisticsWarning`, shown once per call site). Returns
-    whether the statistics were updated.
+    whether the statistics were updated (where :func:`sync_free`, the update is
+    a device-side select and this returns True).
     """
-    if count <= 0 or not pairs:
+    if not pairs:
+        return False
+    if sync_free(count) or sync_free(pairs[0][1]):
+        _select_update(pairs, count, momentum, num_batches_tracked, min_count)
+        return True
+    count = int(count)
+    if count < min_count:
         return False
     if not all(bool(torch.isfinite(v).all()) for _, v in pairs):
         warnings.warn("seqnorm: a training batch has NaN/Inf statistics (NaN/Inf at real tokens); the running "
@@ -95,11 +127,31 @@ def update_running_stats(pairs: List[Tuple[Tensor, Tensor]], count: int, momentu
     return True
 
 
+def _select_update(pairs, count, momentum, num_batches_tracked, min_count) -> None:
+    """:func:`update_running_stats` as a device-side select (no host synchronization)."""
+    with torch.no_grad():
+        ok = torch.as_tensor(count, device=pairs[0][0].device) >= min_count
+        for _, value in pairs:
+            ok = ok & torch.isfinite(value).all()
+        factor = momentum_factor(momentum, num_batches_tracked)
+        for running, value in pairs:
+            moved = running + (value.to(running.dtype) - running) * factor
+            running.copy_(torch.where(ok, moved.to(running.dtype), running))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+
+
 def update_batch_norm_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
-                            count: int, momentum: Optional[float],
+                            count, momentum: Optional[float],
                             num_batches_tracked: Optional[Tensor] = None) -> bool:
     """BatchNorm's update: the batch mean, and the *unbiased* variance
     ``var·n/(n − 1)`` as torch stores it (``count`` > 1, see :func:`check_real_tokens`)."""
+    if sync_free(count) or sync_free(batch_var):
+        n = torch.as_tensor(count, device=batch_var.device).to(batch_var.dtype)
+        unbiased = batch_var * (n / (n - 1).clamp_min(1))
+        return update_running_stats([(running_mean, batch_mean), (running_var, unbiased)], count, momentum,
+                                    num_batches_tracked, min_count=2)
+    count = int(count)
     if count <= 1:
         return False
     return update_running_stats([(running_mean, batch_mean), (running_var, batch_var * (count / (count - 1)))],
@@ -130,8 +182,8 @@ def update_running_nu(nu: Tensor, new: Tensor, has_tokens) -> None:
     for the forward's statistics.
     """
     with torch.no_grad():
-        if torch.compiler.is_compiling():  # traced: no data-dependent branch, no warning
-            keep = torch.logical_not(torch.as_tensor(has_tokens) & torch.isfinite(new).all())
+        if sync_free(new) or sync_free(has_tokens):  # no data-dependent branch, no warning
+            keep = torch.logical_not(torch.as_tensor(has_tokens, device=nu.device) & torch.isfinite(new).all())
             nu.copy_(torch.where(keep, nu, new.to(nu.dtype)))
             return
         if not bool(has_tokens):

@@ -330,7 +330,7 @@ class TritonBackend:
 
     @staticmethod
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
-        return _Power.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), float(factor))
+        return _Power.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), factor)
 
 
 register_backend("triton", lambda x: TritonBackend if supports(x) else backend_named("torch", x))
