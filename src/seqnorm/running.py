@@ -47,6 +47,7 @@ __all__ = [
     "update_batch_norm_stats",
     "nu_step",
     "update_running_nu",
+    "move_nu_from_sums",
 ]
 
 Tensor = torch.Tensor
@@ -194,3 +195,17 @@ def update_running_nu(nu: Tensor, new: Tensor, has_tokens) -> None:
                           stacklevel=2)
             return
         nu.copy_(new.to(nu.dtype))
+
+
+def move_nu_from_sums(nu: Tensor, nu_before: Tensor, rstd: Tensor, batch_phi: Tensor, weight: Optional[Tensor],
+                      dgamma: Tensor, count: Tensor, factor) -> None:
+    """ν's step from what a PowerNorm kernel has at hand (the fused and triton
+    backends): ``Γ = mean(x̂²) = r²·ψ_B²`` (``x̂ = x·r``) and
+    ``Λ = mean(x̂ ⊙ w ⊙ dy) = w ⊙ dγ / n`` over the ``count`` real tokens, with
+    ``dγ = Σ dy ⊙ x̂``; then :func:`nu_step` from ``nu_before`` (ν as of the
+    forward) and :func:`update_running_nu`. An all-padding batch leaves ν alone."""
+    with torch.no_grad():   # tensor ops only (no host read), so that tracing works
+        n = count.to(dgamma.dtype)
+        gamma = rstd * rstd * batch_phi
+        lam = (dgamma if weight is None else weight.to(dgamma.dtype) * dgamma) / n.clamp_min(1)
+        update_running_nu(nu, nu_step(nu_before, gamma, lam, factor), n > 0)

@@ -151,8 +151,11 @@ def set_backend(name: str) -> None:
     _active.set(name)
 
 
+@torch.compiler.assume_constant_result
 def get_backend() -> str:
-    """The selected backend's name."""
+    """The selected backend's name. torch.compile takes it as a constant of the
+    trace (Dynamo cannot trace a ContextVar): a compiled function keeps the
+    backend that was selected when it was compiled."""
     return _active.get()
 
 
@@ -169,7 +172,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def current_backend(x: Tensor) -> Backend:
     """The backend object that runs an op on ``x`` now."""
-    return backend_named(_active.get(), x)
+    return backend_named(get_backend(), x)
 
 
 def _auto(x: Tensor) -> Backend:

@@ -3,13 +3,14 @@
 Each kernel family is one forward and one backward custom op
 (``seqnorm::rowwise_fwd`` / ``seqnorm::rowwise_bwd``, ``featurewise_*``,
 ``power_*``) with a fake (meta) implementation, tied together by
-``register_autograd``, so modules, autograd and ``torch.compile`` see ordinary
-torch ops. Tensors reach the kernels as zero-copy NumPy views; inputs are made
-contiguous first. Numba's thread count follows ``torch.get_num_threads()``.
+``register_autograd`` (:mod:`.custom_ops`), so modules, autograd and
+``torch.compile`` see ordinary torch ops. Tensors reach the kernels as
+zero-copy NumPy views; inputs are made contiguous first. Numba's thread count
+follows ``torch.get_num_threads()``.
 
-Only CPU float32, float64, bfloat16 and float16 tensors come here (the
-chooser registered at the end hands everything else to the torch backend). The 16-bit types reach the
-kernels as their raw bits; they read and write them and compute in float32
+Only CPU float32, float64, bfloat16 and float16 tensors come here (the chooser
+registered at the end hands everything else to the torch backend). The 16-bit
+types reach the kernels as their raw bits; they read and write them and compute in float32
 (:mod:`.kernels.rows`). float16 needs hardware conversions (F16C on x86-64):
 without them it is not taken here, and ``functional`` casts it to float32.
 """
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import NCHUNK, featurewise, rows, rowwise
-from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
+from .custom_ops import BackwardOp, ForwardOp, power_autograd, eager_function, needs_grad
 
 __all__ = ["FusedBackend", "supports"]
 
@@ -153,11 +154,7 @@ def _rowwise_forward(x, residual, weight, bias, pad, eps, center, keep_sum):
     return y, s, shift, delta, rstd
 
 
-rowwise_fwd = torch.library.custom_op("seqnorm::rowwise_fwd", mutates_args=())(_rowwise_fwd_impl)
-
-
-@rowwise_fwd.register_fake
-def _(x, residual, weight, bias, pad, eps, center):
+def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center):
     rows, sd = x.shape[0], _stat_dtype(x)
     s = torch.empty_like(x) if residual is not None else x.new_empty(0)
     return (torch.empty_like(x), s, x.new_empty(rows, dtype=sd), x.new_empty(rows, dtype=sd),
@@ -184,13 +181,12 @@ def _rowwise_bwd_impl(dy: Tensor, src: Tensor, src2: Optional[Tensor], ds: Optio
     return dx, torch.from_numpy(_sum_chunks(dw_part)).to(sd), torch.from_numpy(_sum_chunks(db_part)).to(sd)
 
 
-rowwise_bwd = torch.library.custom_op("seqnorm::rowwise_bwd", mutates_args=())(_rowwise_bwd_impl)
-
-
-@rowwise_bwd.register_fake
-def _(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
+def _rowwise_bwd_fake(dy, src, src2, ds, weight, pad, shift, delta, rstd, center):
     d, sd = src.shape[1], _stat_dtype(src)
     return torch.empty_like(src), src.new_empty(d, dtype=sd), src.new_empty(d, dtype=sd)
+
+
+rowwise_bwd = BackwardOp("rowwise_bwd", _rowwise_bwd_impl, _rowwise_bwd_fake)
 
 
 def _rowwise_setup(ctx, inputs, output):
@@ -210,14 +206,14 @@ def _rowwise_backward(ctx, dy, ds, _shift, _delta, _rstd):
     if dy is None:  # only the sum s was used downstream
         dy = torch.zeros_like(src)
     ds = ds if ctx.has_residual else None
-    dx, dw, db = _call(rowwise_bwd, _rowwise_bwd_impl)(dy, src, src2, ds, weight, pad, shift, delta, rstd,
+    dx, dw, db = rowwise_bwd(dy, src, src2, ds, weight, pad, shift, delta, rstd,
                                                        ctx.center)
     dw = dw.reshape(weight.shape) if weight is not None else None
     db = db if ctx.has_bias else None
     return dx, (dx if ctx.has_residual else None), dw, db, None, None, None
 
 
-torch.library.register_autograd("seqnorm::rowwise_fwd", _rowwise_backward, setup_context=_rowwise_setup)
+rowwise_fwd = ForwardOp("rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fake, _rowwise_setup, _rowwise_backward, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -263,11 +259,7 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
             torch.from_numpy(rstd))
 
 
-featurewise_fwd = torch.library.custom_op("seqnorm::featurewise_fwd", mutates_args=())(_featurewise_fwd_impl)
-
-
-@featurewise_fwd.register_fake
-def _(x, weight, bias, pad, mean, var, eps):
+def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps):
     d, sd = x.shape[1], _stat_dtype(x)
     return (torch.empty_like(x), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd), torch.empty((), dtype=torch.int64),
             x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd))
@@ -300,13 +292,12 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: 
     return dx, torch.from_numpy(dgamma).to(_stat_dtype(x)), torch.from_numpy(dbeta).to(_stat_dtype(x))
 
 
-featurewise_bwd = torch.library.custom_op("seqnorm::featurewise_bwd", mutates_args=())(_featurewise_bwd_impl)
-
-
-@featurewise_bwd.register_fake
-def _(dy, x, weight, pad, shift, delta, rstd, count, batch_stats):
+def _featurewise_bwd_fake(dy, x, weight, pad, shift, delta, rstd, count, batch_stats):
     d, sd = x.shape[1], _stat_dtype(x)
     return torch.empty_like(x), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd)
+
+
+featurewise_bwd = BackwardOp("featurewise_bwd", _featurewise_bwd_impl, _featurewise_bwd_fake)
 
 
 def _featurewise_setup(ctx, inputs, output):
@@ -321,13 +312,13 @@ def _featurewise_backward(ctx, dy, *_):
     x, weight, pad, shift, delta, rstd = ctx.saved_tensors
     if dy is None:
         return (None,) * 7
-    dx, dw, db = _call(featurewise_bwd, _featurewise_bwd_impl)(dy, x, weight, pad, shift, delta, rstd,
+    dx, dw, db = featurewise_bwd(dy, x, weight, pad, shift, delta, rstd,
                                                                ctx.count, ctx.batch_stats)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None
 
 
-torch.library.register_autograd("seqnorm::featurewise_fwd", _featurewise_backward,
-                                setup_context=_featurewise_setup)
+featurewise_fwd = ForwardOp("featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake, _featurewise_setup,
+                            _featurewise_backward, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -337,11 +328,14 @@ torch.library.register_autograd("seqnorm::featurewise_fwd", _featurewise_backwar
 
 def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
               running_phi: Tensor, running_nu: Optional[Tensor], eps: float, factor: float
-              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, batch_phi, count, rstd)``; ``rstd = 1/√(ψ² + ε)`` of the running ψ².
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, batch_phi, count, rstd, nu_before)``; ``rstd = 1/√(ψ² + ε)`` of
+    the running ψ², ``nu_before`` a copy of ν (empty without one).
 
-    ``running_nu`` and ``factor`` are not read here: they are handed to the
-    backward, which updates ν in place (Algorithm 1's approximate backward).
+    ``factor`` is not read here: the backward moves ν in place with it
+    (Algorithm 1's approximate backward), and reads the ν of this forward from
+    ``nu_before`` — a saved output, so that torch.compile's backward graph reads
+    it too (a buffer it only closes over is not what it reads).
     """
     _threads()
     x = x.contiguous()
@@ -356,16 +350,18 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     featurewise.power_forward(_a(x), _pad(pad, n_rows), scale, _param(bias, d, 0.0, x), k, y_a, n_part, q_part)
     count = int(n_part.sum())
     phi = _sum_chunks(q_part) / max(count, 1)
-    return y, torch.from_numpy(phi).to(_stat_dtype(x)), torch.tensor(count), torch.from_numpy(rstd)
+    return (y, torch.from_numpy(phi).to(_stat_dtype(x)), torch.tensor(count), torch.from_numpy(rstd),
+            _nu_before(running_nu, x))
 
 
-power_fwd = torch.library.custom_op("seqnorm::power_fwd", mutates_args=())(_power_fwd_impl)
+def _nu_before(running_nu: Optional[Tensor], x: Tensor) -> Tensor:
+    return x.new_empty(0) if running_nu is None else running_nu.detach().clone()
 
 
-@power_fwd.register_fake
-def _(x, weight, bias, pad, running_phi, running_nu, eps, factor):
+def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, factor):
     d, sd = x.shape[1], _stat_dtype(x)
-    return torch.empty_like(x), x.new_empty(d, dtype=sd), torch.empty((), dtype=torch.int64), x.new_empty(d, dtype=sd)
+    return (torch.empty_like(x), x.new_empty(d, dtype=sd), torch.empty((), dtype=torch.int64), x.new_empty(d, dtype=sd),
+            x.new_empty(0) if running_nu is None else torch.empty_like(running_nu))
 
 
 def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
@@ -385,70 +381,18 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Option
     return dx, torch.from_numpy(_sum_chunks(dg_part)).to(sd), torch.from_numpy(_sum_chunks(db_part)).to(sd)
 
 
-power_bwd = torch.library.custom_op("seqnorm::power_bwd", mutates_args=())(_power_bwd_impl)
-
-
-@power_bwd.register_fake
-def _(dy, x, weight, pad, rstd, nu):
+def _power_bwd_fake(dy, x, weight, pad, rstd, nu):
     d, sd = x.shape[1], _stat_dtype(x)
     return torch.empty_like(x), x.new_empty(d, dtype=sd), x.new_empty(d, dtype=sd)
 
 
-def _power_setup(ctx, inputs, output):
-    x, weight, bias, pad, running_phi, running_nu, eps, factor = inputs
-    _, batch_phi, count, rstd = output
-    ctx.save_for_backward(x, weight, pad, rstd, batch_phi)
-    ctx.count = count  # a tensor: int() only in the backward (traceable)
-    ctx.has_bias = bias is not None
-    ctx.nu, ctx.factor = running_nu, factor  # the buffer the backward updates
+power_bwd = BackwardOp("power_bwd", _power_bwd_impl, _power_bwd_fake)
 
 
-def _power_backward(ctx, dy, *_):
-    x, weight, pad, rstd, batch_phi = ctx.saved_tensors
-    if dy is None:
-        return (None,) * 8
-    nu = ctx.nu
-    dx, dw, db = _call(power_bwd, _power_bwd_impl)(dy, x, weight, pad, rstd, nu)
-    if nu is not None:
-        with torch.no_grad():  # tensor ops only (no int() of data), so that tracing works
-            count = ctx.count.to(dw.dtype)
-            gamma = rstd * rstd * batch_phi                                      # mean of x̂² over real rows
-            lam = (dw if weight is None else weight * dw) / count.clamp_min(1)  # mean of x̂ ⊙ (w ⊙ dy)
-            update_running_nu(nu, nu_step(nu, gamma, lam, ctx.factor), count > 0)  # all padding: ν stays
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None, None, None
+_power_setup, _power_backward = power_autograd(power_bwd)
 
 
-torch.library.register_autograd("seqnorm::power_fwd", _power_backward, setup_context=_power_setup)
-
-
-def _call(op, impl):
-    """The custom op while torch.compile traces (it needs the fake impls), the
-    plain implementation in eager mode (the op's dispatch costs ~20 µs a call)."""
-    return op if torch.compiler.is_compiling() else impl
-
-
-def _eager(impl, setup, backward, n_diff: int):
-    """An autograd.Function running ``impl`` with the custom op's own
-    ``setup_context`` and backward, for eager mode."""
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            ctx.set_materialize_grads(False)  # an unused output (the sum s) gets None, not zeros
-            out = impl(*inputs)
-            setup(ctx, inputs, out)
-            ctx.mark_non_differentiable(*out[n_diff:])
-            return out
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    _Fn.__name__ = impl.__name__.strip("_").replace("_impl", "") + "_function"
-    return _Fn
-
-
-_RowwiseFunction = _eager(_rowwise_fwd_impl, _rowwise_setup, _rowwise_backward, 2)
+power_fwd = ForwardOp("power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
 
 
 def _add_norm_16bit_no_sum(x, residual, weight, bias, pad, eps, center):
@@ -458,23 +402,8 @@ def _add_norm_16bit_no_sum(x, residual, weight, bias, pad, eps, center):
     return _rowwise_forward(x, residual, weight, bias, pad, eps, center, keep_sum=False)
 
 
-_AddNorm16BitFunction = _eager(_add_norm_16bit_no_sum, _rowwise_setup, _rowwise_backward, 2)
-_FeaturewiseFunction = _eager(_featurewise_fwd_impl, _featurewise_setup, _featurewise_backward, 1)
-_PowerFunction = _eager(_power_fwd_impl, _power_setup, _power_backward, 1)
-
-
-def _needs_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
-
-
-def _run(op, impl, fn, *args):
-    """Trace the custom op under torch.compile; in eager mode run the
-    autograd.Function when a gradient is needed and the bare kernel otherwise."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if _needs_grad(args):
-        return fn.apply(*args)
-    return impl(*args)
+_AddNorm16BitFunction = eager_function("add_norm_16bit_no_sum", _add_norm_16bit_no_sum, _rowwise_setup,
+                                       _rowwise_backward, 2)
 
 
 class FusedBackend:
@@ -490,29 +419,27 @@ class FusedBackend:
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
-        return _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, x, None, weight, bias, pad, float(eps), center)[0]
+        return rowwise_fwd(x, None, weight, bias, pad, float(eps), center)[0]
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
         args = (x, residual, weight, bias, pad, float(eps), center)
         if not need_sum and not torch.compiler.is_compiling():   # post-norm, eager: s is never written
-            if not _needs_grad(args):
+            if not needs_grad(args):
                 return _rowwise_forward(*args, keep_sum=False)[0], None           # inference
             if x.dtype in _16BIT:
                 return _AddNorm16BitFunction.apply(*args)[0], None                # backward reads x and residual
-        y, s, *_ = _run(rowwise_fwd, _rowwise_fwd_impl, _RowwiseFunction, *args)
+        y, s, *_ = rowwise_fwd(*args)
         return y, s
 
     @staticmethod
     def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None):
-        y, bm, bv, count, *_ = _run(featurewise_fwd, _featurewise_fwd_impl, _FeaturewiseFunction, x, weight, bias, pad, mean, var,
-                                    float(eps))
+        y, bm, bv, count, *_ = featurewise_fwd(x, weight, bias, pad, mean, var, float(eps))
         return y, bm, bv, count
 
     @staticmethod
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
-        y, phi, count, _ = _run(power_fwd, _power_fwd_impl, _PowerFunction, x, weight, bias, pad, running_phi, running_nu,
-                                float(eps), float(factor))
+        y, phi, count, *_ = power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), float(factor))
         return y, phi, count
 
 

@@ -207,7 +207,9 @@ class _PowerNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(running_phi.to(x.dtype) + eps)                       # D
         xhat = zero_padded_rows(x * rstd, pad)                                  # N,D
         y = zero_padded_rows(affine(xhat, weight, bias), pad)
-        ctx.save_for_backward(xhat, rstd, weight, pad)
+        # ν as of this forward, saved (not only closed over): torch.compile's backward reads saved tensors
+        nu_before = None if running_nu is None else running_nu.detach().clone()
+        ctx.save_for_backward(xhat, rstd, weight, pad, nu_before)
         ctx.nu, ctx.factor, ctx.reduce, ctx.n = running_nu, factor, reduce, n
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(phi, n)
@@ -215,7 +217,7 @@ class _PowerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
-        xhat, rstd, weight, pad = ctx.saved_tensors
+        xhat, rstd, weight, pad, nu_before = ctx.saved_tensors
         nu, reduce = ctx.nu, ctx.reduce
         if dy is None:  # every process must still join the collective below
             dy = torch.zeros_like(xhat)
@@ -224,14 +226,14 @@ class _PowerNormFunction(torch.autograd.Function):
         dweight = (dy * xhat).sum(0) if weight is not None else None
         dbias = dy.sum(0) if ctx.has_bias else None
         if nu is not None:
-            nu_prev = nu.to(g.dtype)                                            # ν before it moves
+            nu_prev = nu_before.to(g.dtype)                                     # ν before it moves
             sums = reduce.sums(torch.cat([(xhat * xhat).sum(0), (xhat * g).sum(0)]))
             g = g - reduce.world * nu_prev * xhat                               # g̃
             with torch.no_grad():
                 d, n = xhat.shape[1], ctx.n.to(sums.dtype)
                 gamma, lam = sums[:d] / n.clamp_min(1), sums[d:] / (n.clamp_min(1) * reduce.world)
                 # an all-padding batch carries no information about ν
-                update_running_nu(nu, nu_step(nu, gamma, lam, ctx.factor), n > 0)
+                update_running_nu(nu, nu_step(nu_before, gamma, lam, ctx.factor), n > 0)
         dx = zero_padded_rows(g * rstd, pad)
         return dx, dweight, dbias, None, None, None, None, None, None
 

@@ -1,4 +1,5 @@
-"""The triton backend: the kernels of :mod:`.triton_kernels` behind autograd.
+"""The triton backend: the kernels of :mod:`.triton_kernels` as custom ops with autograd
+(:mod:`.custom_ops`: ``torch.compile(fullgraph=True)`` sees ordinary ops).
 
 It runs CUDA tensors of float32, bfloat16 and float16 (read and written as
 they are, computed in float32) with up to 65,536 features per row; the chooser
@@ -20,8 +21,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
+from .custom_ops import BackwardOp, ForwardOp, power_autograd
 from .triton_kernels import featurewise as fk
 from .triton_kernels import rowwise as rk
 
@@ -71,6 +72,12 @@ def _programs(device: torch.device) -> int:
 def _block_d(d: int) -> Tuple[int, int]:
     block = triton.next_power_of_2(max(d, 1))
     return block, min(max(block // 256, 1), 16)
+
+
+def _grads_fake(dy, x, *_):
+    """Every backward op's outputs: ``(dx like x, dγ (D,), dβ (D,))`` in float32."""
+    d = x.shape[1]
+    return torch.empty_like(x), x.new_empty(d, dtype=torch.float32), x.new_empty(d, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -124,29 +131,50 @@ def rowwise_backward(dy, x, residual, ds, weight, pad, shift, delta, rstd, cente
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
-class _Rowwise(torch.autograd.Function):
-    """``(y, s)`` of the row-wise norm of ``x (+ residual)``; ``s`` is empty
-    unless ``write_sum``. The backward re-forms the float32 sum from both addends."""
+def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                      pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, s, shift, delta, rstd)`` of the row-wise norm of ``x (+ residual)``;
+    ``s`` is empty unless ``write_sum``."""
+    return rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum)
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, pad, eps, center, write_sum):
-        ctx.set_materialize_grads(False)
-        y, s, shift, delta, rstd = rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum)
-        ctx.save_for_backward(x, residual, weight, pad, shift, delta, rstd)
-        ctx.center, ctx.has_bias = center, bias is not None
-        if not write_sum:
-            ctx.mark_non_differentiable(s)
-        return y, s
 
-    @staticmethod
-    def backward(ctx, dy, ds):
-        x, residual, weight, pad, shift, delta, rstd = ctx.saved_tensors
-        if dy is None:  # only the sum was used downstream
-            dy = torch.zeros_like(x)
-        ds = ds if residual is not None and ds is not None and ds.numel() else None
-        dx, dw, db = rowwise_backward(dy, x, residual, ds, weight, pad, shift, delta, rstd, ctx.center)
-        return (dx, dx if residual is not None else None, dw.to(weight.dtype).reshape(weight.shape)
-                if weight is not None else None, db.to(dw.dtype) if ctx.has_bias else None, None, None, None, None)
+def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
+    rows = x.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x) if write_sum else x.new_empty(0),
+            *(x.new_empty(rows, dtype=torch.float32) for _ in range(3)))
+
+
+def _rowwise_bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], ds: Optional[Tensor],
+                      weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
+                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return rowwise_backward(dy, x, residual, ds, weight, pad, shift, delta, rstd, center)
+
+
+rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
+
+
+def _rowwise_setup(ctx, inputs, output):
+    x, residual, weight, bias, pad, eps, center, write_sum = inputs
+    _, _, shift, delta, rstd = output
+    ctx.save_for_backward(x, residual, weight, pad, shift, delta, rstd)
+    ctx.center, ctx.has_bias = center, bias is not None
+
+
+def _rowwise_backward(ctx, dy, ds, *_):
+    """The backward re-forms the float32 sum from both addends (never a rounded sum)."""
+    x, residual, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum was used downstream
+        dy = torch.zeros_like(x)
+    ds = ds if residual is not None and ds is not None and ds.numel() else None
+    dx, dw, db = rowwise_bwd(dy, x, residual, ds, weight, pad, shift, delta, rstd, ctx.center)
+    return (dx, dx if residual is not None else None,
+            dw.to(weight.dtype).reshape(weight.shape) if weight is not None else None,
+            db if ctx.has_bias else None, None, None, None, None)
+
+
+rowwise_fwd = ForwardOp("triton_rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fake, _rowwise_setup,
+                        _rowwise_backward, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -208,104 +236,130 @@ def normalize(x, pad, shift, delta, scale, bias, sumsq=False):
     return y, sumsq_part.sum(0), count_part.sum()
 
 
-class _Featurewise(torch.autograd.Function):
-    """Masked BatchNorm; with ``mean``/``var`` given (eval) those are used and
-    the batch statistics are returned as zeros."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, pad, mean, var):
-        x = _rows(x)
-        use_batch = mean is None
-        if use_batch:
-            shift, delta, var, count = moments(x, pad)
-            batch_mean, batch_var = shift + delta, var
-        else:
-            shift, delta, var = mean.float().contiguous(), torch.zeros_like(mean, dtype=torch.float32), var.float()
-            count = (x.shape[0] - pad.sum() if pad is not None else torch.tensor(x.shape[0], device=x.device)).float()
-            batch_mean = batch_var = x.new_zeros(x.shape[1], dtype=torch.float32)
-        rstd = torch.rsqrt(var + eps)
-        a = rstd * weight.float() if weight is not None else rstd
-        y, _, _ = normalize(x, pad, shift, delta, a.contiguous(), bias)
-        ctx.save_for_backward(x, weight, pad, shift, delta, rstd, a, count)
-        ctx.use_batch, ctx.has_bias = use_batch, bias is not None
-        count = count.to(torch.int64)
-        ctx.mark_non_differentiable(batch_mean, batch_var, count)
-        return y, batch_mean, batch_var, count
-
-    @staticmethod
-    def backward(ctx, dy, *_):
-        x, weight, pad, shift, delta, rstd, a, count = ctx.saved_tensors
-        if dy is None:
-            return (None,) * 7
-        dy = _rows(dy)
-        n, d = x.shape
-        p, f = _feature_grid(n, d)
-        dg_part = x.new_zeros((p, d), dtype=torch.float32)
-        db_part = x.new_zeros((p, d), dtype=torch.float32)
-        if n and d:
-            fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, dg_part, db_part, dy.stride(0),
-                                    x.stride(0), n, d, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-        dgamma, dbeta = dg_part.sum(0), db_part.sum(0)
-        if ctx.use_batch:
-            inv_n = 1.0 / count.clamp_min(1)
-            c1, c2 = a * dbeta * inv_n, a * dgamma * inv_n
-        else:
-            c1 = c2 = torch.zeros_like(a)
-        dx = torch.empty_like(x)
-        if n and d:
-            fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, a, c1.contiguous(),
-                                     c2.contiguous(), dx, dy.stride(0), x.stride(0), dx.stride(0), n, d,
-                                     HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-        elif n:
-            dx.zero_()
-        return (dx, dgamma.to(weight.dtype) if weight is not None else None,
-                dbeta.to(a.dtype) if ctx.has_bias else None, None, None, None, None)
+def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+                          mean: Optional[Tensor], var: Optional[Tensor], eps: float
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Masked BatchNorm: ``(y, batch_mean, batch_var, count, shift, delta, rstd, a)``.
+    With ``mean``/``var`` given (eval) those are used and the batch statistics
+    are returned as zeros."""
+    x = _rows(x)
+    if mean is None:
+        shift, delta, var, count = moments(x, pad)
+        batch_mean, batch_var = shift + delta, var.clone()
+    else:
+        shift, delta, var = mean.float().contiguous(), torch.zeros_like(mean, dtype=torch.float32), var.float()
+        count = (x.shape[0] - pad.sum() if pad is not None else torch.full((), x.shape[0], device=x.device)).float()
+        batch_mean, batch_var = (x.new_zeros(x.shape[1], dtype=torch.float32) for _ in range(2))
+    rstd = torch.rsqrt(var + eps)
+    a = (rstd * weight.float() if weight is not None else rstd.clone()).contiguous()
+    y, _, _ = normalize(x, pad, shift, delta, a, bias)
+    return y, batch_mean, batch_var, count.to(torch.int64), shift.clone(), delta, rstd, a
 
 
-class _Power(torch.autograd.Function):
-    """PowerNorm: divide by the running ψ²; Algorithm 1's backward moves ν."""
+def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps):
+    d = x.shape[1]
+    f32 = [x.new_empty(d, dtype=torch.float32) for _ in range(6)]
+    return (torch.empty_like(x), f32[0], f32[1], x.new_empty((), dtype=torch.int64), *f32[2:])
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor):
-        x = _rows(x)
-        rstd = torch.rsqrt(running_phi.detach().float() + eps)
-        a = rstd * weight.float() if weight is not None else rstd
-        y, sumsq, count = normalize(x, pad, None, None, a.contiguous(), bias, sumsq=True)
-        phi = sumsq / count.clamp_min(1)
-        ctx.save_for_backward(x, weight, pad, rstd, phi, count)
-        ctx.nu, ctx.factor, ctx.has_bias = running_nu, factor, bias is not None
-        count = count.to(torch.int64)
-        ctx.mark_non_differentiable(phi, count)
-        return y, phi, count
 
-    @staticmethod
-    def backward(ctx, dy, *_):
-        x, weight, pad, rstd, phi, count = ctx.saved_tensors
-        if dy is None:
-            return (None,) * 8
-        dy = _rows(dy)
-        n, d = x.shape
-        p, f = _feature_grid(n, d)
-        nu = ctx.nu
-        w = weight.float() if weight is not None else torch.ones_like(rstd)
-        dg_part = x.new_zeros((p, d), dtype=torch.float32)
-        db_part = x.new_zeros((p, d), dtype=torch.float32)
-        dx = torch.empty_like(x)
-        if n and d:
-            fk.power_input_grad[(p, f)](dy, x, _pad_bits(pad, x), w.contiguous(), rstd,
-                                        _f32(nu, x) if nu is not None else torch.zeros_like(rstd), dx,
-                                        dg_part, db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d,
-                                        HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-        elif n:
-            dx.zero_()
-        dgamma, dbeta = dg_part.sum(0), db_part.sum(0)
-        if nu is not None:
-            with torch.no_grad():
-                gamma = rstd * rstd * phi                              # mean of x̂² over real rows
-                lam = w * dgamma / count.clamp_min(1)                  # mean of x̂ ⊙ (w ⊙ dy)
-                update_running_nu(nu, nu_step(nu, gamma, lam, ctx.factor), count > 0)
-        return (dx, dgamma.to(weight.dtype) if weight is not None else None,
-                dbeta if ctx.has_bias else None, None, None, None, None, None)
+def _featurewise_bwd_impl(dy: Tensor, x: Tensor, pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
+                          a: Tensor, count: Tensor, use_batch: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dγ, dβ)`` of masked BatchNorm (dγ, dβ float32 sums)."""
+    dy, x = _rows(dy), _rows(x)
+    n, d = x.shape
+    p, f = _feature_grid(n, d)
+    dg_part = x.new_zeros((p, d), dtype=torch.float32)
+    db_part = x.new_zeros((p, d), dtype=torch.float32)
+    if n and d:
+        fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, dg_part, db_part, dy.stride(0),
+                                x.stride(0), n, d, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    dgamma, dbeta = dg_part.sum(0), db_part.sum(0)
+    if use_batch:
+        inv_n = 1.0 / count.float().clamp_min(1)
+        c1, c2 = a * dbeta * inv_n, a * dgamma * inv_n
+    else:
+        c1 = c2 = torch.zeros_like(a)
+    dx = torch.empty_like(x)
+    if n and d:
+        fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, a, c1.contiguous(),
+                                 c2.contiguous(), dx, dy.stride(0), x.stride(0), dx.stride(0), n, d,
+                                 HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    elif n:
+        dx.zero_()
+    return dx, dgamma, dbeta
+
+
+featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _grads_fake)
+
+
+def _featurewise_setup(ctx, inputs, output):
+    x, weight, bias, pad, mean, var, eps = inputs
+    _, _, _, count, shift, delta, rstd, a = output
+    ctx.save_for_backward(x, weight, pad, shift, delta, rstd, a, count)
+    ctx.use_batch, ctx.has_bias = mean is None, bias is not None
+
+
+def _featurewise_backward(ctx, dy, *_):
+    x, weight, pad, shift, delta, rstd, a, count = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 7
+    dx, dgamma, dbeta = featurewise_bwd(dy, x, pad, shift, delta, rstd, a, count, ctx.use_batch)
+    return (dx, dgamma.to(weight.dtype) if weight is not None else None, dbeta if ctx.has_bias else None,
+            None, None, None, None)
+
+
+featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake,
+                            _featurewise_setup, _featurewise_backward, 1)
+
+
+def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+                    running_phi: Tensor, running_nu: Optional[Tensor], eps: float, factor: Tensor
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """PowerNorm: ``(y, batch_phi, count, rstd, nu_before)``, dividing by the running
+    ψ²; ``nu_before`` is a copy of ν (empty without one), which the backward reads
+    while it moves ν in place (Algorithm 1) — a saved output, so that
+    torch.compile's backward graph reads the same value."""
+    x = _rows(x)
+    rstd = torch.rsqrt(running_phi.detach().float() + eps)
+    a = rstd * weight.float() if weight is not None else rstd
+    y, sumsq, count = normalize(x, pad, None, None, a.contiguous(), bias, sumsq=True)
+    nu_before = x.new_empty(0) if running_nu is None else running_nu.detach().clone()
+    return y, sumsq / count.clamp_min(1), count.to(torch.int64), rstd, nu_before
+
+
+def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, factor):
+    d = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(d, dtype=torch.float32), x.new_empty((), dtype=torch.int64),
+            x.new_empty(d, dtype=torch.float32), x.new_empty(0) if running_nu is None else torch.empty_like(running_nu))
+
+
+def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
+                    nu: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dγ, dβ)``: ``dx = (w·dy − ν·x̂)·r`` with ν before this step's update (0 without one)."""
+    dy, x = _rows(dy), _rows(x)
+    n, d = x.shape
+    p, f = _feature_grid(n, d)
+    w = weight.float().contiguous() if weight is not None else torch.ones_like(rstd)
+    dg_part = x.new_zeros((p, d), dtype=torch.float32)
+    db_part = x.new_zeros((p, d), dtype=torch.float32)
+    dx = torch.empty_like(x)
+    if n and d:
+        fk.power_input_grad[(p, f)](dy, x, _pad_bits(pad, x), w, rstd,
+                                    _f32(nu, x) if nu is not None else torch.zeros_like(rstd), dx,
+                                    dg_part, db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d,
+                                    HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    elif n:
+        dx.zero_()
+    return dx, dg_part.sum(0), db_part.sum(0)
+
+
+power_bwd = BackwardOp("triton_power_bwd", _power_bwd_impl, _grads_fake)
+
+
+_power_setup, _power_backward = power_autograd(power_bwd)
+
+
+power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
 
 
 class TritonBackend:
@@ -317,20 +371,22 @@ class TritonBackend:
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
-        return _Rowwise.apply(x, None, weight, bias, pad, float(eps), center, False)[0]
+        return rowwise_fwd(x, None, weight, bias, pad, float(eps), center, False)[0]
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
-        y, s = _Rowwise.apply(x, residual, weight, bias, pad, float(eps), center, need_sum)
+        y, s, *_ = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, need_sum)
         return y, (s if need_sum else None)
 
     @staticmethod
     def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None):
-        return _Featurewise.apply(x, weight, bias, float(eps), pad, mean, var)
+        return featurewise_fwd(x, weight, bias, pad, mean, var, float(eps))[:4]
 
     @staticmethod
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
-        return _Power.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), factor)
+        # factor as a 0-d tensor: the cumulative average's is one where the host is not asked
+        factor = factor if isinstance(factor, Tensor) else torch.full((), factor, device=x.device)
+        return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), factor.float())[:3]
 
 
 register_backend("triton", lambda x: TritonBackend if supports(x) else backend_named("torch", x))

@@ -50,6 +50,31 @@ def _tile(PAD, N, D, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.c
 
 
 @triton.jit
+def _load(PTR, rows, feats, tile, stride):
+    """The tile of a ``(N, D)`` tensor as float32; 0 outside ``tile`` (padded rows are not read)."""
+    return tl.load(PTR + rows[:, None] * stride + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _per_feature(PTR, feats, D):
+    """A ``(D,)`` float32 vector's block, as a row that broadcasts over the tile."""
+    return tl.load(PTR + feats, mask=feats < D, other=0.0)[None, :]
+
+
+@triton.jit
+def _store(PTR, rows, feats, N, D, stride, value):
+    """Write a tile of an ``(N, D)`` output in its dtype (padded rows get the 0 in ``value``)."""
+    out = (rows < N)[:, None] & (feats < D)[None, :]
+    tl.store(PTR + rows[:, None] * stride + feats[None, :], value.to(PTR.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def _store_partial(PART, feats, D, value):
+    """This row block's partial sums, row ``program_id(0)`` of a ``(P, D)`` buffer."""
+    tl.store(PART + tl.program_id(0) * D + feats, value, mask=feats < D)
+
+
+@triton.jit
 def moments_partial(
     X,          # (N, D), row stride stride_x
     PAD,        # (N,) uint8, 1 at padding (HAS_PAD)
@@ -62,7 +87,7 @@ def moments_partial(
 ):
     rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
     k = tl.load(SHIFT + feats, mask=feats < D, other=0.0)
-    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+    x = _load(X, rows, feats, tile, stride_x)
     x = tl.where(tile, x - k[None, :], 0.0)
     n = tl.sum(real.to(tl.float32), axis=0)
     inv_n = 1.0 / tl.maximum(n, 1.0)
@@ -124,24 +149,19 @@ def normalize(
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    fmask = feats < D
-    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    a = tl.load(SCALE + feats, mask=fmask, other=0.0)
+    x = _load(X, rows, feats, tile, stride_x)
     y = x
     if HAS_MEAN:
-        y = (y - tl.load(SHIFT + feats, mask=fmask, other=0.0)[None, :]) \
-            - tl.load(DELTA + feats, mask=fmask, other=0.0)[None, :]
-    y = y * a[None, :]
+        y = (y - _per_feature(SHIFT, feats, D)) - _per_feature(DELTA, feats, D)
+    y = y * _per_feature(SCALE, feats, D)
     if HAS_B:
-        y = y + tl.load(B + feats, mask=fmask, other=0.0)[None, :]
+        y = y + _per_feature(B, feats, D)
     y = tl.where(tile, y, 0.0)
-    out = (rows < N)[:, None] & fmask[None, :]
-    tl.store(Y + rows[:, None] * stride_y + feats[None, :], y.to(Y.dtype.element_ty), mask=out)
+    _store(Y, rows, feats, N, D, stride_y, y)
     if SUMSQ:
-        p = tl.program_id(0)
-        tl.store(SUMSQ_PART + p * D + feats, tl.sum(x * x, axis=0), mask=fmask)
+        _store_partial(SUMSQ_PART, feats, D, tl.sum(x * x, axis=0))
         if tl.program_id(1) == 0:
-            tl.store(COUNT_PART + p, tl.sum(real.to(tl.float32), axis=0))
+            tl.store(COUNT_PART + tl.program_id(0), tl.sum(real.to(tl.float32), axis=0))
 
 
 @triton.jit
@@ -158,16 +178,14 @@ def grad_partial(
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    fmask = feats < D
-    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    k = tl.load(SHIFT + feats, mask=fmask, other=0.0)[None, :]
-    delta = tl.load(DELTA + feats, mask=fmask, other=0.0)[None, :]
-    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)[None, :]
+    x = _load(X, rows, feats, tile, stride_x)
+    dy = _load(DY, rows, feats, tile, stride_dy)
+    k = _per_feature(SHIFT, feats, D)
+    delta = _per_feature(DELTA, feats, D)
+    rstd = _per_feature(RSTD, feats, D)
     xhat = tl.where(tile, ((x - k) - delta) * rstd, 0.0)
-    p = tl.program_id(0)
-    tl.store(DG_PART + p * D + feats, tl.sum(dy * xhat, axis=0), mask=fmask)
-    tl.store(DB_PART + p * D + feats, tl.sum(dy, axis=0), mask=fmask)
+    _store_partial(DG_PART, feats, D, tl.sum(dy * xhat, axis=0))
+    _store_partial(DB_PART, feats, D, tl.sum(dy, axis=0))
 
 
 @triton.jit
@@ -186,19 +204,17 @@ def bn_input_grad(
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    fmask = feats < D
-    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    k = tl.load(SHIFT + feats, mask=fmask, other=0.0)[None, :]
-    delta = tl.load(DELTA + feats, mask=fmask, other=0.0)[None, :]
-    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)[None, :]
-    a = tl.load(A + feats, mask=fmask, other=0.0)[None, :]
-    c1 = tl.load(C1 + feats, mask=fmask, other=0.0)[None, :]
-    c2 = tl.load(C2 + feats, mask=fmask, other=0.0)[None, :]
+    x = _load(X, rows, feats, tile, stride_x)
+    dy = _load(DY, rows, feats, tile, stride_dy)
+    k = _per_feature(SHIFT, feats, D)
+    delta = _per_feature(DELTA, feats, D)
+    rstd = _per_feature(RSTD, feats, D)
+    a = _per_feature(A, feats, D)
+    c1 = _per_feature(C1, feats, D)
+    c2 = _per_feature(C2, feats, D)
     xhat = ((x - k) - delta) * rstd
     dx = tl.where(tile, a * dy - c1 - xhat * c2, 0.0)
-    out = (rows < N)[:, None] & fmask[None, :]
-    tl.store(DX + rows[:, None] * stride_dx + feats[None, :], dx.to(DX.dtype.element_ty), mask=out)
+    _store(DX, rows, feats, N, D, stride_dx, dx)
 
 
 @triton.jit
@@ -216,16 +232,13 @@ def power_input_grad(
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    fmask = feats < D
-    x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-    w = tl.load(W + feats, mask=fmask, other=0.0)[None, :]
-    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)[None, :]
-    nu = tl.load(NU + feats, mask=fmask, other=0.0)[None, :]
+    x = _load(X, rows, feats, tile, stride_x)
+    dy = _load(DY, rows, feats, tile, stride_dy)
+    w = _per_feature(W, feats, D)
+    rstd = _per_feature(RSTD, feats, D)
+    nu = _per_feature(NU, feats, D)
     xhat = x * rstd
     dx = tl.where(tile, (w * dy - nu * xhat) * rstd, 0.0)
-    out = (rows < N)[:, None] & fmask[None, :]
-    tl.store(DX + rows[:, None] * stride_dx + feats[None, :], dx.to(DX.dtype.element_ty), mask=out)
-    p = tl.program_id(0)
-    tl.store(DG_PART + p * D + feats, tl.sum(dy * xhat, axis=0), mask=fmask)
-    tl.store(DB_PART + p * D + feats, tl.sum(dy, axis=0), mask=fmask)
+    _store(DX, rows, feats, N, D, stride_dx, dx)
+    _store_partial(DG_PART, feats, D, tl.sum(dy * xhat, axis=0))
+    _store_partial(DB_PART, feats, D, tl.sum(dy, axis=0))

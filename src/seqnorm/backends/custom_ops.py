@@ -1,0 +1,110 @@
+"""The glue between a backend's kernels and torch: custom ops with autograd.
+
+A kernel family is a forward and a backward implementation (plain functions of
+tensors, with type annotations). :class:`ForwardOp` makes the forward a
+``torch.library`` custom op with a fake (meta) implementation and an autograd
+formula, so modules, autograd and ``torch.compile(fullgraph=True)`` see an
+ordinary op; in eager mode the same implementation runs through an
+``autograd.Function`` with the same ``setup_context`` and backward (the custom
+op's dispatch costs ~20 µs a call), or bare when no gradient is needed.
+:class:`BackwardOp` does the same for a backward implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..running import move_nu_from_sums
+
+__all__ = ["ForwardOp", "BackwardOp", "needs_grad", "power_autograd"]
+
+
+def needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+class ForwardOp:
+    """``seqnorm::name`` from ``impl`` (whose first ``n_diff`` outputs are
+    differentiable), its ``fake`` implementation, and its autograd ``setup`` /
+    ``backward`` (``torch.library.register_autograd``'s)."""
+
+    def __init__(self, name: str, impl: Callable, fake: Callable, setup: Callable, backward: Callable,
+                 n_diff: int):
+        self.impl = impl
+        self.op = torch.library.custom_op(f"seqnorm::{name}", mutates_args=())(impl)
+        self.op.register_fake(fake)
+        torch.library.register_autograd(f"seqnorm::{name}", backward, setup_context=setup)
+        self.function = eager_function(name, impl, setup, backward, n_diff)
+
+    def __call__(self, *args):
+        """Trace the custom op under torch.compile; in eager mode run the
+        autograd.Function when a gradient is needed and the bare kernel otherwise."""
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        if needs_grad(args):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+
+class BackwardOp:
+    """``seqnorm::name`` from a backward ``impl`` and its ``fake``: the op while
+    torch.compile traces, the plain implementation in eager mode."""
+
+    def __init__(self, name: str, impl: Callable, fake: Callable):
+        self.impl = impl
+        self.op = torch.library.custom_op(f"seqnorm::{name}", mutates_args=())(impl)
+        self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        return (self.op if torch.compiler.is_compiling() else self.impl)(*args)
+
+
+def eager_function(name: str, impl: Callable, setup: Callable, backward: Callable, n_diff: int):
+    """An autograd.Function running ``impl`` with the custom op's own
+    ``setup_context`` and backward, for eager mode."""
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.set_materialize_grads(False)  # an unused output (the sum s) gets None, not zeros
+            out = impl(*inputs)
+            setup(ctx, inputs, out)
+            ctx.mark_non_differentiable(*out[n_diff:])
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Fn.__name__ = f"{name}_function"
+    return _Fn
+
+
+def power_autograd(power_bwd: Callable):
+    """PowerNorm's ``(setup_context, backward)`` for a forward op returning
+    ``(y, batch_phi, count, rstd, nu_before)`` from inputs ``(x, weight, bias,
+    pad, running_phi, running_nu, eps, factor)``, and a backward op
+    ``power_bwd(dy, x, weight, pad, rstd, nu) -> (dx, dγ, dβ)``: the backward
+    moves ν (Algorithm 1) from ``nu_before`` — a saved output, so that
+    torch.compile's backward reads ν as of the forward."""
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, pad, running_phi, running_nu, eps, factor = inputs
+        _, batch_phi, count, rstd, nu_before = output
+        ctx.save_for_backward(x, weight, pad, rstd, batch_phi, count, nu_before)
+        ctx.nu, ctx.factor, ctx.has_bias = running_nu, factor, bias is not None   # ν: the buffer it moves
+
+    def backward(ctx, dy, *_):
+        x, weight, pad, rstd, batch_phi, count, nu_before = ctx.saved_tensors
+        if dy is None:
+            return (None,) * 8
+        nu = ctx.nu
+        dx, dgamma, dbeta = power_bwd(dy, x, weight, pad, rstd, nu_before if nu is not None else None)
+        if nu is not None:
+            move_nu_from_sums(nu, nu_before, rstd, batch_phi, weight, dgamma, count, ctx.factor)
+        return (dx, dgamma.to(weight.dtype) if weight is not None else None, dbeta if ctx.has_bias else None,
+                None, None, None, None, None)
+
+    return setup, backward
