@@ -206,3 +206,21 @@ def test_routing():
     with seqnorm.use_backend("auto"):
         chosen = backends.current_backend(torch.empty(backends.AUTO_MIN_NUMEL, device=DEVICE))
         assert (chosen is TritonBackend) == (DEVICE == "cuda")    # auto: Triton on CUDA only
+
+
+def test_gpu_bench_dry_run_on_this_device(capsys):
+    """`seqnorm bench --device cuda`'s code path (masked Triton kernels against torch
+    native, the composite path and gather; every provider checked against seqnorm
+    before timing), run here on tiny shapes — through the interpreter without a GPU."""
+    from seqnorm.commands import bench as B
+
+    rows = B.bench([(2, 8, 16)], ["fp32", "bf16"], B.OPS, ["fwd", "fwd+bwd"], budget_s=0.0, device=DEVICE,
+                   gpu_style=True)
+    got = {(r.op, r.dtype, r.mode, r.provider) for r in rows}
+    for op in B.OPS:
+        for dt in ("fp32", "bf16"):
+            for mode in ("fwd", "fwd+bwd"):
+                assert (op, dt, mode, "seqnorm") in got and (op, dt, mode, "seqnorm[torch]") in got
+    assert ("seq_batch_norm", "fp32", "fwd", "gather") in got and ("layer_norm", "fp32", "fwd", "torch") in got
+    assert all(r.ms > 0 and (r.pct_copy is None or r.pct_copy > 0) for r in rows)
+    assert "layer_norm" in capsys.readouterr().out

@@ -106,15 +106,17 @@ def _gather_bn(x, mask, w, b, rm, rv):
     return y
 
 
-def make_inputs(shape, dtype, gen: torch.Generator, device: str = "cpu") -> dict:
-    """One set of inputs shared by every provider of an (op, shape, dtype)."""
+def make_inputs(shape, dtype, gen: torch.Generator, device: str = "cpu", gpu_style: bool = False) -> dict:
+    """One set of inputs shared by every provider of an (op, shape, dtype);
+    ``gpu_style``: the GPU tables' padding (lengths from [T/4, T])."""
     b_, t_, d = shape
     return dict(
         x=torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(),
         r=torch.randn(shape, generator=gen).to(device, dtype),
         w=torch.randn(d, generator=gen).to(device, dtype).requires_grad_(),
         bias=torch.randn(d, generator=gen).to(device, dtype).requires_grad_(),
-        mask=_lengths_mask(b_, t_, gen, 0.25 if device == "cuda" else 0.5).to(device),
+        mask=_lengths_mask(b_, t_, gen, 0.25 if gpu_style else 0.5).to(device),
+        gpu_style=gpu_style,
     )
 
 
@@ -138,16 +140,16 @@ def _liger(op: str):
 def setup(op: str, provider: str, tensors: dict, compiled: Dict):
     """Returns ``(fn, inputs)``: ``fn()`` computes the op on fresh outputs;
     ``inputs`` are the tensors to differentiate."""
-    x, r, w, bias, mask = (tensors[k] for k in ("x", "r", "w", "bias", "mask"))
+    x, r, w, bias, mask, gpu_style = (tensors[k] for k in ("x", "r", "w", "bias", "mask", "gpu_style"))
     shape, dtype, d, dev = tuple(x.shape), x.dtype, x.shape[-1], x.device
     rm, rv = torch.zeros(d, device=dev), torch.ones(d, device=dev)   # fresh running statistics per provider
     phi = torch.ones(d, device=dev)
     inputs = [x, w] if op in ("rms_norm", "add_rms_norm") else [x, w, bias]
     # on the GPU seqnorm's row-wise norms get the mask too (the case it is built for)
-    rows_mask = mask if dev.type == "cuda" else None
+    rows_mask = mask if gpu_style else None
 
     if provider in ("seqnorm", "seqnorm[torch]"):
-        backend = ("triton" if dev.type == "cuda" else "fused") if provider == "seqnorm" else "torch"
+        backend = ("triton" if gpu_style else "fused") if provider == "seqnorm" else "torch"
 
         def run(fn):
             def call():
@@ -207,13 +209,13 @@ def _as_function(op: str, d: int) -> Callable:
     return lambda x, rm, rv, w, b: TF.batch_norm(x.transpose(1, 2), rm, rv, w, b, training=True).transpose(1, 2)
 
 
-def providers_for(op: str, with_compile: bool, device: str = "cpu") -> List[str]:
+def providers_for(op: str, with_compile: bool, gpu_style: bool = False) -> List[str]:
     if op == "power_norm":  # torch has no PowerNorm: seqnorm's own torch backend is the baseline
         return ["seqnorm", "seqnorm[torch]"]
     names = ["seqnorm", "torch"]
     if op == "seq_batch_norm":
         names.append("gather")
-    if device == "cuda":
+    if gpu_style:
         names.append("seqnorm[torch]")   # the composite path the Triton kernels replace
         if _liger(op) is not None:
             names.append("liger")
@@ -268,8 +270,13 @@ def check(outputs: Dict[str, torch.Tensor], op: str, dtype, real: Optional[torch
             raise AssertionError(f"{op}: {name} differs from seqnorm by {err:.3g}")
 
 
-def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None, device="cpu") -> List[Row]:
+def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None, device="cpu",
+          gpu_style: Optional[bool] = None) -> List[Row]:
+    """The table. ``gpu_style`` (default: ``device == "cuda"``) times the Triton
+    kernels with the mask against the GPU baselines — on a CPU too, through
+    Triton's interpreter (slow: a dry run of the GPU bench, for its tests)."""
     out = out or sys.stdout  # looked up per call, so that redirected stdout is honoured
+    gpu_style = device == "cuda" if gpu_style is None else gpu_style
     gen = torch.Generator().manual_seed(0)
     bw = copy_bandwidth(device=device)
     print(f"copy bandwidth at start (dst.copy_(src), 64 MiB, read+write): {bw / 1e9:.1f} GB/s; each "
@@ -280,10 +287,10 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
         for dname in dtypes:
             dtype = DTYPES[dname]
             for op in ops:
-                provs = providers_for(op, with_compile, device)
-                tensors = make_inputs(shape, dtype, gen, device)
+                provs = providers_for(op, with_compile, gpu_style)
+                tensors = make_inputs(shape, dtype, gen, device, gpu_style)
                 setups = {p: setup(op, p, tensors, compiled) for p in provs}
-                real = ~tensors["mask"] if device == "cuda" else None
+                real = ~tensors["mask"] if gpu_style else None
                 with torch.no_grad():
                     check({p: fn() for p, (fn, _) in setups.items()}, op, dtype, real)
                 # the bytes a masked kernel moves: the real rows' (on CUDA, where seqnorm gets the mask)
