@@ -1,5 +1,6 @@
 """Worker for tests/test_distributed.py: runs in each spawned process (gloo, CPU)."""
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -61,6 +62,9 @@ class Model(torch.nn.Module):
 
 
 # The sync modules under test: (kind, momentum) → results key prefix.
+#: whether the triton backend's sync path runs too (TRITON_INTERPRET comes from the parent's environment)
+TRITON = importlib.util.find_spec("triton") is not None
+
 CASES = {"batch": ("batch", 0.1), "power": ("power", 0.1), "power_cumulative": ("power", None)}
 BUFFERS = {"batch": ("running_mean", "running_var"), "power": ("running_phi", "running_nu")}
 
@@ -111,11 +115,11 @@ def run_steps(norm, kind, steps, rank=None, dy_scale=1.0):
     return record
 
 
-def _sync_steps(rank, results):
+def _sync_steps(rank, results, prefix=""):
     """Every sync module on every scenario: what this rank got, step by step."""
     for case, (kind, momentum) in CASES.items():
         for name, steps in global_batches().items():
-            results[f"{case}/{name}"] = run_steps(make_norm(kind, True, momentum), kind, steps, rank)
+            results[f"{prefix}{case}/{name}"] = run_steps(make_norm(kind, True, momentum), kind, steps, rank)
 
 
 def _ddp_run(rank, world, norm):
@@ -149,6 +153,9 @@ def worker(rank, world, init_file, out_dir):
         warnings.simplefilter("always")
         _sync_steps(rank, results)
     results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    if TRITON:   # the same steps on the triton backend's kernels (through the interpreter without a GPU)
+        with seqnorm.use_backend("triton"):
+            _sync_steps(rank, results, prefix="triton/")
 
     for norm in ("batch", "power"):
         results[f"ddp/{norm}"] = _ddp_run(rank, world, norm)

@@ -36,9 +36,10 @@ def _split(t, parts):
     return out
 
 
+@pytest.mark.parametrize("backend", ["", "triton/"] if W.TRITON else [""], ids=lambda b: b.strip("/") or "torch")
 @pytest.mark.parametrize("case", list(W.CASES))
 @pytest.mark.parametrize("scenario", ["ragged", "rank1_all_padding"])
-def test_sync_equals_single_process_on_the_concatenated_batch(results, case, scenario):
+def test_sync_equals_single_process_on_the_concatenated_batch(results, case, scenario, backend):
     """One process on the concatenated batch minimizing what DistributedDataParallel
     minimizes, the *mean* of the ranks' losses (so its ``dy`` is the ranks' over
     WORLD): outputs, running statistics (ψ² and ν too) and counters are equal, each
@@ -52,7 +53,7 @@ def test_sync_equals_single_process_on_the_concatenated_batch(results, case, sce
         xs = [x for x, _, _ in per_rank]
         want = single[step]
         for r in range(WORLD):
-            got = results[r][f"{case}/{scenario}"][step]
+            got = results[r][f"{backend}{case}/{scenario}"][step]
             torch.testing.assert_close(got["y"], _split(want["y"], xs)[r], **close)
             torch.testing.assert_close(got["dx"], WORLD * _split(want["dx"], xs)[r], **close)
             for b in W.BUFFERS[kind]:

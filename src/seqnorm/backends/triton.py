@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
 from .custom_ops import BackwardOp, ForwardOp, power_autograd
 from .triton_kernels import featurewise as fk
@@ -262,10 +263,8 @@ def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps):
     return (torch.empty_like(x), f32[0], f32[1], x.new_empty((), dtype=torch.int64), *f32[2:])
 
 
-def _featurewise_bwd_impl(dy: Tensor, x: Tensor, pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
-                          a: Tensor, count: Tensor, use_batch: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dγ, dβ)`` of masked BatchNorm (dγ, dβ float32 sums)."""
-    dy, x = _rows(dy), _rows(x)
+def _grad_sums(dy, x, pad, shift, delta, rstd):
+    """``(Σ dy ⊙ x̂, Σ dy)`` over the real rows, float32 (per-block partials, summed in order)."""
     n, d = x.shape
     p, f = _feature_grid(n, d)
     dg_part = x.new_zeros((p, d), dtype=torch.float32)
@@ -273,20 +272,34 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, pad: Optional[Tensor], shift: T
     if n and d:
         fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, dg_part, db_part, dy.stride(0),
                                 x.stride(0), n, d, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    dgamma, dbeta = dg_part.sum(0), db_part.sum(0)
-    if use_batch:
-        inv_n = 1.0 / count.float().clamp_min(1)
-        c1, c2 = a * dbeta * inv_n, a * dgamma * inv_n
-    else:
-        c1 = c2 = torch.zeros_like(a)
+    return dg_part.sum(0), db_part.sum(0)
+
+
+def _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2):
+    """``dx = a·dy − c1 − x̂·c2`` at real rows, 0 at padding."""
+    n, d = x.shape
+    p, f = _feature_grid(n, d)
     dx = torch.empty_like(x)
     if n and d:
-        fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, a, c1.contiguous(),
-                                 c2.contiguous(), dx, dy.stride(0), x.stride(0), dx.stride(0), n, d,
-                                 HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, a, c1, c2, dx, dy.stride(0),
+                                 x.stride(0), dx.stride(0), n, d, HAS_PAD=pad is not None,
+                                 BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     elif n:
         dx.zero_()
-    return dx, dgamma, dbeta
+    return dx
+
+
+def _featurewise_bwd_impl(dy: Tensor, x: Tensor, pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
+                          a: Tensor, count: Tensor, use_batch: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dγ, dβ)`` of masked BatchNorm (dγ, dβ float32 sums)."""
+    dy, x = _rows(dy), _rows(x)
+    dgamma, dbeta = _grad_sums(dy, x, pad, shift, delta, rstd)
+    if use_batch:
+        inv_n = 1.0 / count.float().clamp_min(1)
+        c1, c2 = (a * dbeta * inv_n).contiguous(), (a * dgamma * inv_n).contiguous()
+    else:
+        c1 = c2 = torch.zeros_like(a)
+    return _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2), dgamma, dbeta
 
 
 featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _grads_fake)
@@ -362,12 +375,96 @@ _power_setup, _power_backward = power_autograd(power_bwd)
 power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
 
 
+# ---------------------------------------------------------------------------
+# Feature-wise with a StatsReduce hook (the local part of the Sync modules):
+# the same kernels, split where the hook's collectives go in between.
+# ---------------------------------------------------------------------------
+
+
+class _ReducedFeaturewise(torch.autograd.Function):
+    """Masked BatchNorm whose statistics pass through ``reduce`` (training):
+    local moments → ``reduce.moments`` → normalize; the backward's two sums pass
+    through ``reduce.sums``. Parameter gradients stay local (DDP reduces them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pad, reduce):
+        ctx.set_materialize_grads(False)
+        x = _rows(x)
+        shift, delta, var, count = moments(x, pad)
+        n, mean, var = reduce.moments(count, shift + delta, var)
+        # the global mean as this rank's K plus a small δ, formed in float64 (as the CPU kernels keep it)
+        delta = (mean.double() - shift.double()).float()
+        rstd = torch.rsqrt(var.float() + eps)
+        a = (rstd * weight.float() if weight is not None else rstd).contiguous()
+        y, _, _ = normalize(x, pad, shift, delta, a, bias)
+        ctx.save_for_backward(x, pad, shift, delta, rstd, a, n)
+        ctx.reduce, ctx.has_weight, ctx.has_bias = reduce, weight is not None, bias is not None
+        mean, var = mean.float(), var.float()
+        ctx.mark_non_differentiable(mean, var, n)
+        return y, mean, var, n
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, pad, shift, delta, rstd, a, n = ctx.saved_tensors
+        if dy is None:  # every process must still join the collective
+            dy = torch.zeros_like(x)
+        dy = _rows(dy)
+        dgamma, dbeta = _grad_sums(dy, x, pad, shift, delta, rstd)
+        d = x.shape[1]
+        sums = ctx.reduce.sums(torch.cat([dbeta, dgamma]))
+        inv_n = 1.0 / n.float().clamp_min(1)
+        c1, c2 = (a * sums[:d].float() * inv_n).contiguous(), (a * sums[d:].float() * inv_n).contiguous()
+        dx = _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2)
+        return dx, dgamma if ctx.has_weight else None, dbeta if ctx.has_bias else None, None, None, None
+
+
+class _ReducedPower(torch.autograd.Function):
+    """PowerNorm whose ψ_B² and ν statistics pass through ``reduce``: the forward
+    sums ``[n, Σ x²]``, the backward ``[Σ x̂², Σ x̂ ⊙ g]``; ν is kept in the scale of
+    the gradient DDP applies (the average over ``W = reduce.world`` processes), so a
+    process's own gradient subtracts ``W·ν ⊙ x̂`` (as the torch backend)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor, reduce):
+        ctx.set_materialize_grads(False)
+        x = _rows(x)
+        rstd = torch.rsqrt(running_phi.detach().float() + eps)
+        a = (rstd * weight.float() if weight is not None else rstd).contiguous()
+        y, sumsq, count = normalize(x, pad, None, None, a, bias, sumsq=True)
+        sums = reduce.sums(torch.cat([count.reshape(1), sumsq]))
+        n = sums[0]
+        phi = (sums[1:] / n.clamp_min(1)).float()
+        nu_before = None if running_nu is None else running_nu.detach().clone()
+        ctx.save_for_backward(x, weight, pad, rstd, sumsq, n, nu_before)
+        ctx.nu, ctx.factor, ctx.reduce, ctx.has_bias = running_nu, factor, reduce, bias is not None
+        ctx.mark_non_differentiable(phi, n)
+        return y, phi, n
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, pad, rstd, sumsq, n, nu_before = ctx.saved_tensors
+        nu, reduce = ctx.nu, ctx.reduce
+        if dy is None:  # every process must still join the collective
+            dy = torch.zeros_like(x)
+        nu_scaled = None if nu is None else nu_before.float() * reduce.world
+        dx, dgamma, dbeta = _power_bwd_impl(_rows(dy), x, weight, pad, rstd, nu_scaled)
+        if nu is not None:
+            w = weight.float() if weight is not None else torch.ones_like(rstd)
+            sums = reduce.sums(torch.cat([rstd * rstd * sumsq, w * dgamma]))     # Σ x̂², Σ x̂ ⊙ g
+            with torch.no_grad():
+                d, m = x.shape[1], n.to(sums.dtype).clamp_min(1)
+                gamma, lam = sums[:d] / m, sums[d:] / (m * reduce.world)
+                update_running_nu(nu, nu_step(nu_before, gamma, lam, ctx.factor), n > 0)
+        return (dx, dgamma.to(weight.dtype) if weight is not None else None, dbeta if ctx.has_bias else None,
+                None, None, None, None, None, None)
+
+
 class TritonBackend:
     """Triton kernels. See :mod:`seqnorm.backends` for the contract."""
 
     name = "triton"
     native_low_precision = (torch.bfloat16, torch.float16)
-    reduces = False
+    reduces = True
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
@@ -380,12 +477,16 @@ class TritonBackend:
 
     @staticmethod
     def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None):
+        if reduce is not None and mean is None:
+            return _ReducedFeaturewise.apply(x, weight, bias, float(eps), pad, reduce)
         return featurewise_fwd(x, weight, bias, pad, mean, var, float(eps))[:4]
 
     @staticmethod
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
         # factor as a 0-d tensor: the cumulative average's is one where the host is not asked
         factor = factor if isinstance(factor, Tensor) else torch.full((), factor, device=x.device)
+        if reduce is not None:
+            return _ReducedPower.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), factor, reduce)
         return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), factor.float())[:3]
 
 
