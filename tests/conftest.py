@@ -162,3 +162,23 @@ def fused():
 
     with seqnorm.use_backend("fused"):
         yield
+
+
+def poisoned_case(shape, seed, dtype, two_real=False):
+    """``(x, r, w, b, mask, dy)`` for an op test: ``x (B, T, D)`` around 0.5 with NaN
+    at every padded token (padding must never be read), the last sequence all
+    padding, ``two_real``: the first two tokens real (BatchNorm needs two)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+    r = torch.randn(shape, generator=gen).to(dtype)
+    w = (torch.rand(d, generator=gen) + 0.5).to(dtype)
+    b = torch.randn(d, generator=gen).to(dtype)
+    mask = torch.rand(shape[:2], generator=gen) < 0.3
+    if shape[0] > 1:
+        mask[-1] = True
+    if two_real and mask.numel() > 1:
+        mask.view(-1)[:2] = False
+    x = x.masked_fill(mask.unsqueeze(-1), float("nan"))
+    dy = torch.randn(shape, generator=gen)
+    return x, r, w, b, mask, dy

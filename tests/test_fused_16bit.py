@@ -15,7 +15,8 @@ import seqnorm
 from seqnorm import functional as F
 from seqnorm import backends, kinds
 
-from conftest import GRAD_ARGS, ROWWISE_OPS, assert_same_bits_for_thread_counts, call_op, reference_op, to_np
+from conftest import (GRAD_ARGS, ROWWISE_OPS, assert_same_bits_for_thread_counts, call_op, poisoned_case,
+                      reference_op, to_np)
 
 pytest.importorskip("numba")
 
@@ -36,21 +37,6 @@ def dt(request):
     return request.param
 
 
-def _inputs(shape, seed, dt):
-    gen = torch.Generator().manual_seed(seed)
-    d = shape[-1]
-    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dt)
-    r = torch.randn(shape, generator=gen).to(dt)
-    w = (torch.rand(d, generator=gen) + 0.5).to(dt)
-    b = torch.randn(d, generator=gen).to(dt)
-    mask = torch.rand(shape[:2], generator=gen) < 0.3
-    if shape[0] > 1:
-        mask[-1] = True                      # a fully padded sequence
-    x = x.masked_fill(mask.unsqueeze(-1), float("nan"))   # poisoned padding
-    dy = torch.randn(shape, generator=gen)
-    return x, r, w, b, mask, dy
-
-
 def _reference(op, x, r, w, b, mask, dy):
     """Outputs and gradients (:data:`GRAD_ARGS` order) of the float64 reference on the 16-bit inputs."""
     y, backward = reference_op(op, to_np(x), to_np(w), to_np(b), mask.numpy(), r=to_np(r))
@@ -67,7 +53,7 @@ def _close_to_one_rounding(got, want):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("op", ROWWISE_OPS)
 def test_kernels_match_the_reference(op, shape, threads, dt):
-    x, r, w, b, mask, dy = _inputs(shape, hash((op, shape)) % 1000, dt)
+    x, r, w, b, mask, dy = poisoned_case(shape, hash((op, shape)) % 1000, dt)
     leaf = {k: t.clone().requires_grad_() for k, t in (("x", x), ("w", w), ("b", b), ("r", r))}
     y, s = call_op(op, leaf["x"], leaf["w"], leaf["b"], mask, r=leaf["r"])
     assert y.dtype == dt and (s is None or s.dtype == dt)
@@ -90,7 +76,7 @@ def test_kernels_match_the_cast_path_forward_and_backward(op, dt):
     """The torch backend casts to float32 around torch's ops; the 16-bit kernels
     must agree with it to one rounding, including the gradient through the
     returned sum ``s`` (added before the rounding, and passed on at pads)."""
-    x, r, w, b, mask, dy = _inputs((5, 40, 96), 3, dt)
+    x, r, w, b, mask, dy = poisoned_case((5, 40, 96), 3, dt)
     ds = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     results = {}
     for backend in ("fused", "torch"):
@@ -110,7 +96,7 @@ def test_kernels_match_the_cast_path_forward_and_backward(op, dt):
 
 
 def test_padded_rows_pass_the_residual_gradient_through(dt):
-    x, r, w, b, mask, _ = _inputs((3, 6, 24), 5, dt)
+    x, r, w, b, mask, _ = poisoned_case((3, 6, 24), 5, dt)
     xl, rl = x.clone().requires_grad_(), r.clone().requires_grad_()
     y, s = F.add_layer_norm(xl, rl, 24, w, b, padding_mask=mask, prenorm=True)
     ds = torch.randn(s.shape).to(dt)
@@ -133,7 +119,7 @@ def test_rounding_is_torchs(dt):
 
 
 def test_deterministic_for_any_thread_count(dt):
-    x, r, w, b, mask, dy = _inputs((8, 100, 96), 8, dt)
+    x, r, w, b, mask, dy = poisoned_case((8, 100, 96), 8, dt)
     x = x.nan_to_num(0.0)
 
     def run():
@@ -219,7 +205,7 @@ FEATURE_SHAPES = [(2, 3, 17), (3, 5, 33), (4, 1, 16), (1, 40, 1000), (2, 0, 8), 
 @pytest.mark.parametrize("op,training", [("masked_batch", True), ("masked_batch", False), ("power", True)],
                          ids=["masked_batch", "masked_batch_eval", "power"])
 def test_feature_kernels_match_the_reference(op, training, shape, threads, dt):
-    x, _, w, b, mask, dy = _inputs(shape, hash((op, training, shape)) % 1000, dt)
+    x, _, w, b, mask, dy = poisoned_case(shape, hash((op, training, shape)) % 1000, dt)
     if mask.numel():
         mask[0, 0] = False
         mask.view(-1)[-1] = False               # at least two real tokens

@@ -22,7 +22,7 @@ import seqnorm  # noqa: E402
 from seqnorm import backends  # noqa: E402
 from seqnorm import functional as F  # noqa: E402
 
-from conftest import GRAD_ARGS, OPS, call_op, reference_op, to_np  # noqa: E402
+from conftest import GRAD_ARGS, OPS, call_op, poisoned_case, reference_op, to_np  # noqa: E402
 
 from seqnorm.backends.triton import TritonBackend, supports  # noqa: E402
 
@@ -42,23 +42,6 @@ def triton_backend():
         yield
 
 
-def _case(shape, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    d = shape[-1]
-    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
-    r = torch.randn(shape, generator=gen).to(dtype)
-    w = (torch.rand(d, generator=gen) + 0.5).to(dtype)
-    b = torch.randn(d, generator=gen).to(dtype)
-    mask = torch.rand(shape[:2], generator=gen) < 0.3
-    if shape[0] > 1:
-        mask[-1] = True                       # an all-padding sequence
-    if mask.numel() > 1:
-        mask.view(-1)[:2] = False             # two real tokens for BatchNorm
-    x = x.masked_fill(mask.unsqueeze(-1), float("nan"))   # poisoned padding: it must never be read
-    dy = torch.randn(shape, generator=gen)
-    return x, r, w, b, mask, dy
-
-
 def _close(got, want, dtype, scale=1.0):
     np.testing.assert_allclose(to_np(got), want, rtol=dict(TOLS)[dtype] * scale, atol=ATOL[dtype] * scale)
 
@@ -68,7 +51,7 @@ def _close(got, want, dtype, scale=1.0):
 @pytest.mark.parametrize("op,training", [(op, True) for op in OPS] + [("masked_batch", False)],
                          ids=list(OPS) + ["masked_batch_eval"])
 def test_kernels_match_the_reference(op, training, shape, dtype):
-    x, r, w, b, mask, dy = _case(shape, hash((op, shape)) % 1000, dtype)
+    x, r, w, b, mask, dy = poisoned_case(shape, hash((op, shape)) % 1000, dtype, two_real=True)
     d = shape[-1]
     leaf = {k: t.to(DEVICE).clone().requires_grad_() for k, t in (("x", x), ("r", r), ("w", w), ("b", b))}
     m = mask.to(DEVICE)
@@ -145,7 +128,7 @@ def test_nan_and_inf_stay_in_their_row():
 
 
 def test_same_bits_on_every_run():
-    x, r, w, b, mask, dy = _case((5, 13, 48), 3, torch.float32)
+    x, r, w, b, mask, dy = poisoned_case((5, 13, 48), 3, torch.float32, two_real=True)
     m = mask.to(DEVICE)
 
     def run():
