@@ -270,8 +270,9 @@ def _grad_sums(dy, x, pad, shift, delta, rstd):
     dg_part = x.new_zeros((p, d), dtype=torch.float32)
     db_part = x.new_zeros((p, d), dtype=torch.float32)
     if n and d:
-        fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, dg_part, db_part, dy.stride(0),
-                                x.stride(0), n, d, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        stats = torch.stack([shift, delta, rstd])
+        fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), stats, dg_part, db_part, dy.stride(0), x.stride(0), n, d,
+                                HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dg_part.sum(0), db_part.sum(0)
 
 
@@ -281,9 +282,9 @@ def _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2):
     p, f = _feature_grid(n, d)
     dx = torch.empty_like(x)
     if n and d:
-        fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), shift, delta, rstd, a, c1, c2, dx, dy.stride(0),
-                                 x.stride(0), dx.stride(0), n, d, HAS_PAD=pad is not None,
-                                 BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        stats, coef = torch.stack([shift, delta, rstd]), torch.stack([a, c1, c2])
+        fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), stats, coef, dx, dy.stride(0), x.stride(0), dx.stride(0),
+                                 n, d, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     elif n:
         dx.zero_()
     return dx

@@ -75,6 +75,21 @@ def _store_partial(PART, feats, D, value):
 
 
 @triton.jit
+def _grad_tile(X, DY, PAD, stride_x, stride_dy, N, D, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_F: tl.constexpr):
+    """A backward kernel's tile: rows, features, mask, and ``x``, ``dy`` as float32."""
+    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    return rows, feats, tile, _load(X, rows, feats, tile, stride_x), _load(DY, rows, feats, tile, stride_dy)
+
+
+@triton.jit
+def _bn_xhat(x, STATS, feats, D):
+    """``x̂ = ((x − K) − δ)·r`` of a tile, from the ``(3, D)`` rows K, δ, r."""
+    return ((x - _per_feature(STATS, feats, D)) - _per_feature(STATS + D, feats, D)) \
+        * _per_feature(STATS + 2 * D, feats, D)
+
+
+@triton.jit
 def moments_partial(
     X,          # (N, D), row stride stride_x
     PAD,        # (N,) uint8, 1 at padding (HAS_PAD)
@@ -169,21 +184,14 @@ def grad_partial(
     DY,         # (N, D), row stride stride_dy
     X,          # (N, D), row stride stride_x
     PAD,        # (N,) uint8 (HAS_PAD)
-    SHIFT,      # (D,) float32: K
-    DELTA,      # (D,) float32: δ (μ = K + δ)
-    RSTD,       # (D,) float32: r
+    STATS,      # (3, D) float32: K, δ (μ = K + δ), r
     DG_PART,    # (P, D) float32 out: Σ dy·x̂ of the block's real rows
     DB_PART,    # (P, D) float32 out: Σ dy
     stride_dy, stride_x, N, D,
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    x = _load(X, rows, feats, tile, stride_x)
-    dy = _load(DY, rows, feats, tile, stride_dy)
-    k = _per_feature(SHIFT, feats, D)
-    delta = _per_feature(DELTA, feats, D)
-    rstd = _per_feature(RSTD, feats, D)
-    xhat = tl.where(tile, ((x - k) - delta) * rstd, 0.0)
+    rows, feats, tile, x, dy = _grad_tile(X, DY, PAD, stride_x, stride_dy, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    xhat = tl.where(tile, _bn_xhat(x, STATS, feats, D), 0.0)
     _store_partial(DG_PART, feats, D, tl.sum(dy * xhat, axis=0))
     _store_partial(DB_PART, feats, D, tl.sum(dy, axis=0))
 
@@ -193,26 +201,17 @@ def bn_input_grad(
     DY,         # (N, D), row stride stride_dy
     X,          # (N, D), row stride stride_x
     PAD,        # (N,) uint8 (HAS_PAD)
-    SHIFT,      # (D,) float32: K
-    DELTA,      # (D,) float32: δ (μ = K + δ)
-    RSTD,       # (D,) float32: r
-    A,          # (D,) float32: a = w·r
-    C1,         # (D,) float32: a·dβ/n (0 in eval)
-    C2,         # (D,) float32: a·dγ/n (0 in eval)
+    STATS,      # (3, D) float32: K, δ (μ = K + δ), r
+    COEF,       # (3, D) float32: a = w·r, c₁ = a·dβ/n, c₂ = a·dγ/n (c₁ = c₂ = 0 in eval)
     DX,         # (N, D) out, row stride stride_dx
     stride_dy, stride_x, stride_dx, N, D,
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    x = _load(X, rows, feats, tile, stride_x)
-    dy = _load(DY, rows, feats, tile, stride_dy)
-    k = _per_feature(SHIFT, feats, D)
-    delta = _per_feature(DELTA, feats, D)
-    rstd = _per_feature(RSTD, feats, D)
-    a = _per_feature(A, feats, D)
-    c1 = _per_feature(C1, feats, D)
-    c2 = _per_feature(C2, feats, D)
-    xhat = ((x - k) - delta) * rstd
+    rows, feats, tile, x, dy = _grad_tile(X, DY, PAD, stride_x, stride_dy, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
+    xhat = _bn_xhat(x, STATS, feats, D)
+    a = _per_feature(COEF, feats, D)
+    c1 = _per_feature(COEF + D, feats, D)
+    c2 = _per_feature(COEF + 2 * D, feats, D)
     dx = tl.where(tile, a * dy - c1 - xhat * c2, 0.0)
     _store(DX, rows, feats, N, D, stride_dx, dx)
 
@@ -231,9 +230,7 @@ def power_input_grad(
     stride_dy, stride_x, stride_dx, N, D,
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    rows, feats, real, tile = _tile(PAD, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
-    x = _load(X, rows, feats, tile, stride_x)
-    dy = _load(DY, rows, feats, tile, stride_dy)
+    rows, feats, tile, x, dy = _grad_tile(X, DY, PAD, stride_x, stride_dy, N, D, HAS_PAD, BLOCK_N, BLOCK_F)
     w = _per_feature(W, feats, D)
     rstd = _per_feature(RSTD, feats, D)
     nu = _per_feature(NU, feats, D)
