@@ -24,7 +24,7 @@ from seqnorm import functional as F  # noqa: E402
 
 from conftest import GRAD_ARGS, OPS, call_op, poisoned_case, reference_op, to_np  # noqa: E402
 
-from seqnorm.backends.triton import TritonBackend, supports  # noqa: E402
+from seqnorm.backends.triton import MAX_FEATURES, TritonBackend, supports  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -182,10 +182,11 @@ def test_modules_agree_with_the_torch_backend_buffers_included(kind, dtype):
 
 
 def test_routing():
-    wide = torch.empty(2, backends.MAX_FEATURES if hasattr(backends, "MAX_FEATURES") else (1 << 16) + 1)
     assert backends.current_backend(torch.empty(4, 8, device=DEVICE)) is TritonBackend
     assert backends.current_backend(torch.empty(4, 8, dtype=torch.float64, device=DEVICE)) is not TritonBackend
-    assert not supports(torch.empty(1, (1 << 16) + 1, device=DEVICE)) and supports(wide[:, :8].to(DEVICE))
+    assert supports(torch.empty(1, MAX_FEATURES, device=DEVICE))                 # 65,536 features: ours
+    assert not supports(torch.empty(1, MAX_FEATURES + 1, device=DEVICE))         # wider: torch's
+    assert backends.current_backend(torch.empty(1, MAX_FEATURES + 1, device=DEVICE)) is not TritonBackend
     with seqnorm.use_backend("auto"):
         chosen = backends.current_backend(torch.empty(backends.AUTO_MIN_NUMEL, device=DEVICE))
         assert (chosen is TritonBackend) == (DEVICE == "cuda")    # auto: Triton on CUDA only
@@ -207,3 +208,15 @@ def test_gpu_bench_dry_run_on_this_device(capsys):
     assert ("seq_batch_norm", "fp32", "fwd", "gather") in got and ("layer_norm", "fp32", "fwd", "torch") in got
     assert all(r.ms > 0 and (r.pct_copy is None or r.pct_copy > 0) for r in rows)
     assert "layer_norm" in capsys.readouterr().out
+
+
+def test_the_widest_row_65536_features():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, MAX_FEATURES, generator=gen) * 3 + 100
+    dy = torch.randn(2, MAX_FEATURES, generator=gen)
+    xl = x.to(DEVICE).requires_grad_()
+    y, _ = call_op("layer", xl, None, None, None)
+    (dx,) = torch.autograd.grad(y, [xl], dy.to(DEVICE))
+    ref_y, backward = reference_op("layer", x.double().numpy(), None, None, None)
+    np.testing.assert_allclose(to_np(y), ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_np(dx), backward(dy.double().numpy())[0], rtol=1e-3, atol=1e-4)
