@@ -214,7 +214,7 @@ def test_the_widest_row_65536_features():
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, MAX_FEATURES, generator=gen) * 3 + 100
     dy = torch.randn(2, MAX_FEATURES, generator=gen)
-    xl = x.to(DEVICE).requires_grad_()
+    xl = x.to(DEVICE).clone().requires_grad_()
     y, _ = call_op("layer", xl, None, None, None)
     (dx,) = torch.autograd.grad(y, [xl], dy.to(DEVICE))
     ref_y, backward = reference_op("layer", x.double().numpy(), None, None, None)
