@@ -1,5 +1,6 @@
 """seqnorm.convert and the seqnorm.padding context on existing models."""
 
+import copy
 import warnings
 
 import pytest
@@ -62,9 +63,11 @@ def test_user_model_to_batch_carries_statistics():
     x = torch.randn(10, 8)
     before = model(x)
     bn_state = {k: v.clone() for k, v in model.bn.state_dict().items()}
-    with pytest.warns(seqnorm.ConversionWarning, match=r"bn: torch.nn.BatchNorm1d takes \(N, C, L\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # BatchNorm1d → channels_first SeqBatchNorm: its own layout, nothing lost
         conv = seqnorm.convert(model, "batch")
     assert isinstance(conv.bn, seqnorm.SeqBatchNorm) and isinstance(conv.blocks[1], seqnorm.SeqBatchNorm)
+    assert conv.bn.channels_first and not conv.blocks[1].channels_first
     for k, v in bn_state.items():
         assert torch.equal(conv.bn.state_dict()[k], v), k
     # the BatchNorm itself computes the same thing on (N, D) tokens
@@ -80,9 +83,11 @@ def test_batch_to_power_uses_the_quadratic_mean_and_power_to_batch_warns():
     with torch.no_grad():
         bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.0, 3.0]))
         bn.running_var.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
-    with pytest.warns(seqnorm.ConversionWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # nothing is lost: no warning
         pn = seqnorm.convert(bn, "power")
     torch.testing.assert_close(pn.running_phi, torch.tensor([1.5, 5.0, 2.0, 13.0]))
+    assert pn.channels_first
     with pytest.warns(seqnorm.ConversionWarning, match="PowerNorm keeps no running mean"):
         back = seqnorm.convert(pn, "batch")
     torch.testing.assert_close(back.running_var, pn.running_phi)
@@ -106,8 +111,10 @@ def test_power_to_sync_power_carries_every_buffer_and_batch_to_sync_power_the_qu
     with torch.no_grad():
         bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.0, 3.0]))
         bn.running_var.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
-    with pytest.warns(seqnorm.ConversionWarning):           # BatchNorm1d's (N, C, L) layout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         sync = seqnorm.convert(bn, "sync_power")
+    assert sync.channels_first
     torch.testing.assert_close(sync.running_phi, torch.tensor([1.5, 5.0, 2.0, 13.0]))
 
 
@@ -170,3 +177,39 @@ def test_padding_context_with_sequence_first_activations():
     with pytest.raises(ValueError, match=r"padding_mask must have shape \(B, T\) \[from seqnorm.padding\]"):
         with seqnorm.padding(mask[:, :3]):
             seqnorm.LayerNorm(16)(torch.randn(3, 5, 16))
+
+
+def test_a_conv_stack_with_batchnorm1d_converts_without_touching_its_code():
+    """BatchNorm1d inside a conv stack takes (N, C, L): after convert it is a
+    channels_first SeqBatchNorm — same outputs, gradients and running statistics
+    without padding (train and eval), and with padding (seqnorm.padding, (N, L))
+    the padded steps no longer move the real steps' statistics."""
+    torch.manual_seed(3)
+    stack = nn.Sequential(nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.Conv1d(6, 5, 1))
+    conv = seqnorm.convert(copy.deepcopy(stack), "batch")
+    assert isinstance(conv[1], seqnorm.SeqBatchNorm) and conv[1].channels_first
+    x = torch.randn(3, 4, 11)
+    for train in (True, True, False):
+        stack.train(train), conv.train(train)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = stack(xa), conv(xb)
+        ya.pow(2).sum().backward(), yb.pow(2).sum().backward()
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(conv[1], name), getattr(stack[1], name))
+    # padding: the BatchNorm's output at real steps ignores what the padded steps hold
+    bn = conv[1].train()
+    h = torch.randn(3, 6, 11)
+    lengths = torch.tensor([11, 7, 4])
+    with seqnorm.padding(lengths=lengths):
+        a = bn(h)
+        h2 = h.clone()
+        h2[1, :, 7:] = 1e3
+        h2[2, :, 4:] = -5.0
+        b = bn(h2)
+    real = seqnorm.lengths_to_padding_mask(lengths, 11).logical_not()      # (N, L)
+    torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real])
+    assert torch.all(a.transpose(1, 2)[~real] == 0)
+    with pytest.raises(ValueError, match=r"channels_first=True\) expects input of shape \(N, 6, L\)"):
+        bn(torch.randn(3, 11, 6))

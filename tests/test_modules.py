@@ -23,7 +23,7 @@ def test_constructor_defaults_mirror_torch():
     assert _defaults(seqnorm.RMSNorm) == _defaults(nn.RMSNorm)
     ours, theirs = _defaults(seqnorm.SeqBatchNorm), _defaults(nn.BatchNorm1d)
     assert {k: ours[k] for k in theirs} == theirs
-    assert set(ours) - set(theirs) == {"batch_first"}
+    assert set(ours) - set(theirs) == {"batch_first", "channels_first"}   # keyword-only additions
 
 
 @pytest.mark.parametrize("ours_cls,theirs_cls,args", [

@@ -74,9 +74,15 @@ def check_featurewise_input(x, who: str) -> None:
                          f"of shape {shape_str(x.shape)}")
 
 
-def check_num_features(x: Tensor, num_features: int, who: str) -> None:
-    """A module's ``(B, T, D)`` / ``(N, D)`` input must have ``D = num_features``."""
-    if isinstance(x, torch.Tensor) and x.dim() in (2, 3) and x.shape[-1] != num_features:
+def check_num_features(x: Tensor, num_features: int, who: str, channels_first: bool = False) -> None:
+    """A module's ``(B, T, D)`` / ``(N, D)`` input must have ``D = num_features``
+    (``channels_first``: ``(N, C, L)`` / ``(N, C)`` with ``C = num_features``)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        return
+    if channels_first and x.shape[1] != num_features:
+        raise ValueError(f"{who}(num_features={num_features}, channels_first=True) expects input of shape "
+                         f"(N, {num_features}, L) or (N, {num_features}), got {shape_str(x.shape)}")
+    if not channels_first and x.shape[-1] != num_features:
         raise ValueError(f"{who}(num_features={num_features}) expects input of shape (B, T, {num_features}) "
                          f"or (N, {num_features}), got {shape_str(x.shape)}")
 

@@ -28,9 +28,10 @@ BN/power → layer, rms  ``weight``, ``bias``; running statistics dropped: warns
 
 Target names are :mod:`seqnorm.kinds`'s; ``"batch"`` still means ``"masked_batch"``.
 
-``torch.nn.BatchNorm1d`` takes ``(N, C, L)`` with channels in the middle;
-SeqBatchNorm takes ``(B, T, D)`` with features last: converting a BatchNorm1d
-that sees 3-D input warns, since the model's code must then pass ``(B, T, D)``.
+A ``torch.nn.BatchNorm1d`` becomes a module with ``channels_first=True``: it
+takes BatchNorm1d's own ``(N, C, L)`` (or ``(N, C)``), so a BatchNorm1d inside
+a conv stack converts without touching the model's code; its padding mask is
+``(N, L)``. seqnorm's own feature-wise norms keep their layout.
 
 Padding reaches the converted norms through the :func:`seqnorm.padding`
 context manager (or explicit ``padding_mask`` arguments in your own code).
@@ -125,6 +126,9 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
         common["momentum"] = momentum
     elif isinstance(m, (nn.BatchNorm1d, FeaturewiseNorm)):
         common["momentum"] = m.momentum
+    channels_first = m.channels_first if isinstance(m, FeaturewiseNorm) else isinstance(m, nn.BatchNorm1d)
+    if channels_first:                              # BatchNorm1d's own (N, C, L): the model's code stays
+        common.update(batch_first=True, channels_first=True)
     if to == "power":
         new = PowerNorm(d, **common)
     elif to == "sync_power":
@@ -136,9 +140,6 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
         new = cls(d, track_running_stats=track, **common, **extra)
     _copy(new.weight, weight)
     _copy(new.bias, bias)
-    if isinstance(m, nn.BatchNorm1d) and not isinstance(m, SeqBatchNorm):
-        _warn(name, "torch.nn.BatchNorm1d takes (N, C, L); the seqnorm module takes (B, T, D) with features "
-                    "last (or (N, D)): pass it (B, T, D) activations")
     if kind in ("masked_batch", "pooled_batch") and getattr(m, "running_mean", None) is not None:
         if to in ("power", "sync_power"):
             _copy(new.running_phi, m.running_var + m.running_mean ** 2)
@@ -171,8 +172,9 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
             (SyncPowerNorm).
         eps: the new modules' eps. Default: each source module's eps.
         momentum: for batch/power targets. Default: the source's, else 0.1.
-        batch_first: for batch/power targets, the layout of the activations
-            they will see (``(B, T, D)`` if True, ``(T, B, D)`` if False).
+        batch_first: for batch/power targets built from a LayerNorm/RMSNorm, the
+            layout of the activations they will see (``(B, T, D)`` if True,
+            ``(T, B, D)`` if False); a BatchNorm1d's replacement takes its ``(N, C, L)``.
         process_group: for ``"sync_batch"`` and ``"sync_power"``.
 
     Returns:

@@ -133,7 +133,7 @@ class SyncSeqBatchNorm(SeqBatchNorm):
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, bias,
-        batch_first: as :class:`SeqBatchNorm`.
+        batch_first, channels_first: as :class:`SeqBatchNorm`.
         process_group: the group to synchronize over. Default: the world.
 
     Shape:
@@ -149,9 +149,9 @@ class SyncSeqBatchNorm(SeqBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None, device=None,
-                 dtype=None, *, bias: bool = True, batch_first: bool = True) -> None:
+                 dtype=None, *, bias: bool = True, batch_first: bool = True, channels_first: bool = False) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, batch_first=batch_first)
+                         bias=bias, batch_first=batch_first, channels_first=channels_first)
         self.process_group = process_group
 
     def stats_reduce(self):
@@ -163,7 +163,7 @@ class SyncSeqBatchNorm(SeqBatchNorm):
         sharing its parameters and buffers (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``)."""
         def make(m):
             return cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, process_group,
-                       bias=m.bias is not None, batch_first=m.batch_first)
+                       bias=m.bias is not None, batch_first=m.batch_first, channels_first=m.channels_first)
         return _swap(module, SeqBatchNorm, cls, make, ("running_mean", "running_var", "num_batches_tracked"))
 
 
@@ -192,7 +192,7 @@ class SyncPowerNorm(PowerNorm):
     is :class:`PowerNorm`.
 
     Args:
-        num_features, eps, momentum, affine, bias, batch_first: as :class:`PowerNorm`.
+        num_features, eps, momentum, affine, bias, batch_first, channels_first: as :class:`PowerNorm`.
         process_group: the group to synchronize over. Default: the world.
 
     Shape:
@@ -209,8 +209,9 @@ class SyncPowerNorm(PowerNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, process_group=None, device=None, dtype=None, *, bias: bool = True,
-                 batch_first: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype, bias=bias, batch_first=batch_first)
+                 batch_first: bool = True, channels_first: bool = False) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype, bias=bias, batch_first=batch_first,
+                         channels_first=channels_first)
         self.process_group = process_group
 
     def stats_reduce(self):
@@ -222,5 +223,5 @@ class SyncPowerNorm(PowerNorm):
         its parameters and buffers."""
         def make(m):
             return cls(m.num_features, m.eps, m.momentum, m.affine, process_group, bias=m.bias is not None,
-                       batch_first=m.batch_first)
+                       batch_first=m.batch_first, channels_first=m.channels_first)
         return _swap(module, PowerNorm, cls, make, ("running_phi", "running_nu", "num_batches_tracked"))

@@ -167,13 +167,17 @@ class FeaturewiseNorm(nn.Module):
     the hook through which a Sync variant combines statistics across processes."""
 
     _version = 2
+    channels_first = False   # modules pickled before the option existed
 
     def __init__(self, num_features: int, eps: float, momentum: Optional[float], affine: bool,
-                 bias: bool, batch_first: bool, factory: dict) -> None:
+                 bias: bool, batch_first: bool, factory: dict, channels_first: bool = False) -> None:
         super().__init__()
         if not isinstance(num_features, int) or num_features < 0:
             raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
+        if channels_first and not batch_first:
+            raise ValueError("channels_first=True is torch.nn.BatchNorm1d's (N, C, L): it needs batch_first=True")
         check_momentum(momentum)
+        self.channels_first = channels_first
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -203,10 +207,17 @@ class FeaturewiseNorm(nn.Module):
         return None
 
     def _to_batch_first(self, input: Tensor) -> Tensor:
-        check_num_features(input, self.num_features, type(self).__name__)
-        if input.dim() == 3 and not self.batch_first:
-            return input.transpose(0, 1)  # (T, B, D) -> (B, T, D); padding_mask stays (B, T)
-        return input
+        """The input as ``(B, T, D)`` (or ``(N, D)``); the padding mask is ``(B, T)`` in every layout."""
+        check_num_features(input, self.num_features, type(self).__name__, self.channels_first)
+        return self._swap_layout(input)
+
+    def _swap_layout(self, t: Tensor) -> Tensor:
+        """``(T, B, D)`` ↔ ``(B, T, D)``, or ``(N, C, L)`` ↔ ``(N, L, C)``: each its own inverse."""
+        if t.dim() == 3 and self.channels_first:
+            return t.transpose(1, 2)
+        if t.dim() == 3 and not self.batch_first:
+            return t.transpose(0, 1)
+        return t
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -222,7 +233,8 @@ class FeaturewiseNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
-                + ("" if self.batch_first else ", batch_first=False"))
+                + ("" if self.batch_first else ", batch_first=False")
+                + (", channels_first=True" if self.channels_first else ""))
 
 
 class SeqBatchNorm(FeaturewiseNorm):
@@ -240,8 +252,10 @@ class SeqBatchNorm(FeaturewiseNorm):
 
     Arguments, parameters and buffers (``weight``, ``bias``, ``running_mean``,
     ``running_var``, ``num_batches_tracked``) are those of
-    :class:`torch.nn.BatchNorm1d`, so state_dicts load both ways. Unlike
-    BatchNorm1d, a 3-D input is ``(B, T, D)`` (features last), not ``(N, C, L)``.
+    :class:`torch.nn.BatchNorm1d`, so state_dicts load both ways. A 3-D input is
+    ``(B, T, D)`` (features last); with ``channels_first=True`` it is
+    BatchNorm1d's own ``(N, C, L)`` — the layout of a conv stack, where
+    ``seqnorm.convert`` puts it in place of a BatchNorm1d.
 
     Args:
         num_features: ``D``.
@@ -255,10 +269,12 @@ class SeqBatchNorm(FeaturewiseNorm):
         batch_first: input is ``(B, T, D)``; if False, ``(T, B, D)``. The
             padding mask is ``(B, T)`` either way, as torch.nn.Transformer's
             ``src_key_padding_mask``. Default: True.
+        channels_first: input is ``(N, C, L)`` as torch.nn.BatchNorm1d's,
+            with ``C = num_features``; the padding mask is ``(N, L)``. Default: False.
 
     Shape:
-        - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``
-        - padding_mask: ``(B, T)`` (``(N,)`` for 2-D input); lengths: ``(B,)``
+        - Input: ``(B, T, D)`` (or ``(T, B, D)``, or ``(N, C, L)``) or ``(N, D)``
+        - padding_mask: ``(B, T)`` (``(N, L)``; ``(N,)`` for 2-D input); lengths: ``(B,)``
         - Output: same as input; exactly 0 at padding
 
     Example::
@@ -273,9 +289,9 @@ class SeqBatchNorm(FeaturewiseNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, batch_first: bool = True) -> None:
+                 bias: bool = True, batch_first: bool = True, channels_first: bool = False) -> None:
         factory = dict(device=device, dtype=dtype)
-        super().__init__(num_features, eps, momentum, affine, bias, batch_first, factory)
+        super().__init__(num_features, eps, momentum, affine, bias, batch_first, factory, channels_first)
         self.track_running_stats = track_running_stats
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -313,7 +329,7 @@ class SeqBatchNorm(FeaturewiseNorm):
             num_batches_tracked=self.num_batches_tracked if self.training else None,
             reduce=self.stats_reduce(),
         )
-        return self._to_batch_first(y)
+        return self._swap_layout(y)
 
 
 class PowerNorm(FeaturewiseNorm):
@@ -340,6 +356,7 @@ class PowerNorm(FeaturewiseNorm):
         affine: learnable ``γ`` and ``β``. Default: True.
         bias: with ``affine``, whether ``β`` exists. Default: True.
         batch_first: ``(B, T, D)`` input; if False, ``(T, B, D)``. Default: True.
+        channels_first: ``(N, C, L)`` input, as :class:`SeqBatchNorm`'s. Default: False.
 
     Shape:
         - Input: ``(B, T, D)`` (or ``(T, B, D)``) or ``(N, D)``
@@ -355,9 +372,9 @@ class PowerNorm(FeaturewiseNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 batch_first: bool = True) -> None:
+                 batch_first: bool = True, channels_first: bool = False) -> None:
         factory = dict(device=device, dtype=dtype)
-        super().__init__(num_features, eps, momentum, affine, bias, batch_first, factory)
+        super().__init__(num_features, eps, momentum, affine, bias, batch_first, factory, channels_first)
         self.register_buffer("running_phi", torch.ones(num_features, **factory))
         self.register_buffer("running_nu", torch.zeros(num_features, **factory))
         self._register_counter(device)
@@ -379,4 +396,4 @@ class PowerNorm(FeaturewiseNorm):
             num_batches_tracked=self.num_batches_tracked if self.training else None,
             reduce=self.stats_reduce(),
         )
-        return self._to_batch_first(y)
+        return self._swap_layout(y)
