@@ -1,8 +1,8 @@
 """Compute the lesson: which values each norm pools, their statistics, the outputs.
 
 The lesson is plain data (dataclasses of floats and index lists); rendering it
-as text, markdown, JSON or a figure is :mod:`seqnorm.explain.render` and
-:mod:`seqnorm.explain.figure`. Every number comes from :mod:`seqnorm.reference`;
+as text, markdown, JSON or a figure is :mod:`seqnorm.commands.explain.render` and
+:mod:`seqnorm.commands.explain.figure`. Every number comes from :mod:`seqnorm.reference`;
 nothing here normalizes anything itself.
 """
 
