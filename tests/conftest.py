@@ -92,7 +92,6 @@ from seqnorm import reference as ref  # noqa: E402
 #: layer, rms, add_layer, add_rms, masked_batch, power
 OPS = tuple(name for name, k in kinds.KINDS.items() if k.op)
 ROWWISE_OPS = tuple(op for op in OPS if not kinds.kind(op).feature_dim)
-FEATUREWISE_OPS = tuple(op for op in OPS if kinds.kind(op).feature_dim)
 #: what each op differentiates, in the order :func:`reference_op`'s backward returns it
 GRAD_ARGS = {"layer": ("x", "w", "b"), "rms": ("x", "w"), "add_layer": ("x", "r", "w", "b"),
              "add_rms": ("x", "r", "w"), "masked_batch": ("x", "w", "b"), "power": ("x", "w", "b")}

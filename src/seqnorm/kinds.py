@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Kind", "KINDS", "ALIASES", "kind", "resolve", "names", "build"]
+__all__ = ["Kind", "KINDS", "ALIASES", "kind", "resolve", "build"]
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,6 @@ def resolve(name: str, allowed: Tuple[str, ...], where: str, arg: str) -> str:
     if canonical not in allowed:
         raise ValueError(f"{arg} must be one of {', '.join(allowed)}, got {name!r}")
     return canonical
-
-
-def names(**fields) -> Tuple[str, ...]:
-    """Kinds whose fields match ``fields`` (e.g. ``names(feature_dim=True)``)."""
-    return tuple(k.name for k in KINDS.values() if all(getattr(k, f) == v for f, v in fields.items()))
 
 
 def build(name: str, d: int, **kwargs) -> nn.Module:

@@ -150,13 +150,11 @@ def update_batch_norm_stats(running_mean: Tensor, running_var: Tensor, batch_mea
     if sync_free(count) or sync_free(batch_var):
         n = torch.as_tensor(count, device=batch_var.device).to(batch_var.dtype)
         unbiased = batch_var * (n / (n - 1).clamp_min(1))
-        return update_running_stats([(running_mean, batch_mean), (running_var, unbiased)], count, momentum,
-                                    num_batches_tracked, min_count=2)
-    count = int(count)
-    if count <= 1:
-        return False
-    return update_running_stats([(running_mean, batch_mean), (running_var, batch_var * (count / (count - 1)))],
-                                count, momentum, num_batches_tracked)
+    else:
+        count = int(count)
+        unbiased = batch_var * (count / max(count - 1, 1))
+    return update_running_stats([(running_mean, batch_mean), (running_var, unbiased)], count, momentum,
+                                num_batches_tracked, min_count=2)
 
 
 def nu_step(nu: Tensor, gamma: Tensor, lam: Tensor, factor: float) -> Tensor:

@@ -86,8 +86,11 @@ def _grads_fake(dy, x, *_):
 # ---------------------------------------------------------------------------
 
 
-def rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum):
-    """``(y, s, shift, delta, rstd)``; ``s`` is empty unless ``write_sum``."""
+def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                      pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, s, shift, delta, rstd)`` of the row-wise norm of ``x (+ residual)``;
+    ``s`` is empty unless ``write_sum``."""
     x, residual = _rows(x), _rows(residual)
     rows, d = x.shape
     y = torch.empty_like(x)
@@ -108,7 +111,9 @@ def rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum):
     return y, s, shift, delta, rstd
 
 
-def rowwise_backward(dy, x, residual, ds, weight, pad, shift, delta, rstd, center):
+def _rowwise_bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], ds: Optional[Tensor],
+                      weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
+                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``, the parameter gradients as float32 sums."""
     dy, x, residual, ds = _rows(dy), _rows(x), _rows(residual), _rows(ds)
     rows, d = x.shape
@@ -132,24 +137,10 @@ def rowwise_backward(dy, x, residual, ds, weight, pad, shift, delta, rstd, cente
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
-def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                      pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, s, shift, delta, rstd)`` of the row-wise norm of ``x (+ residual)``;
-    ``s`` is empty unless ``write_sum``."""
-    return rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum)
-
-
 def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
     rows = x.shape[0]
     return (torch.empty_like(x), torch.empty_like(x) if write_sum else x.new_empty(0),
             *(x.new_empty(rows, dtype=torch.float32) for _ in range(3)))
-
-
-def _rowwise_bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], ds: Optional[Tensor],
-                      weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
-                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return rowwise_backward(dy, x, residual, ds, weight, pad, shift, delta, rstd, center)
 
 
 rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
