@@ -1,14 +1,16 @@
 """seqnorm: padding-aware normalization layers for sequence models.
 
 LayerNorm, RMSNorm, the fused residual Add & Norm, BatchNorm over real tokens
-(SeqBatchNorm) and PowerNorm, torch-compatible, with a float64 reference.
+(SeqBatchNorm), PowerNorm, GroupNorm and InstanceNorm1d over real time steps,
+torch-compatible, with a float64 reference; make_padding_safe for models whose
+source you do not edit.
 """
 
 from . import distributed, functional, reference
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .convert import ConversionWarning, convert
 from .masks import lengths_to_padding_mask, padding
-from .modules import AddNorm, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
+from .modules import AddNorm, GroupNorm, InstanceNorm1d, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
 from .backends import available_backends, get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -19,6 +21,8 @@ __all__ = [
     "AddNorm",
     "SeqBatchNorm",
     "PowerNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
     "SyncSeqBatchNorm",
     "SyncPowerNorm",
     "functional",

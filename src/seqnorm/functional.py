@@ -41,6 +41,8 @@ __all__ = [
     "add_rms_norm",
     "seq_batch_norm",
     "power_norm",
+    "group_norm",
+    "instance_norm",
 ]
 
 Tensor = torch.Tensor
@@ -465,3 +467,186 @@ def _power_norm(input, running_phi, running_nu, weight, bias, training, momentum
 # read the *updated* ψ² — input gradients off by the step's change of 1/√ψ². The graph breaks
 # around PowerNorm's training step instead (fullgraph=True cannot hold it); eval compiles whole.
 _power_norm_training = torch.compiler.disable(_power_norm)
+
+
+# ---------------------------------------------------------------------------
+# Group-wise norms: statistics per sequence, over time × a group of channels
+# ---------------------------------------------------------------------------
+
+
+def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who: str):
+    """Validate a channels-first ``(N, C, *)`` input, run the backend's
+    ``groupwise_norm`` on it as ``(N, C, L)``; returns ``(y, mean, var, count)``
+    with ``y`` in the input's shape and dtype."""
+    check_input(x)
+    if x.dim() < 2:
+        raise ValueError(f"{who} expects input of shape (N, C, *), got {shape_str(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
+        raise ValueError(f"{who}: num_groups must be a positive int dividing the {c} channels of input "
+                         f"{shape_str(x.shape)}, got {groups!r}")
+    check_param(weight, "weight", (c,), x)
+    check_param(bias, "bias", (c,), x)
+    if (padding_mask is not None or lengths is not None) and x.dim() != 3:
+        raise ValueError(f"{who}: padding_mask/lengths need input of shape (N, C, L) (padding_mask (N, L)), "
+                         f"got {shape_str(x.shape)}")
+    x3 = x.reshape(n, c, math.prod(x.shape[2:]))
+    pad = resolve_padding((n, x3.shape[2]), x.device, padding_mask, lengths, what="(N, L)")
+    cdt = compute_dtype(x)
+
+    def choose(t):   # a backend without the op (a third-party one) hands it to torch
+        backend = backends.current_backend(t)
+        return backend if hasattr(backend, "groupwise_norm") else backends.backend_named("torch", t)
+
+    backend = choose(x3)
+    if x.dtype not in backend.native_low_precision:
+        x3 = x3.to(cdt)
+        backend = choose(x3)
+    y, mean, var, count = backend.groupwise_norm(x3, cast(weight, cdt), cast(bias, cdt), eps, pad, groups)
+    return y.to(x.dtype).reshape(x.shape), mean, var, count
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Group normalization, statistics over each sequence's real time steps.
+
+    .. math::
+        y_{bct} = \frac{x_{bct} - \mathrm{E}_{bg}[x]}{\sqrt{\mathrm{Var}_{bg}[x] + \epsilon}}\,\gamma_c + \beta_c
+
+    The ``C`` channels form ``num_groups`` groups of ``C/num_groups``
+    consecutive channels; the mean and *biased* variance of sequence ``b``'s
+    group ``g`` are taken over the group's channels × the sequence's real time
+    steps only — a sequence's output does not depend on its padding, nor on the
+    other sequences. Padded steps come out as exactly 0 with gradient 0.
+    Without padding this is ``torch.nn.functional.group_norm``.
+
+    Args:
+        input: ``(N, C, *)``, channels first as torch's; with padding ``(N, C, L)``.
+        num_groups: the number of groups; must divide ``C``.
+        weight, bias: ``(C,)`` or None.
+        eps: added to the variance. Default: 1e-5.
+        padding_mask: bool ``(N, L)``, True at padding.
+        lengths: ``(N,)`` integers, alternative to ``padding_mask``.
+
+    Shape:
+        - Input: ``(N, C, *)``; ``(N, C, L)`` with padding
+        - Output: same as input
+
+    Example::
+
+        >>> x = torch.tensor([[[1., 3., 100.], [2., 4., -100.]]])     # (N=1, C=2, L=3)
+        >>> group_norm(x, 1, eps=0.0, lengths=torch.tensor([2]))     # the pad is not pooled
+        tensor([[[-1.3416,  0.4472,  0.0000],
+                 [-0.4472,  1.3416,  0.0000]]])
+    """
+    return _groupwise(input, num_groups, weight, bias, eps, padding_mask, lengths, "group_norm")[0]
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Instance normalization: each channel of each sequence over its real time steps.
+
+    .. math::
+        y_{bct} = \frac{x_{bct} - \mathrm{E}_{bc}[x]}{\sqrt{\mathrm{Var}_{bc}[x] + \epsilon}}\,\gamma_c + \beta_c
+
+    :func:`group_norm` with one group per channel. With ``use_input_stats``
+    (training, or no running statistics) each instance's own mean and biased
+    variance are used, and the running statistics, if given, move as torch's
+    do: towards the mean over the batch of the instances' means and *unbiased*
+    variances (``σ²·n/(n − 1)`` with ``n`` a sequence's real steps; sequences
+    with fewer than 2 real steps take no part, and a batch without any changes
+    nothing). With ``use_input_stats=False`` the running statistics normalize.
+
+    Args:
+        input: ``(N, C, *)``; with padding ``(N, C, L)``.
+        running_mean, running_var: ``(C,)`` or None.
+        weight, bias: ``(C,)`` or None.
+        use_input_stats: normalize with each instance's statistics. Default: True.
+        momentum: weight of the new batch, or None for a cumulative average
+            (needs ``num_batches_tracked``). Default: 0.1.
+        eps: added to the variance. Default: 1e-5.
+        padding_mask: bool ``(N, L)``, True at padding; lengths: ``(N,)``.
+        num_batches_tracked: 0-d long tensor, incremented when the running
+            statistics move.
+
+    Shape:
+        - Input: ``(N, C, *)``; ``(N, C, L)`` with padding
+        - Output: same as input
+
+    Example::
+
+        >>> x = torch.tensor([[[1., 3., 7.]]])
+        >>> instance_norm(x, eps=0.0, padding_mask=torch.tensor([[False, False, True]]))
+        tensor([[[-1.,  1.,  0.]]])
+    """
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    check_momentum(momentum)
+    c = input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else None
+    if c is not None:
+        check_param(running_mean, "running_mean", (c,), input)
+        check_param(running_var, "running_var", (c,), input)
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError("instance_norm(use_input_stats=False) needs running_mean and running_var")
+        return _instance_norm_running(input, running_mean, running_var, weight, bias, eps, padding_mask,
+                                      lengths)
+    y, mean, var, steps = _groupwise(input, c, weight, bias, eps, padding_mask, lengths, "instance_norm")
+    if running_mean is not None:
+        # Each instance with ≥ 2 real steps contributes its mean and unbiased variance, weighted alike.
+        with torch.no_grad():
+            used = steps >= 2                                                          # N
+            k = used.sum()
+            w = used.to(mean.dtype).unsqueeze(1) / k.clamp_min(1).to(mean.dtype)       # N,1
+            n = steps.to(var.dtype).unsqueeze(1)
+            unbiased = var * (n / (n - 1).clamp_min(1))
+            batch_mean = (mean.masked_fill(~used.unsqueeze(1), 0) * w).sum(0)
+            batch_var = (unbiased.masked_fill(~used.unsqueeze(1), 0) * w).sum(0)
+        update_running_stats([(running_mean, batch_mean), (running_var, batch_var)], k, momentum,
+                             num_batches_tracked)
+    return y
+
+
+def _instance_norm_running(x, running_mean, running_var, weight, bias, eps, padding_mask, lengths):
+    """Eval with running statistics: a per-channel affine map, 0 at padding."""
+    check_input(x)
+    n, c = x.shape[0], x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_param(p, name, (c,), x)
+    if (padding_mask is not None or lengths is not None) and x.dim() != 3:
+        raise ValueError(f"instance_norm: padding_mask/lengths need input of shape (N, C, L), got "
+                         f"{shape_str(x.shape)}")
+    x3 = x.reshape(n, c, math.prod(x.shape[2:]))
+    pad = resolve_padding((n, x3.shape[2]), x.device, padding_mask, lengths, what="(N, L)")
+    cdt = compute_dtype(x)
+    x3 = x3.to(cdt)
+    if pad is not None:
+        x3 = x3.masked_fill(pad.unsqueeze(1), 0)
+    y = (x3 - running_mean.to(cdt).unsqueeze(1)) * torch.rsqrt(running_var.to(cdt) + eps).unsqueeze(1)
+    if weight is not None:
+        y = y * weight.to(cdt).unsqueeze(1)
+    if bias is not None:
+        y = y + bias.to(cdt).unsqueeze(1)
+    if pad is not None:
+        y = y.masked_fill(pad.unsqueeze(1), 0)
+    return y.to(x.dtype).reshape(x.shape)

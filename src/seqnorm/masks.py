@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
-           "padding_for_rows", "padding_for_features"]
+           "padding_for_rows", "padding_for_features", "padding_for_channels_first"]
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -216,3 +216,14 @@ def padding_for_features(x: torch.Tensor, padding_mask, lengths):
     if ctx is None:
         return None, None
     return ctx.batch_major(x.shape[:2], x.device), None
+
+
+def padding_for_channels_first(x: torch.Tensor, padding_mask, lengths):
+    """As :func:`padding_for_features` for a channels-first ``(N, C, L)`` input
+    (GroupNorm, InstanceNorm1d), whose token grid is ``(N, L)``."""
+    if padding_mask is not None or lengths is not None or x.dim() != 3:
+        return padding_mask, lengths
+    ctx = current_padding()
+    if ctx is None:
+        return None, None
+    return ctx.batch_major((x.shape[0], x.shape[2]), x.device), None

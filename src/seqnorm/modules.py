@@ -12,10 +12,11 @@ from torch import nn
 
 from . import functional as F
 from .checks import check_num_features
-from .masks import padding_for_features, padding_for_rows
+from .masks import padding_for_channels_first, padding_for_features, padding_for_rows
 from .running import check_momentum
 
-__all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm", "PowerNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm", "PowerNorm", "GroupNorm",
+           "InstanceNorm1d"]
 
 Tensor = torch.Tensor
 
@@ -397,3 +398,127 @@ class PowerNorm(FeaturewiseNorm):
             reduce=self.stats_reduce(),
         )
         return self._swap_layout(y)
+
+
+def _channels_first(input: Tensor, channels_last: bool) -> Tensor:
+    """``(N, L, C)`` ↔ ``(N, C, L)`` for a channels-last module (its own inverse)."""
+    return input.transpose(1, 2) if channels_last and input.dim() == 3 else input
+
+
+class GroupNorm(nn.GroupNorm):
+    r"""Padding-aware :class:`torch.nn.GroupNorm` for channels-first sequences
+    (a subclass: same arguments, parameters, state_dict and ``isinstance``).
+
+    .. math::
+        y_{bct} = \frac{x_{bct} - \mathrm{E}_{bg}[x]}{\sqrt{\mathrm{Var}_{bg}[x] + \epsilon}}\,\gamma_c + \beta_c
+
+    Each sequence's group of ``C/num_groups`` channels is normalized over its
+    *real* time steps only, so an utterance gives the same output alone as
+    batched with longer ones (torch's GroupNorm pools the padding into
+    ``E``/``Var``). See :func:`seqnorm.functional.group_norm`.
+
+    Args:
+        num_groups: groups of channels; must divide ``num_channels``.
+        num_channels: ``C``.
+        eps: added to the variance. Default: 1e-5.
+        affine: learnable per-channel ``γ`` (ones) and ``β`` (zeros). Default: True.
+        channels_last: input is ``(N, L, C)`` instead of ``(N, C, L)``. Default: False.
+
+    Shape:
+        - Input: ``(N, C, *)``; ``(N, C, L)`` with padding (``(N, L, C)`` with
+          ``channels_last``); padding_mask ``(N, L)``, lengths ``(N,)``
+        - Output: same as input; exactly 0 at padding
+
+    Example::
+
+        >>> gn = GroupNorm(1, 2, eps=0.0)
+        >>> x = torch.tensor([[[1., 3., 100.], [2., 4., -100.]]])
+        >>> gn(x, lengths=torch.tensor([2]))
+        tensor([[[-1.3416,  0.4472,  0.0000],
+                 [-0.4472,  1.3416,  0.0000]]], grad_fn=<ViewBackward0>)
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, channels_last: bool = False) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        x = _channels_first(input, self.channels_last)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNorm(num_groups={self.num_groups}, num_channels={self.num_channels}) "
+                             f"expects {self.num_channels} channels, got input of shape {tuple(input.shape)}"
+                             + (" (channels last)" if self.channels_last else ""))
+        padding_mask, lengths = padding_for_channels_first(x, padding_mask, lengths)
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                         padding_mask=padding_mask, lengths=lengths)
+        return _channels_first(y, self.channels_last)
+
+
+class InstanceNorm1d(nn.InstanceNorm1d):
+    r"""Padding-aware :class:`torch.nn.InstanceNorm1d` (a subclass: same
+    arguments, parameters, buffers and state_dict).
+
+    .. math::
+        y_{bct} = \frac{x_{bct} - \mathrm{E}_{bc}[x]}{\sqrt{\mathrm{Var}_{bc}[x] + \epsilon}}\,\gamma_c + \beta_c
+
+    Each channel of each sequence is normalized over the sequence's real time
+    steps. With ``track_running_stats`` the running statistics move as torch's
+    (towards the batch average of the instances' mean and unbiased variance,
+    real steps only; see :func:`seqnorm.functional.instance_norm`) and are used
+    in eval mode. As torch's, ``momentum=None`` leaves them unchanged and
+    ``num_batches_tracked`` is not counted.
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        momentum: Default: 0.1.
+        affine: learnable ``γ``, ``β``. Default: False (as torch).
+        track_running_stats: Default: False (as torch).
+        channels_last: input is ``(N, L, C)``. Default: False.
+
+    Shape:
+        - Input: ``(N, C, L)`` or ``(C, L)``; padding_mask ``(N, L)``, lengths ``(N,)``
+        - Output: same as input; exactly 0 at padding
+
+    Example::
+
+        >>> inorm = InstanceNorm1d(1, eps=0.0)
+        >>> inorm(torch.tensor([[[1., 3., 7.]]]), lengths=torch.tensor([2]))
+        tensor([[[-1.,  1.,  0.]]])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, device=None, dtype=None, *,
+                 channels_last: bool = False) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
+
+    def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+            raise ValueError(f"InstanceNorm1d expects input of shape (N, C, L) or (C, L), got "
+                             f"{tuple(getattr(input, 'shape', ()))}")
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0) if unbatched else input
+        x = _channels_first(x, self.channels_last)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"InstanceNorm1d(num_features={self.num_features}) expects "
+                             f"{self.num_features} channels, got input of shape {tuple(input.shape)}"
+                             + (" (channels last)" if self.channels_last else ""))
+        padding_mask, lengths = padding_for_channels_first(x, padding_mask, lengths)
+        y = F.instance_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            use_input_stats=self.training or not self.track_running_stats,
+            momentum=self.momentum if self.momentum is not None else 0.0, eps=self.eps,
+            padding_mask=padding_mask, lengths=lengths,
+        )
+        y = _channels_first(y, self.channels_last)
+        return y.squeeze(0) if unbatched else y

@@ -15,6 +15,8 @@ Conventions
   never enters a statistic, its output is exactly 0 and its gradient is exactly
   0, whatever it contains (NaN included).
 * Variances are biased (divide by the count ``n``), as in the note and torch.
+* GroupNorm/InstanceNorm are the exception to "features last": they take
+  torch's channels-first ``(B, C, T)`` with ``padding_mask`` ``(B, T)``.
 * Every norm is the same two steps (as in Flax): :func:`statistics` (over
   which axes, which tokens) and :func:`normalize` (apply them). A norm is a
   choice of axes and of ``center``; its backward is :func:`normalize_backward`.
@@ -52,6 +54,8 @@ __all__ = [
     "seq_batch_norm_backward",
     "power_norm_forward",
     "power_norm_backward",
+    "group_norm_forward",
+    "group_norm_backward",
     "running_update",
 ]
 
@@ -354,3 +358,55 @@ def power_norm_backward(dy, cache, running_nu=None, factor=0.1):
         g_tilde = g
     dx = np.where(real, g_tilde * c["rstd"], 0.0)
     return dx, dweight, dbias, new_nu
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm / InstanceNorm (statistics of each sequence over its real time
+# steps × the channels of a group), channels-first as torch's
+# ---------------------------------------------------------------------------
+
+
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, padding_mask=None):
+    r"""Masked GroupNorm of a channels-first ``(B, C, T)`` batch.
+
+    The ``C`` channels fall into ``G = num_groups`` groups of ``C/G``
+    consecutive channels; sequence ``b``'s group ``g`` is normalized with the
+    mean and biased variance of its ``n_b = (C/G)·L_b`` real elements (``L_b``
+    real time steps), never its padding:
+
+    .. math::
+        y_{bct} = \frac{x_{bct} - μ_{bg}}{\sqrt{σ^2_{bg} + ε}}\, w_c + b_c
+
+    InstanceNorm is ``G = C``. Without padding this is ``torch.nn.GroupNorm``.
+    The cache holds ``mean`` and ``var`` of shape ``(B, G)`` and ``count``,
+    the real time steps of each sequence ``(B,)``.
+    """
+    x, weight, bias = _as64(x), _as64(weight), _as64(bias)
+    B, C, T = x.shape
+    G = int(num_groups)
+    xg = x.reshape(B, G, C // G, T)                                      # B,G,Cg,T
+    if padding_mask is None:
+        valid = np.ones((B, 1, 1, T))
+    else:
+        valid = (~np.asarray(padding_mask, dtype=bool)).astype(np.float64).reshape(B, 1, 1, T)
+    n, mean, var = statistics(xg, valid, axes=(2, 3), center=True)      # B,G,1,1
+    xhat, rstd = normalize(xg, mean, var, eps, valid)                    # B,G,Cg,T
+    w4 = None if weight is None else weight.reshape(1, G, C // G, 1)
+    b4 = None if bias is None else bias.reshape(1, G, C // G, 1)
+    y = affine(xhat, w4, b4, valid)
+    cache = dict(xhat=xhat, rstd=rstd, n=n, valid=valid, weight=w4, bias=b4,
+                 mean=mean.reshape(B, G), var=var.reshape(B, G), count=valid.reshape(B, T).sum(1))
+    return y.reshape(B, C, T), cache
+
+
+def group_norm_backward(dy, cache):
+    """Returns ``(dx, dweight, dbias)``: the module docstring's formula with the
+    means over each (sequence, group)'s real elements."""
+    c = cache
+    B, G, Cg, T = c["xhat"].shape
+    dy = _as64(dy).reshape(B, G, Cg, T)
+    g, dweight, dbias = affine_backward(dy, c["xhat"], c["weight"], c["bias"], c["valid"],
+                                        reduce_axes=(0, 3))
+    dx = normalize_backward(g, c["xhat"], c["rstd"], c["n"], (2, 3), c["valid"], center=True)
+    flat = lambda a: None if a is None else a.reshape(G * Cg)  # noqa: E731
+    return dx.reshape(B, G * Cg, T), flat(dweight), flat(dbias)

@@ -1,10 +1,10 @@
-"""Backends: the four flattened operations every norm lowers to, and who runs them.
+"""Backends: the five flattened operations every norm lowers to, and who runs them.
 
 :mod:`seqnorm.functional` validates arguments, resolves padding, flattens the
 input to rows and casts low-precision inputs to float32 (unless the backend
 lists the dtype in ``native_low_precision``: the fused kernels read bfloat16
 themselves, and float16 where the CPU converts it in hardware); it then calls
-one of four operations on the backend chosen for the input (:class:`Backend`):
+one of five operations on the backend chosen for the input (:class:`Backend`):
 
 ========================  ====================================================
 ``rowwise_norm``          ``x (R, D)`` → ``y (R, D)``; LayerNorm (``center``)
@@ -16,6 +16,10 @@ one of four operations on the backend chosen for the input (:class:`Backend`):
 ``featurewise_norm``      ``x (N, D)`` → ``(y, mean, var, count)``: masked
                           BatchNorm; statistics over the real rows.
 ``power_norm``            ``x (N, D)`` → ``(y, phi, count)``: PowerNorm.
+``groupwise_norm``        ``x (B, C, T)`` → ``(y, mean, var, count)``: masked
+                          GroupNorm (InstanceNorm: ``groups = C``); statistics
+                          ``(B, G)`` over each sequence's real steps, ``count
+                          (B,)`` its real steps. ``pad`` is ``(B, T)``.
 ========================  ====================================================
 
 ``pad`` is ``None`` or a bool ``(R,)`` / ``(N,)`` tensor, True at padding.
@@ -87,6 +91,9 @@ class Backend(Protocol):
                    pad: Optional[Tensor], running_phi: Tensor, running_nu: Optional[Tensor], factor: float,
                    reduce=None) -> Tuple[Tensor, Tensor, Tensor]: ...
 
+    def groupwise_norm(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       pad: Optional[Tensor], groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
 
 #: name → module of this package that registers it (imported on first use)
 BUILTIN = {"torch": "torch", "reference": "reference", "fused": "fused", "triton": "triton"}
@@ -107,7 +114,7 @@ def register_backend(name: str, chooser: Callable[[Tensor], Backend]) -> None:
     """Register ``chooser(x) -> backend`` under ``name``.
 
     The chooser sees the (flattened, float) input and returns the object whose
-    four methods run the op, so a backend can decline a device or dtype it does
+    methods run the op, so a backend can decline a device or dtype it does
     not support by returning another backend.
     """
     _choosers[name] = chooser

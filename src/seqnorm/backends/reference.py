@@ -106,6 +106,24 @@ class _ReferencePower(torch.autograd.Function):
                 _back(db, bias) if bias is not None else None, None, None, None, None, None)
 
 
+class _ReferenceGroupwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pad, groups):
+        y, cache = reference.group_norm_forward(_np(x), groups, _np(weight), _np(bias), eps, _np_pad(pad))
+        ctx.cache, ctx.like = cache, (x, weight, bias)
+        stats = (_back(cache["mean"], x), _back(cache["var"], x),
+                 torch.from_numpy(cache["count"].astype(np.int64)).to(x.device))
+        ctx.mark_non_differentiable(*stats)
+        return (_back(y, x),) + stats
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, bias = ctx.like
+        dx, dw, db = reference.group_norm_backward(_np(dy), ctx.cache)
+        return (_back(dx, x), _back(dw, weight) if weight is not None else None,
+                _back(db, bias) if bias is not None else None, None, None, None)
+
+
 class ReferenceBackend:
     """The float64 NumPy reference with its hand-written backward, behind
     autograd: slow, exact, for checking a model or another backend. Results are
@@ -130,6 +148,10 @@ class ReferenceBackend:
     @staticmethod
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
         return _ReferencePower.apply(x, weight, bias, eps, pad, running_phi, running_nu, factor)
+
+    @staticmethod
+    def groupwise_norm(x, weight, bias, eps, pad, groups):
+        return _ReferenceGroupwise.apply(x, weight, bias, eps, pad, groups)
 
 
 register_backend("reference", lambda x: ReferenceBackend)

@@ -34,7 +34,7 @@ from ..running import nu_step, update_running_nu
 from . import register_backend
 
 __all__ = ["TorchBackend", "StatsReduce", "LocalStats", "LOCAL", "masked_moments", "merge_moments",
-           "zero_padded_rows", "affine"]
+           "zero_padded_rows", "affine", "group_moments", "groupwise_norm"]
 
 Tensor = torch.Tensor
 
@@ -238,6 +238,64 @@ class _PowerNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None
 
 
+def _power_of_two_below(a: Tensor) -> Tensor:
+    """``2^e ≤ a < 2^(e+1)`` for ``a ≥ 1``, else 1: a scale that divides exactly."""
+    _, e = torch.frexp(a)
+    return torch.ldexp(torch.ones_like(a), e - 1).clamp_min(1)
+
+
+def group_moments(xg: Tensor, pad4: Optional[Tensor], count: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and biased variance of each ``(b, g)`` of ``xg (B, G, Cg, T)`` over
+    its real elements (``xg`` already 0 at padding; ``count (B, 1, 1, 1)`` real
+    elements), by :func:`masked_moments`' corrected two-pass formula. Returns
+    ``(mean, var)`` of shape ``(B, G, 1, 1)``; no real element gives 0, 0."""
+    n = count.clamp_min(1).to(xg.dtype)
+    m1 = xg.sum((2, 3), keepdim=True) / n
+    delta = xg - m1
+    if pad4 is not None:
+        delta = delta.masked_fill(pad4, 0)
+    correction = delta.sum((2, 3), keepdim=True) / n
+    var = (delta * delta).sum((2, 3), keepdim=True) / n - correction * correction
+    return m1 + correction, var.clamp_min(0)
+
+
+def groupwise_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   pad: Optional[Tensor], groups: int):
+    r"""Masked GroupNorm of ``x (B, C, T)`` as composite torch ops (autograd
+    differentiates them): statistics of each sequence's group over its real
+    steps (:func:`group_moments`), then normalize.
+
+    A finite group whose squares would overflow (``|x| ≳ 1e19`` in float32) is
+    first divided by a power of two ``s ≤ max|x|`` (the scale is 1 below 1):
+    ``x̂ = (x/s − μ/s)/√(σ²/s² + ε/s²)`` is the same number, and dividing by a
+    power of two is exact, so ordinary inputs give the same bits as unscaled.
+
+    Returns ``(y (B, C, T), mean (B, G), var (B, G), count (B,))``: ``count``
+    the real steps of each sequence, ``var`` biased; 0 at padded steps of ``y``.
+    """
+    B, C, T = x.shape
+    xg = x.reshape(B, groups, C // groups, T)
+    pad4 = None if pad is None else pad.reshape(B, 1, 1, T)
+    if pad4 is not None:
+        xg = xg.masked_fill(pad4, 0)     # NaN/Inf at padding never reach a sum; no gradient to them
+    steps = torch.full((B,), T, device=x.device) if pad is None else (~pad).sum(1)
+    count = (steps * (C // groups)).reshape(B, 1, 1, 1)
+    with torch.no_grad():
+        scale = _power_of_two_below(xg.abs().amax((2, 3), keepdim=True)) if xg.numel() else None
+    xs = xg if scale is None else xg / scale
+    mean, var = group_moments(xs, pad4, count)
+    rstd = torch.rsqrt(var + (eps if scale is None else eps / (scale * scale)))
+    xhat = (xs - mean) * rstd
+    shape = (1, groups, C // groups, 1)
+    y = affine(xhat, None if weight is None else weight.reshape(shape),
+               None if bias is None else bias.reshape(shape))
+    if pad4 is not None:
+        y = y.masked_fill(pad4, 0)
+    if scale is not None:
+        mean, var = mean * scale, var * (scale * scale)
+    return y.reshape(B, C, T), mean.reshape(B, groups).detach(), var.reshape(B, groups).detach(), steps
+
+
 class TorchBackend:
     """Composite torch ops. See :mod:`seqnorm.backends` for the contract."""
 
@@ -265,6 +323,8 @@ class TorchBackend:
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
         return _PowerNormFunction.apply(x, weight, bias, pad, running_phi, running_nu, eps, factor,
                                         reduce or LOCAL)
+
+    groupwise_norm = staticmethod(groupwise_norm)
 
 
 register_backend("torch", lambda x: TorchBackend)
