@@ -10,6 +10,7 @@ from . import distributed, functional, reference
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .convert import ConversionWarning, convert
 from .masks import lengths_to_padding_mask, padding
+from .padding_safe import make_padding_safe
 from .modules import AddNorm, GroupNorm, InstanceNorm1d, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
 from .backends import available_backends, get_backend, set_backend, use_backend
 
@@ -31,6 +32,7 @@ __all__ = [
     "lengths_to_padding_mask",
     "padding",
     "convert",
+    "make_padding_safe",
     "ConversionWarning",
     "set_backend",
     "get_backend",

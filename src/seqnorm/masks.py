@@ -126,15 +126,69 @@ def resolve_padding(
 
 class PaddingContext:
     """The padding set by :func:`padding`, handed to every seqnorm module that
-    is called without an explicit ``padding_mask`` / ``lengths``."""
+    is called without an explicit ``padding_mask`` / ``lengths``.
+
+    **Frame rates.** A model may change the number of time steps on the way
+    (a strided convolution turns 16,000 samples into 49 frames). The context
+    keeps the sequence lengths at each number of time steps it has seen: the
+    given ``padding_mask`` holds for its own ``T``; given ``lengths`` hold for
+    the ``T`` of the first module that asks for them; and
+    :func:`seqnorm.make_padding_safe`'s convolution hooks :meth:`record` the
+    lengths at each convolution's output (the latest record for a ``T`` holds). A module whose ``T`` has no lengths
+    gets a ``ValueError`` saying which rates are known.
+    """
 
     def __init__(self, padding_mask, lengths, batch_first: bool):
         self.padding_mask, self.lengths, self.batch_first = padding_mask, lengths, batch_first
+        self._lengths_at = {}      # time steps → (B,) lengths at that rate
 
     def batch_major(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The validated ``(B, T)`` mask; ``token_shape`` is ``(B, T)``."""
-        return resolve_padding(token_shape, device, self.padding_mask, self.lengths,
+        token_shape = tuple(int(s) for s in token_shape)
+        mask = self.padding_mask
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2
+                                 or mask.shape[1] == token_shape[1] or not self._lengths_at):
+            return resolve_padding(token_shape, device, mask, None, what="(B, T) [from seqnorm.padding]")
+        return resolve_padding(token_shape, device, None, self.lengths_at(token_shape[1]),
                                what="(B, T) [from seqnorm.padding]")
+
+    def lengths_at(self, steps: int) -> torch.Tensor:
+        """The ``(B,)`` lengths at a module with ``steps`` time steps (see the class docstring)."""
+        steps = int(steps)
+        if steps in self._lengths_at:
+            return self._lengths_at[steps]
+        if self.padding_mask is None and not self._lengths_at:
+            self._lengths_at[steps] = torch.as_tensor(self.lengths)   # the first module sets the input's rate
+            return self._lengths_at[steps]
+        if self.padding_mask is not None and not self._lengths_at:
+            mask = self.padding_mask
+            if mask.dim() == 2 and mask.shape[1] == steps:
+                return self.mask_lengths()
+        known = sorted(self._lengths_at) or [int(self.padding_mask.shape[-1])]
+        raise ValueError(
+            f"seqnorm.padding: no sequence lengths are known at {steps} time steps (known at "
+            f"{', '.join(map(str, known))}); a layer changed the number of steps in a way seqnorm does not "
+            f"follow — seqnorm.make_padding_safe(model) carries lengths through Conv1d and pooling layers"
+        )
+
+    def mask_lengths(self) -> torch.Tensor:
+        """The lengths of the given ``padding_mask``, which must have its padding at the end
+        of each sequence (a rate change needs lengths)."""
+        mask = self.padding_mask
+        lengths = (~mask).sum(1)
+        if not torch.equal(lengths_to_padding_mask(lengths, mask.shape[1]), mask):
+            raise ValueError("seqnorm.padding: a layer changes the number of time steps, which needs the "
+                             "padding at the end of each sequence; this padding_mask has padding between "
+                             "real steps — pass lengths")
+        self._lengths_at[int(mask.shape[1])] = lengths
+        return lengths
+
+    def record(self, steps: int, lengths: torch.Tensor) -> None:
+        """Record the lengths at ``steps`` time steps (a rate-changing layer's output).
+        Two rates with the same number of steps (a pooling layer and, later, an
+        upsampling one) cannot be told apart by the number: the latest record holds,
+        which in a feed-forward stack is the layer that made the tensor at hand."""
+        self._lengths_at[int(steps)] = lengths
 
     def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
