@@ -2,7 +2,7 @@
 
 Each kernel family is one forward and one backward custom op
 (``seqnorm::rowwise_fwd`` / ``seqnorm::rowwise_bwd``, ``featurewise_*``,
-``power_*``) with a fake (meta) implementation, tied together by
+``power_*``, ``groupwise_*``) with a fake (meta) implementation, tied together by
 ``register_autograd`` (:mod:`.custom_ops`), so modules, autograd and
 ``torch.compile`` see ordinary torch ops. Tensors reach the kernels as
 zero-copy NumPy views; inputs are made contiguous first. Numba's thread count
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..kernels import NCHUNK, featurewise, rows, rowwise
+from ..kernels import NCHUNK, featurewise, groupwise, rows, rowwise
 from . import backend_named, register_backend
 from .custom_ops import BackwardOp, ForwardOp, power_autograd, eager_function, needs_grad
 
@@ -395,6 +395,89 @@ _power_setup, _power_backward = power_autograd(power_bwd)
 power_fwd = ForwardOp("power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
 
 
+# ---------------------------------------------------------------------------
+# Group-wise: masked GroupNorm / InstanceNorm
+# ---------------------------------------------------------------------------
+
+
+def _steps(pad: Optional[Tensor], b: int, t: int) -> np.ndarray:
+    """Real steps of each sequence, ``(B,)`` int64."""
+    if pad is None:
+        return np.full(b, t, np.int64)
+    return (t - pad.sum(1, dtype=torch.int64)).numpy()
+
+
+def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+                        eps: float, groups: int
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), shift, delta, rstd)``;
+    the last three ``(B·G,)`` in the compute dtype, for the backward."""
+    _threads()
+    x = x.contiguous()
+    b, c, t = x.shape
+    y_a, y = _empty((b * c, t), x)
+    (sh_a, shift), (de_a, delta), (rs_a, rstd) = (_stats(b * groups, x) for _ in range(3))
+    mean64, var64 = np.empty(b * groups), np.empty(b * groups)
+    steps = _steps(pad, b, t)
+    p = np.zeros((b, t), np.uint8) if pad is None else _a(pad.contiguous())
+    groupwise.forward(_a(x).reshape(b * c, t), p, _param(weight, c, 1.0, x), _param(bias, c, 0.0, x), groups,
+                      steps, _k(x, eps, 0.0), y_a, sh_a, de_a, rs_a, mean64, var64)
+    sd = _stat_dtype(x)
+    return (y.reshape(b, c, t), torch.from_numpy(mean64).to(sd).reshape(b, groups),
+            torch.from_numpy(var64).to(sd).reshape(b, groups), torch.from_numpy(steps), shift, delta, rstd)
+
+
+def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
+    b, sd = x.shape[0], _stat_dtype(x)
+    stats = [x.new_empty(b * groups, dtype=sd) for _ in range(3)]
+    return (torch.empty_like(x), x.new_empty(b, groups, dtype=sd), x.new_empty(b, groups, dtype=sd),
+            torch.empty(b, dtype=torch.int64), *stats)
+
+
+def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], steps: Tensor,
+                        shift: Tensor, delta: Tensor, rstd: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)`` (the parameter grads as if both existed)."""
+    _threads()
+    dy, x = dy.contiguous(), x.contiguous()
+    b, c, t = x.shape
+    dtype = _NP_DTYPE[x.dtype]
+    dx_a, dx = _empty((b * c, t), x)
+    dw_part, db_part = np.empty((b, c), dtype), np.empty((b, c), dtype)
+    p = np.zeros((b, t), np.uint8) if pad is None else _a(pad.contiguous())
+    groupwise.backward(_a(dy).reshape(b * c, t), _a(x).reshape(b * c, t), p, _param(weight, c, 1.0, x), groups,
+                       _a(steps), _a(shift), _a(delta), _a(rstd), _k(x, 0.0, 0.0), dx_a, dw_part, db_part)
+    sd = _stat_dtype(x)
+    return dx.reshape(b, c, t), torch.from_numpy(_sum_chunks(dw_part)).to(sd), \
+        torch.from_numpy(_sum_chunks(db_part)).to(sd)
+
+
+def _groupwise_bwd_fake(dy, x, weight, pad, steps, shift, delta, rstd, groups):
+    c, sd = x.shape[1], _stat_dtype(x)
+    return torch.empty_like(x), x.new_empty(c, dtype=sd), x.new_empty(c, dtype=sd)
+
+
+groupwise_bwd = BackwardOp("groupwise_bwd", _groupwise_bwd_impl, _groupwise_bwd_fake)
+
+
+def _groupwise_setup(ctx, inputs, output):
+    x, weight, bias, pad, eps, groups = inputs
+    _, _, _, steps, shift, delta, rstd = output
+    ctx.save_for_backward(x, weight, pad, steps, shift, delta, rstd)
+    ctx.groups, ctx.has_bias = groups, bias is not None
+
+
+def _groupwise_backward(ctx, dy, *_):
+    x, weight, pad, steps, shift, delta, rstd = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 6
+    dx, dw, db = groupwise_bwd(dy, x, weight, pad, steps, shift, delta, rstd, ctx.groups)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
+
+
+groupwise_fwd = ForwardOp("groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,
+                          _groupwise_backward, 1)
+
+
 def _add_norm_16bit_no_sum(x, residual, weight, bias, pad, eps, center):
     """Post-norm Add & Norm of a 16-bit input, with autograd: the backward re-forms
     the float32 sum from the two addends (:func:`_rowwise_setup`), so the rounded
@@ -441,6 +524,11 @@ class FusedBackend:
     def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
         y, phi, count, *_ = power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), float(factor))
         return y, phi, count
+
+    @staticmethod
+    def groupwise_norm(x, weight, bias, eps, pad, groups):
+        y, mean, var, steps, *_ = groupwise_fwd(x, weight, bias, pad, float(eps), int(groups))
+        return y, mean, var, steps
 
 
 register_backend("fused", lambda x: FusedBackend if supports(x) else backend_named("torch", x))

@@ -25,6 +25,7 @@ from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
 from .custom_ops import BackwardOp, ForwardOp, power_autograd
 from .triton_kernels import featurewise as fk
+from .triton_kernels import groupwise as gk
 from .triton_kernels import rowwise as rk
 
 __all__ = ["TritonBackend", "supports", "MAX_FEATURES"]
@@ -43,9 +44,10 @@ def interpreting() -> bool:
 
 
 def supports(x: Tensor) -> bool:
-    """Whether the kernels run ``x (rows, D)``."""
+    """Whether the kernels run ``x``: rows ``(R, D)`` with ``D`` ≤ :data:`MAX_FEATURES`
+    (held in registers), or a group-wise ``(B, C, T)`` of any ``T`` (read in blocks)."""
     on_device = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
-    return on_device and x.dtype in DTYPES and x.shape[-1] <= MAX_FEATURES
+    return on_device and x.dtype in DTYPES and (x.dim() == 3 or x.shape[-1] <= MAX_FEATURES)
 
 
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -451,6 +453,84 @@ class _ReducedPower(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+# ---------------------------------------------------------------------------
+# Group-wise: masked GroupNorm / InstanceNorm
+# ---------------------------------------------------------------------------
+
+
+def _block_t(t: int) -> int:
+    return min(triton.next_power_of_2(max(t, 1)), 1024)
+
+
+def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+                        eps: float, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), mean_flat, rstd)``;
+    the last two ``(B·G,)`` float32 for the backward."""
+    x = x.contiguous()
+    b, c, t = x.shape
+    y = torch.empty_like(x)
+    mean, rstd, var = (x.new_empty(b * groups, dtype=torch.float32) for _ in range(3))
+    steps = torch.full((b,), t, dtype=torch.int64, device=x.device) if pad is None else \
+        t - pad.sum(1, dtype=torch.int64)
+    if b and c:
+        gk.groupwise_fwd[(b * groups,)](
+            x, y, _f32(weight, x), _f32(bias, x), _pad_bits(pad, x), mean, rstd, var, c, t, c // groups,
+            groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
+            BLOCK_T=_block_t(t), num_warps=4)
+    return y, mean.reshape(b, groups), var.reshape(b, groups), steps, mean, rstd
+
+
+def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
+    b = x.shape[0]
+    flat = [x.new_empty(b * groups, dtype=torch.float32) for _ in range(2)]
+    return (torch.empty_like(x), x.new_empty(b, groups, dtype=torch.float32),
+            x.new_empty(b, groups, dtype=torch.float32), x.new_empty(b, dtype=torch.int64), *flat)
+
+
+def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], steps: Tensor,
+                        mean: Tensor, rstd: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``, the parameter gradients as float32 sums over the batch."""
+    dy, x = dy.contiguous(), x.contiguous()
+    b, c, t = x.shape
+    dx = torch.empty_like(x)
+    dw_part = x.new_zeros((b, c), dtype=torch.float32)
+    db_part = x.new_zeros((b, c), dtype=torch.float32)
+    if b and c:
+        gk.groupwise_bwd[(b * groups,)](
+            dy, x, dx, _f32(weight, x), _pad_bits(pad, x), steps, mean, rstd, dw_part, db_part, c, t,
+            c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
+            num_warps=4)
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+def _groupwise_bwd_fake(dy, x, weight, pad, steps, mean, rstd, groups):
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
+
+
+groupwise_bwd = BackwardOp("triton_groupwise_bwd", _groupwise_bwd_impl, _groupwise_bwd_fake)
+
+
+def _groupwise_setup(ctx, inputs, output):
+    x, weight, bias, pad, eps, groups = inputs
+    _, _, _, steps, mean, rstd = output
+    ctx.save_for_backward(x, weight, pad, steps, mean, rstd)
+    ctx.groups, ctx.has_bias = groups, bias is not None
+
+
+def _groupwise_backward(ctx, dy, *_):
+    x, weight, pad, steps, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 6
+    dx, dw, db = groupwise_bwd(dy, x, weight, pad, steps, mean, rstd, ctx.groups)
+    return (dx, dw.to(weight.dtype) if weight is not None else None,
+            db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None, None, None, None)
+
+
+groupwise_fwd = ForwardOp("triton_groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,
+                          _groupwise_backward, 1)
+
+
 class TritonBackend:
     """Triton kernels. See :mod:`seqnorm.backends` for the contract."""
 
@@ -480,6 +560,10 @@ class TritonBackend:
         if reduce is not None:
             return _ReducedPower.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), factor, reduce)
         return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), factor.float())[:3]
+
+    @staticmethod
+    def groupwise_norm(x, weight, bias, eps, pad, groups):
+        return groupwise_fwd(x, weight, bias, pad, float(eps), int(groups))[:4]
 
 
 register_backend("triton", lambda x: TritonBackend if supports(x) else backend_named("torch", x))

@@ -3,6 +3,7 @@ NumPy arrays out (written in place). One file per family:
 
 * :mod:`.rowwise` — LayerNorm / RMSNorm, optionally fused with the residual Add.
 * :mod:`.featurewise` — masked BatchNorm and PowerNorm over the token axis.
+* :mod:`.groupwise` — masked GroupNorm / InstanceNorm over each sequence's time steps.
 * :mod:`.rows` — row I/O, so that one kernel source serves every dtype.
 
 Shared conventions: ``x`` is a C-contiguous ``(R, D)`` array of float32 or
