@@ -90,7 +90,8 @@ from seqnorm import kinds  # noqa: E402
 from seqnorm import reference as ref  # noqa: E402
 
 #: layer, rms, add_layer, add_rms, masked_batch, power
-OPS = tuple(name for name, k in kinds.KINDS.items() if k.op)
+# the (B, T, D) ops; the channels-first group-wise ones have tests of their own (test_groupwise.py)
+OPS = tuple(name for name, k in kinds.KINDS.items() if k.op and not k.channels_first)
 ROWWISE_OPS = tuple(op for op in OPS if not kinds.kind(op).feature_dim)
 #: what each op differentiates, in the order :func:`reference_op`'s backward returns it
 GRAD_ARGS = {"layer": ("x", "w", "b"), "rms": ("x", "w"), "add_layer": ("x", "r", "w", "b"),

@@ -37,14 +37,15 @@ def test_bench_smoke_and_bad_arguments(tmp_path, capsys):
     from seqnorm.cli import main
 
     md = tmp_path / "r.md"
-    rc = main(["bench", "--shapes", "2,8,16", "--dtypes", "fp32", "--ops", "layer_norm,seq_batch_norm",
+    rc = main(["bench", "--shapes", "2,8,16", "--dtypes", "fp32", "--ops", "layer_norm,seq_batch_norm,group_norm",
                "--modes", "fwd,fwd+bwd", "--budget", "0.01", "--markdown", str(md)])
     out = capsys.readouterr().out
     assert rc == 0
     assert "copy bandwidth" in out and "layer_norm" in out and "gather" in out
     text = md.read_text()
     assert "| seq_batch_norm | (2, 8, 16) | fp32 | fwd+bwd | seqnorm |" in text
-    bads = [["--shapes", "2,8"], ["--ops", "group_norm"], ["--dtypes", "fp8"], ["--modes", "bwd"]]
+    assert "| group_norm | (2, 8, 16) | fp32 | fwd+bwd | seqnorm |" in text    # shape B,T,C
+    bads = [["--shapes", "2,8"], ["--ops", "batch_norm"], ["--dtypes", "fp8"], ["--modes", "bwd"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

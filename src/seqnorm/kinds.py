@@ -18,6 +18,9 @@ name              module                  masked   what a statistic covers
 ``power``         PowerNorm               yes      each feature's running quadratic mean ψ²
 ``sync_batch``    SyncSeqBatchNorm        yes      ``masked_batch`` over every process's tokens
 ``sync_power``    SyncPowerNorm           yes      ``power`` with ψ², ν over every process
+``group``         GroupNorm               yes      each sequence's group of channels over its real
+                                                   time steps (channels first, as torch's)
+``instance``      InstanceNorm1d          yes      each sequence's channel over its real time steps
 ``none``          Identity                —        no normalization
 ================  ======================  =======  ================================================
 
@@ -46,6 +49,7 @@ class Kind:
     description: str
     op: Optional[str] = None  #: the ``seqnorm.functional`` op that computes it (bench, tests)
     feature_dim: bool = False  #: statistics per feature (BatchNorm-like) rather than per token
+    channels_first: bool = False  #: takes torch's channels-first (B, C, T) and statistics per sequence
 
 
 KINDS: Dict[str, Kind] = {k.name: k for k in (
@@ -65,6 +69,10 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
          None, True),
     Kind("sync_power", "SyncPowerNorm", True, "PowerNorm whose ψ² and ν see every process's real tokens",
          None, True),
+    Kind("group", "GroupNorm", True, "GroupNorm: each sequence's group of channels is normalized over its "
+         "real time steps", "group_norm", channels_first=True),
+    Kind("instance", "InstanceNorm1d", True, "InstanceNorm: each sequence's channel is normalized over its "
+         "real time steps", "instance_norm", channels_first=True),
     Kind("none", "Identity", None, "no normalization"),
 )}
 
@@ -99,4 +107,6 @@ def build(name: str, d: int, **kwargs) -> nn.Module:
     if k.module == "AddNorm":
         kwargs.setdefault("norm", name[len("add_"):])
     cls = getattr(modules, k.module, None) or getattr(distributed, k.module)
+    if name == "group":   # GroupNorm(num_groups, num_channels), as torch's
+        return cls(kwargs.pop("num_groups", 1), d, **kwargs)
     return cls(d, **kwargs)

@@ -41,6 +41,10 @@ SHAPES = [(8, 128, 512), (16, 512, 1024), (4, 2048, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: the functional ops of every kind that has one (:mod:`seqnorm.kinds`)
 OPS = [k.op for k in kinds.KINDS.values() if k.op]
+#: the channels-first ops: a shape ``B,T,C`` is timed on x of shape ``(B, C, T)``
+#: (``--shapes 8,8000,512`` is torch's ``(8, 512, 8000)``), GroupNorm in :data:`GROUPS` groups
+CHANNELS_FIRST = [k.op for k in kinds.KINDS.values() if k.op and k.channels_first]
+GROUPS = 32
 
 # Bytes moved by the fused kernels, in units of one tensor of x's size:
 # (forward, forward + backward). Row-wise: read x, write y; backward reads dy
@@ -53,6 +57,8 @@ MODEL = {
     "layer_norm": (2, 5), "rms_norm": (2, 5),
     "add_layer_norm": (3, 7), "add_rms_norm": (3, 7),
     "seq_batch_norm": (3, 8), "power_norm": (2, 5),
+    # GroupNorm/InstanceNorm: statistics, then normalize (x twice); backward: sums, then dx
+    "group_norm": (3, 8), "instance_norm": (3, 8),
 }
 
 
@@ -106,12 +112,19 @@ def _gather_bn(x, mask, w, b, rm, rv):
     return y
 
 
-def make_inputs(shape, dtype, gen: torch.Generator, device: str = "cpu", gpu_style: bool = False) -> dict:
+def op_shape(op: str, shape) -> tuple:
+    """The shape of ``op``'s input for a ``B,T,D`` shape: ``(B, D, T)`` channels first."""
+    b_, t_, d = shape
+    return (b_, d, t_) if op in CHANNELS_FIRST else tuple(shape)
+
+
+def make_inputs(shape, dtype, gen: torch.Generator, device: str = "cpu", gpu_style: bool = False,
+                op: str = "") -> dict:
     """One set of inputs shared by every provider of an (op, shape, dtype);
     ``gpu_style``: the GPU tables' padding (lengths from [T/4, T])."""
     b_, t_, d = shape
     return dict(
-        x=torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(),
+        x=torch.randn(op_shape(op, shape), generator=gen).to(device, dtype).requires_grad_(),
         r=torch.randn(shape, generator=gen).to(device, dtype),
         w=torch.randn(d, generator=gen).to(device, dtype).requires_grad_(),
         bias=torch.randn(d, generator=gen).to(device, dtype).requires_grad_(),
@@ -142,6 +155,9 @@ def setup(op: str, provider: str, tensors: dict, compiled: Dict):
     ``inputs`` are the tensors to differentiate."""
     x, r, w, bias, mask, gpu_style = (tensors[k] for k in ("x", "r", "w", "bias", "mask", "gpu_style"))
     shape, dtype, d, dev = tuple(x.shape), x.dtype, x.shape[-1], x.device
+    if op in CHANNELS_FIRST:
+        d = x.shape[1]
+        groups = GROUPS if d % GROUPS == 0 else 1
     rm, rv = torch.zeros(d, device=dev), torch.ones(d, device=dev)   # fresh running statistics per provider
     phi = torch.ones(d, device=dev)
     inputs = [x, w] if op in ("rms_norm", "add_rms_norm") else [x, w, bias]
@@ -164,6 +180,8 @@ def setup(op: str, provider: str, tensors: dict, compiled: Dict):
             "add_rms_norm": lambda: F.add_rms_norm(x, r, d, w, 1e-6, padding_mask=rows_mask),
             "seq_batch_norm": lambda: F.seq_batch_norm(x, rm, rv, w, bias, training=True, padding_mask=mask),
             "power_norm": lambda: F.power_norm(x, phi, None, w, bias, training=True, padding_mask=mask),
+            "group_norm": lambda: F.group_norm(x, groups, w, bias, padding_mask=mask),
+            "instance_norm": lambda: F.instance_norm(x, weight=w, bias=bias, padding_mask=mask),
         }
         return run(fns[op]), inputs
 
@@ -175,6 +193,9 @@ def setup(op: str, provider: str, tensors: dict, compiled: Dict):
         "add_rms_norm": lambda: TF.rms_norm(x + r, (d,), w, 1e-6),
         # BatchNorm1d wants (N, C, L): the transposed tensor, no mask
         "seq_batch_norm": lambda: TF.batch_norm(x.transpose(1, 2), rm_t, rv_t, w, bias, training=True).transpose(1, 2),
+        # unmasked: padding pooled into the statistics (what seqnorm's masked ops replace)
+        "group_norm": lambda: TF.group_norm(x, groups, w, bias),
+        "instance_norm": lambda: TF.instance_norm(x, weight=w, bias=bias),
     }
     if provider == "torch":
         return torch_fns[op], inputs
@@ -206,6 +227,10 @@ def _as_function(op: str, d: int) -> Callable:
         return lambda x, r, w, b: TF.layer_norm(x + r, (d,), w, b)
     if op == "add_rms_norm":
         return lambda x, r, w, b: TF.rms_norm(x + r, (d,), w)
+    if op == "group_norm":
+        return lambda x, w, b: TF.group_norm(x, GROUPS if x.shape[1] % GROUPS == 0 else 1, w, b)
+    if op == "instance_norm":
+        return lambda x, w, b: TF.instance_norm(x, weight=w, bias=b)
     return lambda x, rm, rv, w, b: TF.batch_norm(x.transpose(1, 2), rm, rv, w, b, training=True).transpose(1, 2)
 
 
@@ -262,8 +287,8 @@ def check(outputs: Dict[str, torch.Tensor], op: str, dtype, real: Optional[torch
     ref = outputs["seqnorm"].float()
     tol = {torch.bfloat16: 5e-2, torch.float16: 1e-2}.get(dtype, 2e-4)
     for name, y in outputs.items():
-        if name in ("seqnorm",) or (op == "seq_batch_norm" and name in ("torch", "torch.compile")):
-            continue  # unmasked BatchNorm computes a different (padding-polluted) thing
+        if name in ("seqnorm",) or (op in ("seq_batch_norm", *CHANNELS_FIRST) and name in ("torch", "torch.compile")):
+            continue  # unmasked BatchNorm/GroupNorm computes a different (padding-polluted) thing
         diff = (y.float() - ref).abs()
         err = (diff[real] if real is not None else diff).max().item()
         if not err <= tol * max(1.0, ref.abs().max().item()):
@@ -288,15 +313,17 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
             dtype = DTYPES[dname]
             for op in ops:
                 provs = providers_for(op, with_compile, gpu_style)
-                tensors = make_inputs(shape, dtype, gen, device, gpu_style)
+                tensors = make_inputs(shape, dtype, gen, device, gpu_style, op)
                 setups = {p: setup(op, p, tensors, compiled) for p in provs}
                 real = ~tensors["mask"] if gpu_style else None
+                if real is not None and op in CHANNELS_FIRST:
+                    real = real.unsqueeze(1).expand(tensors["x"].shape)
                 with torch.no_grad():
                     check({p: fn() for p, (fn, _) in setups.items()}, op, dtype, real)
                 # the bytes a masked kernel moves: the real rows' (on CUDA, where seqnorm gets the mask)
                 real_frac = float(real.float().mean()) if real is not None else 1.0
                 for mode in modes:
-                    dy = torch.randn(shape, generator=gen).to(device, dtype)
+                    dy = torch.randn(op_shape(op, shape), generator=gen).to(device, dtype)
                     calls = {}
                     for p, (fn, inputs) in setups.items():
                         if mode == "fwd":
