@@ -29,6 +29,7 @@ from .checks import (cast, check_featurewise_input, check_input, check_param, co
                      split_rowwise)
 from .backends.torch import StatsReduce
 from .masks import resolve_padding, shape_str
+from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
 from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
                       update_batch_norm_stats, update_running_stats)
 
@@ -75,6 +76,17 @@ def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
 
 def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual=None,
              need_sum=True):
+    if is_jagged(x):   # every row of values() is a real token
+        values, _ = unpack(x, "input", padding_mask, lengths)
+        res = None
+        if residual is not None:
+            if not is_jagged(residual) or not torch.equal(residual.offsets(), x.offsets()):
+                raise ValueError("residual must be a nested jagged tensor with the input's sequences")
+            res = unpack(residual, "residual")[0]
+        out = _rowwise(values, normalized_shape, weight, bias, eps, None, None, center, res, need_sum)
+        if residual is None:
+            return pack(out, x)
+        return pack(out[0], x), (None if out[1] is None else pack(out[1], x))
     check_input(x)
     shape, token_shape, d = split_rowwise(x, normalized_shape)
     check_param(weight, "weight", shape, x)
@@ -355,6 +367,10 @@ def seq_batch_norm(
         tensor([[-0.9045,  1.5076],
                 [ 0.3015, -0.9045]])
     """
+    if is_jagged(input):   # the real tokens are values(), as an (N, D) batch
+        values, _ = unpack(input, "seq_batch_norm", padding_mask, lengths)
+        return pack(seq_batch_norm(values, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   num_batches_tracked=num_batches_tracked, reduce=reduce), input)
     backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
@@ -438,6 +454,10 @@ def power_norm(
     """
     if not isinstance(running_phi, torch.Tensor):
         raise TypeError("running_phi must be a (D,) tensor (the running quadratic mean ψ²)")
+    if is_jagged(input):
+        values, _ = unpack(input, "power_norm", padding_mask, lengths)
+        return pack(power_norm(values, running_phi, running_nu, weight, bias, training, momentum, eps,
+                               num_batches_tracked=num_batches_tracked, reduce=reduce), input)
     run = _power_norm_training if training else _power_norm
     return run(input, running_phi, running_nu, weight, bias, training, momentum, eps, padding_mask, lengths,
                num_batches_tracked, reduce)
@@ -547,6 +567,8 @@ def group_norm(
         tensor([[[-1.3416,  0.4472,  0.0000],
                  [-0.4472,  1.3416,  0.0000]]])
     """
+    if is_jagged(input):
+        return _jagged_groupwise(input, num_groups, weight, bias, eps, padding_mask, lengths, "group_norm")[0]
     return _groupwise(input, num_groups, weight, bias, eps, padding_mask, lengths, "group_norm")[0]
 
 
@@ -602,16 +624,22 @@ def instance_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     check_momentum(momentum)
-    c = input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else None
+    jagged = is_jagged(input)
+    c = input.shape[2 if jagged else 1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else None
     if c is not None:
         check_param(running_mean, "running_mean", (c,), input)
         check_param(running_var, "running_var", (c,), input)
     if not use_input_stats:
         if running_mean is None:
             raise ValueError("instance_norm(use_input_stats=False) needs running_mean and running_var")
+        if jagged:
+            values, _ = unpack(input, "instance_norm", padding_mask, lengths)
+            return pack(_instance_norm_running(values.t().unsqueeze(0), running_mean, running_var, weight, bias,
+                                               eps, None, None)[0].t(), input)
         return _instance_norm_running(input, running_mean, running_var, weight, bias, eps, padding_mask,
                                       lengths)
-    y, mean, var, steps = _groupwise(input, c, weight, bias, eps, padding_mask, lengths, "instance_norm")
+    groupwise = _jagged_groupwise if jagged else _groupwise
+    y, mean, var, steps = groupwise(input, c, weight, bias, eps, padding_mask, lengths, "instance_norm")
     if running_mean is not None:
         # Each instance with ≥ 2 real steps contributes its mean and unbiased variance, weighted alike.
         with torch.no_grad():
@@ -625,6 +653,35 @@ def instance_norm(
         update_running_stats([(running_mean, batch_mean), (running_var, batch_var)], k, momentum,
                              num_batches_tracked)
     return y
+
+
+def _jagged_groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who: str):
+    """:func:`_groupwise` of a channels-last jagged ``(B, j, C)``: each sequence's
+    segment of ``values()`` reduced by :func:`~seqnorm.nested.segment_sums`, with the
+    corrected two-pass formula of :func:`~seqnorm.backends.torch.group_moments`
+    (composite torch ops; autograd differentiates them)."""
+    values, offsets = unpack(x, who, padding_mask, lengths)
+    check_input(values)
+    total, c = values.shape
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
+        raise ValueError(f"{who}: num_groups must be a positive int dividing the {c} channels of the jagged "
+                         f"input (B, j, {c}), got {groups!r}")
+    check_param(weight, "weight", (c,), values)
+    check_param(bias, "bias", (c,), values)
+    batch, cg, cdt = offsets.shape[0] - 1, c // groups, compute_dtype(values)
+    ids = segment_ids(offsets, total)
+    steps = offsets[1:] - offsets[:-1]
+    n = (steps * cg).clamp_min(1).to(cdt).unsqueeze(1)                         # B,1
+    v = values.to(cdt).reshape(total, groups, cg)                               # N,G,Cg
+    m1 = segment_sums(v.sum(2), ids, batch) / n                                 # B,G
+    delta = v - m1[ids].unsqueeze(2)
+    correction = segment_sums(delta.sum(2), ids, batch) / n
+    var = (segment_sums((delta * delta).sum(2), ids, batch) / n - correction * correction).clamp_min(0)
+    mean = m1 + correction
+    xhat = (v - mean[ids].unsqueeze(2)) * torch.rsqrt(var + eps)[ids].unsqueeze(2)
+    y = xhat if weight is None else xhat * weight.to(cdt).reshape(1, groups, cg)
+    y = y if bias is None else y + bias.to(cdt).reshape(1, groups, cg)
+    return pack(y.reshape(total, c).to(values.dtype), x), mean.detach(), var.detach(), steps
 
 
 def _instance_norm_running(x, running_mean, running_var, weight, bias, eps, padding_mask, lengths):

@@ -253,7 +253,7 @@ def padding_for_rows(input: torch.Tensor, k: int, padding_mask, lengths):
     """A row-wise norm's padding: explicit ``padding_mask``/``lengths`` win;
     otherwise the :func:`padding` context, laid out as the token grid
     ``input.shape[:-k]``; otherwise none. Returns ``(padding_mask, lengths)``."""
-    if padding_mask is not None or lengths is not None:
+    if padding_mask is not None or lengths is not None or input.is_nested:   # a nested input has no padding
         return padding_mask, lengths
     ctx = current_padding()
     if ctx is None:
@@ -264,7 +264,7 @@ def padding_for_rows(input: torch.Tensor, k: int, padding_mask, lengths):
 def padding_for_features(x: torch.Tensor, padding_mask, lengths):
     """As :func:`padding_for_rows` for the feature-wise norms, whose batch-first
     ``x`` has the token grid ``(B, T)`` (a 2-D ``(N, D)`` input takes no context)."""
-    if padding_mask is not None or lengths is not None or x.dim() != 3:
+    if padding_mask is not None or lengths is not None or x.dim() != 3 or x.is_nested:
         return padding_mask, lengths
     ctx = current_padding()
     if ctx is None:
@@ -275,7 +275,7 @@ def padding_for_features(x: torch.Tensor, padding_mask, lengths):
 def padding_for_channels_first(x: torch.Tensor, padding_mask, lengths):
     """As :func:`padding_for_features` for a channels-first ``(N, C, L)`` input
     (GroupNorm, InstanceNorm1d), whose token grid is ``(N, L)``."""
-    if padding_mask is not None or lengths is not None or x.dim() != 3:
+    if padding_mask is not None or lengths is not None or x.dim() != 3 or x.is_nested:
         return padding_mask, lengths
     ctx = current_padding()
     if ctx is None:

@@ -208,12 +208,16 @@ class FeaturewiseNorm(nn.Module):
         return None
 
     def _to_batch_first(self, input: Tensor) -> Tensor:
-        """The input as ``(B, T, D)`` (or ``(N, D)``); the padding mask is ``(B, T)`` in every layout."""
-        check_num_features(input, self.num_features, type(self).__name__, self.channels_first)
+        """The input as ``(B, T, D)`` (or ``(N, D)``); the padding mask is ``(B, T)`` in every layout.
+        A nested jagged input is always ``(B, j, D)``."""
+        nested = isinstance(input, torch.Tensor) and input.is_nested
+        check_num_features(input, self.num_features, type(self).__name__, self.channels_first and not nested)
         return self._swap_layout(input)
 
     def _swap_layout(self, t: Tensor) -> Tensor:
         """``(T, B, D)`` ↔ ``(B, T, D)``, or ``(N, C, L)`` ↔ ``(N, L, C)``: each its own inverse."""
+        if t.is_nested:
+            return t
         if t.dim() == 3 and self.channels_first:
             return t.transpose(1, 2)
         if t.dim() == 3 and not self.batch_first:
@@ -401,7 +405,10 @@ class PowerNorm(FeaturewiseNorm):
 
 
 def _channels_first(input: Tensor, channels_last: bool) -> Tensor:
-    """``(N, L, C)`` ↔ ``(N, C, L)`` for a channels-last module (its own inverse)."""
+    """``(N, L, C)`` ↔ ``(N, C, L)`` for a channels-last module (its own inverse); a
+    nested jagged ``(B, j, C)`` stays as it is (the functional ops take it channels last)."""
+    if input.is_nested:
+        return input
     return input.transpose(1, 2) if channels_last and input.dim() == 3 else input
 
 
@@ -449,7 +456,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         x = _channels_first(input, self.channels_last)
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != self.num_channels:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1 if x.is_nested else 1] != self.num_channels:
             raise ValueError(f"GroupNorm(num_groups={self.num_groups}, num_channels={self.num_channels}) "
                              f"expects {self.num_channels} channels, got input of shape {tuple(input.shape)}"
                              + (" (channels last)" if self.channels_last else ""))
@@ -509,7 +516,7 @@ class InstanceNorm1d(nn.InstanceNorm1d):
         unbatched = input.dim() == 2
         x = input.unsqueeze(0) if unbatched else input
         x = _channels_first(x, self.channels_last)
-        if x.shape[1] != self.num_features:
+        if x.shape[-1 if x.is_nested else 1] != self.num_features:
             raise ValueError(f"InstanceNorm1d(num_features={self.num_features}) expects "
                              f"{self.num_features} channels, got input of shape {tuple(input.shape)}"
                              + (" (channels last)" if self.channels_last else ""))
