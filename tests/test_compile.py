@@ -36,21 +36,25 @@ def _steps(module, kind, x, mask, compiled):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["layer", "add_layer", "masked_batch", "power"])
+@pytest.mark.parametrize("kind", ["layer", "add_layer", "masked_batch", "power", "group", "instance"])
 def test_compiled_equals_eager(kind, backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 9, D, generator=gen)
+    channels_first = kinds.kind(kind).channels_first
+    x = torch.randn(*((3, D, 9) if channels_first else (3, 9, D)), generator=gen)   # mask (B, T) = (3, 9)
     mask = torch.rand(3, 9, generator=gen) < 0.3
     mask[0, :2] = False
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        module = kinds.build(kind, D)
+        extra = {"group": dict(num_groups=4), "instance": dict(affine=True, track_running_stats=True)}
+        module = kinds.build(kind, D, **extra.get(kind, {}))
         if kind == "power":
             with torch.no_grad():
                 module.running_nu.fill_(0.05)
         with seqnorm.use_backend(backend):
             results.append(_steps(module, kind, x, mask, compiled))
+    # Inductor reorders the torch backend's composite group sums (parameter grads move ~2e-6)
+    atol = 1e-5 if channels_first and backend == "torch" else 1e-6
     for a, c in zip(*results):
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=atol)

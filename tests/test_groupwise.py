@@ -257,3 +257,32 @@ def test_instance_norm_running_statistics_see_real_steps_only():
     expected = (x - rm[:, None]) / torch.sqrt(rv[:, None] + 1e-5)
     torch.testing.assert_close(y[0], expected[0])
     assert torch.all(y[1, :, 5:] == 0) and torch.all(y[2, :, 1:] == 0)
+
+
+@pytest.mark.parametrize("backend_name", [b for b in BACKENDS if b in ("fused", "triton")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_give_the_same_bits_on_every_run_and_thread_count(backend_name, dtype):
+    from conftest import assert_same_bits_for_thread_counts
+
+    x, w, b, mask, dy = _case((3, 8, 45, 4), 7, dtype)
+
+    def run():
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with seqnorm.use_backend(backend_name):
+            y = F.group_norm(xg, 4, wg, b, padding_mask=mask)
+            y.backward(dy.to(dtype))
+        return [y, xg.grad, wg.grad]
+
+    assert_same_bits_for_thread_counts(run)
+
+
+def test_auto_runs_large_cpu_inputs_on_the_fused_kernels(monkeypatch):
+    from seqnorm.backends import fused
+
+    calls = []
+    real = fused.FusedBackend.groupwise_norm
+    monkeypatch.setattr(fused.FusedBackend, "groupwise_norm",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    F.group_norm(torch.randn(2, 512, 1024), 32, lengths=torch.tensor([1024, 300]))
+    F.group_norm(torch.randn(2, 8, 10), 2)                          # small: torch
+    assert calls == [1]

@@ -51,12 +51,19 @@ def _batch(seed=0, one_token=False):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["masked_batch", "power", "layer", "rms", "add_layer"])
+@pytest.mark.parametrize("kind", ["masked_batch", "power", "layer", "rms", "add_layer", "group", "instance"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_training_and_eval_steps_read_nothing_back(kind, momentum, backend, forced):
     extra = {"momentum": momentum} if kinds.kind(kind).feature_dim else {}
+    if kind == "group":
+        extra = dict(num_groups=3)
+    if kind == "instance":   # torch's InstanceNorm takes momentum=None as "no update"
+        extra = dict(affine=True, track_running_stats=True, momentum=momentum or 0.1)
     module = kinds.build(kind, D, **extra)
     x, mask = _batch()
+    channels_first = kinds.kind(kind).channels_first
+    if channels_first:
+        x = x.transpose(1, 2).contiguous()                  # (B, C, T), mask (B, T)
     with seqnorm.use_backend(backend):
         for train in (True, True, False):
             module.train(train)
@@ -64,7 +71,8 @@ def test_training_and_eval_steps_read_nothing_back(kind, momentum, backend, forc
             with NoHostReads():
                 y = module(xl, xl, padding_mask=mask) if kind == "add_layer" else module(xl, padding_mask=mask)
                 y.pow(2).sum().backward()
-            assert torch.isfinite(xl.grad).all() and torch.all(y[mask] == 0)
+            y_tokens = y.transpose(1, 2) if channels_first else y
+            assert torch.isfinite(xl.grad).all() and torch.all(y_tokens[mask] == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,10 +125,13 @@ def test_one_real_token_is_defined_without_a_sync(backend, forced):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind", ["masked_batch", "power", "layer", "add_layer"])
+@pytest.mark.parametrize("kind", ["masked_batch", "power", "layer", "add_layer", "group", "instance"])
 def test_cuda_training_step_does_not_synchronize(kind):
-    module = kinds.build(kind, D).cuda().train()
+    extra = {"group": dict(num_groups=3), "instance": dict(affine=True, track_running_stats=True)}.get(kind, {})
+    module = kinds.build(kind, D, **extra).cuda().train()
     x, mask = (t.cuda() for t in _batch())
+    if kinds.kind(kind).channels_first:
+        x = x.transpose(1, 2).contiguous()
     for backend in ("auto", "torch"):
         with seqnorm.use_backend(backend):
             xl = x.clone().requires_grad_()

@@ -463,9 +463,9 @@ def _block_t(t: int) -> int:
 
 
 def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
-                        eps: float, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), mean_flat, rstd)``;
-    the last two ``(B·G,)`` float32 for the backward."""
+                        eps: float, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), rstd (B·G,))``,
+    the statistics float32."""
     x = x.contiguous()
     b, c, t = x.shape
     y = torch.empty_like(x)
@@ -477,14 +477,14 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
             x, y, _f32(weight, x), _f32(bias, x), _pad_bits(pad, x), mean, rstd, var, c, t, c // groups,
             groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
             BLOCK_T=_block_t(t), num_warps=4)
-    return y, mean.reshape(b, groups), var.reshape(b, groups), steps, mean, rstd
+    return y, mean.reshape(b, groups), var.reshape(b, groups), steps, rstd
 
 
 def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
     b = x.shape[0]
-    flat = [x.new_empty(b * groups, dtype=torch.float32) for _ in range(2)]
     return (torch.empty_like(x), x.new_empty(b, groups, dtype=torch.float32),
-            x.new_empty(b, groups, dtype=torch.float32), x.new_empty(b, dtype=torch.int64), *flat)
+            x.new_empty(b, groups, dtype=torch.float32), x.new_empty(b, dtype=torch.int64),
+            x.new_empty(b * groups, dtype=torch.float32))
 
 
 def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], steps: Tensor,
@@ -497,7 +497,7 @@ def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Op
     db_part = x.new_zeros((b, c), dtype=torch.float32)
     if b and c:
         gk.groupwise_bwd[(b * groups,)](
-            dy, x, dx, _f32(weight, x), _pad_bits(pad, x), steps, mean, rstd, dw_part, db_part, c, t,
+            dy, x, dx, _f32(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
             c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
             num_warps=4)
     return dx, dw_part.sum(0), db_part.sum(0)
@@ -513,7 +513,7 @@ groupwise_bwd = BackwardOp("triton_groupwise_bwd", _groupwise_bwd_impl, _groupwi
 
 def _groupwise_setup(ctx, inputs, output):
     x, weight, bias, pad, eps, groups = inputs
-    _, _, _, steps, mean, rstd = output
+    _, mean, _, steps, rstd = output
     ctx.save_for_backward(x, weight, pad, steps, mean, rstd)
     ctx.groups, ctx.has_bias = groups, bias is not None
 
