@@ -17,35 +17,19 @@ from seqnorm.padding_safe import conv_output_lengths
 
 transformers = pytest.importorskip("transformers")   # a test dependency (.ci/run installs it)
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
-             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-             hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-             final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
+from seqnorm import hf  # noqa: E402
 
-HF_MODELS = {
-    # GroupNorm over time in the first feature-encoder layer (wav2vec2-base style)
-    "wav2vec2": lambda: transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(feat_extract_norm="group", **SMALL)),
-    # BatchNorm before the positional convolution
-    "hubert": lambda: transformers.HubertModel(transformers.HubertConfig(conv_pos_batch_norm=True, **SMALL)),
-    # depthwise conv + BatchNorm in every Conformer block
-    "conformer": lambda: transformers.Wav2Vec2ConformerModel(
-        transformers.Wav2Vec2ConformerConfig(conv_depthwise_kernel_size=7, conformer_conv_dropout=0.0, **SMALL)),
-    # a stack of positional convolutions with LayerNorm between them
-    "data2vec": lambda: transformers.Data2VecAudioModel(
-        transformers.Data2VecAudioConfig(**{**SMALL, "num_conv_pos_embeddings": 3, "conv_pos_kernel_size": 7})),
-}
-LONG, SHORT = 1600, 1000     # samples: 79 and 49 frames at the 20× stride of SMALL
+HF_MODELS = list(hf.SPEECH_MODELS)     # wav2vec2, hubert, wav2vec2-conformer, data2vec-audio
+LONG, SHORT = 1600, 1000     # samples: 79 and 49 frames at the 20× stride of hf.SMALL_SPEECH
 TOL = 1e-4
 
 
 def _model(name, seed=0):
-    torch.manual_seed(seed)
-    return HF_MODELS[name]()
+    return hf.build(name, seed=seed)
 
 
 def _frames(model, samples):
-    return int(model._get_feat_extract_output_lengths(torch.tensor(samples)))
+    return int(hf.frames(model, samples))
 
 
 def _forward(model, batch, lengths, safe):
