@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"
-timeout 150 python3 -m pytest -q -x tests/test_cuda.py tests/test_triton.py 2>&1 | tee "$out/gpu-tests.log" | tail -n 5
+timeout 150 python3 -m pytest -q -x tests/test_cuda.py tests/test_triton.py tests/test_groupwise.py 2>&1 | tee "$out/gpu-tests.log" | tail -n 5
 timeout 150 python3 -m seqnorm bench --device cuda --shapes "16,512,1024;8,2048,4096" --dtypes bf16,fp32 \
     --budget 0.2 --markdown "$out/results-gpu.md" 2>&1 | tee "$out/gpu-bench.log"
+# masked GroupNorm/InstanceNorm at torch's (8, 512, 8000) (the shape is B,T,C)
+timeout 60 python3 -m seqnorm bench --device cuda --shapes "8,8000,512" --dtypes bf16,fp32 \
+    --ops group_norm,instance_norm --budget 0.2 --markdown "$out/results-gpu-groupnorm.md" 2>&1 | tee -a "$out/gpu-bench.log"
 timeout 60 python3 benchmarks/bert_step.py 2>&1 | tee "$out/bert-step.log"

@@ -89,3 +89,31 @@ def test_a_training_step_is_captured_in_a_cuda_graph(kind):
     assert torch.isfinite(x.grad).all()
     if kind in ("masked_batch", "power"):   # the replay moved the running statistics
         assert any(not torch.equal(b, a) for b, a in zip(module.buffers(), before))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_and_make_padding_safe_on_cuda_match_the_cpu(backend, dtype):
+    """GroupNorm/InstanceNorm (the Triton kernels under "auto"), and a padding-safe conv stack."""
+    gen = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(3, 8, 300, generator=gen), torch.randn(3, 8, 300, generator=gen)
+    w, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
+    lengths = torch.tensor([300, 120, 7])
+    net = torch.nn.Sequential(torch.nn.Conv1d(8, 8, 5, stride=2, padding=2), torch.nn.GroupNorm(2, 8),
+                              torch.nn.Conv1d(8, 4, 3, padding=1), torch.nn.BatchNorm1d(4))
+    seqnorm.make_padding_safe(net)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (x, w, b)]
+        with seqnorm.use_backend(backend):
+            outs = [seqnorm.functional.group_norm(leaves[0], 4, leaves[1], leaves[2], lengths=lengths.to(device)),
+                    seqnorm.functional.instance_norm(leaves[0], weight=leaves[1], bias=leaves[2],
+                                                     lengths=lengths.to(device))]
+            grads = torch.autograd.grad(sum((o.float() * dy.to(device)).sum() for o in outs), leaves)
+            model = net.to(device)
+            with seqnorm.padding(lengths=lengths.to(device)):
+                conv = model(x.to(device))
+        results.append([t.detach().float().cpu() for t in (*outs, *grads, conv)])
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for a, c in zip(*results):
+        torch.testing.assert_close(c, a, **tol)
