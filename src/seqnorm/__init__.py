@@ -11,6 +11,7 @@ from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .convert import ConversionWarning, convert
 from .masks import lengths_to_padding_mask, padding
 from .padding_safe import make_padding_safe
+from .audit import AuditReport, audit
 from .modules import AddNorm, GroupNorm, InstanceNorm1d, LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm
 from .backends import available_backends, get_backend, set_backend, use_backend
 
@@ -33,6 +34,8 @@ __all__ = [
     "padding",
     "convert",
     "make_padding_safe",
+    "audit",
+    "AuditReport",
     "ConversionWarning",
     "set_backend",
     "get_backend",

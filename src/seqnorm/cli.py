@@ -1,5 +1,5 @@
 """``seqnorm`` console script: ``explain`` (the default; ``seqnorm`` alone and
-``python -m seqnorm`` run it on the note's example), ``bench`` and ``compare``."""
+``python -m seqnorm`` run it on the note's example), ``bench``, ``compare`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ COMMANDS = {
     "bench": ("seqnorm.commands.bench", "time the fused kernels against torch (see benchmarks/RESULTS.md)"),
     "compare": ("seqnorm.commands.compare.command", "train the note's Transformer with every norm and compare "
                                                     "(quick by default, --full for tighter bands)"),
+    "audit": ("seqnorm.commands.audit", "find the layer where padding leaks into real steps (batched vs alone, "
+                                        "vs more padding), before and after make_padding_safe"),
 }
 
 

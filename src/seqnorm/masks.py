@@ -190,6 +190,10 @@ class PaddingContext:
         which in a feed-forward stack is the layer that made the tensor at hand."""
         self._lengths_at[int(steps)] = lengths
 
+    def known_steps(self):
+        """The numbers of time steps whose lengths are known."""
+        return sorted(self._lengths_at)
+
     def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
         ``batch_first``, ``(T, B)`` otherwise."""

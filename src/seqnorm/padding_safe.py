@@ -46,13 +46,14 @@ from .masks import current_padding, lengths_to_padding_mask
 from .modules import GroupNorm, InstanceNorm1d
 from .running import sync_free
 
-__all__ = ["make_padding_safe", "conv_output_lengths"]
+__all__ = ["make_padding_safe", "conv_output_lengths", "is_padding_safe", "TIME_LAYERS"]
 
 Tensor = torch.Tensor
 
 _ROWWISE = (nn.LayerNorm, nn.RMSNorm)
 _CHANNELS_FIRST = (nn.GroupNorm, nn.BatchNorm1d, nn.InstanceNorm1d)
-_TIME_LAYERS = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d)
+#: the layers whose output rate make_padding_safe follows
+TIME_LAYERS = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d)
 
 #: modules already given hooks → their handles (so a second call adds none)
 _hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -205,6 +206,11 @@ def _warn_unfollowed(layer: nn.Module, name: str) -> None:
                       ConversionWarning, stacklevel=3)
 
 
+def is_padding_safe(model: nn.Module) -> bool:
+    """Whether :func:`make_padding_safe` hooked any module of ``model``."""
+    return any(m in _hooked for m in model.modules())
+
+
 def make_padding_safe(model: nn.Module) -> nn.Module:
     """Make ``model``'s outputs at real steps independent of padding, in place.
 
@@ -249,7 +255,7 @@ def make_padding_safe(model: nn.Module) -> nn.Module:
     for name, m in model.named_modules():
         if m in _hooked:
             continue
-        if isinstance(m, _TIME_LAYERS):
+        if isinstance(m, TIME_LAYERS):
             _warn_unfollowed(m, name)
             _hooked[m] = (m.register_forward_pre_hook(_time_pre_hook(name)),
                           m.register_forward_hook(_time_hook(name)))

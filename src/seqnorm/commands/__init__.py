@@ -1,4 +1,4 @@
-"""The ``seqnorm`` commands: ``explain``, ``bench``, ``compare``.
+"""The ``seqnorm`` commands: ``explain``, ``bench``, ``compare``, ``audit``.
 
 Each command is ``add_arguments(parser)`` and ``run(args) -> exit code``; a
 package command is split compute → report → command. Bad input raises
