@@ -112,12 +112,20 @@ def _lengths_at(ctx, steps: int, batch: int, where: str) -> Tensor:
     return lengths
 
 
+def _in_context(args):
+    """``(context, x)`` when a padding context is active and the layer's input is a
+    batched ``(N, C, L)`` / ``(N, L, C)`` tensor; ``(None, None)`` otherwise."""
+    ctx = current_padding()
+    if ctx is None or not args or not isinstance(args[0], Tensor) or args[0].dim() != 3:
+        return None, None
+    return ctx, args[0]
+
+
 def _time_pre_hook(name: str):
     def hook(layer, args):
-        ctx = current_padding()
-        if ctx is None or not args or not isinstance(args[0], Tensor) or args[0].dim() != 3:
+        ctx, x = _in_context(args)
+        if ctx is None:
             return None
-        x = args[0]
         where = _name(name, layer)
         channels = getattr(layer, "in_channels", None)
         if channels is not None and x.shape[1] != channels:
@@ -134,8 +142,8 @@ def _time_pre_hook(name: str):
 
 def _time_hook(name: str):
     def hook(layer, args, output):
-        ctx = current_padding()
-        if ctx is None or not args or not isinstance(args[0], Tensor) or args[0].dim() != 3:
+        ctx, x = _in_context(args)
+        if ctx is None:
             return None
         out = output[0] if isinstance(output, tuple) else output     # MaxPool1d(return_indices=True)
         lengths = ctx.lengths_at(args[0].shape[-1])
@@ -156,10 +164,9 @@ def _norm_pre_hook(name: str, channels_first: bool):
     """Check a swapped norm's input against the padding before it runs, so that
     an error names the layer."""
     def hook(norm, args):
-        ctx = current_padding()
-        if ctx is None or not args or not isinstance(args[0], Tensor) or args[0].dim() != 3:
+        ctx, x = _in_context(args)
+        if ctx is None:
             return None
-        x = args[0]
         where = _name(name, norm)
         if channels_first:
             channels = getattr(norm, "num_channels", None) or norm.num_features

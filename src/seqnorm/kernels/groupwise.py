@@ -78,15 +78,29 @@ def _group_amax(x, r0, cg, pr, zero, buf):  # pragma: no cover - jitted
     return amax
 
 
+@nb.njit(cache=True, inline="always")
+def _sizes(x, pad, groups):  # pragma: no cover - jitted
+    """``(T, B, C, C/G)`` of ``x (B·C, T)`` and ``pad (B, T)``."""
+    R, T = x.shape
+    B = pad.shape[0]
+    C = R // B if B > 0 else 0
+    return T, B, C, (C // groups if groups > 0 else 0)
+
+
+@nb.njit(cache=True, inline="always")
+def _zero_group(a, r0, cg, buf, zero):  # pragma: no cover - jitted
+    """The group's rows of the output ``a`` set to 0 (an all-padding sequence)."""
+    for c in range(cg):
+        zero_row(a, r0 + c, buf, zero)
+        commit(a, r0 + c, buf)
+
+
 @nb.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def forward(x, pad, w, b, groups, steps, k, y, shift, delta, rstd, mean64, var64):  # pragma: no cover
     """x, y: (B·C, T); pad: (B, T) uint8; w, b: (C,); steps: (B,) int64 real steps;
     k = [eps, 0, 1, 0]; shift, delta, rstd: (B·G,) out in the compute dtype;
     mean64, var64: (B·G,) float64 out (the biased variance)."""
-    R, T = x.shape
-    B = pad.shape[0]
-    C = R // B if B > 0 else 0
-    cg = C // groups if groups > 0 else 0
+    T, B, C, cg = _sizes(x, pad, groups)
     eps, one, zero = k[0], k[2], k[3]
     for p in nb.prange(B * groups):
         bi = p // groups
@@ -95,9 +109,7 @@ def forward(x, pad, w, b, groups, steps, k, y, shift, delta, rstd, mean64, var64
         pr = pad[bi]
         n = steps[bi] * cg
         if n == 0:
-            for c in range(cg):
-                zero_row(y, r0 + c, ybuf, zero)
-                commit(y, r0 + c, ybuf)
+            _zero_group(y, r0, cg, ybuf, zero)
             shift[p], delta[p], rstd[p], mean64[p], var64[p] = zero, zero, zero, 0.0, 0.0
             continue
         t0 = 0
@@ -137,10 +149,7 @@ def backward(dy, x, pad, w, groups, steps, shift, delta, rstd, k, dx, dw_part, d
     """dy, x, dx: (B·C, T); pad: (B, T) uint8; w: (C,); steps: (B,) int64;
     shift, delta, rstd: (B·G,); dw_part, db_part: (B, C) out (this sequence's
     ``Σ dy·x̂`` and ``Σ dy`` per channel). k = [0, 0, 1, 0]."""
-    R, T = x.shape
-    B = pad.shape[0]
-    C = R // B if B > 0 else 0
-    cg = C // groups if groups > 0 else 0
+    T, B, C, cg = _sizes(x, pad, groups)
     zero = k[3]
     for p in nb.prange(B * groups):
         bi = p // groups
@@ -150,9 +159,8 @@ def backward(dy, x, pad, w, groups, steps, shift, delta, rstd, k, dx, dw_part, d
         pr = pad[bi]
         n = steps[bi] * cg
         if n == 0:
+            _zero_group(dx, r0, cg, gbuf, zero)
             for c in range(cg):
-                zero_row(dx, r0 + c, gbuf, zero)
-                commit(dx, r0 + c, gbuf)
                 dw_part[bi, c0 + c] = zero
                 db_part[bi, c0 + c] = zero
             continue

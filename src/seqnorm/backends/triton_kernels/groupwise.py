@@ -33,6 +33,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _block(PAD, pad_base, t, T, HAS_PAD: tl.constexpr):
+    """``(in_row, use)`` of the steps ``t``: inside the row, and inside and real (a
+    padded step is never loaded)."""
+    in_row = t < T
+    use = in_row
+    if HAS_PAD:
+        real = tl.load(PAD + pad_base + t, mask=in_row, other=1) == 0
+        use = tl.where(in_row, real, False)
+    return in_row, use
+
+
+@triton.jit
+def _channel(P, c0, c, default, HAS: tl.constexpr):
+    """A per-channel parameter as float32, or ``default`` without one."""
+    if HAS:
+        v = tl.load(P + c0 + c).to(tl.float32)
+    else:
+        v = default
+    return v
+
+
+@triton.jit
 def _group_moments(X, PAD, x_base, pad_base, T, CG, inv_a, HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """``(n, mean, M₂)`` of ``x·inv_a`` over the group's real elements, block by block (Chan)."""
     offs = tl.arange(0, BLOCK_T)
@@ -41,12 +63,8 @@ def _group_moments(X, PAD, x_base, pad_base, T, CG, inv_a, HAS_PAD: tl.constexpr
     m2 = 0.0
     for c in range(0, CG):
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + offs
-            use = t < T
-            if HAS_PAD:
-                real = tl.load(PAD + pad_base + t, mask=use, other=1) == 0
-                use = tl.where(use, real, False)
-            x = tl.load(X + x_base + c * T + t, mask=use, other=0.0).to(tl.float32) * inv_a
+            _, use = _block(PAD, pad_base, t0 + offs, T, HAS_PAD)
+            x = tl.load(X + x_base + c * T + t0 + offs, mask=use, other=0.0).to(tl.float32) * inv_a
             nb = tl.sum(use.to(tl.float32), axis=0)
             mb = tl.sum(x, axis=0) / tl.maximum(nb, 1.0)
             d = tl.where(use, x - mb, 0.0)
@@ -88,12 +106,8 @@ def groupwise_fwd(
         amax = 0.0
         for c in range(0, CG):
             for t0 in range(0, T, BLOCK_T):
-                t = t0 + offs
-                use = t < T
-                if HAS_PAD:
-                    real = tl.load(PAD + pad_base + t, mask=use, other=1) == 0
-                    use = tl.where(use, real, False)
-                x = tl.load(X + x_base + c * T + t, mask=use, other=0.0).to(tl.float32)
+                _, use = _block(PAD, pad_base, t0 + offs, T, HAS_PAD)
+                x = tl.load(X + x_base + c * T + t0 + offs, mask=use, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.where(use, tl.abs(x), 0.0), axis=0))
         inv_a = tl.exp2(-tl.floor(tl.log2(amax)))
         n, mean_s, m2_s = _group_moments(X, PAD, x_base, pad_base, T, CG, inv_a, HAS_PAD, BLOCK_T)
@@ -107,21 +121,11 @@ def groupwise_fwd(
     tl.store(VAR + pid, var)
     offs = tl.arange(0, BLOCK_T)
     for c in range(0, CG):
-        if HAS_W:
-            wc = tl.load(W + c0 + c).to(tl.float32)
-        else:
-            wc = 1.0
-        if HAS_B:
-            bc = tl.load(B + c0 + c).to(tl.float32)
-        else:
-            bc = 0.0
+        wc = _channel(W, c0, c, 1.0, HAS_W)
+        bc = _channel(B, c0, c, 0.0, HAS_B)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs
-            in_row = t < T
-            use = in_row
-            if HAS_PAD:
-                real = tl.load(PAD + pad_base + t, mask=in_row, other=1) == 0
-                use = tl.where(in_row, real, False)
+            in_row, use = _block(PAD, pad_base, t, T, HAS_PAD)
             x = tl.load(X + x_base + c * T + t, mask=use, other=0.0).to(tl.float32)
             y = tl.where(use, (x - mean) * rstd * wc + bc, 0.0)
             tl.store(Y + x_base + c * T + t, y.to(Y.dtype.element_ty), mask=in_row)
@@ -154,18 +158,12 @@ def groupwise_bwd(
     c1 = 0.0
     c2 = 0.0
     for c in range(0, CG):
-        if HAS_W:
-            wc = tl.load(W + c0 + c).to(tl.float32)
-        else:
-            wc = 1.0
+        wc = _channel(W, c0, c, 1.0, HAS_W)
         sb = tl.zeros([BLOCK_T], dtype=tl.float32)
         sg = tl.zeros([BLOCK_T], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs
-            use = t < T
-            if HAS_PAD:
-                real = tl.load(PAD + pad_base + t, mask=use, other=1) == 0
-                use = tl.where(use, real, False)
+            _, use = _block(PAD, pad_base, t, T, HAS_PAD)
             x = tl.load(X + x_base + c * T + t, mask=use, other=0.0).to(tl.float32)
             dy = tl.load(DY + x_base + c * T + t, mask=use, other=0.0).to(tl.float32)
             sb += dy
@@ -179,17 +177,10 @@ def groupwise_bwd(
     c1 = c1 / tl.maximum(n, 1.0)
     c2 = c2 / tl.maximum(n, 1.0)
     for c in range(0, CG):
-        if HAS_W:
-            wc = tl.load(W + c0 + c).to(tl.float32)
-        else:
-            wc = 1.0
+        wc = _channel(W, c0, c, 1.0, HAS_W)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs
-            in_row = t < T
-            use = in_row
-            if HAS_PAD:
-                real = tl.load(PAD + pad_base + t, mask=in_row, other=1) == 0
-                use = tl.where(in_row, real, False)
+            in_row, use = _block(PAD, pad_base, t, T, HAS_PAD)
             x = tl.load(X + x_base + c * T + t, mask=use, other=0.0).to(tl.float32)
             dy = tl.load(DY + x_base + c * T + t, mask=use, other=0.0).to(tl.float32)
             dx = tl.where(use, rstd * (dy * wc - c1 - ((x - mean) * rstd) * c2), 0.0)
