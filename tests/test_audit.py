@@ -159,32 +159,28 @@ FACTORIES = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--module", "audit_factories:no_time_axis"], "no module output has a time axis"),
-    (["--module", "audit_factories:no_padding"], "the inputs have no padding"),
-    (["--hf", "no-such-model"], "--hf: cannot build 'no-such-model'"),
-    (["--module", "no_such_package.models:make"], "--module: cannot import 'no_such_package.models'"),
-    (["--hf", "wav2vec2", "--config", "{num_hidden_layers: 2"], "--config: not valid JSON"),
-    (["--hf", "wav2vec2", "--config", "[1, 2]"], "--config: expected a JSON object"),
+@pytest.mark.parametrize("args,message,separate", [
+    (["--module", "audit_factories:no_time_axis"], "no module output has a time axis", True),
+    (["--module", "audit_factories:no_padding"], "the inputs have no padding", False),
+    (["--hf", "no-such-model"], "--hf: cannot build 'no-such-model'", True),
+    (["--module", "no_such_package.models:make"], "--module: cannot import 'no_such_package.models'", False),
+    (["--hf", "wav2vec2", "--config", "{num_hidden_layers: 2"], "--config: not valid JSON", True),
+    (["--hf", "wav2vec2", "--config", "[1, 2]"], "--config: expected a JSON object", False),
 ], ids=["no-time-axis", "no-padding", "unknown-hf", "bad-module", "bad-json", "json-not-object"])
-def test_cli_errors_exit_2_with_one_line(tmp_path, args, message):
+def test_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message, separate):
+    """Half in a separate process (the console script: no traceback reaches the user), half in this
+    one (the same code path, without paying for another interpreter and torch import)."""
     (tmp_path / "audit_factories.py").write_text(FACTORIES)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    r = _cli(*args, env=env)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("seqnorm audit: error:") and message in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    if separate:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+        r = _cli(*args, env=env)
+        code, err = r.returncode, r.stderr
+    else:
+        from seqnorm.cli import main
 
-
-def test_hubert_batchnorm_with_trained_statistics_leaks_through_the_positional_conv():
-    """HuBERT's conv_pos_batch_norm (layer-norm feature encoder): in eval with running
-    statistics away from (0, 1), padding comes out non-zero and the positional conv reads it."""
-    model = hf.build("hubert", {"feat_extract_norm": "layer"})
-    bn = model.encoder.pos_conv_embed.batch_norm
-    with torch.no_grad():
-        bn.running_mean.normal_(generator=torch.Generator().manual_seed(0))
-    _, x, lengths, kw = _speech_case("hubert")
-    report = seqnorm.audit(model, x, lengths, **kw)
-    assert report.first_leak == "encoder.pos_conv_embed.conv"
-    assert seqnorm.audit(seqnorm.make_padding_safe(model), x, lengths, **kw).first_leak is None
+        monkeypatch.syspath_prepend(str(tmp_path))
+        code, err = main(["audit", *args]), capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("seqnorm audit: error:") and message in lines[0], err
+    assert "Traceback" not in err

@@ -199,7 +199,7 @@ def test_gpu_bench_dry_run_on_this_device(capsys):
     from seqnorm.commands import bench as B
 
     rows = B.bench([(2, 8, 16)], ["fp32", "bf16"], B.OPS, ["fwd", "fwd+bwd"], budget_s=0.0, device=DEVICE,
-                   gpu_style=True)
+                   gpu_style=True, min_reps=1)
     got = {(r.op, r.dtype, r.mode, r.provider) for r in rows}
     for op in B.OPS:
         for dt in ("fp32", "bf16"):

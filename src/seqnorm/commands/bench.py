@@ -296,10 +296,11 @@ def check(outputs: Dict[str, torch.Tensor], op: str, dtype, real: Optional[torch
 
 
 def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None, device="cpu",
-          gpu_style: Optional[bool] = None) -> List[Row]:
+          gpu_style: Optional[bool] = None, min_reps: int = 10) -> List[Row]:
     """The table. ``gpu_style`` (default: ``device == "cuda"``) times the Triton
     kernels with the mask against the GPU baselines — on a CPU too, through
-    Triton's interpreter (slow: a dry run of the GPU bench, for its tests)."""
+    Triton's interpreter (slow: a dry run of the GPU bench, for its tests, with
+    ``min_reps=1``)."""
     out = out or sys.stdout  # looked up per call, so that redirected stdout is honoured
     gpu_style = device == "cuda" if gpu_style is None else gpu_style
     gen = torch.Generator().manual_seed(0)
@@ -335,7 +336,7 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
                     src = tensors["x"].detach()
                     dst = torch.empty_like(src)
                     calls["copy"] = lambda: dst.copy_(src)
-                    med = time_round_robin(calls, budget_s, device=device)
+                    med = time_round_robin(calls, budget_s, min_reps=min_reps, device=device)
                     copy_s = med.pop("copy")
                     group_bw = 2 * src.numel() * src.element_size() / copy_s
                     base = med.get("torch", med.get("seqnorm[torch]"))
