@@ -184,3 +184,16 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, me
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("seqnorm audit: error:") and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_hubert_batchnorm_with_trained_statistics_leaks_through_the_positional_conv():
+    """HuBERT's conv_pos_batch_norm (layer-norm feature encoder): in eval with running
+    statistics away from (0, 1), padding comes out non-zero and the positional conv reads it."""
+    model = hf.build("hubert", {"feat_extract_norm": "layer"})
+    bn = model.encoder.pos_conv_embed.batch_norm
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=torch.Generator().manual_seed(0))
+    _, x, lengths, kw = _speech_case("hubert")
+    report = seqnorm.audit(model, x, lengths, **kw)
+    assert report.first_leak == "encoder.pos_conv_embed.conv"
+    assert seqnorm.audit(seqnorm.make_padding_safe(model), x, lengths, **kw).first_leak is None
