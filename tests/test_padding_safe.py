@@ -241,3 +241,23 @@ def test_idempotent_and_warns_about_padding_it_cannot_follow():
         seqnorm.make_padding_safe(_stack())               # nothing to warn about there
     with pytest.raises(ValueError, match="pass the model that contains the norm"):
         seqnorm.make_padding_safe(nn.GroupNorm(1, 2))
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv1d(1, 1, 5, stride=3, dilation=2), nn.Conv1d(1, 1, 4, stride=2), nn.MaxPool1d(3, stride=2),
+    nn.AvgPool1d(4, stride=3), nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 4, padding="same"),
+    nn.MaxPool1d(3, stride=2, ceil_mode=True), nn.ConvTranspose1d(1, 1, 3, stride=2), nn.Conv1d(1, 1, 1),
+], ids=lambda m: repr(m))
+def test_reads_past_the_end_is_exactly_whether_a_real_output_sees_a_pad(layer):
+    """Brute force: put NaN right after a sequence of every length and see whether a real output moves."""
+    from seqnorm.padding_safe import reads_past_the_end
+
+    seen = False
+    for n in range(1, 30):
+        x = torch.randn(1, 1, n + 12)
+        x[..., n:] = float("nan")
+        with torch.no_grad():
+            y = layer(x)
+        real = int(conv_output_lengths(layer, torch.tensor([n])))
+        seen |= bool(torch.isnan(y[..., :real]).any())
+    assert reads_past_the_end(layer) == seen

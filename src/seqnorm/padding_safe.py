@@ -46,7 +46,7 @@ from .masks import current_padding, lengths_to_padding_mask
 from .modules import GroupNorm, InstanceNorm1d
 from .running import sync_free
 
-__all__ = ["make_padding_safe", "conv_output_lengths", "is_padding_safe", "TIME_LAYERS"]
+__all__ = ["make_padding_safe", "conv_output_lengths", "reads_past_the_end", "is_padding_safe", "TIME_LAYERS"]
 
 Tensor = torch.Tensor
 
@@ -63,7 +63,7 @@ def _one(v) -> int:
     return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
 
 
-def _geometry(layer: nn.Module, steps: int) -> Tuple[int, int, int, int, int, bool]:
+def _geometry(layer: nn.Module) -> Tuple[int, int, int, int, int, bool]:
     """``(kernel, stride, left+right padding, dilation, output_padding, ceil_mode)`` of a time layer."""
     k, s, d = _one(layer.kernel_size), _one(layer.stride), _one(getattr(layer, "dilation", 1))
     padding = layer.padding
@@ -76,13 +76,27 @@ def _geometry(layer: nn.Module, steps: int) -> Tuple[int, int, int, int, int, bo
     return k, s, total, d, _one(getattr(layer, "output_padding", 0)), bool(getattr(layer, "ceil_mode", False))
 
 
+def reads_past_the_end(layer: nn.Module) -> bool:
+    """Whether a real output of ``layer`` can read a step past its sequence's end.
+
+    Not with a one-step kernel, nor without padding: an unpadded (``"valid"``)
+    window ``t`` of a sequence of ``L`` steps is real when
+    ``t ≤ ⌊(L − d(k−1) − 1)/s⌋``, so it ends at ``t·s + d(k−1) ≤ L − 1``. Padded
+    windows, ``ceil_mode`` (a last window may run past the input) and transposed
+    convolutions can."""
+    k, s, total, d, _, ceil = _geometry(layer)
+    if k == 1 and not isinstance(layer, nn.ConvTranspose1d):
+        return False
+    return total > 0 or ceil or isinstance(layer, nn.ConvTranspose1d)
+
+
 def conv_output_lengths(layer: nn.Module, lengths: Tensor) -> Tensor:
     """The lengths after ``layer`` (a Conv1d, ConvTranspose1d, MaxPool1d or
     AvgPool1d) of sequences of ``lengths`` real steps, each as if it were alone
     (torch's output-size formula applied per sequence); 0 stays 0, and a
     sequence too short for the kernel gets 0 (:func:`make_padding_safe`'s hook
     reports it)."""
-    k, s, total, d, out_pad, ceil = _geometry(layer, 0)
+    k, s, total, d, out_pad, ceil = _geometry(layer)
     if isinstance(layer, nn.ConvTranspose1d):
         out = (lengths - 1) * s - total + d * (k - 1) + out_pad + 1
     else:
@@ -132,8 +146,8 @@ def _time_pre_hook(name: str):
             raise ValueError(f"{where}: expects {channels} input channels (input (N, {channels}, L)), "
                              f"got input of shape {tuple(x.shape)}")
         lengths = _lengths_at(ctx, x.shape[-1], x.shape[0], where)
-        if _one(layer.kernel_size) == 1:
-            return None                                 # reads no step but its own
+        if not reads_past_the_end(layer):
+            return None
         pad = lengths_to_padding_mask(lengths.to(x.device), x.shape[-1]).unsqueeze(1)
         fill = torch.finfo(x.dtype).min if isinstance(layer, nn.MaxPool1d) else 0.0
         return (x.masked_fill(pad, fill),) + tuple(args[1:])
