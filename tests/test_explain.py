@@ -1,9 +1,13 @@
-"""``seqnorm explain`` end to end: the real console script in a subprocess."""
+"""``seqnorm explain`` end to end: the real console script in a subprocess (and, where a test
+runs it many times, the same entry point in this process: :func:`explain_here`)."""
 
+import contextlib
+import io
 import json
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -15,6 +19,20 @@ from seqnorm.commands.explain import compute_lesson, render_markdown, render_tex
 def explain(*args):
     return subprocess.run([sys.executable, "-m", "seqnorm", "explain", *args],
                           capture_output=True, text=True, timeout=120)
+
+
+def explain_here(*args):
+    """``explain`` through ``seqnorm.cli.main`` in this process (no interpreter and torch import):
+    the same ``returncode``/``stdout``/``stderr``."""
+    from seqnorm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["explain", *args])
+        except SystemExit as e:
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_default_run_is_the_note():
@@ -113,10 +131,10 @@ def test_markdown_and_inputs_from_files(tmp_path):
     np.save(tmp_path / "x.npy", x)
     np.savetxt(tmp_path / "x.csv", x, delimiter=",")
     (tmp_path / "x.json").write_text(json.dumps(x.tolist()))
-    outs = [explain("--file", str(tmp_path / f"x.{ext}"), "--format", "json") for ext in ("npy", "csv", "json")]
+    outs = [explain_here("--file", str(tmp_path / f"x.{ext}"), "--format", "json") for ext in ("npy", "csv", "json")]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     assert outs[0].stdout == outs[1].stdout == outs[2].stdout
-    md = explain("--x", json.dumps(x.tolist()), "--format", "markdown", "--norm", "layer",
+    md = explain_here("--x", json.dumps(x.tolist()), "--format", "markdown", "--norm", "layer",
                  "--tokens", "a b")
     assert md.returncode == 0
     assert "### LayerNorm" in md.stdout and "| token | d0 | d1 | d2 |" in md.stdout
@@ -191,7 +209,7 @@ def test_deeply_nested_json_is_one_line_not_a_recursion_error(tmp_path):
     path.write_text(DEEP)
     for args, option in ((["--x", DEEP], "--x"), (["--file", str(path)], "--file"),
                          (["--x", "[" * 40 + "1" + "]" * 40], "--x")):
-        out = explain(*args)
+        out = explain(*args) if option == "--file" else explain_here(*args)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and f"{option}: nested" in lines[0] and "deep" in lines[0], out.stderr
@@ -205,8 +223,8 @@ def test_a_large_matrix_prints_one_line_unless_no_limit(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "300 tokens × 300 features" in lines[0] and "--no-limit" in lines[0]
     wide = json.dumps((np.arange(3 * 70).reshape(3, 70) % 5).tolist())
-    assert explain("--x", wide, "--norm", "layer").returncode == 2
-    full = explain("--x", wide, "--norm", "layer", "--no-limit")
+    assert explain_here("--x", wide, "--norm", "layer").returncode == 2
+    full = explain_here("--x", wide, "--norm", "layer", "--no-limit")
     assert full.returncode == 0 and "token 2:" in full.stdout
 
 
