@@ -9,7 +9,6 @@ import copy
 import sys
 import time
 
-import torch
 
 import seqnorm
 from seqnorm import hf

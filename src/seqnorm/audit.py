@@ -137,7 +137,7 @@ def _fmt(v: Optional[float]) -> str:
     return "—" if v is None else f"{v:.2e}"
 
 
-def category(module: nn.Module, training: bool) -> str:
+def category(module: nn.Module) -> str:
     """What kind of mixing a module can do (:data:`CATEGORIES`)."""
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, FeaturewiseNorm)):
         return "batch statistics"
@@ -266,7 +266,7 @@ class _Recorder:
         lengths = self.table.lengths_at(y.shape[axes[0]]).tolist()
         y = y.detach()
         if self.mode == "batched":
-            row = ModuleRow(name, type(module).__name__, category(module, module.training), call=k + 1)
+            row = ModuleRow(name, type(module).__name__, category(module), call=k + 1)
             self.order.append((name, k))
             self.rows[(name, k)] = row
             row.scale = max((_real(y[b], tuple(a - 1 for a in axes), n).abs().max().item()
@@ -278,7 +278,7 @@ class _Recorder:
             return
         y_ref, axes_ref, lengths_ref = ref
         row = self.rows[(name, k)]
-        pairs = [(self.sequence, 0)] if self.mode == "alone" else list(enumerate(range(self.batch)))
+        pairs = [(self.sequence, 0)] if self.mode == "alone" else [(b, b) for b in range(self.batch)]
         worst = 0.0
         for b_ref, b in pairs:
             n = min(int(lengths_ref[b_ref]), lengths[b])

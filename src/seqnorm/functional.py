@@ -50,23 +50,27 @@ Tensor = torch.Tensor
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
+def _backend_for(t: Tensor, reduce=None, op: Optional[str] = None):
+    """The backend that runs ``t``: the current one, or torch when a ``reduce``
+    hook is given and the current one takes none, or when it lacks ``op`` (a
+    third-party backend without the group-wise op)."""
+    backend = backends.current_backend(t)
+    if (reduce is not None and not backend.reduces) or (op is not None and not hasattr(backend, op)):
+        backend = backends.backend_named("torch", t)
+    return backend
+
+
 def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     """The backend for ``x``, and ``x`` as ``(rows, d)``: in its own dtype when
     that backend reads it itself (the fused kernels take bfloat16 and float16
     and compute in float32 inside), else cast to the compute dtype here. A
     ``reduce`` hook goes to the torch backend unless the chosen one takes hooks.
     Returns ``(backend, rows_tensor, native)``."""
-    def choose(t):
-        backend = backends.current_backend(t)
-        if reduce is not None and not backend.reduces:
-            backend = backends.backend_named("torch", t)
-        return backend
-
-    backend = choose(x)
+    backend = _backend_for(x, reduce)
     if x.dtype in backend.native_low_precision:
         return backend, x.reshape(rows, d), True
     x2 = x.reshape(rows, d).to(compute_dtype(x))
-    return choose(x2), x2, False
+    return _backend_for(x2, reduce), x2, False
 
 
 # ---------------------------------------------------------------------------
@@ -494,34 +498,44 @@ _power_norm_training = torch.compiler.disable(_power_norm)
 # ---------------------------------------------------------------------------
 
 
-def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who: str):
-    """Validate a channels-first ``(N, C, *)`` input, run the backend's
-    ``groupwise_norm`` on it as ``(N, C, L)``; returns ``(y, mean, var, count)``
-    with ``y`` in the input's shape and dtype."""
+def _check_groups(groups, c: int, who: str, what: str) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
+        raise ValueError(f"{who}: num_groups must be a positive int dividing the {c} channels of {what}, "
+                         f"got {groups!r}")
+
+
+_NO_GROUPS = object()   # _channels_first_setup without a num_groups to check
+
+
+def _channels_first_setup(x: Tensor, weight, bias, padding_mask, lengths, who: str, groups=_NO_GROUPS):
+    """Validate a channels-first ``(N, C, *)`` input, its ``num_groups`` (when
+    given) and its ``(C,)`` parameters; return it as ``(N, C, L)`` and its
+    validated ``(N, L)`` padding (padding needs a 3-D input)."""
     check_input(x)
     if x.dim() < 2:
         raise ValueError(f"{who} expects input of shape (N, C, *), got {shape_str(x.shape)}")
     n, c = x.shape[0], x.shape[1]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
-        raise ValueError(f"{who}: num_groups must be a positive int dividing the {c} channels of input "
-                         f"{shape_str(x.shape)}, got {groups!r}")
+    if groups is not _NO_GROUPS:
+        _check_groups(groups, c, who, f"input {shape_str(x.shape)}")
     check_param(weight, "weight", (c,), x)
     check_param(bias, "bias", (c,), x)
     if (padding_mask is not None or lengths is not None) and x.dim() != 3:
         raise ValueError(f"{who}: padding_mask/lengths need input of shape (N, C, L) (padding_mask (N, L)), "
                          f"got {shape_str(x.shape)}")
     x3 = x.reshape(n, c, math.prod(x.shape[2:]))
-    pad = resolve_padding((n, x3.shape[2]), x.device, padding_mask, lengths, what="(N, L)")
+    return x3, resolve_padding((n, x3.shape[2]), x.device, padding_mask, lengths, what="(N, L)")
+
+
+def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who: str):
+    """Validate a channels-first ``(N, C, *)`` input, run the backend's
+    ``groupwise_norm`` on it as ``(N, C, L)``; returns ``(y, mean, var, count)``
+    with ``y`` in the input's shape and dtype."""
+    x3, pad = _channels_first_setup(x, weight, bias, padding_mask, lengths, who, groups)
     cdt = compute_dtype(x)
-
-    def choose(t):   # a backend without the op (a third-party one) hands it to torch
-        backend = backends.current_backend(t)
-        return backend if hasattr(backend, "groupwise_norm") else backends.backend_named("torch", t)
-
-    backend = choose(x3)
+    backend = _backend_for(x3, op="groupwise_norm")
     if x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
-        backend = choose(x3)
+        backend = _backend_for(x3, op="groupwise_norm")
     y, mean, var, count = backend.groupwise_norm(x3, cast(weight, cdt), cast(bias, cdt), eps, pad, groups)
     return y.to(x.dtype).reshape(x.shape), mean, var, count
 
@@ -663,9 +677,7 @@ def _jagged_groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, length
     values, offsets = unpack(x, who, padding_mask, lengths)
     check_input(values)
     total, c = values.shape
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
-        raise ValueError(f"{who}: num_groups must be a positive int dividing the {c} channels of the jagged "
-                         f"input (B, j, {c}), got {groups!r}")
+    _check_groups(groups, c, who, f"the jagged input (B, j, {c})")
     check_param(weight, "weight", (c,), values)
     check_param(bias, "bias", (c,), values)
     batch, cg, cdt = offsets.shape[0] - 1, c // groups, compute_dtype(values)
@@ -686,15 +698,7 @@ def _jagged_groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, length
 
 def _instance_norm_running(x, running_mean, running_var, weight, bias, eps, padding_mask, lengths):
     """Eval with running statistics: a per-channel affine map, 0 at padding."""
-    check_input(x)
-    n, c = x.shape[0], x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias)):
-        check_param(p, name, (c,), x)
-    if (padding_mask is not None or lengths is not None) and x.dim() != 3:
-        raise ValueError(f"instance_norm: padding_mask/lengths need input of shape (N, C, L), got "
-                         f"{shape_str(x.shape)}")
-    x3 = x.reshape(n, c, math.prod(x.shape[2:]))
-    pad = resolve_padding((n, x3.shape[2]), x.device, padding_mask, lengths, what="(N, L)")
+    x3, pad = _channels_first_setup(x, weight, bias, padding_mask, lengths, "instance_norm")
     cdt = compute_dtype(x)
     x3 = x3.to(cdt)
     if pad is not None:

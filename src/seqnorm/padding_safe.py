@@ -194,7 +194,7 @@ def _norm_pre_hook(name: str, channels_first: bool):
     return hook
 
 
-def _swap_norm(m: nn.Module, name: str) -> Optional[nn.Module]:
+def _swap_norm(m: nn.Module) -> Optional[nn.Module]:
     """The masked counterpart of a torch norm, or None to keep ``m``."""
     if type(m) in _ROWWISE:
         return convert(m, "layer" if type(m) is nn.LayerNorm else "rms")
@@ -266,10 +266,9 @@ def make_padding_safe(model: nn.Module) -> nn.Module:
     if type(model) in _ROWWISE + _CHANNELS_FIRST:
         raise ValueError("make_padding_safe: pass the model that contains the norm (a norm alone is "
                          "replaced, not changed in place: use seqnorm.convert)")
-    for parent_name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            new = _swap_norm(child, name)
+            new = _swap_norm(child)
             if new is not None:
                 new.train(child.training)
                 setattr(parent, child_name, new)

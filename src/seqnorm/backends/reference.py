@@ -30,6 +30,14 @@ def _back(a, like: Tensor) -> Optional[Tensor]:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=like.dtype)
 
 
+def _grads(ctx, dx, dw, db, others: int):
+    """A backward's ``(dx, dweight, dbias)`` as tensors like the forward's
+    ``ctx.like = (x, weight, bias)`` (the reference returns None for an absent
+    parameter), then ``others`` Nones for the non-tensor inputs."""
+    x, weight, bias = ctx.like
+    return (_back(dx, x), _back(dw, weight), _back(db, bias)) + (None,) * others
+
+
 def _np_pad(pad: Optional[Tensor]):
     return None if pad is None else pad.detach().cpu().numpy()
 
@@ -80,10 +88,7 @@ class _ReferenceFeaturewise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
-        x, weight, bias = ctx.like
-        dx, dw, db = reference.seq_batch_norm_backward(_np(dy), ctx.cache)
-        return (_back(dx, x), _back(dw, weight) if weight is not None else None,
-                _back(db, bias) if bias is not None else None, None, None, None, None)
+        return _grads(ctx, *reference.seq_batch_norm_backward(_np(dy), ctx.cache), others=4)
 
 
 class _ReferencePower(torch.autograd.Function):
@@ -98,12 +103,10 @@ class _ReferencePower(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
-        x, weight, bias = ctx.like
         dx, dw, db, new_nu = reference.power_norm_backward(_np(dy), ctx.cache, _np(ctx.nu), ctx.factor)
         if new_nu is not None:  # Algorithm 1 updates ν in the backward pass
             update_running_nu(ctx.nu, _back(new_nu, ctx.nu), True)
-        return (_back(dx, x), _back(dw, weight) if weight is not None else None,
-                _back(db, bias) if bias is not None else None, None, None, None, None, None)
+        return _grads(ctx, dx, dw, db, others=5)
 
 
 class _ReferenceGroupwise(torch.autograd.Function):
@@ -118,10 +121,7 @@ class _ReferenceGroupwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
-        x, weight, bias = ctx.like
-        dx, dw, db = reference.group_norm_backward(_np(dy), ctx.cache)
-        return (_back(dx, x), _back(dw, weight) if weight is not None else None,
-                _back(db, bias) if bias is not None else None, None, None, None)
+        return _grads(ctx, *reference.group_norm_backward(_np(dy), ctx.cache), others=3)
 
 
 class ReferenceBackend:

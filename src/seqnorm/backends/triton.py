@@ -523,8 +523,7 @@ def _groupwise_backward(ctx, dy, *_):
     if dy is None:
         return (None,) * 6
     dx, dw, db = groupwise_bwd(dy, x, weight, pad, steps, mean, rstd, ctx.groups)
-    return (dx, dw.to(weight.dtype) if weight is not None else None,
-            db.to(weight.dtype if weight is not None else db.dtype) if ctx.has_bias else None, None, None, None)
+    return dx, (dw.to(weight.dtype) if weight is not None else None), (db if ctx.has_bias else None), None, None, None
 
 
 groupwise_fwd = ForwardOp("triton_groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,

@@ -231,6 +231,6 @@ def run(args) -> int:
     else:
         if before is not None:
             print(f"before --safe: {before.summary()}")
-            print(f"after --safe:  ", end="")
+            print("after --safe:  ", end="")
         print(report.to_markdown() if args.format == "markdown" else report.to_text())
     return 0

@@ -46,6 +46,11 @@ OPS = [k.op for k in kinds.KINDS.values() if k.op]
 CHANNELS_FIRST = [k.op for k in kinds.KINDS.values() if k.op and k.channels_first]
 GROUPS = 32
 
+
+def _groups(c: int) -> int:
+    """GroupNorm's groups for ``c`` channels: :data:`GROUPS` where it divides ``c``, else one."""
+    return GROUPS if c % GROUPS == 0 else 1
+
 # Bytes moved by the fused kernels, in units of one tensor of x's size:
 # (forward, forward + backward). Row-wise: read x, write y; backward reads dy
 # and x, writes dx. Add & Norm (post-norm, as timed here) also reads the
@@ -157,7 +162,7 @@ def setup(op: str, provider: str, tensors: dict, compiled: Dict):
     shape, dtype, d, dev = tuple(x.shape), x.dtype, x.shape[-1], x.device
     if op in CHANNELS_FIRST:
         d = x.shape[1]
-        groups = GROUPS if d % GROUPS == 0 else 1
+        groups = _groups(d)
     rm, rv = torch.zeros(d, device=dev), torch.ones(d, device=dev)   # fresh running statistics per provider
     phi = torch.ones(d, device=dev)
     inputs = [x, w] if op in ("rms_norm", "add_rms_norm") else [x, w, bias]
@@ -228,7 +233,7 @@ def _as_function(op: str, d: int) -> Callable:
     if op == "add_rms_norm":
         return lambda x, r, w, b: TF.rms_norm(x + r, (d,), w)
     if op == "group_norm":
-        return lambda x, w, b: TF.group_norm(x, GROUPS if x.shape[1] % GROUPS == 0 else 1, w, b)
+        return lambda x, w, b: TF.group_norm(x, _groups(x.shape[1]), w, b)
     if op == "instance_norm":
         return lambda x, w, b: TF.instance_norm(x, weight=w, bias=b)
     return lambda x, rm, rv, w, b: TF.batch_norm(x.transpose(1, 2), rm, rv, w, b, training=True).transpose(1, 2)
