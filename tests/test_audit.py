@@ -184,6 +184,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, me
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("seqnorm audit: error:") and message in lines[0], err
     assert "Traceback" not in err
+    assert len(lines[0]) < 400, lines[0]       # one readable line (transformers' own lists ~1,000 types)
 
 
 def test_hubert_batchnorm_with_trained_statistics_leaks_through_the_positional_conv():

@@ -75,16 +75,20 @@ def hf_case(model_type: str, config: Optional[dict], small: bool, weights: Optio
             length: Optional[int], seed: int):
     """``(model, inputs, lengths, forward_kwargs)`` for an HF model type."""
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
         raise CommandError("--hf needs transformers: pip install transformers") from None
     from .. import hf
 
+    # transformers' own error lists every model type it knows (~1,000 names, 20 kB): say it shortly
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise CommandError(f"--hf: cannot build {model_type!r}: not a model type transformers "
+                           f"{transformers.__version__} knows (e.g. {', '.join(hf.SPEECH_MODELS)}, bert)")
     try:
         model = hf.build(model_type, config, small=small, seed=seed)
     except (ValueError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CommandError(f"--hf: cannot build {model_type!r}: {first}") from None
+        raise CommandError(f"--hf: cannot build {model_type!r}: {first[:300]}") from None
     except TypeError as e:
         raise CommandError(f"--config: {str(e).splitlines()[0]}") from None
     if weights:
