@@ -7,6 +7,24 @@ wrong shape.
 Convention: ``True`` marks **padding**, as torch.nn.Transformer's
 ``src_key_padding_mask`` does. ``lengths[b]`` is the number of real tokens at
 the start of sequence ``b``; the rest is padding.
+
+**No host reads.** A mask is built from lengths on the input's device
+(``arange(T) >= lengths[:, None]``, two small kernels), and nothing here reads
+a device tensor back to the host, which on a GPU would stall the stream. Where
+lengths are checked against ``T`` depends on where they live:
+
+* lengths given as a Python list or a CPU tensor (what a data loader makes)
+  are host data: they are checked on the host, for free, with the
+  ``ValueError`` below, and copied to the input's device without waiting
+  (``non_blocking``);
+* lengths on an accelerator — or any tensor while ``torch.compile`` traces
+  (:func:`seqnorm.running.sync_free`) — are checked on the device with
+  ``torch._assert_async``: a length outside ``[0, T]`` stops the stream with a
+  device-side assertion (CUDA does not show the message) instead of a
+  ``ValueError``. Inside :func:`padding` that check runs once per frame rate.
+
+A ``padding_mask`` needs no value check: its dtype, shape and device are
+metadata.
 """
 
 from __future__ import annotations
@@ -16,8 +34,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import running
+
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
-           "padding_for_rows", "padding_for_features", "padding_for_channels_first"]
+           "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
+           "assert_on_device"]
+
+Tensor = torch.Tensor
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -25,8 +48,34 @@ def shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(s) for s in shape))
 
 
-def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+def host_readable(t) -> bool:
+    """Whether the values of ``t`` can be read on the host without stalling a
+    device: Python data, or a tensor for which :func:`seqnorm.running.sync_free`
+    is False (a CPU tensor outside ``torch.compile``)."""
+    return not isinstance(t, Tensor) or not running.sync_free(t)
+
+
+def assert_on_device(ok: Tensor, message: str) -> None:
+    """Check the 0-d bool ``ok`` where it lives, without a host read
+    (``torch._assert_async``: a device-side assertion on CUDA, a RuntimeError
+    with ``message`` on the CPU)."""
+    torch._assert_async(ok, message)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; host data is copied without waiting for the device
+    (a pageable CPU → GPU copy is staged, so the source may change right after)."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=t.device.type == "cpu")
+
+
+def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int, device=None) -> torch.Tensor:
     """``(B,)`` lengths → ``(B, max_len)`` bool mask, True at positions ``t >= lengths[b]``.
+
+    Built on ``device`` (default: the lengths' device). Lengths outside
+    ``[0, max_len]`` are an error: a ``ValueError`` when they are host data, a
+    device-side check otherwise (see the module docstring).
 
     Example:
         >>> lengths_to_padding_mask(torch.tensor([2, 0, 3]), 3)
@@ -34,20 +83,41 @@ def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor
                 [ True,  True,  True],
                 [False, False, False]])
     """
+    given = lengths
     if not isinstance(lengths, torch.Tensor):
         lengths = torch.as_tensor(lengths)
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an integer tensor of shape (B,), got dtype {lengths.dtype}")
     if lengths.dim() != 1:
         raise ValueError(f"lengths must have shape (B,), got {shape_str(lengths.shape)}")
-    if lengths.numel() > 0:
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0 or hi > max_len:
-            raise ValueError(
-                f"lengths must lie in [0, {max_len}] (the sequence length T), got values in [{lo}, {hi}]"
-            )
+    _check_range(given, lengths, max_len)
+    device = lengths.device if device is None else torch.device(device)
+    return _mask(_to_device(lengths, device), max_len)
+
+
+def _mask(lengths: Tensor, max_len: int) -> Tensor:
+    """The mask of validated lengths, where the lengths are."""
     positions = torch.arange(max_len, device=lengths.device)
     return positions.unsqueeze(0) >= lengths.unsqueeze(1)
+
+
+def _check_range(given, lengths: Tensor, max_len: int) -> None:
+    """``0 ≤ lengths ≤ max_len``: on the host for host data (``given`` is what
+    the caller passed: a Python sequence is read as Python numbers), else on the device."""
+    if lengths.numel() == 0:
+        return
+    if not isinstance(given, Tensor):
+        lo, hi = int(min(given)), int(max(given))
+    elif host_readable(lengths):
+        lo, hi = int(lengths.min()), int(lengths.max())
+    else:
+        assert_on_device(((lengths >= 0) & (lengths <= max_len)).all(),
+                         f"lengths must lie in [0, {max_len}] (the sequence length T)")
+        return
+    if lo < 0 or hi > max_len:
+        raise ValueError(
+            f"lengths must lie in [0, {max_len}] (the sequence length T), got values in [{lo}, {hi}]"
+        )
 
 
 def resolve_padding(
@@ -89,12 +159,12 @@ def resolve_padding(
             raise ValueError(
                 f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(lengths.shape)}"
             )
-        mask = lengths_to_padding_mask(lengths, expected_shape[1])
+        mask = lengths_to_padding_mask(lengths, expected_shape[1], device)
         if mask.shape[0] != expected_shape[0]:
             raise ValueError(
                 f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(mask.shape[:1])}"
             )
-        return mask.to(device)
+        return mask
     if padding_mask is None:
         return None
     if not isinstance(padding_mask, torch.Tensor):
@@ -134,23 +204,43 @@ class PaddingContext:
     given ``padding_mask`` holds for its own ``T``; given ``lengths`` hold for
     the ``T`` of the first module that asks for them; and
     :func:`seqnorm.make_padding_safe`'s convolution hooks :meth:`record` the
-    lengths at each convolution's output (the latest record for a ``T`` holds). A module whose ``T`` has no lengths
-    gets a ``ValueError`` saying which rates are known.
+    lengths at each convolution's output (the latest record for a ``T`` holds).
+    A module whose ``T`` has no lengths gets a ``ValueError`` saying which rates
+    are known.
+
+    **One mask per rate.** The ``(B, T)`` mask at a rate is built (on the
+    device, from the lengths) and validated once, when the first module at
+    that rate asks for it; every later module at that rate gets the same
+    tensor, until a layer records new lengths for that ``T``.
     """
+
+    _WHAT = "(B, T) [from seqnorm.padding]"
 
     def __init__(self, padding_mask, lengths, batch_first: bool):
         self.padding_mask, self.lengths, self.batch_first = padding_mask, lengths, batch_first
         self._lengths_at = {}      # time steps → (B,) lengths at that rate
+        self._masks = {}           # (B, T, device) → the validated (B, T) mask
 
     def batch_major(self, token_shape: Sequence[int], device) -> torch.Tensor:
-        """The validated ``(B, T)`` mask; ``token_shape`` is ``(B, T)``."""
-        token_shape = tuple(int(s) for s in token_shape)
+        """The validated ``(B, T)`` mask on ``device``; ``token_shape`` is ``(B, T)``."""
+        key = (int(token_shape[0]), int(token_shape[1]), device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = self._resolve(key[:2], device)
+        return mask
+
+    def _resolve(self, token_shape, device) -> torch.Tensor:
         mask = self.padding_mask
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2
                                  or mask.shape[1] == token_shape[1] or not self._lengths_at):
-            return resolve_padding(token_shape, device, mask, None, what="(B, T) [from seqnorm.padding]")
-        return resolve_padding(token_shape, device, None, self.lengths_at(token_shape[1]),
-                               what="(B, T) [from seqnorm.padding]")
+            return resolve_padding(token_shape, device, mask, None, what=self._WHAT)
+        return resolve_padding(token_shape, device, None, self.lengths_at(token_shape[1]), what=self._WHAT)
+
+    def mask_at(self, steps: int, device) -> torch.Tensor:
+        """The ``(B, steps)`` mask on ``device`` (``B`` from the lengths at ``steps``),
+        the one :meth:`batch_major` hands every module at that rate."""
+        lengths = self.lengths_at(steps)
+        return self.batch_major((lengths.shape[0] if lengths.dim() else 0, steps), device)
 
     def lengths_at(self, steps: int) -> torch.Tensor:
         """The ``(B,)`` lengths at a module with ``steps`` time steps (see the class docstring)."""
@@ -173,13 +263,17 @@ class PaddingContext:
 
     def mask_lengths(self) -> torch.Tensor:
         """The lengths of the given ``padding_mask``, which must have its padding at the end
-        of each sequence (a rate change needs lengths)."""
+        of each sequence (a rate change needs lengths): checked on the host for a
+        host mask, on the device otherwise (see the module docstring)."""
         mask = self.padding_mask
         lengths = (~mask).sum(1)
-        if not torch.equal(lengths_to_padding_mask(lengths, mask.shape[1]), mask):
-            raise ValueError("seqnorm.padding: a layer changes the number of time steps, which needs the "
-                             "padding at the end of each sequence; this padding_mask has padding between "
-                             "real steps — pass lengths")
+        rebuilt = _mask(lengths, mask.shape[1])
+        holes = ("seqnorm.padding: a layer changes the number of time steps, which needs the padding at the "
+                 "end of each sequence; this padding_mask has padding between real steps — pass lengths")
+        if not host_readable(mask):
+            assert_on_device(torch.eq(rebuilt, mask).all(), holes)
+        elif not torch.equal(rebuilt, mask):
+            raise ValueError(holes)
         self._lengths_at[int(mask.shape[1])] = lengths
         return lengths
 
@@ -188,7 +282,10 @@ class PaddingContext:
         Two rates with the same number of steps (a pooling layer and, later, an
         upsampling one) cannot be told apart by the number: the latest record holds,
         which in a feed-forward stack is the layer that made the tensor at hand."""
-        self._lengths_at[int(steps)] = lengths
+        steps = int(steps)
+        self._lengths_at[steps] = lengths
+        for key in [k for k in self._masks if k[1] == steps]:
+            del self._masks[key]
 
     def known_steps(self):
         """The numbers of time steps whose lengths are known."""
@@ -197,13 +294,12 @@ class PaddingContext:
     def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
         ``batch_first``, ``(T, B)`` otherwise."""
-        token_shape = tuple(int(s) for s in token_shape)
         if len(token_shape) != 2:
             raise ValueError(f"seqnorm.padding gives a (B, T) mask, but this norm's input has token shape "
                              f"{shape_str(token_shape)}; pass padding_mask to it directly")
-        bt = token_shape if self.batch_first else token_shape[::-1]
-        mask = self.batch_major(bt, device)
-        return mask if self.batch_first else mask.transpose(0, 1)
+        if self.batch_first:
+            return self.batch_major(token_shape, device)
+        return self.batch_major((token_shape[1], token_shape[0]), device).transpose(0, 1)
 
 
 def padding(padding_mask: Optional[torch.Tensor] = None, *, lengths: Optional[torch.Tensor] = None,

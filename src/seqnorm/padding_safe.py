@@ -42,9 +42,8 @@ import torch
 from torch import nn
 
 from .convert import ConversionWarning, convert
-from .masks import current_padding, lengths_to_padding_mask
+from .masks import assert_on_device, current_padding, host_readable
 from .modules import GroupNorm, InstanceNorm1d
-from .running import sync_free
 
 __all__ = ["make_padding_safe", "conv_output_lengths", "reads_past_the_end", "is_padding_safe", "TIME_LAYERS"]
 
@@ -111,8 +110,10 @@ def _name(name: str, module: nn.Module) -> str:
     return f"seqnorm.make_padding_safe: layer {name!r} ({type(module).__name__})"
 
 
-def _lengths_at(ctx, steps: int, batch: int, where: str) -> Tensor:
-    """The context's lengths at ``steps``, checked against the layer's input."""
+def _lengths_at(ctx, steps: int, batch: int, where: str, device=None) -> Tensor:
+    """The context's lengths at ``steps``, checked against the layer's input: on the
+    host for host lengths; for lengths on a device (given ``device``), on the device
+    by building the rate's mask once (:meth:`~seqnorm.masks.PaddingContext.mask_at`)."""
     try:
         lengths = ctx.lengths_at(steps)
     except ValueError as e:
@@ -120,7 +121,10 @@ def _lengths_at(ctx, steps: int, batch: int, where: str) -> Tensor:
     if lengths.shape != (batch,):
         raise ValueError(f"{where}: the padding holds {tuple(lengths.shape)[0] if lengths.dim() else 0} "
                          f"sequences but the layer's input has batch size {batch}")
-    if not sync_free(lengths) and lengths.numel() and int(lengths.max()) > steps:
+    if not host_readable(lengths):
+        if device is not None:
+            ctx.mask_at(steps, device)
+    elif lengths.numel() and int(lengths.max()) > steps:
         raise ValueError(f"{where}: lengths up to {int(lengths.max())} but the layer's input has only "
                          f"{steps} time steps (lengths must be at the rate of the model's input)")
     return lengths
@@ -145,10 +149,10 @@ def _time_pre_hook(name: str):
         if channels is not None and x.shape[1] != channels:
             raise ValueError(f"{where}: expects {channels} input channels (input (N, {channels}, L)), "
                              f"got input of shape {tuple(x.shape)}")
-        lengths = _lengths_at(ctx, x.shape[-1], x.shape[0], where)
+        _lengths_at(ctx, x.shape[-1], x.shape[0], where, x.device)
         if not reads_past_the_end(layer):
             return None
-        pad = lengths_to_padding_mask(lengths.to(x.device), x.shape[-1]).unsqueeze(1)
+        pad = ctx.mask_at(x.shape[-1], x.device).unsqueeze(1)      # built once per rate, shared with the norms
         fill = torch.finfo(x.dtype).min if isinstance(layer, nn.MaxPool1d) else 0.0
         return (x.masked_fill(pad, fill),) + tuple(args[1:])
     return hook
@@ -162,13 +166,16 @@ def _time_hook(name: str):
         out = output[0] if isinstance(output, tuple) else output     # MaxPool1d(return_indices=True)
         lengths = ctx.lengths_at(args[0].shape[-1])
         out_lengths = conv_output_lengths(layer, lengths)
-        if not sync_free(lengths):
+        too_few = f"too few for kernel {_one(layer.kernel_size)} (stride {_one(layer.stride)})"
+        if not host_readable(lengths):        # lengths on a device: checked there, no read back
+            assert_on_device(((lengths <= 0) | (out_lengths > 0)).all(),
+                             f"{_name(name, layer)}: a sequence has {too_few}: its output would have no step")
+        else:
             short = ((lengths > 0) & (out_lengths <= 0)).nonzero().flatten().tolist()
             if short:
                 b = short[0]
-                raise ValueError(f"{_name(name, layer)}: sequence {b} has {int(lengths[b])} steps, too few "
-                                 f"for kernel {_one(layer.kernel_size)} (stride {_one(layer.stride)}): its "
-                                 f"output would have no step")
+                raise ValueError(f"{_name(name, layer)}: sequence {b} has {int(lengths[b])} steps, {too_few}: "
+                                 f"its output would have no step")
         ctx.record(out.shape[-1], out_lengths)
         return None
     return hook
@@ -187,9 +194,9 @@ def _norm_pre_hook(name: str, channels_first: bool):
             if x.shape[1] != channels:
                 raise ValueError(f"{where}: expects {channels} channels (input (N, {channels}, L)), got "
                                  f"input of shape {tuple(x.shape)}")
-            _lengths_at(ctx, x.shape[-1], x.shape[0], where)
+            _lengths_at(ctx, x.shape[-1], x.shape[0], where, x.device)
         elif ctx.batch_first:
-            _lengths_at(ctx, x.shape[1], x.shape[0], where)
+            _lengths_at(ctx, x.shape[1], x.shape[0], where, x.device)
         return None
     return hook
 

@@ -1,0 +1,232 @@
+"""Host cost of a seqnorm module call: Python time per call, and reads back to the host per forward.
+
+Two tables (issue 16's "host overhead", issue 20's "no host synchronization"):
+
+* **overhead** — time per module call on a tiny input, (B, T, D) = (2, 8, 64) float32 on the CPU, one
+  thread, the backend ``auto`` picks there (torch), against torch's own module in the same process: the
+  median over ``--rounds`` rounds of ``--calls`` calls each, seqnorm and torch alternating round by round.
+  At this size the kernels take ~2 µs, so what is timed is the Python around them: argument checks,
+  padding resolution, backend choice, the running-statistics policy — the same on every backend, so a
+  GPU call pays it too.
+* **reads** — values read back to the host per forward (``.item()``, ``int()``, ``bool()``, ``tolist``,
+  ``nonzero``, ``torch.equal``, boolean indexing) under the running-statistics policy a CUDA tensor
+  gets (forced on CPU tensors, as ``tests/test_no_host_sync.py`` does), counted by a dispatch mode. On a
+  GPU each one stalls the stream until the device catches up.
+
+    python benchmarks/host_overhead.py              # both tables, markdown
+    python benchmarks/host_overhead.py overhead     # or: reads
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import seqnorm
+from seqnorm import running
+
+B, T, D = 2, 8, 64
+
+
+# ---------------------------------------------------------------------------
+# overhead: µs per call, seqnorm vs torch
+# ---------------------------------------------------------------------------
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, D, generator=gen)
+    lengths = torch.tensor([T, T - 3])
+    mask = torch.arange(T)[None, :] >= lengths[:, None]
+    return x, mask, lengths
+
+
+def _cases():
+    """(name, seqnorm call, torch call, how the seqnorm call runs) — each call a closure over its module."""
+    x, mask, lengths = _inputs()
+    xt = x.transpose(1, 2).contiguous()                   # (B, D, T): BatchNorm1d's and GroupNorm's layout
+    ln, tln = seqnorm.LayerNorm(D), nn.LayerNorm(D)
+    rms, trms = seqnorm.RMSNorm(D), nn.RMSNorm(D)
+    bn, tbn = seqnorm.SeqBatchNorm(D).train(), nn.BatchNorm1d(D).train()
+    gn, tgn = seqnorm.GroupNorm(4, D), nn.GroupNorm(4, D)
+    context = seqnorm.padding(mask)
+    return [
+        ("LayerNorm, padding_mask", lambda: ln(x, padding_mask=mask), lambda: tln(x), None),
+        ("LayerNorm, lengths", lambda: ln(x, lengths=lengths), lambda: tln(x), None),
+        ("LayerNorm under seqnorm.padding", lambda: ln(x), lambda: tln(x), context),
+        ("RMSNorm, padding_mask", lambda: rms(x, padding_mask=mask), lambda: trms(x), None),
+        ("SeqBatchNorm train, padding_mask", lambda: bn(x, padding_mask=mask), lambda: tbn(xt), None),
+        ("GroupNorm, padding_mask", lambda: gn(xt, padding_mask=mask), lambda: tgn(xt), None),
+    ]
+
+
+def _time(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def overhead(rounds: int, calls: int):
+    """Rows ``(case, seqnorm µs, torch µs, ratio)``: medians of interleaved rounds."""
+    torch.set_num_threads(1)
+    rows = []
+    with torch.no_grad():
+        for name, ours, theirs, context in _cases():
+            if context is not None:
+                context.__enter__()
+            try:
+                for fn in (ours, theirs):           # warm-up: first-call imports, allocator
+                    _time(fn, calls)
+                a, b = [], []
+                for _ in range(rounds):
+                    a.append(_time(ours, calls))
+                    b.append(_time(theirs, calls))
+            finally:
+                if context is not None:
+                    context.__exit__(None, None, None)
+            sa, sb = statistics.median(a), statistics.median(b)
+            rows.append((name, sa, sb, sa / sb))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# reads: host reads per forward under the sync-free policy
+# ---------------------------------------------------------------------------
+
+#: aten ops that read tensor data back to the host (on CUDA: a stream synchronization)
+READ_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.equal", "aten.is_nonzero", "aten.masked_select",
+            "aten._unique2", "aten.unique_consecutive", "aten.unique_dim"}
+
+
+class HostReads:
+    """Count host reads: aten ops that read data (seen by a dispatch mode), boolean-mask indexing
+    (an implicit ``nonzero``), and ``tolist`` / ``numpy``, which read a CPU tensor without dispatch."""
+
+    def __init__(self):
+        self.counts = Counter()
+        outer = self
+
+        class _Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                if name in READ_OPS or (name in ("aten.index", "aten.index_put", "aten.index_put_")
+                                        and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                for i in (args[1] or ()) if i is not None)):
+                    outer.counts[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        class _Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in (torch.Tensor.tolist, torch.Tensor.numpy):
+                    outer.counts[func.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (_Function(), _Dispatch())
+
+    def __enter__(self):
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count_reads(fn) -> Counter:
+    """Host reads of one call of ``fn`` under the sync-free policy forced on CPU tensors."""
+    real = running.sync_free
+    running.sync_free = lambda t: True
+    try:
+        with HostReads() as reads:
+            fn()
+    finally:
+        running.sync_free = real
+    return reads.counts
+
+
+def _conv_stack():
+    torch.manual_seed(0)
+    return seqnorm.make_padding_safe(nn.Sequential(
+        nn.Conv1d(3, 8, 5, stride=2, padding=2), nn.BatchNorm1d(8), nn.GELU(),
+        nn.Conv1d(8, 8, 3, dilation=2, padding="same"), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.MaxPool1d(3, stride=2, padding=1), nn.InstanceNorm1d(8, affine=True),
+        nn.AvgPool1d(2), nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1), nn.Tanh(),
+        nn.Conv1d(4, 4, 4, padding=2), nn.GroupNorm(1, 4))).train()
+
+
+def read_cases():
+    """(case, fn) pairs: one forward each."""
+    from seqnorm import kinds
+
+    x, mask, lengths = _inputs()
+    cases = []
+    for kind in ("layer", "rms", "add_layer", "masked_batch", "power", "group", "instance"):
+        extra = {"group": dict(num_groups=4), "instance": dict(affine=True, track_running_stats=True)}
+        m = kinds.build(kind, D, **extra.get(kind, {})).train()
+        xi = x.transpose(1, 2).contiguous() if kinds.kind(kind).channels_first else x
+        call = (lambda m=m, xi=xi, **kw: m(xi, xi, **kw)) if kind == "add_layer" else \
+            (lambda m=m, xi=xi, **kw: m(xi, **kw))
+        cases.append((f"{kind}: lengths=", lambda call=call: call(lengths=lengths)))
+        cases.append((f"{kind}: padding(lengths=)", lambda call=call: _in(call, lengths=lengths)))
+        cases.append((f"{kind}: padding(mask)", lambda call=call: _in(call, mask)))
+    stack, wave = _conv_stack(), torch.randn(2, 3, 57)
+    wave_lengths = torch.tensor([57, 30])
+    cases.append(("conv stack: padding(lengths=)", lambda: _in(lambda: stack(wave), lengths=wave_lengths)))
+    cases.append(("conv stack: padding(mask)",
+                  lambda: _in(lambda: stack(wave), torch.arange(57)[None] >= wave_lengths[:, None])))
+    try:
+        from seqnorm import hf
+        for name in ("wav2vec2", "hubert"):
+            model = seqnorm.make_padding_safe(hf.build(name))
+            audio, audio_lengths = torch.randn(2, 1600), torch.tensor([1600, 1000])
+            cases.append((f"HF {name} (small): padding(lengths=)",
+                          lambda model=model, audio=audio, al=audio_lengths: _in(lambda: model(audio), lengths=al)))
+    except ImportError:   # transformers is a test dependency
+        pass
+    return cases
+
+
+def _in(call, mask=None, **kw):
+    with torch.no_grad(), seqnorm.padding(mask, **kw):
+        return call()
+
+
+def reads_table():
+    return [(name, count_reads(fn)) for name, fn in read_cases()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", nargs="?", choices=("overhead", "reads", "both"), default="both")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args(argv)
+    if args.table in ("overhead", "both"):
+        print(f"host time per call, ({B}, {T}, {D}) float32, CPU, 1 thread, backend auto; "
+              f"median of {args.rounds} rounds × {args.calls} calls\n")
+        print("| module call | seqnorm µs | torch µs | × torch |\n|---|---:|---:|---:|")
+        for name, a, b, r in overhead(args.rounds, args.calls):
+            print(f"| {name} | {a:.1f} | {b:.1f} | {r:.2f}× |")
+        print()
+    if args.table in ("reads", "both"):
+        print("host reads per forward, sync-free policy forced on CPU\n")
+        print("| case | reads | which |\n|---|---:|---|")
+        for name, counts in reads_table():
+            which = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "—"
+            print(f"| {name} | {sum(counts.values())} | {which} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
