@@ -283,6 +283,8 @@ class PaddingContext:
         upsampling one) cannot be told apart by the number: the latest record holds,
         which in a feed-forward stack is the layer that made the tensor at hand."""
         steps = int(steps)
+        if self._lengths_at.get(steps) is lengths:       # a layer that keeps every length
+            return
         self._lengths_at[steps] = lengths
         for key in [k for k in self._masks if k[1] == steps]:
             del self._masks[key]

@@ -165,6 +165,10 @@ def _time_hook(name: str):
             return None
         out = output[0] if isinstance(output, tuple) else output     # MaxPool1d(return_indices=True)
         lengths = ctx.lengths_at(args[0].shape[-1])
+        k, s, total, d, _, _ = _geometry(layer)
+        if s == 1 and total == d * (k - 1) and not isinstance(layer, nn.ConvTranspose1d):
+            ctx.record(out.shape[-1], lengths)   # every length kept: the same tensor, the rate's mask stays
+            return None
         out_lengths = conv_output_lengths(layer, lengths)
         too_few = f"too few for kernel {_one(layer.kernel_size)} (stride {_one(layer.stride)})"
         if not host_readable(lengths):        # lengths on a device: checked there, no read back
