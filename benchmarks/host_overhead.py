@@ -5,7 +5,8 @@ Two tables (issue 16's "host overhead", issue 20's "no host synchronization"):
 * **overhead** — time per module call on a tiny input, (B, T, D) = (2, 8, 64) float32 on the CPU, one
   thread, the backend ``auto`` picks there (torch), against torch's own module in the same process: the
   median over ``--rounds`` rounds of ``--calls`` calls each, seqnorm and torch alternating round by round.
-  At this size the kernels take ~2 µs, so what is timed is the Python around them: argument checks,
+  Time is the thread's CPU time (the machine is shared). At this size the kernels take ~2 µs, so what
+  is timed is the Python around them: argument checks,
   padding resolution, backend choice, the running-statistics policy — the same on every backend, so a
   GPU call pays it too.
 * **reads** — values read back to the host per forward (``.item()``, ``int()``, ``bool()``, ``tolist``,
@@ -67,17 +68,20 @@ def _cases():
 
 
 def _time(fn, calls: int) -> float:
-    t0 = time.perf_counter()
+    """µs per call of ``fn``, in CPU time of this thread: on a shared machine the time
+    the thread waits for a core is not the call's cost (wall time drifted 2–3× here)."""
+    t0 = time.thread_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls * 1e6
+    return (time.thread_time() - t0) / calls * 1e6
 
 
-def overhead(rounds: int, calls: int):
-    """Rows ``(case, seqnorm µs, torch µs, ratio)``: medians of interleaved rounds."""
+def overhead(rounds: int, calls: int, grad: bool):
+    """Rows ``(case, seqnorm µs, torch µs, ratio)``: medians of interleaved rounds; a
+    forward with autograd recording (parameters require grad), or under ``no_grad``."""
     torch.set_num_threads(1)
     rows = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for name, ours, theirs, context in _cases():
             if context is not None:
                 context.__enter__()
@@ -215,9 +219,12 @@ def main(argv=None) -> int:
     if args.table in ("overhead", "both"):
         print(f"host time per call, ({B}, {T}, {D}) float32, CPU, 1 thread, backend auto; "
               f"median of {args.rounds} rounds × {args.calls} calls\n")
-        print("| module call | seqnorm µs | torch µs | × torch |\n|---|---:|---:|---:|")
-        for name, a, b, r in overhead(args.rounds, args.calls):
-            print(f"| {name} | {a:.1f} | {b:.1f} | {r:.2f}× |")
+        print("| module call | forward: seqnorm µs | torch µs | × torch | no_grad: seqnorm µs | torch µs | × torch |"
+              "\n|---|---:|---:|---:|---:|---:|---:|")
+        for grad_row, plain_row in zip(overhead(args.rounds, args.calls, True),
+                                       overhead(args.rounds, args.calls, False)):
+            cells = " | ".join(f"{a:.1f} | {b:.1f} | {r:.2f}×" for _, a, b, r in (grad_row, plain_row))
+            print(f"| {grad_row[0]} | {cells} |")
         print()
     if args.table in ("reads", "both"):
         print("host reads per forward, sync-free policy forced on CPU\n")

@@ -34,7 +34,7 @@ def normalized_shape(shape: ShapeLike) -> Tuple[int, ...]:
     if isinstance(shape, str):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {shape!r}")
     try:
-        return tuple(int(s) for s in shape)
+        return tuple(map(int, shape))
     except (TypeError, ValueError):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {shape!r}") from None
 
@@ -46,7 +46,7 @@ def check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tenso
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_str(shape)} or None, "
                         f"got {type(p).__name__}")
-    if tuple(p.shape) != shape:
+    if p.shape != shape:
         raise ValueError(f"{name} must have shape {shape_str(shape)}, got {shape_str(p.shape)}")
     if p.device != x.device:
         raise ValueError(f"{name} is on {p.device} but the input is on {x.device}")
@@ -58,12 +58,13 @@ def split_rowwise(x: Tensor, shape: ShapeLike, name: str = "input"):
     k = len(shape)
     if k == 0:
         raise ValueError("normalized_shape must have at least one dimension")
-    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+    n = x.dim()
+    if n < k or x.shape[n - k:] != shape:
         raise ValueError(
             f"{name} must have shape (*, {', '.join(map(str, shape))}) to match normalized_shape="
             f"{list(shape)}, got {shape_str(x.shape)}"
         )
-    return shape, tuple(x.shape[: x.dim() - k]), math.prod(shape)
+    return shape, tuple(x.shape[: n - k]), math.prod(shape)
 
 
 def check_featurewise_input(x, who: str) -> None:

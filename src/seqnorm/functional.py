@@ -25,10 +25,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import backends
-from .checks import (cast, check_featurewise_input, check_input, check_param, compute_dtype,
+from .checks import (LOW_PRECISION, cast, check_featurewise_input, check_input, check_param, compute_dtype,
                      split_rowwise)
 from .backends.torch import StatsReduce
-from .masks import resolve_padding, shape_str
+from .masks import flat_padding, resolve_padding, shape_str
 from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
 from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
                       update_batch_norm_stats, update_running_stats)
@@ -69,8 +69,24 @@ def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     backend = _backend_for(x, reduce)
     if x.dtype in backend.native_low_precision:
         return backend, x.reshape(rows, d), True
-    x2 = x.reshape(rows, d).to(compute_dtype(x))
+    x2 = x.reshape(rows, d)
+    if x.dtype not in LOW_PRECISION:    # float32/float64 as they are: the chooser has seen this input
+        return backend, x2, False
+    x2 = x2.to(compute_dtype(x))
     return _backend_for(x2, reduce), x2, False
+
+
+def _vector(t: Optional[Tensor], d: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """A parameter as ``(d,)`` in ``dtype`` (no call when it already is: host time per call)."""
+    if t is None or (t.dtype == dtype and t.dim() == 1):
+        return t
+    return t.reshape(d).to(dtype)
+
+
+def _as_input(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in ``x``'s dtype and shape (``view_as``: reshape parses a torch.Size ~3 µs slower)."""
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y.view_as(x) if y.is_contiguous() else y.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -107,18 +123,15 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
     rows = math.prod(token_shape)
     cdt = compute_dtype(x)
     backend, x2, native = _backend_and_rows(x, rows, d)
-    w = None if weight is None else weight.reshape(d).to(cdt)
-    b = None if bias is None else bias.reshape(d).to(cdt)
-    pad1 = None if pad is None else pad.reshape(rows)
+    w, b = _vector(weight, d, cdt), _vector(bias, d, cdt)
+    pad1 = flat_padding(pad, rows)
     if residual is None:
-        y = backend.rowwise_norm(x2, w, b, eps, pad1, center)
-        return y.to(x.dtype).reshape(x.shape)
+        return _as_input(backend.rowwise_norm(x2, w, b, eps, pad1, center), x)
     # Low-precision inputs are summed in float32 too: the norm sees the exact sum,
     # and the returned residual stream is rounded once, like the output.
     r2 = residual.reshape(rows, d) if native else residual.reshape(rows, d).to(cdt)
     y, s = backend.add_rowwise_norm(x2, r2, w, b, eps, pad1, center, need_sum)
-    y = y.to(x.dtype).reshape(x.shape)
-    return y, (None if s is None else s.to(x.dtype).reshape(x.shape))
+    return _as_input(y, x), (None if s is None else _as_input(s, x))
 
 
 def layer_norm(
@@ -302,7 +315,7 @@ def _featurewise_setup(x, padding_mask, lengths, params, op_name, reduce):
     pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
                           what="(B, T)" if x.dim() == 3 else "(N,)")
     backend, x2, _ = _backend_and_rows(x, math.prod(token_shape), d, reduce)
-    pad1 = None if pad is None else pad.reshape(x2.shape[0])
+    pad1 = flat_padding(pad, x2.shape[0])
     return backend, x2, pad1, compute_dtype(x)
 
 

@@ -30,6 +30,7 @@ metadata.
 from __future__ import annotations
 
 import contextvars
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -38,7 +39,7 @@ from . import running
 
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
            "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
-           "assert_on_device"]
+           "assert_on_device", "flat_padding"]
 
 Tensor = torch.Tensor
 
@@ -146,6 +147,9 @@ def resolve_padding(
         ValueError: shapes or devices do not match, lengths out of range, or
             both padding_mask and lengths were given.
     """
+    if lengths is None and isinstance(padding_mask, Tensor) and padding_mask.dtype == torch.bool \
+            and padding_mask.shape == expected_shape and padding_mask.device == device:
+        return padding_mask        # the common case, checked without building anything (host time per call)
     expected_shape = tuple(int(s) for s in expected_shape)
     if padding_mask is not None and lengths is not None:
         raise ValueError("pass either padding_mask or lengths, not both")
@@ -159,12 +163,7 @@ def resolve_padding(
             raise ValueError(
                 f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(lengths.shape)}"
             )
-        mask = lengths_to_padding_mask(lengths, expected_shape[1], device)
-        if mask.shape[0] != expected_shape[0]:
-            raise ValueError(
-                f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(mask.shape[:1])}"
-            )
-        return mask
+        return _mask_of_lengths(lengths, expected_shape, device)
     if padding_mask is None:
         return None
     if not isinstance(padding_mask, torch.Tensor):
@@ -187,6 +186,56 @@ def resolve_padding(
             f"padding_mask is on {padding_mask.device} but the input is on {device}"
         )
     return padding_mask
+
+
+def _mask_of_lengths(lengths, expected_shape, device) -> Tensor:
+    """The validated mask of ``lengths``; the last lengths tensor's mask is kept, so that
+    the same lengths given to a model's many norms are checked and turned into a mask once
+    (a norm never changes its mask in place)."""
+    global _last_lengths
+    key = (expected_shape[1], device)
+    memo = isinstance(lengths, Tensor) and not torch.compiler.is_compiling()
+    if memo:
+        ref, version, last_key, mask = _last_lengths
+        if ref() is lengths and version == lengths._version and last_key == key:
+            return mask
+    mask = lengths_to_padding_mask(lengths, expected_shape[1], device)
+    if mask.shape[0] != expected_shape[0]:
+        raise ValueError(
+            f"lengths must have shape (B,) = ({expected_shape[0]},), got {shape_str(mask.shape[:1])}"
+        )
+    if memo:
+        _last_lengths = (weakref.ref(lengths), lengths._version, key, mask)
+    return mask
+
+
+def flat_padding(mask: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    """A validated mask as the ``(rows,)`` row mask a backend takes — the *same*
+    tensor for the same mask, call after call (the last mask's is kept, as long
+    as it is not changed in place), so that what a backend derives from it (the
+    torch backend's padded-row indices) is derived once for a model's many norms."""
+    global _last_flat
+    if mask is None:
+        return None
+    if torch.compiler.is_compiling():
+        return mask.reshape(rows)
+    ref, version, flat = _last_flat
+    if ref() is mask and version == mask._version and flat.shape[0] == rows:
+        return flat
+    flat = mask.reshape(rows)
+    _last_flat = (weakref.ref(mask), mask._version, flat)
+    return flat
+
+
+def _dead():
+    return None
+
+
+# (weak reference to the last mask flat_padding saw, its version counter, its (rows,) view);
+# the view keeps that one mask alive
+_last_flat = (_dead, -1, None)
+# (weak reference to the last lengths tensor resolved, its version counter, (T, device), its mask)
+_last_lengths = (_dead, -1, None, None)
 
 
 # ---------------------------------------------------------------------------
