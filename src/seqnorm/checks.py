@@ -94,4 +94,4 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+    return t if t is None or t.dtype == dtype else t.to(dtype)     # no call when it is (host time)

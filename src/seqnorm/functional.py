@@ -408,7 +408,7 @@ def seq_batch_norm(
         if running_mean is not None:
             update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
                                     num_batches_tracked)
-    return y.to(input.dtype).reshape(input.shape)
+    return _as_input(y, input)
 
 
 def power_norm(
@@ -496,7 +496,7 @@ def _power_norm(input, running_phi, running_nu, weight, bias, training, momentum
     )
     if training:
         update_running_stats([(running_phi, batch_phi)], count, momentum, num_batches_tracked)
-    return y.to(input.dtype).reshape(input.shape)
+    return _as_input(y, input)
 
 
 # Training runs eagerly even inside torch.compile: the output divides by the running ψ² that
@@ -550,7 +550,7 @@ def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
     y, mean, var, count = backend.groupwise_norm(x3, cast(weight, cdt), cast(bias, cdt), eps, pad, groups)
-    return y.to(x.dtype).reshape(x.shape), mean, var, count
+    return _as_input(y, x), mean, var, count
 
 
 def group_norm(
@@ -723,4 +723,4 @@ def _instance_norm_running(x, running_mean, running_var, weight, bias, eps, padd
         y = y + bias.to(cdt).unsqueeze(1)
     if pad is not None:
         y = y.masked_fill(pad.unsqueeze(1), 0)
-    return y.to(x.dtype).reshape(x.shape)
+    return _as_input(y, x)
