@@ -389,3 +389,12 @@ def test_cuda_padding_path_does_not_synchronize():
         net.train(train)
         for scope in scopes(lengths, mask):
             no_sync(lambda: net(x), scope)
+    if importlib.util.find_spec("transformers"):
+        from seqnorm import hf
+
+        audio, lengths = torch.randn(2, 1600).cuda(), torch.tensor([1600, 1000])
+        for name in ("wav2vec2", "hubert"):
+            model = seqnorm.make_padding_safe(hf.build(name)).cuda()
+            for scope in scopes(lengths, torch.arange(1600)[None, :] >= lengths[:, None]):
+                with torch.no_grad():
+                    no_sync(lambda: model(audio), scope)
