@@ -398,3 +398,15 @@ def test_cuda_padding_path_does_not_synchronize():
             for scope in scopes(lengths, torch.arange(1600)[None, :] >= lengths[:, None]):
                 with torch.no_grad():
                     no_sync(lambda: model(audio), scope)
+
+
+def test_lengths_compile_whole():
+    """Under torch.compile lengths are checked on the device too, so a norm given
+    ``lengths=`` compiles into one graph (it broke on the host read before)."""
+    torch._dynamo.reset()
+    ln = seqnorm.LayerNorm(D)
+    x, lengths = torch.randn(2, 5, D), torch.tensor([5, 3])
+    compiled = torch.compile(lambda x, lengths: ln(x, lengths=lengths), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, lengths), ln(x, lengths=lengths))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, 5\]"):
+        compiled(x, torch.tensor([6, 3]))
