@@ -684,6 +684,12 @@ def instance_norm(
     groupwise = _jagged_groupwise if jagged else _groupwise
     y, mean, var, steps = groupwise(input, c, weight, bias, eps, padding_mask, lengths, "instance_norm")
     if running_mean is not None:
+        backend = _backend_for(mean, op="instance_running_update")
+        if hasattr(backend, "instance_running_update") and \
+                _fuses_update(backend, mean, None, momentum, num_batches_tracked):   # one kernel, as below
+            backend.instance_running_update(mean, var, steps, running_mean, running_var, num_batches_tracked,
+                                            momentum)
+            return y
         # Each instance with ≥ 2 real steps contributes its mean and unbiased variance, weighted alike.
         with torch.no_grad():
             used = steps >= 2                                                          # N

@@ -98,6 +98,13 @@ def _block_d(d: int) -> Tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
+#: the widest row each row-wise kernel holds in registers: compiled for sm_80/sm_90,
+#: the forward fits up to 16,384 columns and the backward up to 8,192 without a
+#: spill (benchmarks/registers.py); wider rows take the column-blocked kernels,
+#: which read the row BLOCK_C columns at a time, once per pass
+MAX_BLOCK_FWD, MAX_BLOCK_BWD, BLOCK_C = 16384, 8192, 4096
+
+
 def _grads_fake(dy, x, weight, bias, *_):
     """Every backward op's outputs: ``(dx like x, dγ (D,), dβ (D,))``, each parameter
     gradient in its parameter's dtype (empty without the parameter)."""
@@ -133,11 +140,13 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     if rows and d:
         block, warps = _block_d(d)
         res = residual if residual is not None else x
-        rk.rowwise_fwd[(rows,)](
+        kernel, blocks = (rk.rowwise_fwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_FWD else \
+            (rk.rowwise_fwd_blocked, dict(BLOCK_C=BLOCK_C))
+        kernel[(rows,)](
             x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x), shift, delta,
             rstd, x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, float(eps),
             HAS_RES=residual is not None, WRITE_S=write_sum, HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_PAD=pad is not None, CENTER=center, BLOCK_D=block, num_warps=warps)
+            HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     else:
         shift.zero_(), delta.zero_(), rstd.zero_(), y.zero_()
         if write_sum:
@@ -165,11 +174,13 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
     block, warps = _block_d(d)
     res = residual if residual is not None else x
     dsr = ds if ds is not None else x
-    rk.rowwise_bwd[(programs,)](
+    kernel, blocks = (rk.rowwise_bwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_BWD else \
+        (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
+    kernel[(programs,)](
         dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), shift, delta, rstd, dw_part, db_part,
         dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
         HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
-        HAS_PAD=pad is not None, CENTER=center, BLOCK_D=block, num_warps=warps)
+        HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     _param_grads(dw_part, db_part, dw, db, programs, d, weight is not None, bias is not None)
     return dx, dw, db
 
@@ -736,6 +747,17 @@ class TritonBackend:
         given = factor.float().reshape(()) if isinstance(factor, Tensor) else None
         return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), bool(training),
                          None if given is not None else float(factor), None, given, False)[:3]
+
+    @staticmethod
+    def instance_running_update(mean, var, steps, running_mean, running_var, num_batches_tracked, momentum):
+        """InstanceNorm's running statistics moved from the instances' ``mean``, ``var``
+        ``(B, C)`` and ``steps (B,)`` in one kernel (the sync-free policy)."""
+        b, c = mean.shape
+        nbt = num_batches_tracked
+        fk.instance_finalize[(1,)](mean.float().contiguous(), var.float().contiguous(), steps.contiguous(),
+                                   running_mean, running_var, nbt if nbt is not None else steps, b, c,
+                                   float(momentum or 0.0), HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
+                                   BLOCK_F=_finalize_block(c), num_warps=4)
 
     @staticmethod
     def groupwise_norm(x, weight, bias, eps, pad, groups):

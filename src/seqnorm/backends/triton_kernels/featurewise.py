@@ -630,3 +630,54 @@ def power_grad_finalize(
             tl.store(DW + feats, sum_rows(DG_PART, P, D, feats, fmask).to(DW.dtype.element_ty), mask=fmask)
         if HAS_B:
             tl.store(DB + feats, sum_rows(DB_PART, P, D, feats, fmask).to(DB.dtype.element_ty), mask=fmask)
+
+
+# ---------------------------------------------------------------------------
+# InstanceNorm's running statistics (the statistics come from the group-wise kernel)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def instance_finalize(
+    MEAN,       # (B, C) float32: each instance's mean
+    VAR,        # (B, C) float32: each instance's biased variance
+    STEPS,      # (B,) int64: each sequence's real steps
+    RMEAN,      # (C,) running mean, its dtype, moved in place
+    RVAR,       # (C,) running (unbiased) variance, moved in place
+    NBT,        # () int64 num_batches_tracked (HAS_NBT)
+    B, C, momentum,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One program, as :func:`seqnorm.functional.instance_norm`'s update: each
+    instance with ``≥ 2`` real steps adds its mean and unbiased variance with
+    weight ``1/k`` (``k`` such instances, summed in order); the running
+    statistics move where ``k ≥ 1`` and every channel's statistic is finite."""
+    k = 0.0
+    for b in range(0, B):
+        k += (tl.load(STEPS + b) >= 2).to(tl.float32)
+    inv_k = 1.0 / tl.maximum(k, 1.0)
+    finite = 1
+    for pass_ in range(0, 2):                       # 0: finiteness of every channel; 1: the update
+        ok = (k >= 1.0) & (finite == 1)
+        factor = _factor(NBT, momentum, CUMULATIVE)
+        for c0 in range(0, C, BLOCK_F):
+            feats = c0 + tl.arange(0, BLOCK_F)
+            fmask = feats < C
+            batch_mean = tl.zeros([BLOCK_F], dtype=tl.float32)
+            batch_var = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for b in range(0, B):
+                steps = tl.load(STEPS + b)
+                w = (steps >= 2).to(tl.float32) * inv_k
+                n = steps.to(tl.float32)
+                mean = tl.load(MEAN + b * C + feats, mask=fmask, other=0.0)
+                var = tl.load(VAR + b * C + feats, mask=fmask, other=0.0)
+                unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+                batch_mean += tl.where(steps >= 2, mean, 0.0) * w
+                batch_var += tl.where(steps >= 2, unbiased, 0.0) * w
+            if pass_ == 0:
+                finite = tl.minimum(finite, tl.minimum(_all_finite(batch_mean, fmask), _all_finite(batch_var, fmask)))
+            else:
+                _moved(RMEAN, feats, fmask, batch_mean, factor, ok)
+                _moved(RVAR, feats, fmask, batch_var, factor, ok)
+    if HAS_NBT:
+        tl.store(NBT, tl.load(NBT) + ((k >= 1.0) & (finite == 1)).to(tl.int64))
