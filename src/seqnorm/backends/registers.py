@@ -84,6 +84,8 @@ def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
 
     block, warps = tb._block_d(d)
     fin = tb._finalize_block(d)
+    bt = tb._block_t(d)
+    gw = tb._group_warps(bt)
     row = dict(HAS_W=True, HAS_PAD=True, CENTER=True, BLOCK_D=block)
     fw = dict(HAS_PAD=True, BLOCK_N=tb.BLOCK_N, BLOCK_F=tb.BLOCK_F)
     blocked = dict(HAS_W=True, HAS_PAD=True, CENTER=True, BLOCK_C=tb.BLOCK_C)
@@ -111,8 +113,9 @@ def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
         _spec("featurewise", "power_input_grad", dtype, HAS_W=True, HAS_NU=True, **fw),
         _spec("featurewise", "power_grad_finalize", dtype, HAS_W=True, HAS_B=True, MOVE_NU=True, BLOCK_F=fin),
         _spec("featurewise", "instance_finalize", dtype, HAS_NBT=True, CUMULATIVE=True, BLOCK_F=fin),
-        _spec("groupwise", "groupwise_fwd", dtype, HAS_W=True, HAS_B=True, HAS_PAD=True, BLOCK_T=1024),
-        _spec("groupwise", "groupwise_bwd", dtype, HAS_W=True, HAS_PAD=True, BLOCK_T=1024),
+        # channels-first (B, C, T): the steps T take the place of D
+        _spec("groupwise", "groupwise_fwd", dtype, gw, HAS_W=True, HAS_B=True, HAS_PAD=True, BLOCK_T=bt),
+        _spec("groupwise", "groupwise_bwd", dtype, gw, HAS_W=True, HAS_PAD=True, BLOCK_T=bt),
     ]
 
 
@@ -176,8 +179,75 @@ def compile_one(spec: Spec, arch: int) -> Report:
 def compile_report(specs: Iterable[Spec], archs: Sequence[int] = ARCHS, workers: Optional[int] = None
                    ) -> List[Report]:
     """Compile every distinct spec for every arch (in a few threads: most of the
-    time is ptxas, a subprocess)."""
-    os.environ.pop("TRITON_INTERPRET", None)   # compile, do not interpret
+    time is ptxas, a subprocess). Needs kernels defined without ``TRITON_INTERPRET``
+    (the interpreter's kernels do not compile): under it, see :func:`report_in_subprocess`."""
+    from .triton_kernels import rowwise
+
+    if not hasattr(rowwise.rowwise_fwd, "params"):
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1: compile in a process without it "
+                           "(seqnorm.backends.registers.report_in_subprocess)")
     jobs = list(dict.fromkeys((s, a) for s in specs for a in archs))
     with contextlib.redirect_stdout(io.StringIO()), ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
         return list(pool.map(lambda job: compile_one(*job), jobs))
+
+
+def loaded_registers() -> Dict[str, Tuple[int, int]]:
+    """On a GPU: kernel name → (most registers, most spill bytes) over the
+    specializations this process has compiled and loaded (what the driver
+    reports at load); empty where none ran compiled (the interpreter)."""
+    from .triton_kernels import featurewise, groupwise, partials, rowwise
+
+    out: Dict[str, Tuple[int, int]] = {}
+    for module in (rowwise, featurewise, groupwise, partials):
+        for name, fn in vars(module).items():
+            for cache in getattr(fn, "device_caches", {}).values():
+                kernels = cache[0] if isinstance(cache, tuple) else cache
+                for kernel in getattr(kernels, "values", lambda: [])():
+                    try:
+                        kernel._init_handles()
+                        regs, spills = int(kernel.n_regs), int(kernel.n_spills)
+                    except Exception:   # not loaded on this device, or another Triton's layout
+                        continue
+                    old = out.get(name, (0, 0))
+                    out[name] = (max(old[0], regs), max(old[1], spills))
+    return out
+
+
+def report_in_subprocess(specs: Sequence[Spec], archs: Sequence[int] = ARCHS, timeout: float = 600
+                         ) -> List[Report]:
+    """:func:`compile_report` in a fresh Python without ``TRITON_INTERPRET`` (as the
+    test suite needs: its kernels run through the interpreter)."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps([[s.family, s.kernel, s.dtype, list(map(list, s.constexprs)), s.num_warps] for s in specs])
+    done = subprocess.run([sys.executable, "-m", "seqnorm.backends.registers", ",".join(map(str, archs))],
+                          input=payload, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode:
+        raise RuntimeError(f"compiling the kernels failed:\n{done.stderr[-4000:]}")
+    by_spec = {(s.family, s.kernel, s.dtype, s.constexprs, s.num_warps): s for s in specs}
+    reports = []
+    for line in done.stdout.splitlines():
+        family, kernel, dtype, constexprs, warps, arch, regs, stack, stores, loads = json.loads(line)
+        spec = by_spec[(family, kernel, dtype, tuple(tuple(c) for c in constexprs), warps)]
+        reports.append(Report(spec, arch, regs, stack, stores, loads))
+    return reports
+
+
+def _main() -> None:
+    """``python -m seqnorm.backends.registers 80,90`` with specs as JSON on stdin:
+    one JSON line per compiled kernel on stdout."""
+    import json
+    import sys
+
+    archs = [int(a) for a in sys.argv[1].split(",")]
+    specs = [Spec(f, k, dt, tuple(tuple(c) for c in ce), w) for f, k, dt, ce, w in json.load(sys.stdin)]
+    for r in compile_report(specs, archs):
+        s = r.spec
+        print(json.dumps([s.family, s.kernel, s.dtype, list(map(list, s.constexprs)), s.num_warps, r.arch,
+                          r.registers, r.stack, r.spill_stores, r.spill_loads]))
+
+
+if __name__ == "__main__":
+    _main()

@@ -98,11 +98,12 @@ def _block_d(d: int) -> Tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-#: the widest row each row-wise kernel holds in registers: compiled for sm_80/sm_90,
-#: the forward fits up to 16,384 columns and the backward up to 8,192 without a
-#: spill (benchmarks/registers.py); wider rows take the column-blocked kernels,
-#: which read the row BLOCK_C columns at a time, once per pass
-MAX_BLOCK_FWD, MAX_BLOCK_BWD, BLOCK_C = 16384, 8192, 4096
+#: the widest row each row-wise kernel holds in registers: compiled for sm_80/sm_90
+#: with every input (residual, the sum's gradient), the forward fits up to 16,384
+#: columns and the backward up to 4,096 without a spill (at 8,192 it spills 20 B,
+#: benchmarks/registers.py); wider rows take the column-blocked kernels, which read
+#: the row BLOCK_C columns at a time, once per pass
+MAX_BLOCK_FWD, MAX_BLOCK_BWD, BLOCK_C = 16384, 4096, 4096
 
 
 def _grads_fake(dy, x, weight, bias, *_):
@@ -628,6 +629,12 @@ def _block_t(t: int) -> int:
     return min(triton.next_power_of_2(max(t, 1)), 1024)
 
 
+def _group_warps(block_t: int) -> int:
+    """Warps of the group-wise kernels: 8 for full 1024-step blocks (with 4, ptxas
+    spills the bfloat16 backward for sm_90: 4 bytes, benchmarks/registers.py)."""
+    return 8 if block_t >= 1024 else 4
+
+
 def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
                         eps: float, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), rstd (B·G,))``,
@@ -641,7 +648,7 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         gk.groupwise_fwd[(b * groups,)](
             x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t, c // groups,
             groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
-            BLOCK_T=_block_t(t), num_warps=4)
+            BLOCK_T=_block_t(t), num_warps=_group_warps(_block_t(t)))
     else:
         steps.copy_(t - pad.sum(1, dtype=torch.int64) if pad is not None else torch.full_like(steps, t))
     return y, mean.reshape(b, groups), var.reshape(b, groups), steps, rstd
@@ -671,7 +678,7 @@ def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     gk.groupwise_bwd[(b * groups,)](
         dy, x, dx, _param(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
         c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
-        num_warps=4)
+        num_warps=_group_warps(_block_t(t)))
     _param_grads(dw_part, db_part, dw, db, b, c, weight is not None, bias is not None)
     return dx, dw, db
 
