@@ -139,8 +139,8 @@ def count(fn, counter: Optional[LaunchCounter] = None) -> Counter:
 #: issue 16's launch budget per module call on the CUDA path: label → (forward, backward)
 BUDGET = {
     "LayerNorm": (1, 2), "RMSNorm": (1, 2), "AddNorm (layer, prenorm)": (1, 2), "AddNorm (rms)": (1, 2),
-    "SeqBatchNorm train": (3, 3), "SeqBatchNorm eval": (1, 2),
-    "PowerNorm train": (3, 3), "PowerNorm eval": (1, 2),
+    "SeqBatchNorm train": (3, 3), "SeqBatchNorm train (cumulative)": (3, 3), "SeqBatchNorm eval": (1, 2),
+    "PowerNorm train": (3, 3), "PowerNorm train (cumulative)": (3, 3), "PowerNorm eval": (1, 2),
     "GroupNorm": (2, 3), "InstanceNorm1d": (2, 3), "InstanceNorm1d (affine, running stats)": (2, 3),
 }
 
@@ -151,8 +151,10 @@ MODULE_CALLS = [
     ("AddNorm (layer, prenorm)", "add_layer", True, {"prenorm": True}),
     ("AddNorm (rms)", "add_rms", True, {}),
     ("SeqBatchNorm train", "masked_batch", True, {}),
+    ("SeqBatchNorm train (cumulative)", "masked_batch", True, {"momentum": None}),
     ("SeqBatchNorm eval", "masked_batch", False, {}),
     ("PowerNorm train", "power", True, {}),
+    ("PowerNorm train (cumulative)", "power", True, {"momentum": None}),
     ("PowerNorm eval", "power", False, {}),
     ("GroupNorm", "group", True, {"num_groups": 2}),
     ("InstanceNorm1d", "instance", True, {}),
