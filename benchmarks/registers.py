@@ -2,6 +2,7 @@
 by Triton's bundled ptxas (no GPU needed): `python benchmarks/registers.py [--widths 1,64,...]
 [--dtypes fp32,bf16,fp16] [--archs 80,90]`.
 
+With --flag-variants also the lighter specializations (each boolean flag off in turn, and all off).
 Prints a markdown table (one line per distinct specialization: registers per thread on each arch,
 bytes of stack frame / spill stores / spill loads) and a summary line; exits 1 if anything spills.
 The widths are the row widths D of the row-wise kernels, the steps T of the group-wise ones, and
@@ -12,7 +13,7 @@ import argparse
 import sys
 import time
 
-from seqnorm.backends.registers import ARCHS, DTYPES, WIDTHS, compile_report, specializations
+from seqnorm.backends.registers import ARCHS, DTYPES, WIDTHS, compile_report, flag_variants, specializations
 
 
 def main() -> int:
@@ -21,10 +22,14 @@ def main() -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--archs", default=",".join(map(str, ARCHS)))
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--flag-variants", action="store_true",
+                        help="also every lighter specialization (each boolean flag off in turn, and all off)")
     args = parser.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     archs = [int(a) for a in args.archs.split(",")]
     specs = list(dict.fromkeys(s for d in widths for dt in args.dtypes.split(",") for s in specializations(d, dt)))
+    if args.flag_variants:
+        specs = list(dict.fromkeys(specs + flag_variants(specs)))
     start = time.perf_counter()
     reports = compile_report(specs, archs, args.workers)
     by_spec = {}

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-__all__ = ["Spec", "Report", "specializations", "compile_report", "WIDTHS", "DTYPES", "ARCHS"]
+__all__ = ["Spec", "Report", "specializations", "flag_variants", "compile_report", "loaded_registers",
+           "report_in_subprocess", "WIDTHS", "DTYPES", "ARCHS"]
 
 #: the row widths of issue 16's report
 WIDTHS = (1, 64, 1000, 1024, 4096, 8192, 16384, 65536)
@@ -117,6 +118,20 @@ def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
         _spec("groupwise", "groupwise_fwd", dtype, gw, HAS_W=True, HAS_B=True, HAS_PAD=True, BLOCK_T=bt),
         _spec("groupwise", "groupwise_bwd", dtype, gw, HAS_W=True, HAS_PAD=True, BLOCK_T=bt),
     ]
+
+
+def flag_variants(specs: Iterable[Spec]) -> List[Spec]:
+    """Each spec with its boolean flags all off, and with each one off in turn (the
+    lighter specializations a launcher also compiles: no padding, no bias, eval, ...)."""
+    import dataclasses
+
+    out = []
+    for spec in specs:
+        flags = [k for k, v in spec.constexprs if isinstance(v, bool)]
+        for off in [set(flags)] + [{k} for k in flags]:
+            out.append(dataclasses.replace(spec, constexprs=tuple(
+                (k, False if k in off else v) for k, v in spec.constexprs)))
+    return list(dict.fromkeys(out))
 
 
 def _signature(fn, spec: Spec) -> Dict[str, str]:

@@ -157,7 +157,7 @@ def _first_real_row(PAD, N, HAS_PAD: tl.constexpr, BLOCK: tl.constexpr):
             first = tl.min(tl.where(real, offs, N), axis=0)
             start += BLOCK
     else:
-        first = 0
+        first = N * 0                       # row 0, as a tensor like the scan's
     return first
 
 
