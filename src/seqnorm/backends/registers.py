@@ -109,7 +109,7 @@ def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
         _spec("featurewise", "bn_grad_finalize", dtype, HAS_W=True, HAS_B=True, BLOCK_F=fin),
         _spec("featurewise", "bn_input_grad", dtype, **fw),
         _spec("featurewise", "power_normalize", dtype, HAS_W=True, HAS_B=True, SUMSQ=True, **fw),
-        _spec("featurewise", "power_finalize", dtype, HAS_NU=True, UPDATE=True, HAS_NBT=True, HAS_FACTOR=False,
+        _spec("featurewise", "power_finalize", dtype, HAS_NU=True, UPDATE=True, HAS_NBT=True, HAS_FACTOR=True,
               CUMULATIVE=True, BLOCK_F=fin),
         _spec("featurewise", "power_input_grad", dtype, HAS_W=True, HAS_NU=True, **fw),
         _spec("featurewise", "power_grad_finalize", dtype, HAS_W=True, HAS_B=True, MOVE_NU=True, BLOCK_F=fin),
