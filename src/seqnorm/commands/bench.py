@@ -327,7 +327,8 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
                     real = real.unsqueeze(1).expand(tensors["x"].shape)
                 with torch.no_grad():
                     check({p: fn() for p, (fn, _) in setups.items()}, op, dtype, real)
-                if gpu_style and "seqnorm" in setups:
+                # (a CPU dry run through the interpreter: once per op, the interpreter is slow)
+                if gpu_style and "seqnorm" in setups and (device == "cuda" or dname == dtypes[0]):
                     print(kernel_line(op, *setups["seqnorm"], dy_like=op_shape(op, shape), dtype=dtype,
                                       device=device), file=out, flush=True)
                 # the bytes a masked kernel moves: the real rows' (on CUDA, where seqnorm gets the mask)
