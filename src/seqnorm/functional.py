@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import backends
+from . import running as running_policy
 from .checks import (LOW_PRECISION, cast, check_featurewise_input, check_input, check_param, compute_dtype,
                      split_rowwise)
 from .backends.torch import StatsReduce
@@ -60,6 +61,22 @@ def _backend_for(t: Tensor, reduce=None, op: Optional[str] = None):
     return backend
 
 
+def _params_for(backend, cdt: torch.dtype):
+    """How per-feature tensors (parameters, running statistics) reach ``backend``:
+    as they are where it reads them in their own dtype (``native_params``: the
+    triton kernels, no cast launched), else cast to the compute dtype ``cdt``."""
+    return (lambda t: t) if getattr(backend, "native_params", False) else (lambda t: cast(t, cdt))
+
+
+def _fuses_update(backend, x: Tensor, reduce, momentum, num_batches_tracked) -> bool:
+    """Whether ``backend`` moves the running statistics inside its kernels (its
+    finalize kernel applies :mod:`seqnorm.running`'s device-side select): where
+    that is the policy (:func:`~seqnorm.running.sync_free`), in eager mode."""
+    return (reduce is None and getattr(backend, "fuses_running_update", False)
+            and (momentum is not None or num_batches_tracked is not None)
+            and running_policy.sync_free(x) and not torch.compiler.is_compiling())
+
+
 def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     """The backend for ``x``, and ``x`` as ``(rows, d)``: in its own dtype when
     that backend reads it itself (the fused kernels take bfloat16 and float16
@@ -76,11 +93,12 @@ def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     return _backend_for(x2, reduce), x2, False
 
 
-def _vector(t: Optional[Tensor], d: int, dtype: torch.dtype) -> Optional[Tensor]:
-    """A parameter as ``(d,)`` in ``dtype`` (no call when it already is: host time per call)."""
-    if t is None or (t.dtype == dtype and t.dim() == 1):
+def _vector(t: Optional[Tensor], d: int, param) -> Optional[Tensor]:
+    """A parameter as ``(d,)``, passed through ``param`` (:func:`_params_for`); no
+    reshape when it already is (host time per call)."""
+    if t is None:
         return t
-    return t.reshape(d).to(dtype)
+    return param(t if t.dim() == 1 else t.reshape(d))
 
 
 def _as_input(y: Tensor, x: Tensor) -> Tensor:
@@ -123,7 +141,8 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
     rows = math.prod(token_shape)
     cdt = compute_dtype(x)
     backend, x2, native = _backend_and_rows(x, rows, d)
-    w, b = _vector(weight, d, cdt), _vector(bias, d, cdt)
+    param = _params_for(backend, cdt)
+    w, b = _vector(weight, d, param), _vector(bias, d, param)
     pad1 = flat_padding(pad, rows)
     if residual is None:
         return _as_input(backend.rowwise_norm(x2, w, b, eps, pad1, center), x)
@@ -397,15 +416,19 @@ def seq_batch_norm(
         raise ValueError("running_mean and running_var must be given together or both be None")
     check_momentum(momentum)
     use_batch_stats = training or running_mean is None
+    param = _params_for(backend, cdt)
     mean = var = None
     if not use_batch_stats:
-        mean, var = running_mean.to(cdt), running_var.to(cdt)
+        mean, var = param(running_mean), param(running_var)
+    fused = training and running_mean is not None and _fuses_update(backend, x2, reduce, momentum,
+                                                                     num_batches_tracked)
     y, batch_mean, batch_var, count = backend.featurewise_norm(
-        x2, cast(weight, cdt), cast(bias, cdt), eps, pad, mean, var, reduce=reduce
+        x2, param(weight), param(bias), eps, pad, mean, var, reduce=reduce,
+        **({"running": (running_mean, running_var, num_batches_tracked, momentum)} if fused else {})
     )
     if training:   # (the policy reads count on the CPU only: see seqnorm.running)
         check_real_tokens(count, f"seq_batch_norm (input {tuple(input.shape)})")
-        if running_mean is not None:
+        if running_mean is not None and not fused:
             update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
                                     num_batches_tracked)
     return _as_input(y, input)
@@ -488,11 +511,18 @@ def _power_norm(input, running_phi, running_nu, weight, bias, training, momentum
         "power_norm", reduce,
     )
     check_momentum(momentum)
+    param = _params_for(backend, cdt)
+    if training and _fuses_update(backend, x2, reduce, momentum, num_batches_tracked):
+        # the backend forms the step's weight and moves ψ² and the counter in its finalize kernel
+        y = backend.power_norm(x2, param(weight), param(bias), eps, pad, running_phi, running_nu, None,
+                               running=(momentum, num_batches_tracked))[0]
+        return _as_input(y, input)
     # ν's update in the backward uses the same weight as ψ²'s update here
     factor = momentum_factor(momentum, num_batches_tracked) if training else 0.0
     y, batch_phi, count = backend.power_norm(
-        x2, cast(weight, cdt), cast(bias, cdt), eps, pad, running_phi,
+        x2, param(weight), param(bias), eps, pad, running_phi,
         running_nu if training else None, factor, reduce=reduce,
+        **({"training": training} if getattr(backend, "fuses_running_update", False) else {}),
     )
     if training:
         update_running_stats([(running_phi, batch_phi)], count, momentum, num_batches_tracked)
@@ -549,7 +579,8 @@ def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who:
     if x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
-    y, mean, var, count = backend.groupwise_norm(x3, cast(weight, cdt), cast(bias, cdt), eps, pad, groups)
+    param = _params_for(backend, cdt)
+    y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups)
     return _as_input(y, x), mean, var, count
 
 
@@ -668,6 +699,12 @@ def instance_norm(
     groupwise = _jagged_groupwise if jagged else _groupwise
     y, mean, var, steps = groupwise(input, c, weight, bias, eps, padding_mask, lengths, "instance_norm")
     if running_mean is not None:
+        backend = _backend_for(mean, op="instance_running_update")
+        if hasattr(backend, "instance_running_update") and \
+                _fuses_update(backend, mean, None, momentum, num_batches_tracked):   # one kernel, as below
+            backend.instance_running_update(mean, var, steps, running_mean, running_var, num_batches_tracked,
+                                            momentum)
+            return y
         # Each instance with ≥ 2 real steps contributes its mean and unbiased variance, weighted alike.
         with torch.no_grad():
             used = steps >= 2                                                          # N

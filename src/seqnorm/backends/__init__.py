@@ -29,6 +29,14 @@ gradient reaches a padded row. Running statistics are *not* updated by a
 backend (:mod:`seqnorm.running` does that, called from ``functional``), except
 PowerNorm's ν, which Algorithm 1 updates during the backward pass (through
 :func:`seqnorm.running.update_running_nu`).
+A backend with ``fuses_running_update = True`` (the triton kernels) takes
+``running=`` in ``featurewise_norm`` / ``power_norm`` (and offers
+``instance_running_update``): where the policy is the device-side select
+(:func:`seqnorm.running.sync_free`, in eager mode), ``functional`` hands it
+the running statistics and its finalize kernel moves them as
+:mod:`seqnorm.running` specifies — so a training step launches no torch op.
+A backend with ``native_params = True`` gets parameters and running
+statistics in their own dtype (no cast) and returns their gradients in it.
 
 The feature-wise operations take ``reduce``: ``None`` (this process's batch) or
 a :class:`~seqnorm.backends.torch.StatsReduce` hook that combines statistics

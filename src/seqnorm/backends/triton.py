@@ -11,10 +11,19 @@ is then this backend, and ``"auto"`` keeps CPU tensors on the fused kernels.
 See :mod:`seqnorm.backends` for the contract. A padded row is never read;
 parameter gradients and feature statistics are reduced from per-program
 partials in a fixed order (the same bits on every run).
+
+Launches per call (the budget of issue 16, checked by ``tests/test_launches.py``):
+a row-wise norm is one forward kernel and a backward kernel plus the finalize
+of its parameter gradients; a batch-statistics norm is partials → one
+finalize kernel (Chan's merge, the running statistics' device-side select,
+counters, the cumulative factor, PowerNorm's ν, coefficients) → normalize.
+Parameters are read in their own dtype and their gradients written in it;
+partial buffers are written whole by their programs (no zero fill).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -23,9 +32,10 @@ import triton
 
 from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
-from .custom_ops import BackwardOp, ForwardOp, power_autograd
+from .custom_ops import BackwardOp, ForwardOp
 from .triton_kernels import featurewise as fk
 from .triton_kernels import groupwise as gk
+from .triton_kernels import partials as pk
 from .triton_kernels import rowwise as rk
 
 __all__ = ["TritonBackend", "supports", "MAX_FEATURES"]
@@ -59,16 +69,27 @@ def _pad_bits(pad: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=torch.uint8) if pad is None else pad.contiguous().view(torch.uint8)
 
 
-def _f32(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A per-feature tensor as contiguous float32 (an empty stand-in for None)."""
-    return like.new_empty(0, dtype=torch.float32) if t is None else t.detach().float().contiguous()
+def _param(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A per-feature tensor as it is, in its own dtype (the kernels read it as
+    float32: no cast launched); an empty stand-in for None."""
+    return like.new_empty(0) if t is None else t.detach().contiguous()
+
+
+def _grad_like(t: Optional[Tensor], d: int, like: Tensor) -> Tensor:
+    """An uninitialized ``(d,)`` gradient in ``t``'s dtype (an empty stand-in for None)."""
+    return like.new_empty(0) if t is None else like.new_empty(d, dtype=t.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _programs(device: torch.device) -> int:
     """How many programs share the rows of a reduction (a fixed number per device,
     so that the partition — and the bits — are the same on every run)."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
@@ -77,10 +98,29 @@ def _block_d(d: int) -> Tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-def _grads_fake(dy, x, *_):
-    """Every backward op's outputs: ``(dx like x, dγ (D,), dβ (D,))`` in float32."""
-    d = x.shape[1]
-    return torch.empty_like(x), x.new_empty(d, dtype=torch.float32), x.new_empty(d, dtype=torch.float32)
+#: the widest row each row-wise kernel holds in registers: compiled for sm_80/sm_90
+#: with every input (residual, the sum's gradient), the forward fits up to 16,384
+#: columns and the backward up to 4,096 without a spill (at 8,192 it spills 20 B,
+#: benchmarks/registers.py); wider rows take the column-blocked kernels, which read
+#: the row BLOCK_C columns at a time, once per pass
+MAX_BLOCK_FWD, MAX_BLOCK_BWD, BLOCK_C = 16384, 4096, 4096
+
+
+def _grads_fake(dy, x, weight, bias, *_):
+    """Every backward op's outputs: ``(dx like x, dγ (D,), dβ (D,))``, each parameter
+    gradient in its parameter's dtype (empty without the parameter)."""
+    d = x.shape[-1] if x.dim() == 2 else x.shape[1]
+    return torch.empty_like(x), _grad_like(weight, d, x), _grad_like(bias, d, x)
+
+
+def _param_grads(dw_part: Tensor, db_part: Tensor, dw: Tensor, db: Tensor, programs: int, d: int,
+                 has_w: bool, has_b: bool) -> None:
+    """The finalize of parameter gradients: ``dw``, ``db`` ← the ordered sums of the
+    partial rows, in their dtypes (one launch; none without parameters)."""
+    if has_w or has_b:
+        block = min(1024, triton.next_power_of_2(max(d, 1)))
+        pk.param_grads[(triton.cdiv(d, block),)](dw_part, db_part, dw, db, programs, d, HAS_W=has_w, HAS_B=has_b,
+                                                 BLOCK_F=block)
 
 
 # ---------------------------------------------------------------------------
@@ -92,7 +132,7 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
                       pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, s, shift, delta, rstd)`` of the row-wise norm of ``x (+ residual)``;
-    ``s`` is empty unless ``write_sum``."""
+    ``s`` is empty unless ``write_sum``. One launch."""
     x, residual = _rows(x), _rows(residual)
     rows, d = x.shape
     y = torch.empty_like(x)
@@ -101,11 +141,13 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     if rows and d:
         block, warps = _block_d(d)
         res = residual if residual is not None else x
-        rk.rowwise_fwd[(rows,)](
-            x, res, y, s if write_sum else x, _f32(weight, x), _f32(bias, x), _pad_bits(pad, x), shift, delta, rstd,
-            x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, float(eps),
+        kernel, blocks = (rk.rowwise_fwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_FWD else \
+            (rk.rowwise_fwd_blocked, dict(BLOCK_C=BLOCK_C))
+        kernel[(rows,)](
+            x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x), shift, delta,
+            rstd, x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, float(eps),
             HAS_RES=residual is not None, WRITE_S=write_sum, HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_PAD=pad is not None, CENTER=center, BLOCK_D=block, num_warps=warps)
+            HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     else:
         shift.zero_(), delta.zero_(), rstd.zero_(), y.zero_()
         if write_sum:
@@ -113,30 +155,35 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     return y, s, shift, delta, rstd
 
 
-def _rowwise_bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], ds: Optional[Tensor],
-                      weight: Optional[Tensor], pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
-                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)``, the parameter gradients as float32 sums."""
+def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      residual: Optional[Tensor], ds: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
+                      delta: Tensor, rstd: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``, the parameter gradients in their dtypes: the rows'
+    kernel, then the finalize of the parameter gradients (two launches)."""
     dy, x, residual, ds = _rows(dy), _rows(x), _rows(residual), _rows(ds)
     rows, d = x.shape
     dx = torch.empty_like(x)
+    dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
+    if not (rows and d):
+        return dx.zero_(), dw.zero_(), db.zero_()
     programs = max(1, min(rows, _programs(x.device)))
-    per = triton.cdiv(max(rows, 1), programs)
-    programs = triton.cdiv(max(rows, 1), per)
-    dw_part = x.new_zeros((programs, d), dtype=torch.float32)
-    db_part = x.new_zeros((programs, d), dtype=torch.float32)
-    if rows and d:
-        block, warps = _block_d(d)
-        res = residual if residual is not None else x
-        dsr = ds if ds is not None else x
-        rk.rowwise_bwd[(programs,)](
-            dy, x, res, dsr, dx, _f32(weight, x), _pad_bits(pad, x), shift, delta, rstd, dw_part, db_part,
-            dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
-            HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
-            HAS_PAD=pad is not None, CENTER=center, BLOCK_D=block, num_warps=warps)
-    elif rows:
-        dx.zero_()
-    return dx, dw_part.sum(0), db_part.sum(0)
+    per = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, per)
+    # every program writes its whole partial row: no zero fill
+    dw_part = x.new_empty((programs, d), dtype=torch.float32)
+    db_part = x.new_empty((programs, d), dtype=torch.float32)
+    block, warps = _block_d(d)
+    res = residual if residual is not None else x
+    dsr = ds if ds is not None else x
+    kernel, blocks = (rk.rowwise_bwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_BWD else \
+        (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
+    kernel[(programs,)](
+        dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), shift, delta, rstd, dw_part, db_part,
+        dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
+        HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
+        HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
+    _param_grads(dw_part, db_part, dw, db, programs, d, weight is not None, bias is not None)
+    return dx, dw, db
 
 
 def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
@@ -151,20 +198,20 @@ rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
 def _rowwise_setup(ctx, inputs, output):
     x, residual, weight, bias, pad, eps, center, write_sum = inputs
     _, _, shift, delta, rstd = output
-    ctx.save_for_backward(x, residual, weight, pad, shift, delta, rstd)
-    ctx.center, ctx.has_bias = center, bias is not None
+    ctx.save_for_backward(x, residual, weight, bias, pad, shift, delta, rstd)
+    ctx.center = center
 
 
 def _rowwise_backward(ctx, dy, ds, *_):
     """The backward re-forms the float32 sum from both addends (never a rounded sum)."""
-    x, residual, weight, pad, shift, delta, rstd = ctx.saved_tensors
+    x, residual, weight, bias, pad, shift, delta, rstd = ctx.saved_tensors
     if dy is None:  # only the sum was used downstream
         dy = torch.zeros_like(x)
     ds = ds if residual is not None and ds is not None and ds.numel() else None
-    dx, dw, db = rowwise_bwd(dy, x, residual, ds, weight, pad, shift, delta, rstd, ctx.center)
+    dx, dw, db = rowwise_bwd(dy, x, weight, bias, residual, ds, pad, shift, delta, rstd, ctx.center)
     return (dx, dx if residual is not None else None,
-            dw.to(weight.dtype).reshape(weight.shape) if weight is not None else None,
-            db if ctx.has_bias else None, None, None, None, None)
+            dw.reshape(weight.shape) if weight is not None else None,
+            db.reshape(bias.shape) if bias is not None else None, None, None, None, None)
 
 
 rowwise_fwd = ForwardOp("triton_rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fake, _rowwise_setup,
@@ -172,198 +219,298 @@ rowwise_fwd = ForwardOp("triton_rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fa
 
 
 # ---------------------------------------------------------------------------
-# Feature-wise
+# Feature-wise: partials → one finalize → normalize
 # ---------------------------------------------------------------------------
 
 BLOCK_N, BLOCK_F = 32, 64
+#: the block of padding bits a program scans for the first real row
+BLOCK_PAD = 1024
 
 
-def _feature_grid(n: int, d: int):
-    return triton.cdiv(max(n, 1), BLOCK_N), triton.cdiv(max(d, 1), BLOCK_F)
+def _partial_grid(n: int, d: int, device: torch.device) -> Tuple[int, int, int]:
+    """``(P, F, rows_per_program)`` of a kernel writing per-program partials: a
+    fixed number of programs per device in all (so that the finalize merges few
+    rows, and the partition is the same on every run)."""
+    f = triton.cdiv(max(d, 1), BLOCK_F)
+    p = max(1, min(triton.cdiv(max(n, 1), BLOCK_N), _programs(device) // f))
+    per = triton.cdiv(triton.cdiv(max(n, 1), p), BLOCK_N) * BLOCK_N
+    return triton.cdiv(max(n, 1), per), f, per
 
 
-def first_real_row(x, pad):
-    """``K (D,)``: the first real row of ``x`` as float32 (0 without one), found on
-    the device (no host synchronization)."""
-    if pad is None or x.shape[0] == 0:
-        return x[:1].float().sum(0) if x.shape[0] else x.new_zeros(x.shape[1], dtype=torch.float32)
-    real = ~pad
-    first = torch.argmax(real.to(torch.uint8))
-    k = x.index_select(0, first.reshape(1))[0].float()
-    return torch.where(real.any(), k, torch.zeros_like(k))
+def _tile_grid(n: int, d: int) -> Tuple[int, int, int]:
+    """``(P, F, rows_per_program)`` of an elementwise pass: one ``BLOCK_N`` tile a program."""
+    return triton.cdiv(max(n, 1), BLOCK_N), triton.cdiv(max(d, 1), BLOCK_F), BLOCK_N
 
 
-def moments(x, pad):
-    """Per-feature ``(K, δ, biased var, count)`` of the real rows (``μ = K + δ``),
-    float32, no host synchronization."""
+def _finalize_block(d: int) -> int:
+    return min(fk.FINALIZE_BLOCK, triton.next_power_of_2(max(d, 1)))
+
+
+def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], eps: float, update=None):
+    """Partials, then the one-program finalize: ``(stats (3, D) [K, δ, r], a (D,),
+    batch mean, biased var, count () int64)``; ``update = (running_mean,
+    running_var, num_batches_tracked, momentum)`` also moves the running
+    statistics on the device (:func:`seqnorm.running.update_batch_norm_stats`)."""
     n, d = x.shape
-    p, f = _feature_grid(n, d)
-    shift = first_real_row(x, pad).contiguous()
-    count_part = x.new_zeros(p, dtype=torch.float32)
-    mean_part = x.new_zeros((p, d), dtype=torch.float32)
-    m2_part = x.new_zeros((p, d), dtype=torch.float32)
-    delta = x.new_zeros(d, dtype=torch.float32)
-    var = x.new_zeros(d, dtype=torch.float32)
-    count = x.new_zeros((), dtype=torch.float32)
-    if n and d:
-        fk.moments_partial[(p, f)](x, _pad_bits(pad, x), shift, count_part, mean_part, m2_part, x.stride(0), n, d,
-                                   HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-        fk.moments_merge[(f,)](count_part, mean_part, m2_part, delta, var, count, p, d, BLOCK_F=BLOCK_F)
-    return shift, delta, var, count
+    f32 = dict(dtype=torch.float32)
+    stats, scale = x.new_empty((3, d), **f32), x.new_empty(d, **f32)
+    mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
+    p, f, per = _partial_grid(n, d, x.device)
+    count_part, mean_part, m2_part = x.new_empty(p, **f32), x.new_empty((p, d), **f32), x.new_empty((p, d), **f32)
+    fk.moments_partial[(p, f)](x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
+                               HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+    rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
+    fk.bn_finalize[(1,)](count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
+                         rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0),
+                         HAS_W=weight is not None, UPDATE=update is not None, HAS_NBT=nbt is not None,
+                         CUMULATIVE=momentum is None, BLOCK_F=_finalize_block(d), num_warps=4)
+    return stats, scale, mean, var, count
 
 
-def normalize(x, pad, shift, delta, scale, bias, sumsq=False):
-    """``y = ((x − K) − δ)·scale + bias`` (0 at padding; no shift: ``y = x·scale + bias``);
-    with ``sumsq`` also the real rows' ``(Σ x² (D,), count ())`` for PowerNorm's ψ_B²."""
+def _bn_normalize(x, pad, stats, scale, bias, y=None):
+    """``y = ((x − K) − δ)·a + b`` from ``stats (3, D)`` and ``a`` (one launch)."""
     n, d = x.shape
-    p, f = _feature_grid(n, d)
-    y = torch.empty_like(x)
-    sumsq_part = x.new_zeros((p if sumsq else 0, d), dtype=torch.float32)
-    count_part = x.new_zeros(p if sumsq else 0, dtype=torch.float32)
-    if n and d:
-        fk.normalize[(p, f)](x, _pad_bits(pad, x), _f32(shift, x), _f32(delta, x), scale, _f32(bias, x), y,
-                             sumsq_part, count_part, x.stride(0), y.stride(0), n, d, HAS_PAD=pad is not None,
-                             HAS_MEAN=shift is not None, HAS_B=bias is not None, SUMSQ=sumsq,
-                             BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    elif n:
-        y.zero_()
-    return y, sumsq_part.sum(0), count_part.sum()
+    y = torch.empty_like(x) if y is None else y
+    p, f, per = _tile_grid(n, d)
+    fk.bn_normalize[(p, f)](x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
+                            stats, stats, x.stride(0), y.stride(0), n, d, per, 0.0, HAS_PAD=pad is not None,
+                            RUNNING=False, HAS_W=False, HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
+                            BLOCK_PAD=BLOCK_PAD)
+    return y
 
 
 def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
-                          mean: Optional[Tensor], var: Optional[Tensor], eps: float
-                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Masked BatchNorm: ``(y, batch_mean, batch_var, count, shift, delta, rstd, a)``.
-    With ``mean``/``var`` given (eval) those are used and the batch statistics
-    are returned as zeros."""
+                          mean: Optional[Tensor], var: Optional[Tensor], eps: float,
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], momentum: Optional[float], update: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Masked BatchNorm: ``(y, batch_mean, batch_var, count, stats (3, D) [K, δ, r], a)``.
+
+    Batch statistics: partials → finalize → normalize (three launches), the
+    finalize moving ``running_mean``/``running_var``/``num_batches_tracked`` in
+    place when ``update``. With ``mean``/``var`` given (eval) one launch
+    normalizes with them and the batch statistics are returned as zeros."""
     x = _rows(x)
+    n, d = x.shape
+    if not (n and d):
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (torch.zeros_like(x), torch.zeros(d, **f32), torch.zeros(d, **f32),
+                torch.zeros((), dtype=torch.int64, device=x.device), torch.zeros(3, d, **f32), torch.zeros(d, **f32))
     if mean is None:
-        shift, delta, var, count = moments(x, pad)
-        batch_mean, batch_var = shift + delta, var.clone()
-    else:
-        shift, delta, var = mean.float().contiguous(), torch.zeros_like(mean, dtype=torch.float32), var.float()
-        count = (x.shape[0] - pad.sum() if pad is not None else torch.full((), x.shape[0], device=x.device)).float()
-        batch_mean, batch_var = (x.new_zeros(x.shape[1], dtype=torch.float32) for _ in range(2))
-    rstd = torch.rsqrt(var + eps)
-    a = (rstd * weight.float() if weight is not None else rstd.clone()).contiguous()
-    y, _, _ = normalize(x, pad, shift, delta, a, bias)
-    return y, batch_mean, batch_var, count.to(torch.int64), shift.clone(), delta, rstd, a
+        stats, scale, batch_mean, batch_var, count = _batch_moments(
+            x, pad, weight, eps, (running_mean, running_var, num_batches_tracked, momentum) if update else None)
+        return _bn_normalize(x, pad, stats, scale, bias), batch_mean, batch_var, count, stats, scale
+    f32 = dict(dtype=torch.float32)
+    y, stats, scale = torch.empty_like(x), x.new_empty((3, d), **f32), x.new_empty(d, **f32)
+    batch_mean, batch_var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
+    p, f, per = _tile_grid(n, d)
+    fk.bn_normalize[(p, f)](x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
+                            _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
+                            per, float(eps), HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
+                            HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+    return y, batch_mean, batch_var, count, stats, scale
 
 
-def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps):
+def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
+                          momentum, update):
     d = x.shape[1]
-    f32 = [x.new_empty(d, dtype=torch.float32) for _ in range(6)]
-    return (torch.empty_like(x), f32[0], f32[1], x.new_empty((), dtype=torch.int64), *f32[2:])
+    f32 = [x.new_empty(d, dtype=torch.float32) for _ in range(3)]
+    return (torch.empty_like(x), f32[0], f32[1], x.new_empty((), dtype=torch.int64),
+            x.new_empty((3, d), dtype=torch.float32), f32[2])
 
 
-def _grad_sums(dy, x, pad, shift, delta, rstd):
-    """``(Σ dy ⊙ x̂, Σ dy)`` over the real rows, float32 (per-block partials, summed in order)."""
+def _grad_partials(dy, x, pad, stats, scale, dx=None):
+    """``(DG_PART, DB_PART, P)``: per-program ``Σ dy ⊙ x̂``, ``Σ dy`` over the real
+    rows; with ``dx`` also ``dx = a·dy`` (eval) in the same pass."""
     n, d = x.shape
-    p, f = _feature_grid(n, d)
-    dg_part = x.new_zeros((p, d), dtype=torch.float32)
-    db_part = x.new_zeros((p, d), dtype=torch.float32)
-    if n and d:
-        stats = torch.stack([shift, delta, rstd])
-        fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), stats, dg_part, db_part, dy.stride(0), x.stride(0), n, d,
-                                HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    return dg_part.sum(0), db_part.sum(0)
+    p, f, per = _partial_grid(n, d, x.device)
+    dg_part = x.new_empty((p, d), dtype=torch.float32)
+    db_part = x.new_empty((p, d), dtype=torch.float32)
+    out = dx if dx is not None else x
+    fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(0), x.stride(0),
+                            out.stride(0), n, d, per, HAS_PAD=pad is not None, WRITE_DX=dx is not None,
+                            BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    return dg_part, db_part, p
 
 
-def _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2):
-    """``dx = a·dy − c1 − x̂·c2`` at real rows, 0 at padding."""
+def _bn_input_grad(dy, x, pad, stats, scale, coef):
+    """``dx = a·dy − c₁ − x̂·c₂`` at real rows, 0 at padding (one launch)."""
     n, d = x.shape
-    p, f = _feature_grid(n, d)
     dx = torch.empty_like(x)
-    if n and d:
-        stats, coef = torch.stack([shift, delta, rstd]), torch.stack([a, c1, c2])
-        fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), stats, coef, dx, dy.stride(0), x.stride(0), dx.stride(0),
-                                 n, d, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    elif n:
-        dx.zero_()
+    p, f, per = _tile_grid(n, d)
+    fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(0), x.stride(0),
+                             dx.stride(0), n, d, per, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dx
 
 
-def _featurewise_bwd_impl(dy: Tensor, x: Tensor, pad: Optional[Tensor], shift: Tensor, delta: Tensor, rstd: Tensor,
-                          a: Tensor, count: Tensor, use_batch: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dγ, dβ)`` of masked BatchNorm (dγ, dβ float32 sums)."""
+def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          pad: Optional[Tensor], stats: Tensor, scale: Tensor, count: Tensor, use_batch: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dγ, dβ)`` of masked BatchNorm, dγ and dβ in the parameters' dtypes.
+    Batch statistics: partials → finalize (dγ, dβ, c₁, c₂) → dx (three launches);
+    eval: dx fused with the partials, then the finalize of dγ, dβ (two)."""
     dy, x = _rows(dy), _rows(x)
-    dgamma, dbeta = _grad_sums(dy, x, pad, shift, delta, rstd)
-    if use_batch:
-        inv_n = 1.0 / count.float().clamp_min(1)
-        c1, c2 = (a * dbeta * inv_n).contiguous(), (a * dgamma * inv_n).contiguous()
-    else:
-        c1 = c2 = torch.zeros_like(a)
-    return _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2), dgamma, dbeta
+    n, d = x.shape
+    dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
+    if not (n and d):
+        return torch.zeros_like(x), dw.zero_(), db.zero_()
+    has_w, has_b = weight is not None, bias is not None
+    if not use_batch:
+        dx = torch.empty_like(x)
+        dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale, dx)
+        _param_grads(dg_part, db_part, dw, db, p, d, has_w, has_b)
+        return dx, dw, db
+    dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale)
+    coef = x.new_empty((2, d), dtype=torch.float32)
+    block = _finalize_block(d)
+    fk.bn_grad_finalize[(triton.cdiv(d, block),)](dg_part, db_part, scale, count, dw if has_w else coef,
+                                                  db if has_b else coef, coef, p, d, HAS_W=has_w, HAS_B=has_b,
+                                                  BLOCK_F=block)
+    return _bn_input_grad(dy, x, pad, stats, scale, coef), dw, db
 
 
 featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _grads_fake)
 
 
 def _featurewise_setup(ctx, inputs, output):
-    x, weight, bias, pad, mean, var, eps = inputs
-    _, _, _, count, shift, delta, rstd, a = output
-    ctx.save_for_backward(x, weight, pad, shift, delta, rstd, a, count)
-    ctx.use_batch, ctx.has_bias = mean is None, bias is not None
+    x, weight, bias, pad, mean, var = inputs[:6]
+    _, _, _, count, stats, scale = output
+    ctx.save_for_backward(x, weight, bias, pad, stats, scale, count)
+    ctx.use_batch = mean is None
 
 
 def _featurewise_backward(ctx, dy, *_):
-    x, weight, pad, shift, delta, rstd, a, count = ctx.saved_tensors
+    x, weight, bias, pad, stats, scale, count = ctx.saved_tensors
     if dy is None:
-        return (None,) * 7
-    dx, dgamma, dbeta = featurewise_bwd(dy, x, pad, shift, delta, rstd, a, count, ctx.use_batch)
-    return (dx, dgamma.to(weight.dtype) if weight is not None else None, dbeta if ctx.has_bias else None,
-            None, None, None, None)
+        return (None,) * 12
+    dx, dgamma, dbeta = featurewise_bwd(dy, x, weight, bias, pad, stats, scale, count, ctx.use_batch)
+    return (dx, dgamma if weight is not None else None, dbeta if bias is not None else None) + (None,) * 9
 
 
 featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake,
                             _featurewise_setup, _featurewise_backward, 1)
 
 
+# --- PowerNorm ---
+
+
+def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
+    """``(y, rstd (D,), SUMSQ_PART, COUNT_PART, P)``: ``y = x·w·r + b`` with ``r`` of the
+    running ψ²; with ``sumsq`` also each program's ``Σ x²`` and real rows (one launch)."""
+    n, d = x.shape
+    p, f, per = _partial_grid(n, d, x.device) if sumsq else _tile_grid(n, d)
+    y, rstd = torch.empty_like(x), x.new_empty(d, dtype=torch.float32)
+    sumsq_part = x.new_empty((p if sumsq else 0, d), dtype=torch.float32)
+    count_part = x.new_empty(p if sumsq else 0, dtype=torch.float32)
+    fk.power_normalize[(p, f)](x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
+                               rstd, sumsq_part, count_part, x.stride(0), y.stride(0), n, d, per, float(eps),
+                               HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                               SUMSQ=sumsq, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    return y, rstd, sumsq_part, count_part, p
+
+
 def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
-                    running_phi: Tensor, running_nu: Optional[Tensor], eps: float, factor: Tensor
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """PowerNorm: ``(y, batch_phi, count, rstd, nu_before)``, dividing by the running
-    ψ²; ``nu_before`` is a copy of ν (empty without one), which the backward reads
+                    running_phi: Tensor, running_nu: Optional[Tensor], eps: float, training: bool,
+                    momentum: Optional[float], num_batches_tracked: Optional[Tensor], factor: Optional[Tensor],
+                    update: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """PowerNorm: ``(y, batch_phi, count, rstd, nu_before, factor)``, dividing by the
+    running ψ². Training: normalize (with each program's ``Σ x²``), then one
+    finalize: ψ_B², n, the step's weight ``f`` (``momentum``, the cumulative
+    average's from ``num_batches_tracked``, or ``factor`` when given) and
+    ``nu_before``, a copy of ν (empty without one) which the backward reads
     while it moves ν in place (Algorithm 1) — a saved output, so that
-    torch.compile's backward graph reads the same value."""
+    torch.compile's backward graph reads the same value; with ``update`` the
+    finalize also moves ψ² and ``num_batches_tracked`` (two launches). Eval:
+    the normalize alone (one launch; ``batch_phi``, ``count``, ``factor`` are
+    not computed)."""
     x = _rows(x)
-    rstd = torch.rsqrt(running_phi.detach().float() + eps)
-    a = rstd * weight.float() if weight is not None else rstd
-    y, sumsq, count = normalize(x, pad, None, None, a.contiguous(), bias, sumsq=True)
-    nu_before = x.new_empty(0) if running_nu is None else running_nu.detach().clone()
-    return y, sumsq / count.clamp_min(1), count.to(torch.int64), rstd, nu_before
+    n, d = x.shape
+    f32 = dict(dtype=torch.float32)
+    nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
+    batch_phi, count, factor_out = x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64), x.new_empty((), **f32)
+    if not (n and d):
+        y, rstd = torch.zeros_like(x), torch.rsqrt(running_phi.detach().float() + eps)
+        if running_nu is not None:
+            nu_before.copy_(running_nu)
+        return y, batch_phi.zero_(), count.zero_(), rstd, nu_before, factor_out.zero_()
+    y, rstd, sumsq_part, count_part, p = _power_normalize(x, pad, running_phi, weight, None if bias is None else bias,
+                                                          eps, training)
+    if training:
+        nbt = num_batches_tracked
+        fk.power_finalize[(1,)](
+            sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
+            running_phi if update else batch_phi, nbt if nbt is not None else count,
+            factor if factor is not None else count, p, d, float(momentum or 0.0),
+            HAS_NU=running_nu is not None, UPDATE=update, HAS_NBT=nbt is not None,
+            HAS_FACTOR=factor is not None, CUMULATIVE=factor is None and momentum is None,
+            BLOCK_F=_finalize_block(d), num_warps=4)
+    return y, batch_phi, count, rstd, nu_before, factor_out
 
 
-def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, factor):
+def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, training, momentum, num_batches_tracked,
+                    factor, update):
     d = x.shape[1]
     return (torch.empty_like(x), x.new_empty(d, dtype=torch.float32), x.new_empty((), dtype=torch.int64),
-            x.new_empty(d, dtype=torch.float32), x.new_empty(0) if running_nu is None else torch.empty_like(running_nu))
+            x.new_empty(d, dtype=torch.float32), x.new_empty(0) if running_nu is None else torch.empty_like(running_nu),
+            x.new_empty((), dtype=torch.float32))
 
 
-def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], rstd: Tensor,
+def _power_partials(dy, x, weight, pad, rstd, nu, nu_scale=1.0):
+    """``(dx, DG_PART, DB_PART, P)``: ``dx = (w·dy − s·ν·x̂)·r`` with the partial sums
+    of ``dy·x̂`` and ``dy`` (one launch)."""
+    n, d = x.shape
+    p, f, per = _partial_grid(n, d, x.device)
+    dx = torch.empty_like(x)
+    dg_part = x.new_empty((p, d), dtype=torch.float32)
+    db_part = x.new_empty((p, d), dtype=torch.float32)
+    fk.power_input_grad[(p, f)](dy, x, _pad_bits(pad, x), _param(weight, x), rstd, _param(nu, x), dx, dg_part,
+                                db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d, per, float(nu_scale),
+                                HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_NU=nu is not None,
+                                BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    return dx, dg_part, db_part, p
+
+
+def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
+                    rstd: Tensor, nu_before: Optional[Tensor], batch_phi: Tensor, count: Tensor, factor: Tensor,
                     nu: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dγ, dβ)``: ``dx = (w·dy − ν·x̂)·r`` with ν before this step's update (0 without one)."""
+    """``(dx, dγ, dβ)``: ``dx = (w·dy − ν·x̂)·r`` with ν before this step's update (0
+    without one), then one finalize: dγ, dβ in the parameters' dtypes and — given
+    the buffer ``nu`` — ν moved in place by Algorithm 1 (two launches)."""
     dy, x = _rows(dy), _rows(x)
     n, d = x.shape
-    p, f = _feature_grid(n, d)
-    w = weight.float().contiguous() if weight is not None else torch.ones_like(rstd)
-    dg_part = x.new_zeros((p, d), dtype=torch.float32)
-    db_part = x.new_zeros((p, d), dtype=torch.float32)
-    dx = torch.empty_like(x)
-    if n and d:
-        fk.power_input_grad[(p, f)](dy, x, _pad_bits(pad, x), w, rstd,
-                                    _f32(nu, x) if nu is not None else torch.zeros_like(rstd), dx,
-                                    dg_part, db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d,
-                                    HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
-    elif n:
-        dx.zero_()
-    return dx, dg_part.sum(0), db_part.sum(0)
+    dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
+    if not (n and d):
+        return torch.zeros_like(x), dw.zero_(), db.zero_()
+    dx, dg_part, db_part, p = _power_partials(dy, x, weight, pad, rstd, nu_before)
+    has_w, has_b, move = weight is not None, bias is not None, nu is not None
+    if has_w or has_b or move:
+        block = _finalize_block(d)
+        scratch = x.new_empty(d if move else 0, dtype=torch.float32)
+        fk.power_grad_finalize[(1 if move else triton.cdiv(d, block),)](
+            dg_part, db_part, _param(weight, x), dw if has_w else rstd, db if has_b else rstd, rstd, batch_phi,
+            count, factor, nu_before if move else rstd, nu if move else rstd, scratch, p, d,
+            HAS_W=has_w, HAS_B=has_b, MOVE_NU=move, BLOCK_F=block)
+    return dx, dw, db
 
 
 power_bwd = BackwardOp("triton_power_bwd", _power_bwd_impl, _grads_fake)
 
 
-_power_setup, _power_backward = power_autograd(power_bwd)
+def _power_setup(ctx, inputs, output):
+    x, weight, bias, pad, running_phi, running_nu, eps, training = inputs[:8]
+    _, batch_phi, count, rstd, nu_before, factor = output
+    ctx.save_for_backward(x, weight, bias, pad, rstd, batch_phi, count, nu_before, factor)
+    ctx.nu = running_nu if training else None   # ν: the buffer the backward moves
+
+
+def _power_backward(ctx, dy, *_):
+    x, weight, bias, pad, rstd, batch_phi, count, nu_before, factor = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 12
+    nu = ctx.nu
+    dx, dgamma, dbeta = power_bwd(dy, x, weight, bias, pad, rstd, nu_before if nu is not None else None, batch_phi,
+                                  count, factor, nu)
+    return (dx, dgamma if weight is not None else None, dbeta if bias is not None else None) + (None,) * 9
 
 
 power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
@@ -375,6 +522,10 @@ power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _pow
 # ---------------------------------------------------------------------------
 
 
+def _sums(dg_part: Tensor, db_part: Tensor) -> Tuple[Tensor, Tensor]:
+    return dg_part.sum(0), db_part.sum(0)
+
+
 class _ReducedFeaturewise(torch.autograd.Function):
     """Masked BatchNorm whose statistics pass through ``reduce`` (training):
     local moments → ``reduce.moments`` → normalize; the backward's two sums pass
@@ -384,14 +535,17 @@ class _ReducedFeaturewise(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, pad, reduce):
         ctx.set_materialize_grads(False)
         x = _rows(x)
-        shift, delta, var, count = moments(x, pad)
-        n, mean, var = reduce.moments(count, shift + delta, var)
+        d = x.shape[1]
+        stats, _, local_mean, local_var, count = _batch_moments(x, pad, None, eps)
+        shift = stats[0]
+        n, mean, var = reduce.moments(count.float(), local_mean, local_var)
         # the global mean as this rank's K plus a small δ, formed in float64 (as the CPU kernels keep it)
         delta = (mean.double() - shift.double()).float()
         rstd = torch.rsqrt(var.float() + eps)
         a = (rstd * weight.float() if weight is not None else rstd).contiguous()
-        y, _, _ = normalize(x, pad, shift, delta, a, bias)
-        ctx.save_for_backward(x, pad, shift, delta, rstd, a, n)
+        stats = torch.stack([shift, delta, rstd])
+        y = _bn_normalize(x, pad, stats, a, bias) if x.shape[0] and d else torch.zeros_like(x)
+        ctx.save_for_backward(x, pad, stats, a, n)
         ctx.reduce, ctx.has_weight, ctx.has_bias = reduce, weight is not None, bias is not None
         mean, var = mean.float(), var.float()
         ctx.mark_non_differentiable(mean, var, n)
@@ -399,16 +553,19 @@ class _ReducedFeaturewise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
-        x, pad, shift, delta, rstd, a, n = ctx.saved_tensors
+        x, pad, stats, a, n = ctx.saved_tensors
         if dy is None:  # every process must still join the collective
             dy = torch.zeros_like(x)
         dy = _rows(dy)
-        dgamma, dbeta = _grad_sums(dy, x, pad, shift, delta, rstd)
-        d = x.shape[1]
+        rows, d = x.shape
+        if rows and d:
+            dgamma, dbeta = _sums(*_grad_partials(dy, x, pad, stats, a)[:2])
+        else:
+            dgamma, dbeta = (x.new_zeros(d, dtype=torch.float32) for _ in range(2))
         sums = ctx.reduce.sums(torch.cat([dbeta, dgamma]))
         inv_n = 1.0 / n.float().clamp_min(1)
-        c1, c2 = (a * sums[:d].float() * inv_n).contiguous(), (a * sums[d:].float() * inv_n).contiguous()
-        dx = _bn_input_grad(dy, x, pad, shift, delta, rstd, a, c1, c2)
+        coef = torch.stack([a * sums[:d].float() * inv_n, a * sums[d:].float() * inv_n])
+        dx = _bn_input_grad(dy, x, pad, stats, a, coef) if rows and d else torch.zeros_like(x)
         return dx, dgamma if ctx.has_weight else None, dbeta if ctx.has_bias else None, None, None, None
 
 
@@ -422,9 +579,13 @@ class _ReducedPower(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor, reduce):
         ctx.set_materialize_grads(False)
         x = _rows(x)
-        rstd = torch.rsqrt(running_phi.detach().float() + eps)
-        a = (rstd * weight.float() if weight is not None else rstd).contiguous()
-        y, sumsq, count = normalize(x, pad, None, None, a, bias, sumsq=True)
+        rows, d = x.shape
+        if rows and d:
+            y, rstd, sumsq_part, count_part, _ = _power_normalize(x, pad, running_phi, weight, bias, eps, True)
+            sumsq, count = sumsq_part.sum(0), count_part.sum()
+        else:
+            y, rstd = torch.zeros_like(x), torch.rsqrt(running_phi.detach().float() + eps)
+            sumsq, count = x.new_zeros(d, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
         sums = reduce.sums(torch.cat([count.reshape(1), sumsq]))
         n = sums[0]
         phi = (sums[1:] / n.clamp_min(1)).float()
@@ -440,13 +601,19 @@ class _ReducedPower(torch.autograd.Function):
         nu, reduce = ctx.nu, ctx.reduce
         if dy is None:  # every process must still join the collective
             dy = torch.zeros_like(x)
-        nu_scaled = None if nu is None else nu_before.float() * reduce.world
-        dx, dgamma, dbeta = _power_bwd_impl(_rows(dy), x, weight, pad, rstd, nu_scaled)
+        rows, d = x.shape
+        if rows and d:
+            dx, dg_part, db_part, _ = _power_partials(_rows(dy), x, weight, pad, rstd, nu_before,
+                                                      reduce.world if nu is not None else 1.0)
+            dgamma, dbeta = _sums(dg_part, db_part)
+        else:
+            dx = torch.zeros_like(x)
+            dgamma, dbeta = (x.new_zeros(d, dtype=torch.float32) for _ in range(2))
         if nu is not None:
             w = weight.float() if weight is not None else torch.ones_like(rstd)
             sums = reduce.sums(torch.cat([rstd * rstd * sumsq, w * dgamma]))     # Σ x̂², Σ x̂ ⊙ g
             with torch.no_grad():
-                d, m = x.shape[1], n.to(sums.dtype).clamp_min(1)
+                m = n.to(sums.dtype).clamp_min(1)
                 gamma, lam = sums[:d] / m, sums[d:] / (m * reduce.world)
                 update_running_nu(nu, nu_step(nu_before, gamma, lam, ctx.factor), n > 0)
         return (dx, dgamma.to(weight.dtype) if weight is not None else None, dbeta if ctx.has_bias else None,
@@ -462,21 +629,28 @@ def _block_t(t: int) -> int:
     return min(triton.next_power_of_2(max(t, 1)), 1024)
 
 
+def _group_warps(block_t: int) -> int:
+    """Warps of the group-wise kernels: 8 for full 1024-step blocks (with 4, ptxas
+    spills the bfloat16 backward for sm_90: 4 bytes, benchmarks/registers.py)."""
+    return 8 if block_t >= 1024 else 4
+
+
 def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
                         eps: float, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), rstd (B·G,))``,
-    the statistics float32."""
+    the statistics float32 (one launch)."""
     x = x.contiguous()
     b, c, t = x.shape
     y = torch.empty_like(x)
     mean, rstd, var = (x.new_empty(b * groups, dtype=torch.float32) for _ in range(3))
-    steps = torch.full((b,), t, dtype=torch.int64, device=x.device) if pad is None else \
-        t - pad.sum(1, dtype=torch.int64)
+    steps = x.new_empty(b, dtype=torch.int64)
     if b and c:
         gk.groupwise_fwd[(b * groups,)](
-            x, y, _f32(weight, x), _f32(bias, x), _pad_bits(pad, x), mean, rstd, var, c, t, c // groups,
+            x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t, c // groups,
             groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
-            BLOCK_T=_block_t(t), num_warps=4)
+            BLOCK_T=_block_t(t), num_warps=_group_warps(_block_t(t)))
+    else:
+        steps.copy_(t - pad.sum(1, dtype=torch.int64) if pad is not None else torch.full_like(steps, t))
     return y, mean.reshape(b, groups), var.reshape(b, groups), steps, rstd
 
 
@@ -487,43 +661,44 @@ def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
             x.new_empty(b * groups, dtype=torch.float32))
 
 
-def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], pad: Optional[Tensor], steps: Tensor,
-                        mean: Tensor, rstd: Tensor, groups: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)``, the parameter gradients as float32 sums over the batch."""
+def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        pad: Optional[Tensor], steps: Tensor, mean: Tensor, rstd: Tensor, groups: int
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``, the parameter gradients in their dtypes: the groups'
+    kernel, then the finalize summing them over the batch (two launches)."""
     dy, x = dy.contiguous(), x.contiguous()
     b, c, t = x.shape
     dx = torch.empty_like(x)
-    dw_part = x.new_zeros((b, c), dtype=torch.float32)
-    db_part = x.new_zeros((b, c), dtype=torch.float32)
-    if b and c:
-        gk.groupwise_bwd[(b * groups,)](
-            dy, x, dx, _f32(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
-            c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
-            num_warps=4)
-    return dx, dw_part.sum(0), db_part.sum(0)
+    dw, db = _grad_like(weight, c, x), _grad_like(bias, c, x)
+    if not (b and c):
+        return dx, dw.zero_(), db.zero_()
+    # program (b, g) writes its channels of row b: every element, no zero fill
+    dw_part = x.new_empty((b, c), dtype=torch.float32)
+    db_part = x.new_empty((b, c), dtype=torch.float32)
+    gk.groupwise_bwd[(b * groups,)](
+        dy, x, dx, _param(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
+        c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
+        num_warps=_group_warps(_block_t(t)))
+    _param_grads(dw_part, db_part, dw, db, b, c, weight is not None, bias is not None)
+    return dx, dw, db
 
 
-def _groupwise_bwd_fake(dy, x, weight, pad, steps, mean, rstd, groups):
-    c = x.shape[1]
-    return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
-
-
-groupwise_bwd = BackwardOp("triton_groupwise_bwd", _groupwise_bwd_impl, _groupwise_bwd_fake)
+groupwise_bwd = BackwardOp("triton_groupwise_bwd", _groupwise_bwd_impl, _grads_fake)
 
 
 def _groupwise_setup(ctx, inputs, output):
     x, weight, bias, pad, eps, groups = inputs
     _, mean, _, steps, rstd = output
-    ctx.save_for_backward(x, weight, pad, steps, mean, rstd)
-    ctx.groups, ctx.has_bias = groups, bias is not None
+    ctx.save_for_backward(x, weight, bias, pad, steps, mean, rstd)
+    ctx.groups = groups
 
 
 def _groupwise_backward(ctx, dy, *_):
-    x, weight, pad, steps, mean, rstd = ctx.saved_tensors
+    x, weight, bias, pad, steps, mean, rstd = ctx.saved_tensors
     if dy is None:
         return (None,) * 6
-    dx, dw, db = groupwise_bwd(dy, x, weight, pad, steps, mean, rstd, ctx.groups)
-    return dx, (dw.to(weight.dtype) if weight is not None else None), (db if ctx.has_bias else None), None, None, None
+    dx, dw, db = groupwise_bwd(dy, x, weight, bias, pad, steps, mean, rstd, ctx.groups)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None
 
 
 groupwise_fwd = ForwardOp("triton_groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,
@@ -536,6 +711,11 @@ class TritonBackend:
     name = "triton"
     native_low_precision = (torch.bfloat16, torch.float16)
     reduces = True
+    #: parameters and running statistics are read in their own dtype (no cast launched)
+    native_params = True
+    #: featurewise_norm / power_norm take ``running=``: the running statistics move
+    #: inside the finalize kernel (the device-side policy of :mod:`seqnorm.running`)
+    fuses_running_update = True
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
@@ -547,18 +727,44 @@ class TritonBackend:
         return y, (s if need_sum else None)
 
     @staticmethod
-    def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None):
+    def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None, running=None):
+        """``running = (running_mean, running_var, num_batches_tracked, momentum)``:
+        update them in the finalize kernel (training, the sync-free policy)."""
         if reduce is not None and mean is None:
             return _ReducedFeaturewise.apply(x, weight, bias, float(eps), pad, reduce)
-        return featurewise_fwd(x, weight, bias, pad, mean, var, float(eps))[:4]
+        rmean, rvar, nbt, momentum = running if running is not None else (None, None, None, 0.0)
+        return featurewise_fwd(x, weight, bias, pad, mean, var, float(eps), rmean, rvar, nbt,
+                               None if momentum is None else float(momentum), running is not None)[:4]
 
     @staticmethod
-    def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None):
-        # factor as a 0-d tensor: the cumulative average's is one where the host is not asked
-        factor = factor if isinstance(factor, Tensor) else torch.full((), factor, device=x.device)
+    def power_norm(x, weight, bias, eps, pad, running_phi, running_nu, factor, reduce=None, running=None,
+                   training=True):
+        """``running = (momentum, num_batches_tracked)``: the finalize kernel forms the
+        step's weight and moves ψ² and the counter (training, the sync-free policy);
+        without it ``factor`` (a float or a 0-d tensor) weighs ν's step. ``training=False``
+        (eval) skips the batch statistic: the caller does not read it."""
         if reduce is not None:
+            # factor as a 0-d tensor: the cumulative average's is one where the host is not asked
+            factor = factor if isinstance(factor, Tensor) else torch.full((), factor, device=x.device)
             return _ReducedPower.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), factor, reduce)
-        return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), factor.float())[:3]
+        if running is not None:
+            momentum, nbt = running
+            return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), True,
+                             None if momentum is None else float(momentum), nbt, None, True)[:3]
+        given = factor.float().reshape(()) if isinstance(factor, Tensor) else None
+        return power_fwd(x, weight, bias, pad, running_phi, running_nu, float(eps), bool(training),
+                         None if given is not None else float(factor), None, given, False)[:3]
+
+    @staticmethod
+    def instance_running_update(mean, var, steps, running_mean, running_var, num_batches_tracked, momentum):
+        """InstanceNorm's running statistics moved from the instances' ``mean``, ``var``
+        ``(B, C)`` and ``steps (B,)`` in one kernel (the sync-free policy)."""
+        b, c = mean.shape
+        nbt = num_batches_tracked
+        fk.instance_finalize[(1,)](mean.float().contiguous(), var.float().contiguous(), steps.contiguous(),
+                                   running_mean, running_var, nbt if nbt is not None else steps, b, c,
+                                   float(momentum or 0.0), HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
+                                   BLOCK_F=_finalize_block(c), num_warps=4)
 
     @staticmethod
     def groupwise_norm(x, weight, bias, eps, pad, groups):

@@ -22,6 +22,7 @@ fraction of that bandwidth.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -326,6 +327,10 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
                     real = real.unsqueeze(1).expand(tensors["x"].shape)
                 with torch.no_grad():
                     check({p: fn() for p, (fn, _) in setups.items()}, op, dtype, real)
+                # (a CPU dry run through the interpreter: once per op, the interpreter is slow)
+                if gpu_style and "seqnorm" in setups and (device == "cuda" or dname == dtypes[0]):
+                    print(kernel_line(op, *setups["seqnorm"], dy_like=op_shape(op, shape), dtype=dtype,
+                                      device=device), file=out, flush=True)
                 # the bytes a masked kernel moves: the real rows' (on CUDA, where seqnorm gets the mask)
                 real_frac = float(real.float().mean()) if real is not None else 1.0
                 for mode in modes:
@@ -351,6 +356,31 @@ def bench(shapes, dtypes, ops, modes, with_compile=False, budget_s=0.3, out=None
                         rows.append(Row(op, shape, dname, mode, p, s * 1e3, base / s, pct, group_bw / 1e9))
                     _print_group(rows[-len(med):], out)
     return rows
+
+
+def kernel_line(op: str, fn, inputs, dy_like, dtype, device) -> str:
+    """``op``'s launches per call (forward; forward + backward) on the triton
+    backend and, on a GPU, each kernel's registers and spills as the driver loaded
+    them — printed beside the timings (issue 16: a launch costs µs whatever the size;
+    a spill puts local memory in a kernel's inner loop)."""
+    from ..backends.launches import LaunchCounter, gpu_policy
+    from ..backends.registers import loaded_registers
+
+    counter = LaunchCounter()
+    dy = torch.zeros(dy_like, dtype=dtype, device=device)
+    # a CPU dry run (the interpreter) counts with the running-statistics policy a GPU gets
+    with gpu_policy() if device != "cuda" else contextlib.nullcontext():
+        with counter:
+            _no_grad(fn)
+        fwd = counter.total
+        counter.reset()
+        with counter:
+            _step(fn, inputs, "fwd+bwd", dy)
+    kernels = sorted({k[len("triton:"):] for k in counter.ops if k.startswith("triton:")})
+    regs = loaded_registers()
+    detail = ", ".join(f"{k} {regs[k][0]} regs" + (f" SPILLS {regs[k][1]} B" if regs[k][1] else "")
+                       for k in kernels if k in regs) or "registers n/a (not compiled for a GPU here)"
+    return f"  {op}: launches fwd {fwd}, fwd+bwd {counter.total} — {detail}"
 
 
 def _no_grad(fn):

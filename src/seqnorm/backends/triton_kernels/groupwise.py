@@ -87,6 +87,7 @@ def groupwise_fwd(
     MEAN,       # (B·G,) float32 out: μ
     RSTD,       # (B·G,) float32 out: r (0 for an all-padding group)
     VAR,        # (B·G,) float32 out: σ² (biased)
+    STEPS,      # (B,) int64 out: real steps of each sequence (written by its group 0)
     C, T,       # channels, steps
     CG,         # channels per group
     G,          # groups
@@ -116,6 +117,8 @@ def groupwise_fwd(
         var = var_s / (inv_a * inv_a)
         rstd = inv_a / tl.sqrt(var_s + eps * inv_a * inv_a)
     rstd = tl.where(n > 0, rstd, 0.0)
+    if pid % G == 0:
+        tl.store(STEPS + b, (n / CG).to(tl.int64))
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
     tl.store(VAR + pid, var)

@@ -160,3 +160,152 @@ def rowwise_bwd(
         db += dy
     tl.store(DW_PART + pid * D + cols, dw, mask=in_row)
     tl.store(DB_PART + pid * D + cols, db, mask=in_row)
+
+
+# ---------------------------------------------------------------------------
+# Column-blocked: rows too wide for registers (BLOCK_D > MAX_BLOCK_D in the launcher)
+# ---------------------------------------------------------------------------
+# The same maths, the row read in BLOCK_C-column blocks, once per pass (the
+# re-reads come from cache): a thread holds BLOCK_C/threads elements per
+# tensor instead of the whole row, so nothing spills to local memory.
+
+
+@triton.jit
+def _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns ``[c0, c0 + BLOCK_C)`` of ``s = x (+ residual)``, float32, 0 outside the row
+    or at padding; and ``(cols, in_row, use)``."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    in_row = cols < D
+    use = tl.where(real, in_row, False)
+    s = tl.load(X + row * stride_x + cols, mask=use, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(RES + row * stride_r + cols, mask=use, other=0.0).to(tl.float32)
+    return s, cols, in_row, use
+
+
+@triton.jit
+def rowwise_fwd_blocked(
+    X, RES, Y, S, W, B, PAD, SHIFT, DELTA, RSTD,   # as rowwise_fwd
+    stride_x, stride_r, stride_y, stride_s, D, eps,
+    HAS_RES: tl.constexpr, WRITE_S: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_PAD: tl.constexpr, CENTER: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """:func:`rowwise_fwd` in column blocks: pass 1 the sum (and ``s``, written
+    whole where WRITE_S), pass 2 the centred moments, pass 3 ``y``."""
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_PAD:
+        real = tl.load(PAD + row) == 0
+    else:
+        real = row >= 0
+    total = 0.0
+    for c0 in range(0, D, BLOCK_C):
+        if WRITE_S:                          # the sum at every position, padding included
+            s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, True, HAS_RES, BLOCK_C)
+            tl.store(S + row * stride_s + cols, s.to(S.dtype.element_ty), mask=in_row)
+            s = tl.where(use & real, s, 0.0)
+        else:
+            s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
+        total += tl.sum(s, axis=0)
+    if CENTER:
+        m = total / D
+    else:
+        m = 0.0
+    sd = 0.0
+    sdd = 0.0
+    amax = 0.0
+    for c0 in range(0, D, BLOCK_C):
+        s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
+        d = tl.where(use, s - m, 0.0)
+        sd += tl.sum(d, axis=0)
+        sdd += tl.sum(d * d, axis=0)
+        amax = tl.maximum(amax, tl.max(tl.abs(d), axis=0))
+    if CENTER:
+        delta = sd / D
+        var = sdd / D - delta * delta
+    else:
+        delta = 0.0
+        var = sdd / D
+    overflow = (var > 3.0e38) | (var != var)
+    var = tl.maximum(var, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if overflow:                             # squares overflowed: the moments of d/a, a ≈ max|d|
+        inv_a = tl.exp2(-tl.floor(tl.log2(amax)))
+        sdd2 = 0.0
+        for c0 in range(0, D, BLOCK_C):
+            s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
+            ds = tl.where(use, s - m, 0.0) * inv_a
+            sdd2 += tl.sum(ds * ds, axis=0)
+        dl = delta * inv_a
+        var2 = tl.maximum(sdd2 / D - dl * dl, 0.0)
+        rstd = inv_a / tl.sqrt(var2 + eps * inv_a * inv_a)
+    rstd = tl.where(real, rstd, 0.0)
+    for c0 in range(0, D, BLOCK_C):
+        s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
+        y = (tl.where(use, s - m, 0.0) - delta) * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, tl.where(use, y, 0.0).to(Y.dtype.element_ty), mask=in_row)
+    tl.store(SHIFT + row, m)
+    tl.store(DELTA + row, delta)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def rowwise_bwd_blocked(
+    DY, X, RES, DS, DX, W, PAD, SHIFT, DELTA, RSTD, DW_PART, DB_PART,   # as rowwise_bwd
+    stride_dy, stride_x, stride_r, stride_ds, stride_dx, R, D, rows_per_program,
+    HAS_RES: tl.constexpr, HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_PAD: tl.constexpr,
+    CENTER: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """:func:`rowwise_bwd` in column blocks: per row, pass 1 the constants ``c₁``,
+    ``c₂``, pass 2 ``dx`` and the program's partial ``Σ dy ⊙ x̂``, ``Σ dy`` — kept in
+    its own rows of ``DW_PART``/``DB_PART`` (zeroed here first, then read and
+    written by this program alone: no atomics, no zero fill by the caller)."""
+    pid = tl.program_id(0)
+    for c0 in range(0, D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        tl.store(DW_PART + pid * D + cols, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cols < D)
+        tl.store(DB_PART + pid * D + cols, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cols < D)
+    first = pid.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, R)
+    for row in range(first, last):
+        if HAS_PAD:
+            real = tl.load(PAD + row) == 0
+        else:
+            real = row >= 0
+        m = tl.load(SHIFT + row)
+        delta = tl.load(DELTA + row)
+        rstd = tl.load(RSTD + row)
+        sg = 0.0
+        sgx = 0.0
+        for c0 in range(0, D, BLOCK_C):
+            s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
+            dy = tl.load(DY + row * stride_dy + cols, mask=use, other=0.0).to(tl.float32)
+            if HAS_W:
+                dy = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+            xhat = tl.where(use, ((s - m) - delta) * rstd, 0.0)
+            sg += tl.sum(dy, axis=0)
+            sgx += tl.sum(dy * xhat, axis=0)
+        if CENTER:
+            c1 = sg / D
+        else:
+            c1 = 0.0
+        c2 = sgx / D
+        for c0 in range(0, D, BLOCK_C):
+            s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
+            dy = tl.load(DY + row * stride_dy + cols, mask=use, other=0.0).to(tl.float32)
+            if HAS_W:
+                g = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+            else:
+                g = dy
+            xhat = tl.where(use, ((s - m) - delta) * rstd, 0.0)
+            dx = tl.where(use, (g - c1 - xhat * c2) * rstd, 0.0)
+            if HAS_DS:
+                dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+            dw = tl.load(DW_PART + pid * D + cols, mask=in_row, other=0.0)
+            tl.store(DW_PART + pid * D + cols, dw + dy * xhat, mask=in_row)
+            db = tl.load(DB_PART + pid * D + cols, mask=in_row, other=0.0)
+            tl.store(DB_PART + pid * D + cols, db + dy, mask=in_row)
