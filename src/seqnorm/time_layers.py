@@ -125,15 +125,14 @@ def geometry(layer: nn.Module, axis: int = 0) -> Geometry:
 
 
 def time_axis(layer: nn.Module, x: Tensor, known: Iterable[int]) -> Optional[int]:
-    """The axis of ``x`` that is time for ``layer``, or None when ``x`` is not a batched input
-    of the layer's rank, or (2-d) no spatial axis has a number of steps in ``known``."""
+    """The axis of ``x`` that is time for ``layer``: a spatial axis whose number of steps is
+    in ``known`` (``H`` before ``W``); None when ``x`` is not a batched input of the layer's
+    rank or no spatial axis is at a known rate."""
     k = kind(layer)
     if k is None or not isinstance(x, Tensor) or x.dim() != k.spatial + 2:
         return None
-    if k.spatial == 1:
-        return 2
     known = set(known)
-    return next((a for a in (2, 3) if x.shape[a] in known), None)
+    return next((a for a in range(2, x.dim()) if x.shape[a] in known), None)
 
 
 def output_lengths(g: Geometry, lengths: Tensor) -> Tensor:
