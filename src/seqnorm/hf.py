@@ -39,6 +39,10 @@ SMALL_CONFIGS: Dict[str, dict] = {
     # NeMo FastConformer: Conv2d subsampling ×8 on (B, 1, T, F), BatchNorm1d in every conv module
     "parakeet_encoder": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              subsampling_conv_channels=16, num_mel_bins=32),
+    # the same encoder under a CTC / RNN-T / TDT head
+    **{f"parakeet_{head}": dict(encoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, subsampling_conv_channels=16,
+                                                    num_mel_bins=32)) for head in ("ctc", "rnnt", "tdt")},
     # a LayerNorm over the relative-position table (no batch or time axis)
     "sew-d": dict(SMALL_SPEECH, squeeze_factor=2, max_position_embeddings=64, position_buckets=32),
 }
