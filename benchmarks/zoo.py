@@ -294,12 +294,16 @@ def markdown(rows: List[dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(only, out_dir: str, timeout: int) -> None:
+def run_all(only, out_dir: str, timeout: int, merge: bool = False) -> None:
     t0 = time.perf_counter()
     types = audio_model_types()
     if only:
         types = [t for t in types if t[0] in only]
     rows = []
+    previous = {}
+    if merge and os.path.exists(os.path.join(out_dir, "zoo.json")):
+        with open(os.path.join(out_dir, "zoo.json")) as f:
+            previous = {r["model_type"]: r for r in json.load(f)["rows"]}
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for model_type, cls, main in types:
         start = time.perf_counter()
@@ -321,6 +325,10 @@ def run_all(only, out_dir: str, timeout: int) -> None:
         print(f"{model_type}: {'runs' if row.get('runs') else row.get('note', '')[:80]} "
               f"({row['seconds']} s)", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
+    if previous:                      # the rows run now replace theirs; the time is the rows' sum
+        previous.update({r["model_type"]: r for r in rows})
+        rows = [previous[k] for k in sorted(previous)]
+        seconds = sum(r.get("seconds") or 0.0 for r in rows)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "zoo.json"), "w") as f:
         json.dump(dict(seconds=round(seconds, 1), rows=rows), f, indent=1)
@@ -335,12 +343,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="MODEL_TYPE", help="these model types only")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where zoo.md and zoo.json go (default docs/)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per model type (default 300)")
+    p.add_argument("--merge", action="store_true", help="with --only: replace those rows of the existing zoo.json")
     args = p.parse_args(argv)
     if args.one:
         torch.set_num_threads(1)
         print(json.dumps(one(args.one)))
         return 0
-    run_all(args.only, args.out, args.timeout)
+    run_all(args.only, args.out, args.timeout, args.merge)
     return 0
 
 

@@ -174,6 +174,8 @@ def audio_batch(module: nn.Module, config, main: str, batch: int, steps: int, se
         inputs = torch.randn(batch, steps, generator=gen)
     else:
         feat = feature_size(config)
+        if feat is not None:      # low frame rate models stack frames before the encoder (FunASR)
+            feat *= int(getattr(config, "num_stacked_frames", 1) or 1)
         if feat is None:
             raise ValueError(f"{type(module).__name__}: no feature size in its config (looked for "
                              f"{', '.join(FEATURE_SIZE[:4])}, ...)")
