@@ -120,11 +120,13 @@ def test_conv2d_subsampled_stack_batched_equals_alone():
                 nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                 nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1)), nn.GroupNorm(2, 4), nn.GELU(),
                 nn.MaxPool2d(3, stride=1, padding=1), nn.AvgPool2d(2, stride=(2, 1), ceil_mode=True))
+            self.channel_norm = nn.LayerNorm(4)                # over C of (B, T', F', C)
             self.norm = nn.LayerNorm(4 * 7)
 
         def forward(self, x):                                  # x: (B, T, F=16)
             h = self.conv(x.unsqueeze(1))                      # (B, 4, T', 7)
-            return self.norm(h.transpose(1, 2).flatten(2))     # (B, T', 28)
+            h = self.channel_norm(h.permute(0, 2, 3, 1))       # (B, T', 7, 4)
+            return self.norm(h.flatten(2))                     # (B, T', 28)
 
     net = Front()
     for m in net.modules():
