@@ -133,6 +133,8 @@ def combine_key_mask(mask: Tensor, keep: Tensor, *, padding_true: bool = False) 
 def _new_mask(keep: Tensor, style: str, dtype: torch.dtype, queries: int, causal: bool) -> Tensor:
     """A mask from ``keep`` alone for a module called without one: ``(B, 1, 1, S)``,
     or ``(B, 1, T, S)`` when causal (query ``t`` sees keys ``s ≤ t + S − T``)."""
+    if style == "keys":
+        return keep
     batch, steps = keep.shape
     allowed = keep[:, None, None, :]
     if causal:
@@ -178,17 +180,22 @@ def _lengths(ctx, steps: int, batch: int, rec: _Hooked) -> Optional[Tensor]:
 
 
 def _new_mask_style(module: nn.Module) -> Optional[str]:
-    """The mask format a module called without one takes: what HF's mask utilities
-    make for its attention implementation. None for implementations whose masks
-    are not tensors of that shape (flash: unpadded (B, S); flex: BlockMask)."""
-    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
+    """The mask format a module called without one takes, where it can be told:
+    a module that fills its scores at ``~attention_mask`` takes bool (Parakeet,
+    LASR); one that hands the mask to HF's attention interface takes what HF's
+    mask utilities make for its implementation (SDPA: bool, eager: additive
+    float); one that makes it torch's ``key_padding_mask`` (WavLM) takes
+    ``(B, S)``. None otherwise: flash's unpadded masks, flex's BlockMask, or a
+    use of the mask seqnorm does not follow."""
+    src = _source(type(module))
+    if "attention_mask.logical_not()" in src or "~attention_mask" in src:
         return "bool"
-    if impl == "eager":
-        src = _source(type(module))
-        # modules that fill their scores with ~mask (Parakeet, LASR) take bool under any implementation
-        return "bool" if ("attention_mask.logical_not()" in src or "~attention_mask" in src) else "float"
-    return None
+    if "key_padding_mask = attention_mask" in src:
+        return "keys"       # WavLM: a (B, S) mask, 1 = attend, made into torch's key_padding_mask
+    if "attention_interface" not in src and "ALL_ATTENTION_FUNCTIONS" not in src:
+        return None
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or "eager"
+    return {"sdpa": "bool", "eager": "float"}.get(impl)
 
 
 def _source(cls) -> str:
@@ -248,8 +255,8 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
             style = _new_mask_style(mod)
             if style is None:
                 impl = getattr(getattr(mod, "config", None), "_attn_implementation", None)
-                _warn_once(rec, "implementation", f"called without a mask under attn_implementation={impl!r}, "
-                           f"whose masks seqnorm does not build")
+                _warn_once(rec, "no mask", f"called without a mask, and seqnorm does not know the mask format "
+                           f"it takes (attn_implementation={impl!r})")
                 return None
             causal = bool(getattr(mod, "is_causal", False)) and kv is None
             new = _new_mask(keep, style, x.dtype if x.is_floating_point() else torch.float32, x.shape[1], causal)
@@ -327,7 +334,7 @@ def hook_attention(model: nn.Module) -> Dict[str, str]:
     docstring); calling it again adds none. Returns ``{name: what}`` for each
     attention module: ``"hooked"``, or why not."""
     decoders = _decoder_paths(model)
-    candidates = [(n, m) for n, m in model.named_modules() if n and _is_attention(m)]
+    candidates = [(n or type(m).__name__, m) for n, m in model.named_modules() if _is_attention(m)]
     names = {m: n for n, m in candidates}
     out = {}
     for name, m in candidates:
@@ -364,25 +371,37 @@ def unhook_attention(model: nn.Module) -> None:
             rec.handle.remove()
 
 
-def attention_report(model: nn.Module) -> List[str]:
-    """One line per kind of outcome for ``model``'s attention modules (the audit's
-    notes): which got key masks from the padding, which were left alone and why."""
+def attention_report(model: nn.Module, first_leak: Optional[str] = None, leaking=()) -> List[str]:
+    """Lines for the audit's notes on ``model``'s attention modules: which got key
+    masks from the padding, which were left alone and why, and — when the
+    audit's first leak (``first_leak``) is in an attention module — which of
+    them leak (``leaking``: the names of the modules the audit found leaking)."""
     groups: Dict[str, List[str]] = {}
-    for name, m in model.named_modules():
+    attention = {n for n, m in model.named_modules() if _is_attention(m)}
+    leaks_here = first_leak is not None and any(first_leak == a or first_leak.startswith(a + ".")
+                                                for a in attention)
+    leaking = set(leaking) & attention if leaks_here else set()
+    for m in model.modules():
         rec = _records.get(m)
         if rec is None:
             continue
+        name = rec.name
         if rec.handle is None:
             what = f"not fixed: {rec.reason}"
         elif rec.last == "masked":
-            what = "keys masked by make_padding_safe from the padding's lengths"
+            what = "keys past each sequence's end masked by make_padding_safe"
         elif rec.last:
-            what = f"not masked ({rec.last})"
+            what = f"left as the model made it ({rec.last})"
         else:
             what = "hooked, not called under seqnorm.padding"
         groups.setdefault(what, []).append(name)
     lines = []
     for what, names in groups.items():
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        lines.append(f"attention over padded keys: {what}: {shown}")
+        still = [n for n in names if n in leaking]
+        tail = f" — yet still leaking: {', '.join(still[:3])}" if still and "masked" in what else ""
+        lines.append(f"attention over padded keys: {what}: {shown}{tail}")
+    if not groups and leaking:
+        lines.append("attention over padded keys: not fixed (make_padding_safe(model) masks attention keys past "
+                     "each sequence's end; it was not applied, or with attention=False)")
     return lines
