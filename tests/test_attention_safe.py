@@ -182,6 +182,42 @@ def test_right_masks_are_unchanged(name):
     assert (outs[True] - outs[False]).abs().max().item() <= 1e-6
 
 
+def _seamless_speech_encoder(attention):
+    """Seamless M4T v2's speech encoder: chunked attention (chunks of 4 frames, one chunk of left
+    context) over the input rate, then an adapter (a stride-2 conv and its own attention at the
+    half rate). Depthwise kernel 1: its causal conv pads with F.pad, a rate make_padding_safe does
+    not follow yet."""
+    from transformers import SeamlessM4Tv2Config
+    from transformers.models.seamless_m4t_v2.modeling_seamless_m4t_v2 import SeamlessM4Tv2SpeechEncoder
+
+    cfg = SeamlessM4Tv2Config(hidden_size=32, speech_encoder_layers=2, speech_encoder_attention_heads=2,
+                              speech_encoder_intermediate_size=64, feature_projection_input_dim=16,
+                              conv_depthwise_kernel_size=1, adaptor_kernel_size=4, adaptor_stride=2,
+                              num_adapter_layers=1, add_adapter=True, speech_encoder_chunk_size=4,
+                              speech_encoder_left_chunk_num=1, speech_encoder_dropout=0.0, dropout=0.0,
+                              attention_dropout=0.0, activation_dropout=0.0, speech_encoder_layerdrop=0.0,
+                              attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return seqnorm.make_padding_safe(SeamlessM4Tv2SpeechEncoder(cfg).eval(), attention=attention)
+
+
+def test_chunked_attention_keeps_its_chunks_and_the_adapter_is_fixed():
+    """The chunk masks (right) are unchanged by the key masks: the conformer layers' outputs are the
+    same with and without; the adapter's mask counts a half-real frame (14 keys, alone 13), fixed."""
+    g = torch.Generator().manual_seed(1)
+    x, lengths = torch.randn(2, 41, 16, generator=g), torch.tensor([41, 27])
+    outs, errs = {}, {}
+    for attention in (True, False):
+        enc = _seamless_speech_encoder(attention)
+        seen = []
+        enc.encoder.layers[-1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        batched = _run(enc, x, lengths).last_hidden_state
+        alone = _run(enc, x[1:, :27], lengths[1:]).last_hidden_state
+        outs[attention], errs[attention] = seen[0], (batched[1, :alone.shape[1]] - alone[0]).abs().max().item()
+    assert (outs[True] - outs[False]).abs().max().item() <= 1e-6
+    assert errs[True] <= TOL and errs[False] > 1e-3, errs
+
+
 # ---------------------------------------------------------------------------
 # nn.MultiheadAttention, opting out, never raising
 # ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ computes what it did.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 import weakref
@@ -179,30 +180,39 @@ def _lengths(ctx, steps: int, batch: int, rec: _Hooked) -> Optional[Tensor]:
     return lengths
 
 
-def _new_mask_style(module: nn.Module) -> Optional[str]:
-    """The mask format a module called without one takes, where it can be told:
-    a module that fills its scores at ``~attention_mask`` takes bool (Parakeet,
-    LASR); one that hands the mask to HF's attention interface takes what HF's
-    mask utilities make for its implementation (SDPA: bool, eager: additive
-    float); one that makes it torch's ``key_padding_mask`` (WavLM) takes
-    ``(B, S)``. None otherwise: flash's unpadded masks, flex's BlockMask, or a
-    use of the mask seqnorm does not follow."""
-    src = _source(type(module))
+@functools.lru_cache(maxsize=None)
+def _mask_use(cls) -> Optional[str]:
+    """How a module class uses its ``attention_mask``, read from its forward's source:
+    ``"bool"`` — fills its scores at ``~attention_mask`` (Parakeet, LASR), so it takes
+    bool under any implementation; ``"keys"`` — makes it torch's ``key_padding_mask``
+    (WavLM), so it takes ``(B, S)``; ``"interface"`` — hands it to HF's attention
+    interface, which takes what HF's mask utilities make for the implementation;
+    None — a use seqnorm does not follow."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
     if "attention_mask.logical_not()" in src or "~attention_mask" in src:
         return "bool"
     if "key_padding_mask = attention_mask" in src:
-        return "keys"       # WavLM: a (B, S) mask, 1 = attend, made into torch's key_padding_mask
-    if "attention_interface" not in src and "ALL_ATTENTION_FUNCTIONS" not in src:
-        return None
-    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or "eager"
-    return {"sdpa": "bool", "eager": "float"}.get(impl)
+        return "keys"
+    if "attention_interface" in src or "ALL_ATTENTION_FUNCTIONS" in src:
+        return "interface"
+    return None
 
 
-def _source(cls) -> str:
-    try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ""
+def _implementation(module: nn.Module) -> Optional[str]:
+    return getattr(getattr(module, "config", None), "_attn_implementation", None)
+
+
+def _new_mask_style(module: nn.Module) -> Optional[str]:
+    """The mask format a module called without one takes (SDPA: bool, eager: additive
+    float), or None where seqnorm cannot tell (flash's unpadded masks, flex's
+    BlockMask, a use of the mask it does not follow)."""
+    use = _mask_use(type(module))
+    if use != "interface":
+        return use
+    return {"sdpa": "bool", "eager": "float"}.get(_implementation(module) or "eager")
 
 
 def _param_index(module: nn.Module, name: str) -> Optional[int]:
@@ -254,12 +264,17 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
         if mask is None:
             style = _new_mask_style(mod)
             if style is None:
-                impl = getattr(getattr(mod, "config", None), "_attn_implementation", None)
                 _warn_once(rec, "no mask", f"called without a mask, and seqnorm does not know the mask format "
-                           f"it takes (attn_implementation={impl!r})")
+                           f"it takes (attn_implementation={_implementation(mod)!r})")
                 return None
             causal = bool(getattr(mod, "is_causal", False)) and kv is None
             new = _new_mask(keep, style, x.dtype if x.is_floating_point() else torch.float32, x.shape[1], causal)
+        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and _new_mask_style(mod) == "float":
+            # HF's eager attention adds its mask: a bool one (Seamless M4T v2's chunk mask) adds 0/1 and
+            # masks nothing, batched or alone; turning it into a real mask would change the model itself
+            _warn_once(rec, "bool under eager", "its eager attention adds the bool mask it gets (0/1), which masks "
+                       "no key; attn_implementation='sdpa' masks them")
+            return None
         elif isinstance(mask, Tensor):
             new = combine_key_mask(mask, keep)
             if new is None:
