@@ -180,6 +180,16 @@ def _lengths(ctx, steps: int, batch: int, rec: _Hooked) -> Optional[Tensor]:
     return lengths
 
 
+def _no_padding(lengths: Tensor, steps: int, rec: _Hooked) -> bool:
+    """Whether every sequence fills all ``steps`` keys (read only where that costs no
+    device sync): the model's mask, or none, is then already right — and SDPA
+    without a mask keeps its fastest kernels."""
+    if sync_free(lengths) or not bool((lengths >= steps).all()):
+        return False
+    rec.last = "masked"
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _mask_use(cls) -> Optional[str]:
     """How a module class uses its ``attention_mask``, read from its forward's source:
@@ -257,7 +267,7 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
             return None
         batch, steps = keys.shape[:2]
         lengths = _lengths(ctx, steps, batch, rec)
-        if lengths is None:
+        if lengths is None or _no_padding(lengths, steps, rec):
             return None
         keep = key_mask(lengths.to(keys.device), steps)
         mask = _get(args, kwargs, mask_at, "attention_mask")
@@ -299,7 +309,7 @@ def _mha_pre_hook(rec: _Hooked, module: nn.MultiheadAttention):
             return None
         batch, steps = (key.shape[0], key.shape[1]) if mod.batch_first else (key.shape[1], key.shape[0])
         lengths = _lengths(ctx, steps, batch, rec)
-        if lengths is None:
+        if lengths is None or _no_padding(lengths, steps, rec):
             return None
         keep = key_mask(lengths.to(key.device), steps)
         mask = _get(args, kwargs, 3, "key_padding_mask")
@@ -339,6 +349,16 @@ def _takes_mask(module: nn.Module) -> bool:
     return any(n in params for n in _MASK_ARGS)
 
 
+def _own_mask_arg(module: nn.Module) -> Optional[str]:
+    """The name of a padding argument seqnorm does not fill (``padding_mask``, True = padding: the
+    caller's own convention), or None."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((n for n in ("padding_mask", "key_padding_mask", "mask", "attn_mask") if n in params), None)
+
+
 def _decoder_paths(model: nn.Module) -> List[str]:
     """Module paths of the decoders of an encoder–decoder model (a child named ``decoder``)."""
     return [n for n, _ in model.named_modules() if n.split(".")[-1] == "decoder"]
@@ -369,7 +389,9 @@ def hook_attention(model: nn.Module) -> Dict[str, str]:
             in_decoder = any(name == d or name.startswith(d + ".") for d in decoders)
             rec = _Hooked(name, kind, in_decoder)
             if kind == "none":
-                rec.reason = "its forward takes no mask (the mask, if any, is built inside one call)"
+                own = _own_mask_arg(m)
+                rec.reason = (f"it takes its padding as {own!r}, which the caller passes" if own else
+                              "its forward takes no mask (a mask, if any, is built inside one call)")
             else:
                 pre = _mha_pre_hook(rec, m) if kind == "mha" else _hf_pre_hook(rec, m)
                 rec.handle = m.register_forward_pre_hook(pre, with_kwargs=True)
@@ -396,11 +418,11 @@ def attention_report(model: nn.Module, first_leak: Optional[str] = None, leaking
     leaks_here = first_leak is not None and any(first_leak == a or first_leak.startswith(a + ".")
                                                 for a in attention)
     leaking = set(leaking) & attention if leaks_here else set()
-    for m in model.modules():
+    for name, m in model.named_modules():
         rec = _records.get(m)
         if rec is None:
             continue
-        name = rec.name
+        name = name or rec.name          # names as in the model audited (hooks may have come from a parent)
         if rec.handle is None:
             what = f"not fixed: {rec.reason}"
         elif rec.last == "masked":
