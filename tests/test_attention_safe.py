@@ -124,8 +124,9 @@ def test_moonshine_encoder_batched_equals_alone(impl):
 def test_moonshine_encoder_decoder_cross_attention_gets_encoder_lengths():
     """The full model: the encoder's outputs, and the decoder's, whose cross-attention takes the
     encoder's (wrong) output mask — it gets the encoder's key lengths at the encoder rate; the
-    decoder's self-attention (keys are tokens) is left alone."""
-    tokens = torch.tensor([[1, 5, 7]]).expand(2, 3)
+    decoder's self-attention (keys are tokens) is left alone, even with as many tokens as the
+    batch has encoder frames (40): a token count that matches a frame rate is not that rate."""
+    tokens = torch.randint(1, 50, (1, 40), generator=torch.Generator().manual_seed(0)).expand(2, 40)
     res = {}
     for attention in (True, False):
         model = hf.build("moonshine", MOONSHINE)
