@@ -13,11 +13,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-__all__ = ["SMALL_SPEECH", "SPEECH_MODELS", "NO_DROPOUT", "build", "frames"]
+__all__ = ["SMALL_SPEECH", "SPEECH_MODELS", "SMALL_CONFIGS", "NO_DROPOUT", "build", "frames"]
 
 #: dropout, LayerDrop and SpecAugment off: what differs between two runs is then padding alone
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                  final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0,
+                  final_dropout=0.0, dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0,
                   conformer_conv_dropout=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 #: a speech model small enough for a test: hidden 32, 2 layers, a 3-layer conv feature encoder (stride 20)
@@ -31,6 +31,16 @@ SPEECH_MODELS: Dict[str, dict] = {
     "hubert": dict(conv_pos_batch_norm=True),                # BatchNorm before the positional conv
     "wav2vec2-conformer": dict(conv_depthwise_kernel_size=7),  # depthwise conv + BatchNorm per block
     "data2vec-audio": dict(num_conv_pos_embeddings=3, conv_pos_kernel_size=7),   # a positional conv stack
+}
+
+
+#: settings that make other audio models test-sized (the zoo's, ``benchmarks/zoo.py``)
+SMALL_CONFIGS: Dict[str, dict] = {
+    # NeMo FastConformer: Conv2d subsampling ×8 on (B, 1, T, F), BatchNorm1d in every conv module
+    "parakeet_encoder": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             subsampling_conv_channels=16, num_mel_bins=32),
+    # a LayerNorm over the relative-position table (no batch or time axis)
+    "sew-d": dict(SMALL_SPEECH, squeeze_factor=2, max_position_embeddings=64, position_buckets=32),
 }
 
 
