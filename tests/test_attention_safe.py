@@ -121,37 +121,49 @@ def test_moonshine_encoder_batched_equals_alone(impl):
     assert errs[False] > 1e-2, errs                       # teeth: the model's own mask leaks
 
 
-def test_moonshine_encoder_decoder_cross_attention_gets_encoder_lengths():
+def test_moonshine_encoder_decoder_batched_equals_alone():
     """The full model: the encoder's outputs, and the decoder's, whose cross-attention takes the
-    encoder's (wrong) output mask — it gets the encoder's key lengths at the encoder rate; the
-    decoder's self-attention (keys are tokens) is left alone, even with as many tokens as the
-    batch has encoder frames (40): a token count that matches a frame rate is not that rate."""
+    encoder's (wrong) output mask — it gets the encoder's key lengths at the encoder rate."""
+    tokens = torch.tensor([[1, 5, 7]]).expand(2, 3)
+    res = {}
+    for attention in (True, False):
+        model = _safe("moonshine", MOONSHINE, attention)
+        enc, _ = _batched_vs_alone(model, 16000, 9000, out=lambda o: o.encoder_last_hidden_state,
+                                   decoder_input_ids=tokens)
+        dec, _ = _batched_vs_alone(model, 16000, 9000, decoder_input_ids=tokens)
+        res[attention] = (enc, dec)
+    assert max(res[True]) <= TOL, res
+    assert min(res[False]) > 1e-2, res
+
+
+def test_decoder_self_attention_is_left_alone_at_a_frame_count():
+    """The decoder's self-attention (its keys are tokens) is not masked, even with as many tokens as
+    the batch has encoder frames (40): a token count that matches a frame rate is not that rate.
+    (Only the encoder is made padding-safe here: the decoder's norms would take the frame lengths.)"""
     tokens = torch.randint(1, 50, (1, 40), generator=torch.Generator().manual_seed(0)).expand(2, 40)
     res = {}
     for attention in (True, False):
         model = hf.build("moonshine", MOONSHINE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            seqnorm.make_padding_safe(model.encoder, attention=attention)   # the decoder's norms stay torch's
+            seqnorm.make_padding_safe(model.encoder, attention=attention)
         if attention:
-            hook_attention(model)                                          # its cross-attention too
-        enc, _ = _batched_vs_alone(model, 16000, 9000, out=lambda o: o.encoder_last_hidden_state,
-                                   decoder_input_ids=tokens)
-        dec, _ = _batched_vs_alone(model, 16000, 9000, decoder_input_ids=tokens)
-        res[attention] = (enc, dec)
+            hook_attention(model)                                          # the decoder's cross-attention too
+        res[attention], _ = _batched_vs_alone(model, 16000, 9000, decoder_input_ids=tokens)
         if attention:
             notes = "\n".join(attention_report(model))
             assert "decoder.layers.0.encoder_attn" in notes and "decoder self-attention" in notes
-    assert max(res[True]) <= TOL, res
-    assert min(res[False]) > 1e-2, res
+    assert res[True] <= TOL and res[False] > 1e-2, res
 
 
-def test_sew_squeezed_rate_batched_equals_alone():
-    """SEW max-pools the mask to its squeezed rate: a window half real is a key batched; alone
-    the sequence has ⌊49/2⌋ = 24 squeezed frames."""
+@pytest.mark.parametrize("name", ["sew", "sew-d"])
+def test_squeezed_rate_batched_equals_alone(name):
+    """SEW and SEW-D max-pool the mask to their squeezed rate: a window half real is a key batched;
+    alone the sequence has ⌊49/2⌋ = 24 squeezed frames. SEW-D's mask is an integer 0/1 one."""
+    config = SEW if name == "sew" else dict(hf.SMALL_CONFIGS["sew-d"], initializer_range=0.2)
     errs = {}
     for attention in (True, False):
-        errs[attention], _ = _batched_vs_alone(_safe("sew", SEW, attention), 1600, 1000)
+        errs[attention], _ = _batched_vs_alone(_safe(name, config, attention), 1600, 1000)
     assert errs[True] <= TOL, errs
     assert errs[False] > 1e-2, errs
 
@@ -219,6 +231,21 @@ def test_chunked_attention_keeps_its_chunks_and_the_adapter_is_fixed():
     assert errs[True] <= TOL and errs[False] > 1e-3, errs
 
 
+def test_parakeet_masks_are_unchanged():
+    """Parakeet masks keys and queries itself (bool, filled at ~mask in its relative-position
+    scores): the key masks change nothing, in eval and in training."""
+    g = torch.Generator().manual_seed(0)
+    x, lengths = torch.randn(2, 130, 32, generator=g), torch.tensor([130, 70])
+    x[1, 70:] = 0
+    outs = {}
+    for attention in (True, False):
+        model = _safe("parakeet_encoder", hf.SMALL_CONFIGS["parakeet_encoder"], attention)
+        outs[attention] = [_run(model.train(mode), x, lengths).last_hidden_state for mode in (False, True)]
+        if attention:
+            assert any("masked by make_padding_safe" in line for line in attention_report(model))
+    assert max((a - b).abs().max().item() for a, b in zip(outs[True], outs[False])) <= 1e-6
+
+
 # ---------------------------------------------------------------------------
 # nn.MultiheadAttention, opting out, never raising
 # ---------------------------------------------------------------------------
@@ -276,13 +303,13 @@ def test_unknown_rate_warns_once_and_leaves_the_mask():
 
 
 def test_outside_the_padding_context_nothing_changes():
-    model = _safe("sew", SEW, True)
-    ref = hf.build("sew", SEW)
-    batch, lengths, _ = _wave(1600, 1000)
-    mask = (torch.arange(1600)[None, :] < lengths[:, None]).long()
+    torch.manual_seed(0)
+    net = _ConvAttention().eval()
+    x = torch.randn(2, 20, 3)
     with torch.no_grad():
-        assert torch.allclose(model(batch, attention_mask=mask).last_hidden_state,
-                              ref(batch, attention_mask=mask).last_hidden_state, atol=1e-5)
+        stock = net(x)
+        seqnorm.make_padding_safe(net)
+        assert torch.equal(net(x), stock)
 
 
 def test_audit_says_the_attention_leak_is_fixed():
