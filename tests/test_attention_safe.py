@@ -21,6 +21,8 @@ transformers = pytest.importorskip("transformers")   # a test dependency (.ci/ru
 from seqnorm import hf  # noqa: E402
 
 TOL = 1e-4
+#: the decoder's norms at the token rate act as torch's, with a warning (make_padding_safe's own)
+pytestmark = pytest.mark.filterwarnings("ignore::seqnorm.convert.ConversionWarning")
 #: Moonshine at test size: conv front end of stride 384 (127/64, 7/3, 3/2), 2 + 2 layers of width 32
 MOONSHINE = dict(hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2, decoder_num_hidden_layers=2,
                  encoder_num_attention_heads=2, decoder_num_attention_heads=2, encoder_num_key_value_heads=2,
@@ -102,6 +104,48 @@ def test_combine_mask_longer_than_the_keys_and_unalignable():
     assert longer[:, 0, 0].tolist() == [[True, True, True, True, True], [True, False, True, True, True]]
     assert combine_key_mask(torch.ones(3, 2, dtype=torch.bool), keep) is None            # batch 3 vs 2
     assert combine_key_mask(torch.ones(2, 1, dtype=torch.bool), keep) is None            # fewer keys
+
+
+class TinyAttention(nn.Module):
+    """An HF-style attention module that records the mask it gets (its forward hands the mask to
+    ``attention_interface``, as HF's modules do)."""
+
+    def __init__(self, impl, is_causal=False):
+        super().__init__()
+        self.config = type("Config", (), {"_attn_implementation": impl})()
+        self.is_causal, self.seen = is_causal, []
+
+    def forward(self, hidden_states, attention_mask=None):
+        attention_interface = self.seen.append
+        attention_interface(attention_mask)
+        return hidden_states
+
+
+def _tiny(impl, mask=None, positional=False, is_causal=False):
+    attn = TinyAttention(impl, is_causal)
+    seqnorm.make_padding_safe(attn)
+    x = torch.randn(2, 4, 3)
+    with seqnorm.padding(lengths=torch.tensor([4, 2])):
+        attn(x, mask) if positional else attn(x, attention_mask=mask)
+    return attn.seen[0]
+
+
+def test_a_module_called_without_a_mask_gets_its_implementations_format():
+    keep = [[True] * 4, [True, True, False, False]]
+    assert _tiny("sdpa").dtype == torch.bool and _tiny("sdpa")[:, 0, 0].tolist() == keep
+    eager = _tiny("eager")
+    assert eager.dtype == torch.float32 and (eager[:, 0, 0] == 0).tolist() == keep
+    causal = _tiny("sdpa", is_causal=True)                        # is_causal is dropped once a mask is given
+    assert causal.shape == (2, 1, 4, 4) and torch.equal(causal[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.equal(causal[1, 0], torch.ones(4, 4, dtype=torch.bool).tril() & torch.tensor(keep[1]))
+
+
+def test_a_positional_mask_is_combined_and_a_bool_mask_under_eager_is_left():
+    window = torch.ones(4, 4, dtype=torch.bool).triu(-1).tril(1)[None, None].expand(2, 1, 4, 4)
+    got = _tiny("sdpa", window, positional=True)
+    assert torch.equal(got[0], window[0]) and not got[1, 0, :, 2:].any()        # window kept, keys 2, 3 dropped
+    with pytest.warns(AttentionWarning, match="adds the bool mask"):
+        assert _tiny("eager", window) is window                                 # HF would add it as 0/1
 
 
 # ---------------------------------------------------------------------------
