@@ -28,17 +28,25 @@ mask that was already right is unchanged:
 
 Any shape whose last axis is the keys' and that broadcasts from the front
 works: ``(B, S)``, ``(B, T, S)``, ``(B, 1, T, S)``, ``(1, 1, T, S)``. A module
-called with no mask gets one built from the lengths in the format of its
-attention implementation (``config._attn_implementation``: SDPA takes bool,
-eager an additive float mask), causal where the module is.
+called with no mask (wav2vec2 without ``attention_mask``) gets one built from
+the lengths in the format it takes: what HF's mask utilities make for its
+attention implementation (``config._attn_implementation``: SDPA bool ``(B, 1,
+1, S)``, eager an additive float mask), causal where the module is; bool for a
+module that fills its scores at ``~attention_mask`` (Parakeet); ``(B, S)`` for
+one that makes it torch's ``key_padding_mask`` (WavLM). Where every sequence
+fills the keys nothing is done, so SDPA keeps its mask-free kernels.
+Rotary and relative-position tables need nothing: they depend on positions
+``0…T−1`` or on distances, the same batched and alone.
 
 What is not touched, and why (:func:`attention_report` lists it; ``seqnorm
 audit`` prints it): self-attention inside a decoder (its keys are tokens, at a
 rate the padding context does not know, and a token count equal to a frame
 count would be a collision, not a rate); modules whose forward takes no mask
 (a mask built inside one forward, such as Granite Speech's block attention);
-masks that cannot be combined (flex attention's ``BlockMask``); a rate the
-context does not know (one warning per layer). None of these raises: the model
+masks that cannot be combined (flex attention's ``BlockMask``; a bool mask
+under HF's eager attention, which adds it as 0/1 and so masks nothing, batched
+or alone — Seamless M4T v2's chunk mask); a rate the context does not know.
+Each warns once per layer (:class:`AttentionWarning`); none raises: the model
 computes what it did.
 """
 
