@@ -149,3 +149,41 @@ def test_conv2d_subsampled_stack_batched_equals_alone():
         torch.testing.assert_close(batched[i, : a.shape[1]], a[0], atol=1e-5, rtol=1e-5)
     n = stock_alone.shape[1]
     assert (stock[1, :n] - stock_alone[0]).abs().max() > 1e-2          # teeth
+
+
+# ---------------------------------------------------------------------------
+# A parametrized subset of the zoo (benchmarks/zoo.py runs every audio model type)
+# ---------------------------------------------------------------------------
+
+
+def _zoo():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
+    spec = importlib.util.spec_from_file_location("seqnorm_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: model type → what the zoo must find: "fixed" (leaks stock, padding-safe after one call, eval and
+#: train) or "no harm" (runs after the call; layers it cannot follow act as torch's, named)
+ZOO_SUBSET = {
+    "speech_to_text": "fixed",        # Conv1d subsampling reads past the end (eval and train)
+    "parakeet_ctc": "fixed",          # Conv2d subsampling; BatchNorm in training
+    "encodec": "no harm",             # pads inside its conv modules: rates seqnorm does not follow
+}
+
+
+@pytest.mark.parametrize("model_type", list(ZOO_SUBSET))
+def test_zoo_row(model_type):
+    row = _zoo().one(model_type)
+    assert row["runs"], row.get("note")
+    assert not row["raises_after"], row["after"]
+    assert all("error" not in row["after"][m] for m in ("eval", "train")), row["after"]
+    if ZOO_SUBSET[model_type] == "fixed":
+        assert row["leaks_stock"], row["stock"]                      # teeth
+        assert row["safe_after"], row["after"]
+    else:
+        assert row["unfollowed"], row                                # named, with the reason

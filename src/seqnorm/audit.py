@@ -235,7 +235,7 @@ class _Recorder:
 
     def __enter__(self):
         for m in self.model.modules():
-            if isinstance(m, TIME_LAYERS):
+            if tl.is_time_layer(m):
                 self.handles.append(m.register_forward_hook(self._track))
             self.handles.append(m.register_forward_hook(self._hook))
         return self
@@ -438,7 +438,8 @@ def audit(model: nn.Module, inputs: Tensor, lengths, *, time_dim: int = 1, train
         r.leaks = bool(moved)
         if moved and first is None:
             first = r.name
-    notes = []
+    notes = [f"{name} acts as torch's module (make_padding_safe could not follow it): {why}"
+             for name, why in unfollowed(model).items()]
     if batch_stats_from is not None:
         notes.append(f"from {rows[batch_stats_from].name} on (a BatchNorm in training: batched ≠ alone by "
                      f"design), only the padding comparison counts")

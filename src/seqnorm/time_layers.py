@@ -67,10 +67,13 @@ TIME_LAYERS = tuple(c for k in KINDS for c in k.classes)
 
 
 def kind(layer: nn.Module) -> Optional[Kind]:
-    """The :class:`Kind` of ``layer`` (exact classes and their subclasses), or None."""
+    """The :class:`Kind` of ``layer``, or None. A subclass counts only with the class's own
+    ``forward`` (a weight-norm parametrization, say): one that overrides it (Parakeet's CTC
+    head transposes its input first) may compute anything on its input."""
     for k in KINDS:
-        if isinstance(layer, k.classes):
-            return k
+        for cls in k.classes:
+            if isinstance(layer, cls):
+                return k if type(layer).forward is cls.forward else None
     return None
 
 
@@ -125,15 +128,14 @@ def geometry(layer: nn.Module, axis: int = 0) -> Geometry:
 
 
 def time_axis(layer: nn.Module, x: Tensor, known: Iterable[int]) -> Optional[int]:
-    """The axis of ``x`` that is time for ``layer``, or None when ``x`` is not a batched input
-    of the layer's rank, or (2-d) no spatial axis has a number of steps in ``known``."""
+    """The axis of ``x`` that is time for ``layer``: a spatial axis whose number of steps is
+    in ``known`` (``H`` before ``W``); None when ``x`` is not a batched input of the layer's
+    rank or no spatial axis is at a known rate."""
     k = kind(layer)
     if k is None or not isinstance(x, Tensor) or x.dim() != k.spatial + 2:
         return None
-    if k.spatial == 1:
-        return 2
     known = set(known)
-    return next((a for a in (2, 3) if x.shape[a] in known), None)
+    return next((a for a in range(2, x.dim()) if x.shape[a] in known), None)
 
 
 def output_lengths(g: Geometry, lengths: Tensor) -> Tensor:
