@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .attention_safe import attention_report
 from .masks import PaddingContext, padding
 from .modules import FeaturewiseNorm, GroupNorm, InstanceNorm1d
 from . import time_layers as tl
@@ -442,4 +443,5 @@ def audit(model: nn.Module, inputs: Tensor, lengths, *, time_dim: int = 1, train
     if batch_stats_from is not None:
         notes.append(f"from {rows[batch_stats_from].name} on (a BatchNorm in training: batched ≠ alone by "
                      f"design), only the padding comparison counts")
+    notes += attention_report(model, first, [r.name for r in rows if r.leaks])
     return AuditReport(rows, first, rtol, train, lengths.tolist(), steps, extra, type(model).__name__, notes)

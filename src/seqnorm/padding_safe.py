@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from . import time_layers as tl
+from .attention_safe import hook_attention, unhook_attention
 from .convert import ConversionWarning, convert
 from .masks import _padding_context, current_padding, host_readable
 from .modules import GroupNorm, InstanceNorm1d
@@ -372,7 +373,7 @@ def is_padding_safe(model: nn.Module) -> bool:
     return any(m in _hooked for m in model.modules())
 
 
-def make_padding_safe(model: nn.Module) -> nn.Module:
+def make_padding_safe(model: nn.Module, *, attention: bool = True) -> nn.Module:
     """Make ``model``'s outputs at real steps independent of padding, in place.
 
     Swaps its norms for seqnorm's masked ones and hooks its time convolutions
@@ -387,6 +388,11 @@ def make_padding_safe(model: nn.Module) -> nn.Module:
     Without the context the model computes what it computed before (to float
     rounding). Calling it twice changes nothing more. Parameters of swapped
     norms are new objects: build the optimizer afterwards.
+
+    With ``attention`` (the default), every attention module also masks the keys
+    past each sequence's end at its own rate, combined with the mask the model
+    passes (:mod:`seqnorm.attention_safe`); ``attention=False`` leaves the
+    model's own attention masks as they are (and removes such hooks).
 
     Example::
 
@@ -425,4 +431,5 @@ def make_padding_safe(model: nn.Module) -> nn.Module:
         elif isinstance(m, _ROWWISE):
             _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, False), with_kwargs=True),
                           m.register_forward_hook(_undo_hook, always_call=True))
+    hook_attention(model) if attention else unhook_attention(model)
     return model
