@@ -62,8 +62,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .masks import current_padding
-from .running import sync_free
+from .masks import current_padding, host_readable
 
 __all__ = ["hook_attention", "unhook_attention", "attention_report", "key_mask", "combine_key_mask",
            "AttentionWarning"]
@@ -181,7 +180,7 @@ def _lengths(ctx, steps: int, batch: int, rec: _Hooked) -> Optional[Tensor]:
     if lengths.shape != (batch,):
         _warn_once(rec, "batch", f"the padding holds {lengths.numel()} sequences, its input {batch}")
         return None
-    if not sync_free(lengths) and lengths.numel() and int(lengths.max()) > steps:
+    if host_readable(lengths) and lengths.numel() and int(lengths.max()) > steps:
         _warn_once(rec, "unknown rate", f"lengths up to {int(lengths.max())} but only {steps} keys (the "
                    f"number of keys matches another rate)")
         return None
@@ -192,7 +191,7 @@ def _no_padding(lengths: Tensor, steps: int, rec: _Hooked) -> bool:
     """Whether every sequence fills all ``steps`` keys (read only where that costs no
     device sync): the model's mask, or none, is then already right — and SDPA
     without a mask keeps its fastest kernels."""
-    if sync_free(lengths) or not bool((lengths >= steps).all()):
+    if not host_readable(lengths) or not bool((lengths >= steps).all()):
         return False
     rec.last = "masked"
     return True
