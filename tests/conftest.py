@@ -2,6 +2,12 @@
 
 import os
 import importlib.util
+import tempfile
+
+# torch.compile's on-disk graph cache does not key on a custom op's schema: a graph
+# compiled against another checkout's seqnorm ops (a changed backward signature) is
+# reused and fails at run time. The suite compiles into a cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="seqnorm-inductor-"))
 
 import numpy as np
 import pytest
