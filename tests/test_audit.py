@@ -146,6 +146,17 @@ def test_cli_text_and_markdown(capsys):
     assert "before --safe: first leak:" in md and "**no leak" in md and "| module | type | category |" in md
 
 
+def test_cli_input_features_model_before_and_after_safe(capsys):
+    """Parakeet (input_features (B, T, F), F from its config; Conv2d subsampling): stock, the
+    conformer's BatchNorm pools the padding in training; after --safe, no leak."""
+    from seqnorm.cli import main
+
+    assert main(["audit", "--hf", "parakeet_encoder", "--small", "--safe", "--train", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "before --safe: first leak: layers.0.conv.norm (ParakeetEncoder, train mode" in out, out[:400]
+    assert "after --safe:  no leak" in out
+
+
 FACTORIES = textwrap.dedent('''
     import torch
     from torch import nn
@@ -166,7 +177,8 @@ FACTORIES = textwrap.dedent('''
     (["--module", "no_such_package.models:make"], "--module: cannot import 'no_such_package.models'", False),
     (["--hf", "wav2vec2", "--config", "{num_hidden_layers: 2"], "--config: not valid JSON", True),
     (["--hf", "wav2vec2", "--config", "[1, 2]"], "--config: expected a JSON object", False),
-], ids=["no-time-axis", "no-padding", "unknown-hf", "bad-module", "bad-json", "json-not-object"])
+    (["--hf", "whisper", "--small", "--batch", "2"], "--hf: whisper needs a fixed input length", False),
+], ids=["no-time-axis", "no-padding", "unknown-hf", "bad-module", "bad-json", "json-not-object", "fixed-length"])
 def test_cli_errors_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message, separate):
     """Half in a separate process (the console script: no traceback reaches the user), half in this
     one (the same code path, without paying for another interpreter and torch import)."""

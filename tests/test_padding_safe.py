@@ -6,6 +6,7 @@ checked on the converted model *and* shown to fail on the unconverted one.
 """
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -183,20 +184,28 @@ def test_output_lengths_are_torchs_output_size_for_each_length(layer):
     assert conv_output_lengths(layer, lengths).tolist() == expected
 
 
-def test_errors_name_the_layer():
-    net = seqnorm.make_padding_safe(nn.Sequential(nn.Conv1d(1, 4, 10, stride=5), nn.GroupNorm(2, 4),
-                                                  nn.Conv1d(4, 4, 3)))
+def test_errors_and_fall_backs_name_the_layer():
+    """What torch refuses too raises, naming the layer; what seqnorm cannot follow in a model
+    that runs (issue 17: do no harm) acts as torch's module, with one warning naming the layer."""
+    def net():
+        return seqnorm.make_padding_safe(nn.Sequential(nn.Conv1d(1, 4, 10, stride=5), nn.GroupNorm(2, 4),
+                                                       nn.Conv1d(4, 4, 3)))
     x = torch.randn(2, 1, 100)
-    with pytest.raises(ValueError, match=r"layer '2' \(Conv1d\): sequence 1 has 1 steps, too few for kernel 3"):
+    with pytest.warns(seqnorm.ConversionWarning, match=r"layer '2' \(Conv1d\): sequence 1 has 1 steps, too few "
+                                                       r"for kernel 3"):
         with seqnorm.padding(lengths=torch.tensor([100, 12])):      # 12 samples → 1 frame → nothing
-            net(x)
-    with pytest.raises(ValueError, match=r"layer '0' \(Conv1d\): lengths up to 120 but the layer's input has "
-                                         r"only 100 time steps"):
-        with seqnorm.padding(lengths=torch.tensor([120, 50])):
-            net(x)
+            net()(x)
+    stock = net()
+    with torch.no_grad():
+        expected = stock(x)
+        with pytest.warns(seqnorm.ConversionWarning, match=r"layer '0' \(Conv1d\): lengths up to 120 but the "
+                                                           r"layer's input has only 100 time steps"):
+            with seqnorm.padding(lengths=torch.tensor([120, 50])):
+                got = stock(x)
+    torch.testing.assert_close(got, expected)                     # torch's behaviour, unmasked
     with pytest.raises(ValueError, match=r"layer '0' \(Conv1d\): expects 1 input channels"):
         with seqnorm.padding(lengths=torch.tensor([100, 50])):
-            net(torch.randn(2, 3, 100))
+            net()(torch.randn(2, 3, 100))
     bad = seqnorm.make_padding_safe(nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(0, 1), nn.Unflatten(0, (2, 4)),
                                                   nn.GroupNorm(2, 6)))
     with pytest.raises(ValueError, match=r"layer '3' \(GroupNorm\): expects 6 channels"):
@@ -204,10 +213,17 @@ def test_errors_name_the_layer():
             bad(torch.randn(2, 1, 100))
     odd = seqnorm.make_padding_safe(nn.Sequential(nn.Conv1d(1, 4, 3), nn.Upsample(scale_factor=2),
                                                   nn.GroupNorm(2, 4)))
-    with pytest.raises(ValueError, match=r"layer '2' \(GroupNorm\): seqnorm.padding: no sequence lengths are "
-                                         r"known at 196 time steps \(known at 98, 100\)"):
-        with seqnorm.padding(lengths=torch.tensor([100, 50])):
-            odd(torch.randn(2, 1, 100))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with seqnorm.padding(lengths=torch.tensor([100, 50])):
+                y = odd(torch.randn(2, 1, 100))
+    said = [str(w.message) for w in caught if issubclass(w.category, seqnorm.ConversionWarning)]
+    assert len(said) == 1, said                                     # one warning per layer
+    assert re.search(r"layer '2' \(GroupNorm\): no sequence lengths are known at 196 time steps \(known at "
+                     r"98, 100\).*acts as torch's module does", said[0]), said[0]
+    assert y.shape == (2, 4, 196)
+    assert seqnorm.padding_safe.unfollowed(odd) == {"2": said[0].split(": ", 2)[2].split("; it acts")[0]}
 
 
 def test_padding_mask_works_as_lengths_and_must_be_at_the_end_for_rate_changes():

@@ -21,7 +21,8 @@ the innermost one.
 Time axes and per-layer lengths are found as :func:`seqnorm.make_padding_safe`
 finds them: the lengths hold at the input's number of steps, and every
 ``Conv1d``/``ConvTranspose1d``/``MaxPool1d``/``AvgPool1d`` records the lengths
-at its output rate (:func:`~seqnorm.padding_safe.conv_output_lengths`). An axis
+at its output rate, as do the 2-d front ends (``Conv2d``, ``MaxPool2d``,
+``AvgPool2d`` on ``(B, C, T, F)``; :mod:`seqnorm.time_layers`). An axis
 (after the batch axis) whose size is a known number of steps is a time axis;
 every axis of that size is cut to the real steps (attention weights
 ``(B, H, T, T)`` too).
@@ -45,7 +46,8 @@ from torch import nn
 
 from .masks import PaddingContext, padding
 from .modules import FeaturewiseNorm, GroupNorm, InstanceNorm1d
-from .padding_safe import TIME_LAYERS, conv_output_lengths, is_padding_safe
+from . import time_layers as tl
+from .padding_safe import TIME_LAYERS, is_padding_safe, unfollowed
 
 __all__ = ["audit", "AuditReport", "ModuleRow", "AuditError", "CATEGORIES"]
 
@@ -247,8 +249,10 @@ class _Recorder:
     def _track(self, layer, args, output):
         """Lengths at the layer's output rate (what make_padding_safe's hooks record)."""
         x, out = (args[0] if args else None), _first_tensor(output)
-        if isinstance(x, Tensor) and x.dim() == 3 and out is not None and x.shape[-1] in self.table.known_steps():
-            self.table.record(out.shape[-1], conv_output_lengths(layer, self.table.lengths_at(x.shape[-1])))
+        axis = tl.time_axis(layer, x, self.table.known_steps()) if out is not None else None
+        if axis is not None:
+            lengths = tl.output_lengths(tl.geometry(layer, axis - 2), self.table.lengths_at(x.shape[axis]))
+            self.table.record(out.shape[axis], lengths)
 
     def _hook(self, module, args, output):
         name = self.names.get(module)
@@ -433,7 +437,8 @@ def audit(model: nn.Module, inputs: Tensor, lengths, *, time_dim: int = 1, train
         r.leaks = bool(moved)
         if moved and first is None:
             first = r.name
-    notes = []
+    notes = [f"{name} acts as torch's module (make_padding_safe could not follow it): {why}"
+             for name, why in unfollowed(model).items()]
     if batch_stats_from is not None:
         notes.append(f"from {rows[batch_stats_from].name} on (a BatchNorm in training: batched ≠ alone by "
                      f"design), only the padding comparison counts")

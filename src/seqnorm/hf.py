@@ -8,16 +8,16 @@ dependency of seqnorm).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["SMALL_SPEECH", "SPEECH_MODELS", "NO_DROPOUT", "build", "frames"]
+__all__ = ["SMALL_SPEECH", "SPEECH_MODELS", "SMALL_CONFIGS", "NO_DROPOUT", "build", "frames"]
 
 #: dropout, LayerDrop and SpecAugment off: what differs between two runs is then padding alone
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                  final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0,
+                  final_dropout=0.0, dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0,
                   conformer_conv_dropout=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 #: a speech model small enough for a test: hidden 32, 2 layers, a 3-layer conv feature encoder (stride 20)
@@ -34,10 +34,25 @@ SPEECH_MODELS: Dict[str, dict] = {
 }
 
 
+#: settings that make other audio models test-sized (the zoo's, ``benchmarks/zoo.py``)
+SMALL_CONFIGS: Dict[str, dict] = {
+    # NeMo FastConformer: Conv2d subsampling ×8 on (B, 1, T, F), BatchNorm1d in every conv module
+    "parakeet_encoder": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             subsampling_conv_channels=16, num_mel_bins=32),
+    # the same encoder under a CTC / RNN-T / TDT head
+    **{f"parakeet_{head}": dict(encoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, subsampling_conv_channels=16,
+                                                    num_mel_bins=32)) for head in ("ctc", "rnnt", "tdt")},
+    # a LayerNorm over the relative-position table (no batch or time axis)
+    "sew-d": dict(SMALL_SPEECH, squeeze_factor=2, max_position_embeddings=64, position_buckets=32),
+}
+
+
 def build(model_type: str, config: Optional[dict] = None, small: bool = True, seed: int = 0) -> nn.Module:
     """``AutoModel.from_config`` of ``model_type`` (an HF ``model_type`` such as
     ``"wav2vec2"``): dropout off, then :data:`SMALL_SPEECH` for the speech models
-    of :data:`SPEECH_MODELS` when ``small``, their leaking setting, then ``config``.
+    of :data:`SPEECH_MODELS` when ``small``, their leaking setting (or :data:`SMALL_CONFIGS`'s
+    settings when ``small``), then ``config``.
     Random weights drawn with ``seed``; in eval mode."""
     import transformers
 
@@ -45,6 +60,8 @@ def build(model_type: str, config: Optional[dict] = None, small: bool = True, se
     if model_type in SPEECH_MODELS:
         overrides.update(SMALL_SPEECH if small else {})
         overrides.update(SPEECH_MODELS[model_type])
+    elif small and model_type in SMALL_CONFIGS:
+        overrides.update(SMALL_CONFIGS[model_type])
     overrides.update(config or {})
     defaults = transformers.AutoConfig.for_model(model_type)
     # a setting this model does not have is skipped (but never one the caller gave);
@@ -58,3 +75,115 @@ def build(model_type: str, config: Optional[dict] = None, small: bool = True, se
 def frames(model: nn.Module, samples) -> torch.Tensor:
     """The frames a speech model makes of ``samples`` (its own formula)."""
     return model._get_feat_extract_output_lengths(torch.as_tensor(samples)).long()
+
+
+# ---------------------------------------------------------------------------
+# Any audio model: small configs, its main input, its mask argument
+# ---------------------------------------------------------------------------
+
+#: widths tried first for a model seqnorm has no entry for (where the config has them)
+SMALL_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
+                   d_model=64, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128,
+                   decoder_ffn_dim=128)
+#: layer counts cut to 2 in the config and every sub-config (encoder_config, audio_config, ...)
+LAYER_COUNTS = ("num_hidden_layers", "encoder_layers", "decoder_layers", "num_encoder_layers",
+                "num_decoder_layers", "num_conformer_layers")
+#: where a config keeps the number of features per frame of its input_features
+FEATURE_SIZE = ("num_mel_bins", "input_feat_per_channel", "feature_size", "input_feat_size", "input_dim", "n_mels", "num_mels",
+                "mel_bins", "input_feature_size", "feature_dim")
+
+
+def _sub_configs(cfg):
+    import transformers
+
+    yield cfg
+    for value in vars(cfg).values():
+        if isinstance(value, transformers.PretrainedConfig):
+            yield from _sub_configs(value)
+
+
+def small_config(model_type: str, width: bool = True):
+    """A test-sized config of ``model_type``: dropout off; seqnorm's own small settings
+    (:data:`SMALL_SPEECH`, :data:`SMALL_CONFIGS`) where it has them, else
+    :data:`SMALL_WIDTH` (with ``width``) and 2 layers in the config and every sub-config."""
+    import transformers
+
+    defaults = transformers.AutoConfig.for_model(model_type)
+    overrides = dict(NO_DROPOUT)
+    if model_type in SPEECH_MODELS:
+        overrides.update(SMALL_SPEECH, **SPEECH_MODELS[model_type])
+    elif model_type in SMALL_CONFIGS:
+        overrides.update(SMALL_CONFIGS[model_type])
+    elif width:
+        overrides.update(SMALL_WIDTH)
+    cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in overrides.items() if hasattr(defaults, k)})
+    for sub in _sub_configs(cfg):
+        for key in LAYER_COUNTS:
+            if isinstance(getattr(sub, key, None), int) and getattr(sub, key) > 2:
+                setattr(sub, key, 2)
+        for key, value in NO_DROPOUT.items():
+            if isinstance(getattr(sub, key, None), float):
+                setattr(sub, key, value)
+    return cfg
+
+
+def feature_size(config) -> Optional[int]:
+    """The features per frame of a model's ``input_features``, from its config (or a sub-config)."""
+    for key in FEATURE_SIZE:
+        for sub in _sub_configs(config):
+            value = getattr(sub, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def mask_argument(module: nn.Module) -> Optional[str]:
+    """The name under which ``module``'s forward takes the (B, T) padding: ``attention_mask``,
+    else ``padding_mask``, else ``input_features_mask``, else None."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return next((name for name in ("attention_mask", "padding_mask", "input_features_mask") if name in params), None)
+
+
+def audited_module(model: nn.Module) -> Tuple[nn.Module, str]:
+    """``(module, how)``: an encoder–decoder model is audited through its encoder (its forward
+    needs decoder inputs); any other model as it is."""
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder(), "through its encoder"
+    return model, ""
+
+
+#: the layouts tried for a main input, in order: a waveform (B, T) or (B, 1, T) (codecs); frames (B, T, F)
+#: or (B, F, T) (Whisper's)
+LAYOUTS = {"input_values": ("(B, T)", "(B, 1, T)", "(B, T, F)"), "input_features": ("(B, T, F)", "(B, F, T)")}
+#: the input's time axis in each layout
+TIME_DIM = {"(B, T)": 1, "(B, 1, T)": 2, "(B, T, F)": 1, "(B, F, T)": 2}
+
+
+def audio_batch(module: nn.Module, config, main: str, batch: int, steps: int, seed: int = 0,
+                layout: Optional[str] = None):
+    """``(inputs, lengths, forward_kwargs)``: a padded batch of ``main`` in ``layout``
+    (default: the first of :data:`LAYOUTS`: ``input_values`` a waveform ``(B, T)``,
+    ``input_features`` frames ``(B, T, F)`` with ``F`` from the config; ``(B, F, T)`` as
+    Whisper's), lengths from ``T`` down to 45 % of it, and the mask under the forward's own
+    name (1 at real steps)."""
+    layout = layout or LAYOUTS[main][0]
+    gen = torch.Generator().manual_seed(seed)
+    if layout in ("(B, T)", "(B, 1, T)"):
+        inputs = torch.randn(batch, steps, generator=gen)
+    else:
+        feat = feature_size(config)
+        if feat is None:
+            raise ValueError(f"{type(module).__name__}: no feature size in its config (looked for "
+                             f"{', '.join(FEATURE_SIZE[:4])}, ...)")
+        inputs = torch.randn(batch, steps, feat, generator=gen)
+    lengths = torch.linspace(1.0, 0.45, batch).mul(steps).round().long().clamp(1, steps)
+    real = torch.arange(steps)[None, :] < lengths[:, None]
+    inputs = inputs * real.reshape(real.shape + (1,) * (inputs.dim() - 2))
+    if layout == "(B, F, T)":
+        inputs = inputs.transpose(1, 2).contiguous()
+    elif layout == "(B, 1, T)":
+        inputs = inputs[:, None]
+    name = mask_argument(module)
+    return inputs, lengths, ({name: real.long()} if name else {})

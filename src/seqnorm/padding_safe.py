@@ -3,136 +3,189 @@ r"""``seqnorm.make_padding_safe``: batched = alone for a model whose source you 
 A padded batch changes a sequence's output in two ways (the note's lesson, and
 the speech models' bug): a norm pools statistics over time, padding included
 (GroupNorm in wav2vec2's feature encoder, BatchNorm in HuBERT's and the
-Conformer's convolutions), and a convolution with kernel > 1 reads past the
+Conformer's convolutions), and a convolution or pooling window reads past the
 end of a sequence into padding that earlier layers made non-zero. This module
 fixes both, in place:
 
 * **norms**: every ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
-  ``nn.BatchNorm1d`` and ``nn.InstanceNorm1d`` (these exact classes; a
-  subclass may compute something else) becomes its masked seqnorm
+  ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` and ``nn.InstanceNorm1d`` (these exact
+  classes; a subclass may compute something else) becomes its masked seqnorm
   counterpart, parameters and buffers carried over, so without padding the
-  model computes what it did;
-* **convolutions**: every ``nn.Conv1d``, ``nn.ConvTranspose1d``,
-  ``nn.MaxPool1d`` and ``nn.AvgPool1d`` gets two hooks. Before it runs, its
-  input's padded steps are set to what the layer would see past the end of
-  the sequence alone — zeros (the lowest finite value for max pooling) — when
-  the kernel is wider than one step; after it runs, the lengths at its output
-  rate are recorded in the :func:`seqnorm.padding` context:
-
-  .. math::
-      L_\text{out} = \Bigl\lfloor \frac{L + 2p - d(k - 1) - 1}{s} \Bigr\rfloor + 1
-      \qquad (\text{transposed: } (L - 1)s - 2p + d(k - 1) + p_\text{out} + 1)
-
-  so every later norm and convolution gets the mask at its own frame rate.
+  model computes what it did. A norm over 4-d activations — ``(B, C, T, F)``
+  channels first, ``(B, T, F, C)`` row-wise — is masked over ``(B, T)``;
+* **time layers** (:mod:`seqnorm.time_layers`): every ``nn.Conv1d``,
+  ``nn.ConvTranspose1d``, ``nn.MaxPool1d``, ``nn.AvgPool1d`` and the 2-d front
+  ends ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.AvgPool2d`` on ``(B, C, T, F)``
+  (time: the axis holding the current number of steps) get two hooks. Before
+  the layer runs, its input's padded steps are set to what it would see past
+  the end of the sequence alone, when a real output can read there; after it
+  runs, the lengths at its output rate are recorded in the
+  :func:`seqnorm.padding` context (and an average pool's windows clipped at a
+  sequence's end get the divisor they have alone), so every later norm and
+  layer gets the mask at its own frame rate.
 
 The lengths passed to :func:`seqnorm.padding` are those at the first padding-
-aware layer the input reaches (a speech model's waveform). Everything happens
-inside that context; outside it the hooks do nothing and the norms see no
-padding. Errors name the layer: a sequence too short for a convolution, lengths
-beyond the input, channels that do not match.
+aware layer the input reaches (a speech model's waveform or feature frames).
+Everything happens inside that context; outside it the hooks do nothing and the
+norms see no padding.
+
+**Do no harm.** A norm or time layer whose input is not on a ``(B, T)`` grid the
+context knows — a table with no batch or time axis, a rate no followed layer
+recorded, lengths longer than its time axis — acts as torch's module does, with
+one :class:`~seqnorm.ConversionWarning` per layer naming it and the reason
+(:func:`unfollowed` lists them; the audit reports them). Only what torch refuses
+too raises, naming the layer (channels that do not match).
 """
+
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from . import time_layers as tl
 from .convert import ConversionWarning, convert
-from .masks import current_padding, lengths_to_padding_mask
+from .masks import _padding_context, current_padding, lengths_to_padding_mask
 from .modules import GroupNorm, InstanceNorm1d
 from .running import sync_free
+from .time_layers import TIME_LAYERS
 
-__all__ = ["make_padding_safe", "conv_output_lengths", "reads_past_the_end", "is_padding_safe", "TIME_LAYERS"]
+__all__ = ["make_padding_safe", "conv_output_lengths", "reads_past_the_end", "is_padding_safe", "unfollowed",
+           "TIME_LAYERS"]
 
 Tensor = torch.Tensor
 
 _ROWWISE = (nn.LayerNorm, nn.RMSNorm)
-_CHANNELS_FIRST = (nn.GroupNorm, nn.BatchNorm1d, nn.InstanceNorm1d)
-#: the layers whose output rate make_padding_safe follows
-TIME_LAYERS = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d)
+_CHANNELS_FIRST = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d)
 
 #: modules already given hooks → their handles (so a second call adds none)
 _hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+#: layers that fell back to torch's behaviour → the reason (warned once each)
+_fell_back: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+#: per call in flight: what the forward hook must undo (a context token, a reshape)
+_pending: "weakref.WeakKeyDictionary[nn.Module, List[tuple]]" = weakref.WeakKeyDictionary()
 
 
 def _one(v) -> int:
     return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
 
 
-def _geometry(layer: nn.Module) -> Tuple[int, int, int, int, int, bool]:
-    """``(kernel, stride, left+right padding, dilation, output_padding, ceil_mode)`` of a time layer."""
-    k, s, d = _one(layer.kernel_size), _one(layer.stride), _one(getattr(layer, "dilation", 1))
-    padding = layer.padding
-    if padding == "valid":
-        total = 0
-    elif padding == "same":
-        total = d * (k - 1)
-    else:
-        total = 2 * _one(padding)
-    return k, s, total, d, _one(getattr(layer, "output_padding", 0)), bool(getattr(layer, "ceil_mode", False))
+def reads_past_the_end(layer: nn.Module, axis: int = 0) -> bool:
+    """Whether a real output of ``layer`` can read a step past its sequence's end
+    (along spatial axis ``axis``: 0 for a 1-d layer, 0 = H / 1 = W for a 2-d one).
+    See :func:`seqnorm.time_layers.reads_past_the_end` for the rule and why."""
+    return tl.reads_past_the_end(tl.geometry(layer, axis))
 
 
-def reads_past_the_end(layer: nn.Module) -> bool:
-    """Whether a real output of ``layer`` can read a step past its sequence's end.
-
-    Not with a one-step kernel, nor without padding: an unpadded (``"valid"``)
-    window ``t`` of a sequence of ``L`` steps is real when
-    ``t ≤ ⌊(L − d(k−1) − 1)/s⌋``, so it ends at ``t·s + d(k−1) ≤ L − 1``. Padded
-    windows, ``ceil_mode`` (a last window may run past the input) and transposed
-    convolutions can."""
-    k, s, total, d, _, ceil = _geometry(layer)
-    if k == 1 and not isinstance(layer, nn.ConvTranspose1d):
-        return False
-    return total > 0 or ceil or isinstance(layer, nn.ConvTranspose1d)
-
-
-def conv_output_lengths(layer: nn.Module, lengths: Tensor) -> Tensor:
-    """The lengths after ``layer`` (a Conv1d, ConvTranspose1d, MaxPool1d or
-    AvgPool1d) of sequences of ``lengths`` real steps, each as if it were alone
-    (torch's output-size formula applied per sequence); 0 stays 0, and a
-    sequence too short for the kernel gets 0 (:func:`make_padding_safe`'s hook
-    reports it)."""
-    k, s, total, d, out_pad, ceil = _geometry(layer)
-    if isinstance(layer, nn.ConvTranspose1d):
-        out = (lengths - 1) * s - total + d * (k - 1) + out_pad + 1
-    else:
-        span = lengths + total - d * (k - 1) - 1
-        out = (torch.div(span + (s - 1 if ceil else 0), s, rounding_mode="floor")) + 1
-        if ceil:   # torch: the last window must start inside the input or its left padding
-            out = torch.where((out - 1) * s >= lengths + total // 2, out - 1, out)
-    return torch.where(lengths > 0, out.clamp_min(0), torch.zeros_like(out))
+def conv_output_lengths(layer: nn.Module, lengths: Tensor, axis: int = 0) -> Tensor:
+    """The lengths after ``layer`` (a time layer of :data:`TIME_LAYERS`) of sequences of
+    ``lengths`` real steps along spatial axis ``axis``, each as if it were alone
+    (torch's output-size formula applied per sequence); 0 stays 0, and a sequence too
+    short for the kernel gets 0 (:func:`make_padding_safe`'s hook warns)."""
+    return tl.output_lengths(tl.geometry(layer, axis), lengths)
 
 
 def _name(name: str, module: nn.Module) -> str:
     return f"seqnorm.make_padding_safe: layer {name!r} ({type(module).__name__})"
 
 
-def _lengths_at(ctx, steps: int, batch: int, where: str) -> Tensor:
-    """The context's lengths at ``steps``, checked against the layer's input."""
-    try:
-        lengths = ctx.lengths_at(steps)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+# ---------------------------------------------------------------------------
+# Do no harm: a layer off the context's grid acts as torch's, warned once
+# ---------------------------------------------------------------------------
+
+
+def unfollowed(model: nn.Module) -> Dict[str, str]:
+    """The layers of ``model`` that fell back to torch's behaviour so far → why."""
+    return {name: _fell_back[m] for name, m in model.named_modules() if m in _fell_back}
+
+
+def _fall_back(module: nn.Module, where: str, reason: str, norm: bool) -> None:
+    """Warn once for ``module``; a norm then runs this call without the context."""
+    if module not in _fell_back:
+        _fell_back[module] = reason
+        what = "no padding mask" if norm else "its padded steps are left as they are and its output rate is not recorded"
+        warnings.warn(f"{where}: {reason}; it acts as torch's module does here ({what})",
+                      ConversionWarning, stacklevel=2)
+    if norm:
+        _pending.setdefault(module, []).append(("context", _padding_context.set(None)))
+
+
+def _undo_hook(module, args, output):
+    """Undo what the pre-hook did for this call (always called, errors too)."""
+    stack = _pending.get(module)
+    if not stack:
+        return None
+    what, value = stack.pop()
+    if what == "context":
+        _padding_context.reset(value)
+        return None
+    if what == "reshape" and isinstance(output, Tensor):      # (B, C, T·F) → (B, C, T, F), time back in place
+        shape, axis = value
+        moved = shape[:2] + (shape[axis],) + tuple(s for a, s in enumerate(shape) if a >= 2 and a != axis)
+        return output.reshape(moved).movedim(2, axis)
+    return None
+
+
+def _known(ctx) -> set:
+    """The numbers of steps whose lengths the context knows (the given mask's too)."""
+    known = set(ctx.known_steps())
+    if ctx.padding_mask is not None and ctx.padding_mask.dim() == 2:
+        known.add(int(ctx.padding_mask.shape[1]))
+    return known
+
+
+def _lengths_at(ctx, steps: int, batch: int, where: str):
+    """``(lengths, None)``: the context's lengths at ``steps``, checked against the layer's
+    input; ``(None, reason)`` when they do not fit it."""
+    known = _known(ctx)
+    if known and steps not in known:
+        return None, (f"no sequence lengths are known at {steps} time steps (known at "
+                      f"{', '.join(map(str, sorted(known)))}): a layer before it changed the number of steps in "
+                      f"a way seqnorm does not follow")
+    lengths = ctx.lengths_at(steps)     # raises only for a padding_mask with holes: the caller's argument
     if lengths.shape != (batch,):
-        raise ValueError(f"{where}: the padding holds {tuple(lengths.shape)[0] if lengths.dim() else 0} "
-                         f"sequences but the layer's input has batch size {batch}")
+        return None, (f"the padding holds {tuple(lengths.shape)[0] if lengths.dim() else 0} sequences but the "
+                      f"layer's input has batch size {batch}")
     if not sync_free(lengths) and lengths.numel() and int(lengths.max()) > steps:
-        raise ValueError(f"{where}: lengths up to {int(lengths.max())} but the layer's input has only "
-                         f"{steps} time steps (lengths must be at the rate of the model's input)")
-    return lengths
+        return None, (f"lengths up to {int(lengths.max())} but the layer's input has only {steps} time steps "
+                      f"(lengths must be at the rate of the model's input)")
+    return lengths, None
 
 
 def _in_context(args):
     """``(context, x)`` when a padding context is active and the layer's input is a
-    batched ``(N, C, L)`` / ``(N, L, C)`` tensor; ``(None, None)`` otherwise."""
+    tensor; ``(None, None)`` otherwise."""
     ctx = current_padding()
-    if ctx is None or not args or not isinstance(args[0], Tensor) or args[0].dim() != 3:
+    if ctx is None or not args or not isinstance(args[0], Tensor) or args[0].is_nested:
         return None, None
     return ctx, args[0]
+
+
+# ---------------------------------------------------------------------------
+# Time layers
+# ---------------------------------------------------------------------------
+
+
+def _first_axis(layer, x, ctx) -> Optional[int]:
+    """The time axis of a 2-d layer that is the first to ask (no rate known yet): H,
+    unless the lengths only fit W."""
+    if ctx.lengths is None or sync_free(torch.as_tensor(ctx.lengths)):
+        return 2
+    top = int(torch.as_tensor(ctx.lengths).max()) if torch.as_tensor(ctx.lengths).numel() else 0
+    return next((a for a in (2, 3) if x.shape[a] >= top), 2)
+
+
+def _time_axis(layer, x, ctx) -> Optional[int]:
+    known = _known(ctx)
+    if tl.kind(layer).spatial == 2 and x.dim() == 4 and not known:
+        return _first_axis(layer, x, ctx)
+    if not known and x.dim() == 3:
+        return 2
+    return tl.time_axis(layer, x, known)
 
 
 def _time_pre_hook(name: str):
@@ -142,56 +195,128 @@ def _time_pre_hook(name: str):
             return None
         where = _name(name, layer)
         channels = getattr(layer, "in_channels", None)
-        if channels is not None and x.shape[1] != channels:
-            raise ValueError(f"{where}: expects {channels} input channels (input (N, {channels}, L)), "
+        if channels is not None and x.dim() >= 2 and x.shape[1] != channels:
+            raise ValueError(f"{where}: expects {channels} input channels (input (N, {channels}, ...)), "
                              f"got input of shape {tuple(x.shape)}")
-        lengths = _lengths_at(ctx, x.shape[-1], x.shape[0], where)
-        if not reads_past_the_end(layer):
+        axis = _time_axis(layer, x, ctx)
+        if axis is None:
+            _fall_back(layer, where, f"its input {tuple(x.shape)} has no time axis at a rate seqnorm knows "
+                                     f"(known: {sorted(_known(ctx))})", norm=False)
             return None
-        pad = lengths_to_padding_mask(lengths.to(x.device), x.shape[-1]).unsqueeze(1)
-        fill = torch.finfo(x.dtype).min if isinstance(layer, nn.MaxPool1d) else 0.0
-        return (x.masked_fill(pad, fill),) + tuple(args[1:])
+        lengths, reason = _lengths_at(ctx, x.shape[axis], x.shape[0], where)
+        if lengths is None:
+            _fall_back(layer, where, reason, norm=False)
+            return None
+        _pending.setdefault(layer, []).append(("time", (axis, lengths)))
+        if not tl.reads_past_the_end(tl.geometry(layer, axis - 2)):
+            return None
+        pad = lengths_to_padding_mask(lengths.to(x.device), x.shape[axis])     # (B, T)
+        pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (x.dim() - axis - 1))
+        return (x.masked_fill(pad, tl.fill_value(layer, x.dtype)),) + tuple(args[1:])
     return hook
 
 
 def _time_hook(name: str):
     def hook(layer, args, output):
-        ctx, x = _in_context(args)
-        if ctx is None:
+        stack = _pending.get(layer)
+        if not stack or stack[-1][0] != "time":
             return None
-        out = output[0] if isinstance(output, tuple) else output     # MaxPool1d(return_indices=True)
-        lengths = ctx.lengths_at(args[0].shape[-1])
-        out_lengths = conv_output_lengths(layer, lengths)
+        axis, lengths = stack.pop()[1]
+        ctx = current_padding()
+        out = output[0] if isinstance(output, tuple) else output     # MaxPool(return_indices=True)
+        if ctx is None or not isinstance(out, Tensor):
+            return None
+        g = tl.geometry(layer, axis - 2)
+        out_lengths = tl.output_lengths(g, lengths)
         if not sync_free(lengths):
             short = ((lengths > 0) & (out_lengths <= 0)).nonzero().flatten().tolist()
-            if short:
+            if short and layer not in _fell_back:
                 b = short[0]
-                raise ValueError(f"{_name(name, layer)}: sequence {b} has {int(lengths[b])} steps, too few "
-                                 f"for kernel {_one(layer.kernel_size)} (stride {_one(layer.stride)}): its "
-                                 f"output would have no step")
-        ctx.record(out.shape[-1], out_lengths)
-        return None
+                _fell_back[layer] = "a sequence too short for its kernel"
+                warnings.warn(f"{_name(name, layer)}: sequence {b} has {int(lengths[b])} steps, too few for "
+                              f"kernel {g.kernel} (stride {g.stride}): its output has no step (alone torch "
+                              f"would refuse it); it counts as empty from here on", ConversionWarning, stacklevel=2)
+        ctx.record(out.shape[axis], out_lengths)
+        ratio = tl.avg_divisor_ratio(g, lengths.to(out.device), args[0].shape[axis], out.shape[axis])
+        if ratio is None:
+            return None
+        ratio = ratio.to(out.dtype).reshape(ratio.shape[:1] + (1,) * (axis - 1) + ratio.shape[1:]
+                                            + (1,) * (out.dim() - axis - 1))
+        return out * ratio
     return hook
+
+
+# ---------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------
 
 
 def _norm_pre_hook(name: str, channels_first: bool):
-    """Check a swapped norm's input against the padding before it runs, so that
-    an error names the layer."""
-    def hook(norm, args):
+    """Check a swapped norm's input against the padding before it runs: an error that
+    torch would raise too names the layer; an input off the context's grid falls back
+    to torch's behaviour (warned once); a 4-d input is masked over ``(B, T)``."""
+    def hook(norm, args, kwargs):
         ctx, x = _in_context(args)
-        if ctx is None:
+        if ctx is None or kwargs.get("padding_mask") is not None or kwargs.get("lengths") is not None:
             return None
         where = _name(name, norm)
         if channels_first:
-            channels = getattr(norm, "num_channels", None) or norm.num_features
-            if x.shape[1] != channels:
-                raise ValueError(f"{where}: expects {channels} channels (input (N, {channels}, L)), got "
-                                 f"input of shape {tuple(x.shape)}")
-            _lengths_at(ctx, x.shape[-1], x.shape[0], where)
-        elif ctx.batch_first:
-            _lengths_at(ctx, x.shape[1], x.shape[0], where)
-        return None
+            return _channels_first_input(norm, ctx, x, where, args, kwargs)
+        return _rowwise_input(norm, ctx, x, where, args, kwargs)
     return hook
+
+
+def _channels_first_input(norm, ctx, x, where, args, kwargs):
+    channels = getattr(norm, "num_channels", None) or norm.num_features
+    if x.dim() >= 2 and x.shape[1] != channels:
+        raise ValueError(f"{where}: expects {channels} channels (input (N, {channels}, L)), got "
+                         f"input of shape {tuple(x.shape)}")
+    if x.dim() == 2:               # (N, C): no time axis, the norm takes no context
+        return None
+    if x.dim() == 3:
+        lengths, reason = _lengths_at(ctx, x.shape[-1], x.shape[0], where)
+        if lengths is None:
+            _fall_back(norm, where, reason, norm=True)
+        return None
+    known = _known(ctx)
+    axis = next((a for a in range(2, x.dim()) if x.shape[a] in known), None) if x.dim() == 4 else None
+    lengths, reason = (None, f"its input {tuple(x.shape)} has no time axis at a rate seqnorm knows "
+                             f"(known: {sorted(known)})") if axis is None else \
+        _lengths_at(ctx, x.shape[axis], x.shape[0], where)
+    if lengths is None:
+        _fall_back(norm, where, reason, norm=True)
+        return None
+    # (B, C, T, F) → (B, C, T·F): step t's F values are positions [tF, (t+1)F), so the
+    # real ones are the first L·F — masked over (B, T) exactly
+    rest = x.movedim(axis, 2)
+    flat = rest.reshape(rest.shape[0], rest.shape[1], -1)
+    _pending.setdefault(norm, []).append(("reshape", (tuple(x.shape), axis)))
+    return (flat,) + tuple(args[1:]), dict(kwargs, lengths=lengths.to(x.device) * rest.shape[3])
+
+
+def _rowwise_input(norm, ctx, x, where, args, kwargs):
+    tokens = x.shape[: x.dim() - len(norm.normalized_shape)]
+    if not ctx.batch_first:
+        if len(tokens) != 2:
+            _fall_back(norm, where, f"its input {tuple(x.shape)} has no (T, B) token grid", norm=True)
+        return None
+    if len(tokens) < 2:
+        _fall_back(norm, where, f"its input {tuple(x.shape)} has no batch and time axes (token shape "
+                                f"{tuple(tokens)})", norm=True)
+        return None
+    known = _known(ctx)
+    axis = 1 if len(tokens) == 2 or not known else next((a for a in range(1, len(tokens)) if tokens[a] in known), None)
+    lengths, reason = (None, f"its input {tuple(x.shape)} has no time axis at a rate seqnorm knows (known: "
+                             f"{sorted(known)})") if axis is None else \
+        _lengths_at(ctx, tokens[axis], tokens[0], where)
+    if lengths is None:
+        _fall_back(norm, where, reason, norm=True)
+        return None
+    if len(tokens) == 2:
+        return None
+    pad = lengths_to_padding_mask(lengths.to(x.device), tokens[axis])       # (B, T) → the token grid
+    pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (len(tokens) - axis - 1))
+    return args, dict(kwargs, padding_mask=pad.expand(tokens))
 
 
 def _swap_norm(m: nn.Module) -> Optional[nn.Module]:
@@ -200,6 +325,10 @@ def _swap_norm(m: nn.Module) -> Optional[nn.Module]:
         return convert(m, "layer" if type(m) is nn.LayerNorm else "rms")
     if type(m) is nn.BatchNorm1d:
         return convert(m, "masked_batch")
+    if type(m) is nn.BatchNorm2d:      # its (N, C, H, W) is flattened to (N, C, H·W) by the pre-hook
+        bn1 = nn.BatchNorm1d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        bn1.load_state_dict(m.state_dict())
+        return convert(bn1.to(next(iter(m.buffers()), torch.empty(0)).device), "masked_batch")
     if type(m) is nn.GroupNorm:
         new = GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine)
     elif type(m) is nn.InstanceNorm1d:
@@ -215,16 +344,12 @@ def _swap_norm(m: nn.Module) -> Optional[nn.Module]:
 
 
 def _warn_unfollowed(layer: nn.Module, name: str) -> None:
-    if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)) and layer.padding_mode != "zeros" \
+    if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d, nn.Conv2d)) and layer.padding_mode != "zeros" \
             and _one(layer.kernel_size) > 1:
         warnings.warn(f"{_name(name, layer)}: padding_mode={layer.padding_mode!r} pads a sequence alone with "
                       f"its own values, which a batch cannot reproduce at the end of a shorter sequence: "
                       f"the last {_one(layer.padding) if not isinstance(layer.padding, str) else 'few'} "
                       f"outputs of such a sequence differ batched vs alone", ConversionWarning, stacklevel=3)
-    if isinstance(layer, nn.AvgPool1d) and not layer.count_include_pad and _one(layer.padding) > 0:
-        warnings.warn(f"{_name(name, layer)}: count_include_pad=False divides by the real steps of the "
-                      f"window, which at the end of a shorter sequence counts batch padding too",
-                      ConversionWarning, stacklevel=3)
 
 
 def is_padding_safe(model: nn.Module) -> bool:
@@ -278,9 +403,11 @@ def make_padding_safe(model: nn.Module) -> nn.Module:
         if isinstance(m, TIME_LAYERS):
             _warn_unfollowed(m, name)
             _hooked[m] = (m.register_forward_pre_hook(_time_pre_hook(name)),
-                          m.register_forward_hook(_time_hook(name)))
+                          m.register_forward_hook(_time_hook(name), always_call=True))
         elif isinstance(m, (GroupNorm, InstanceNorm1d)) or getattr(m, "channels_first", False):
-            _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, True)),)
+            _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, True), with_kwargs=True),
+                          m.register_forward_hook(_undo_hook, always_call=True))
         elif isinstance(m, _ROWWISE):
-            _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, False)),)
+            _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, False), with_kwargs=True),
+                          m.register_forward_hook(_undo_hook, always_call=True))
     return model

@@ -3,8 +3,11 @@
 ``--hf MODEL_TYPE`` builds a Hugging Face model locally from its config class
 (random weights unless ``--weights`` gives a safetensors file; nothing is
 downloaded) and feeds it a synthetic padded batch of its main input
-(``input_values``: a waveform; ``input_ids``: token ids) with an
-``attention_mask``. ``--module pkg.mod:factory`` audits your own model:
+(``input_values``: a waveform; ``input_features``: feature frames ``(B, T, F)``
+with ``F`` from the config, or ``(B, F, T)`` where the model takes them so;
+``input_ids``: token ids) with its mask (``attention_mask``, or ``padding_mask``
+where the forward takes that). An encoder–decoder model is audited through its
+encoder; a model that needs a fixed input length says so in one line. ``--module pkg.mod:factory`` audits your own model:
 ``factory()`` returns ``(model, inputs, lengths)`` or ``(model, inputs, lengths,
 forward_kwargs)``. ``--safe`` audits the model before and after
 :func:`seqnorm.make_padding_safe` and reports the latter.
@@ -73,7 +76,8 @@ def _lengths(batch: int, steps: int) -> torch.Tensor:
 
 def hf_case(model_type: str, config: Optional[dict], small: bool, weights: Optional[str], batch: int,
             length: Optional[int], seed: int):
-    """``(model, inputs, lengths, forward_kwargs)`` for an HF model type."""
+    """``(model, inputs, lengths, forward_kwargs, time_dim)`` for an HF model type; ``model`` is
+    the module audited (an encoder–decoder model's encoder)."""
     try:
         import transformers
     except ImportError:
@@ -94,21 +98,56 @@ def hf_case(model_type: str, config: Optional[dict], small: bool, weights: Optio
     if weights:
         _load_weights(model, weights)
     main = getattr(model, "main_input_name", "input_ids")
-    gen = torch.Generator().manual_seed(seed)
-    if main == "input_values":
-        steps = length or (1600 if small else 16000)
-        inputs = torch.randn(batch, steps, generator=gen)
-    elif main == "input_ids":
-        steps = length or 64
-        vocab = int(getattr(model.config, "vocab_size", 100) or 100)
-        inputs = torch.randint(1, max(vocab, 2), (batch, steps), generator=gen)
-    else:
+    if main in ("input_values", "input_features"):
+        return _audio_case(model_type, model, main, small, batch, length, seed)
+    if main != "input_ids":
         raise CommandError(f"--hf: {type(model).__name__}'s main input {main!r} is not one seqnorm audit can "
-                           f"make (input_values or input_ids); use --module")
+                           f"make (input_values, input_features or input_ids); use --module")
+    steps = length or 64
+    vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(1, max(vocab, 2), (batch, steps), generator=gen)
     lengths = _lengths(batch, steps)
     real = torch.arange(steps)[None, :] < lengths[:, None]
-    inputs = inputs * real if inputs.is_floating_point() else inputs.masked_fill(~real, 0)
-    return model, inputs, lengths, {"attention_mask": real.long()}
+    return model, inputs.masked_fill(~real, 0), lengths, {"attention_mask": real.long()}, 1
+
+
+def _fixed_length(message: str) -> bool:
+    m = message.lower()
+    return any(w in m for w in ("expects the mel input features to be of length", "max_length", "fixed length",
+                                "must be of length", "expected input length"))
+
+
+def _audio_case(model_type, model, main, small, batch, length, seed):
+    """An audio model's batch: a waveform, or feature frames (B, T, F) with F from the config
+    — (B, F, T) when the model takes them so; an encoder–decoder model through its encoder;
+    the mask under the forward's own name (attention_mask or padding_mask)."""
+    from .. import hf
+
+    _lengths(batch, 2)                                     # --batch checked first
+    module, how = hf.audited_module(model)
+    failure = ""
+    for layout in hf.LAYOUTS[main]:
+        steps = length or ((1600 if small else 16000) if main == "input_values" and "F" not in layout
+                           else (200 if small else 1000))
+        try:
+            inputs, lengths, kwargs = hf.audio_batch(module, model.config, main, batch, steps, seed, layout)
+        except ValueError as e:
+            failure = f"--hf: {e}"
+            continue
+        try:
+            with torch.no_grad():
+                module(**{main: inputs}, **kwargs)
+        except Exception as e:
+            text = str(e).strip()
+            failure = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+            if _fixed_length(failure):
+                raise CommandError(f"--hf: {model_type} needs a fixed input length, so no sequence can be run "
+                                   f"alone ({failure})") from None
+            continue
+        return module, inputs, lengths, kwargs, hf.TIME_DIM[layout]
+    raise CommandError(f"--hf: {type(module).__name__}{' ' + how if how else ''} does not run on a padded batch of "
+                       f"{main} ({failure})")
 
 
 def _load_weights(model, path: str) -> None:
@@ -163,9 +202,9 @@ def _progress():
     return say
 
 
-def _audit(model, inputs, lengths, kwargs, args) -> AuditReport:
+def _audit(model, inputs, lengths, kwargs, args, time_dim=1) -> AuditReport:
     try:
-        return audit(model, inputs, lengths, train=args.train, rtol=args.rtol, seed=args.seed,
+        return audit(model, inputs, lengths, time_dim=time_dim, train=args.train, rtol=args.rtol, seed=args.seed,
                      progress=_progress(), **kwargs)
     except AuditError as e:
         raise CommandError(str(e)) from None
@@ -214,15 +253,16 @@ def run(args) -> int:
         raise CommandError("--config, --weights and --small go with --hf, not --module")
     config = _json_object(args.config, "--config") if args.config else None
     if args.hf:
-        model, inputs, lengths, kwargs = hf_case(args.hf, config, args.small, args.weights, args.batch, args.length,
-                                                 args.seed)
+        model, inputs, lengths, kwargs, time_dim = hf_case(args.hf, config, args.small, args.weights, args.batch,
+                                                           args.length, args.seed)
     else:
         model, inputs, lengths, kwargs = module_case(args.module)
+        time_dim = 1
     reports = []
     if args.safe:
-        reports.append(("before", _audit(model, inputs, lengths, kwargs, args)))
+        reports.append(("before", _audit(model, inputs, lengths, kwargs, args, time_dim)))
         model = make_padding_safe(copy.deepcopy(model))
-    report = _audit(model, inputs, lengths, kwargs, args)
+    report = _audit(model, inputs, lengths, kwargs, args, time_dim)
     reports.append(("after --safe" if args.safe else "model", report))
     if args.png:
         draw(args.png, reports)
