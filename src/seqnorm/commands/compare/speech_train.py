@@ -135,8 +135,9 @@ def build_model(variant: str, seed: int, cfg: SpeechConfig) -> nn.Module:
             final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
         model = transformers.Wav2Vec2ForCTC(conf)
     if variant.endswith("-safe"):
-        # the encoder: Parakeet's CTC head is a Conv1d fed (N, T, C), transposed inside its own
-        # forward, which a time-layer hook would misread; with kernel 1 it needs no hook
+        # Parakeet: the encoder. Its CTC head is a kernel-1 Conv1d that HF feeds (N, T, C) and
+        # transposes inside its own forward; make_padding_safe's channel check rejects that input
+        # (a ValueError naming 'ctc_head'), and a per-frame map needs no padding care anyway
         make_padding_safe(model.encoder if family(variant) == "parakeet" else model)
     return model
 
@@ -148,13 +149,6 @@ def input_lengths(model: nn.Module, variant: str, lengths: torch.Tensor) -> torc
     return model._get_feat_extract_output_lengths(lengths).long()
 
 
-def safe_lengths(model: nn.Module, variant: str, lengths: torch.Tensor) -> torch.Tensor:
-    """The lengths a ``-safe`` model's :func:`seqnorm.padding` context takes: at the rate of the
-    first layer seqnorm follows. For wav2vec2 that is the waveform; for Parakeet, whose Conv2d
-    subsampling HF already masks itself, the conformer's frames."""
-    return input_lengths(model, variant, lengths) if family(variant) == "parakeet" else lengths
-
-
 def forward(model: nn.Module, variant: str, x: torch.Tensor, lengths: torch.Tensor, labels=None):
     """The HF model's output on a padded batch (``attention_mask`` from ``lengths``); a ``-safe``
     model runs inside :func:`seqnorm.padding`."""
@@ -163,7 +157,9 @@ def forward(model: nn.Module, variant: str, x: torch.Tensor, lengths: torch.Tens
     mask = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).long()
     kw = dict(attention_mask=mask, labels=labels)
     kw["input_features" if family(variant) == "parakeet" else "input_values"] = x
-    ctx = padding(lengths=safe_lengths(model, variant, lengths)) if variant.endswith("-safe") \
+    # lengths at the model's input rate (mel frames, samples): make_padding_safe follows them
+    # through the Conv2d subsampling / the conv feature encoder to every norm
+    ctx = padding(lengths=lengths) if variant.endswith("-safe") \
         else contextlib.nullcontext()
     with ctx:
         return model(**kw)
