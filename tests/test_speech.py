@@ -60,7 +60,8 @@ def test_decoding_and_digit_error_rate():
 
 def _logits(model, variant, xs, extra=0):
     """Each input's logits, batched with one companion ``extra`` steps longer than the longest."""
-    companion = torch.randn((max(x.shape[0] for x in xs) + extra,) + tuple(xs[0].shape[1:]), generator=torch.Generator().manual_seed(0))
+    shape = (max(x.shape[0] for x in xs) + extra,) + tuple(xs[0].shape[1:])
+    companion = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     x, lengths = S.pad(list(xs) + [companion])
     out = S.forward(model, variant, x, lengths).logits
     frames = S.input_lengths(model, variant, lengths)
