@@ -234,7 +234,7 @@ class _Recorder:
 
     def __enter__(self):
         for m in self.model.modules():
-            if isinstance(m, TIME_LAYERS):
+            if tl.is_time_layer(m):
                 self.handles.append(m.register_forward_hook(self._track))
             self.handles.append(m.register_forward_hook(self._hook))
         return self

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -400,7 +400,7 @@ def make_padding_safe(model: nn.Module) -> nn.Module:
     for name, m in model.named_modules():
         if m in _hooked:
             continue
-        if isinstance(m, TIME_LAYERS):
+        if tl.is_time_layer(m):
             _warn_unfollowed(m, name)
             _hooked[m] = (m.register_forward_pre_hook(_time_pre_hook(name)),
                           m.register_forward_hook(_time_hook(name), always_call=True))

@@ -67,10 +67,13 @@ TIME_LAYERS = tuple(c for k in KINDS for c in k.classes)
 
 
 def kind(layer: nn.Module) -> Optional[Kind]:
-    """The :class:`Kind` of ``layer`` (exact classes and their subclasses), or None."""
+    """The :class:`Kind` of ``layer``, or None. A subclass counts only with the class's own
+    ``forward`` (a weight-norm parametrization, say): one that overrides it (Parakeet's CTC
+    head transposes its input first) may compute anything on its input."""
     for k in KINDS:
-        if isinstance(layer, k.classes):
-            return k
+        for cls in k.classes:
+            if isinstance(layer, cls):
+                return k if type(layer).forward is cls.forward else None
     return None
 
 
