@@ -135,10 +135,7 @@ def build_model(variant: str, seed: int, cfg: SpeechConfig) -> nn.Module:
             final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
         model = transformers.Wav2Vec2ForCTC(conf)
     if variant.endswith("-safe"):
-        # Parakeet: the encoder. Its CTC head is a kernel-1 Conv1d that HF feeds (N, T, C) and
-        # transposes inside its own forward; make_padding_safe's channel check rejects that input
-        # (a ValueError naming 'ctc_head'), and a per-frame map needs no padding care anyway
-        make_padding_safe(model.encoder if family(variant) == "parakeet" else model)
+        make_padding_safe(model)
     return model
 
 
