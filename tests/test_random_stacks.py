@@ -134,10 +134,21 @@ def _check(specs, norms, long, short, seed):
     lengths = torch.tensor([long, short])
     batch = torch.cat([a, torch.nn.functional.pad(b, (0, long - short))])
 
-    # conv_output_lengths is torch's output size at every layer, for the lengths the layers see
+    # conv_output_lengths is torch's output size at every layer: for the lengths the layers see
+    # in the stack, and for every length 1–24 (0 where torch refuses an input that short)
     for n, x in ((long, a), (short, b)):
         for layer, steps_in, steps_out in _input_sizes(net, x):
             assert int(conv_output_lengths(layer, torch.tensor([steps_in]))) == steps_out, layer
+    lengths_1_24 = torch.arange(1, 25)
+    for layer in (m for m in net if isinstance(m, TIME_LAYERS)):
+        expected = []
+        for n in lengths_1_24.tolist():
+            try:
+                with torch.no_grad():
+                    expected.append(layer(torch.zeros(1, 4, n)).shape[-1])
+            except RuntimeError:
+                expected.append(0)
+        assert conv_output_lengths(layer, lengths_1_24).tolist() == expected, layer
 
     with torch.no_grad():
         # eval: batched = alone

@@ -89,7 +89,8 @@ SMALL_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
 LAYER_COUNTS = ("num_hidden_layers", "encoder_layers", "decoder_layers", "num_encoder_layers",
                 "num_decoder_layers", "num_conformer_layers")
 #: where a config keeps the number of features per frame of its input_features
-FEATURE_SIZE = ("num_mel_bins", "input_feat_per_channel", "feature_size", "input_feat_size", "input_dim", "n_mels", "num_mels",
+FEATURE_SIZE = ("num_mel_bins", "input_feat_per_channel", "feature_projection_input_dim", "feature_size",
+                "input_feat_size", "input_dim", "n_mels", "num_mels",
                 "mel_bins", "input_feature_size", "feature_dim")
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn

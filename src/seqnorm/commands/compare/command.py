@@ -14,12 +14,16 @@ from .. import CommandError
 from . import tasks as T
 from .compute import FULL, NORMS, QUICK, default_workers, run_all, summarize
 from .report import rounded, plot, render, write_csv
+from .speech_train import VARIANTS as SPEECH_VARIANTS
 
 
 def add_arguments(p) -> None:
     p.add_argument("--full", action="store_true", help=f"longer runs on all the data, {FULL.seeds} seeds (tighter bands; about 11 min on 2 cores)")
     p.add_argument("--tasks", help=f"comma list of {', '.join(T.TASKS)} (quick: {', '.join(QUICK.tasks)}; "
-                                   f"full: all)")
+                                   f"full: all), or speech: CTC speech models on espeak-ng digits, "
+                                   f"stock vs padding-safe (needs espeak-ng)")
+    p.add_argument("--variants", help=f"speech: comma list of {', '.join(SPEECH_VARIANTS)} (quick: the "
+                                      f"parakeet pair; full: all)")
     p.add_argument("--norms", default=",".join(NORMS), help=f"comma list of {', '.join(NORMS)} ('batch' = pooled_batch, as before)")
     p.add_argument("--seeds", type=int, help=f"seeds per (task, norm) (quick: {QUICK.seeds}, full: {FULL.seeds})")
     p.add_argument("--steps", type=int, help=f"training steps per run (quick: {QUICK.steps}, full: {FULL.steps})")
@@ -38,10 +42,11 @@ def _config(args):
     """The run's :class:`~.compute.Config` from the flags; CommandError on a bad one."""
     cfg = copy.deepcopy(FULL if args.full else QUICK)
     if args.tasks is not None:
-        cfg.tasks = [t for t in args.tasks.split(",") if t]
+        cfg.tasks = [t for t in args.tasks.split(",") if t and t != "speech"]
+    speech_alone = not cfg.tasks and "speech" in (args.tasks or "").split(",")   # its own config: speech_command
     bad = [t for t in cfg.tasks if t not in T.TASKS]
-    if bad or not cfg.tasks:
-        raise CommandError(f"--tasks: unknown task {bad or cfg.tasks}; choose from {', '.join(T.TASKS)}")
+    if bad or (not cfg.tasks and not speech_alone):
+        raise CommandError(f"--tasks: unknown task {bad or cfg.tasks}; choose from {', '.join(T.TASKS)}, speech")
     names = [n for n in args.norms.split(",") if n]
     aliases = kinds.ALIASES["models"]
     bad = [n for n in names if n not in NORMS and n not in aliases]
@@ -84,6 +89,15 @@ def run(args) -> int:
     except OSError as e:
         raise CommandError(f"--out: cannot write to {args.out}: {e.strerror or e}") from None
     workers = args.workers or default_workers()
+    speech = args.tasks is not None and "speech" in args.tasks.split(",")
+    if speech:
+        from .speech_command import run_speech
+
+        if not cfg.tasks:
+            return run_speech(args, workers)
+        status = run_speech(args, workers)
+        if status:
+            return status
     t0 = time.perf_counter()
     runs = run_all(cfg, workers, _progress)
     rows = summarize(runs)
