@@ -55,6 +55,7 @@ def _cases():
     ln, tln = seqnorm.LayerNorm(D), nn.LayerNorm(D)
     rms, trms = seqnorm.RMSNorm(D), nn.RMSNorm(D)
     bn, tbn = seqnorm.SeqBatchNorm(D).train(), nn.BatchNorm1d(D).train()
+    pn = seqnorm.PowerNorm(D).train()     # torch has none: against BatchNorm1d's training step
     gn, tgn = seqnorm.GroupNorm(4, D), nn.GroupNorm(4, D)
     context = seqnorm.padding(mask)
     return [
@@ -63,6 +64,7 @@ def _cases():
         ("LayerNorm under seqnorm.padding", lambda: ln(x), lambda: tln(x), context),
         ("RMSNorm, padding_mask", lambda: rms(x, padding_mask=mask), lambda: trms(x), None),
         ("SeqBatchNorm train, padding_mask", lambda: bn(x, padding_mask=mask), lambda: tbn(xt), None),
+        ("PowerNorm train, padding_mask", lambda: pn(x, padding_mask=mask), lambda: tbn(xt), None),
         ("GroupNorm, padding_mask", lambda: gn(xt, padding_mask=mask), lambda: tgn(xt), None),
     ]
 

@@ -420,6 +420,13 @@ def seq_batch_norm(
     mean = var = None
     if not use_batch_stats:
         mean, var = param(running_mean), param(running_var)
+    host_step = getattr(backend, "featurewise_train_on_host", None) if use_batch_stats and reduce is None \
+        else None
+    if host_step is not None:   # CPU: the padding and statistics are read on the host (seqnorm.running)
+        y = host_step(x2, param(weight), param(bias), eps, pad, running_mean if training else None,
+                      running_var, num_batches_tracked, momentum)
+        if y is not None:
+            return _as_input(y, input)
     fused = training and running_mean is not None and _fuses_update(backend, x2, reduce, momentum,
                                                                      num_batches_tracked)
     y, batch_mean, batch_var, count = backend.featurewise_norm(

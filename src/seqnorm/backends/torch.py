@@ -36,7 +36,8 @@ from ..running import nu_step, update_running_nu
 from . import register_backend
 
 __all__ = ["TorchBackend", "StatsReduce", "LocalStats", "LOCAL", "masked_moments", "merge_moments",
-           "zero_padded_rows", "affine", "group_moments", "groupwise_norm"]
+           "zero_padded_rows", "real_rows", "featurewise_train_on_host", "affine", "group_moments",
+           "groupwise_norm"]
 
 Tensor = torch.Tensor
 
@@ -71,6 +72,69 @@ def _dead():
 
 # (weak reference to the last pad filled by index, its version counter, its padded rows' indices)
 _last_rows = (_dead, -1, None)
+
+
+def real_rows(pad: Tensor) -> Tensor:
+    """Indices of the real rows of a host-readable ``pad (N,)`` (a CPU tensor:
+    reading it costs no synchronization), kept for the last pad as
+    :func:`zero_padded_rows` keeps its padded rows: a training step's norms
+    share one mask."""
+    global _last_real
+    ref, version, rows = _last_real
+    if ref() is pad and version == pad._version:
+        return rows
+    rows = torch.logical_not(pad).nonzero().squeeze(1)
+    _last_real = (weakref.ref(pad), pad._version, rows)
+    return rows
+
+
+# (weak reference to the last pad whose real rows were taken, its version counter, those rows' indices)
+_last_real = (_dead, -1, None)
+
+
+def featurewise_train_on_host(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                              pad: Optional[Tensor], running_mean: Optional[Tensor],
+                              running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                              momentum) -> Optional[Tensor]:
+    """Masked BatchNorm's training step where the padding can be read on the host
+    (CPU, eager, no ``reduce`` hook), in ~12 torch calls with the running update
+    instead of ~45 (:class:`_FeaturewiseFunction` and the general policy) — the
+    host time of a small call (issue 16):
+    gather the real rows, shift them by their mean, let ``torch.batch_norm``
+    normalize them (one fused forward and backward) and scatter them back; the
+    running statistics are then moved by
+    :func:`~seqnorm.running.update_from_host_stats`. Returns ``y (N, D)``, or
+    ``None`` where this path does not apply (fewer than 2 real rows: the
+    general path returns zeros or raises; a device or trace; mixed dtypes).
+
+    **Accuracy.** torch's CPU batch norm sums its inputs in order in the input's
+    dtype, which costs the mean ~3e-3 of a standard deviation at an offset of
+    1e4 in float32. Subtracting the (pairwise-summed) mean ``s`` first makes
+    every sum one of ``O(σ)`` terms: ``x − s`` is exact for ``x`` near ``s``,
+    the normalized output is the same function (a shift cancels in
+    ``x − μ``, so treating ``s`` as a constant is also the exact gradient),
+    and the batch mean is ``s + mean(x − s)``. torch computes the unbiased
+    variance ``Σ(x − μ)²/(n − 1)`` itself (its running update with momentum 1
+    into zeros stores it exactly); the biased one is never needed here."""
+    if running.sync_free(x) or (pad is not None and running.sync_free(pad)):
+        return None
+    d = x.shape[1]
+    rows = None if pad is None else real_rows(pad)
+    n = x.shape[0] if rows is None else rows.shape[0]
+    if n < 2 or d == 0 or any(t is not None and t.dtype != x.dtype for t in (running_mean, running_var)):
+        return None
+    xr = x if rows is None else x.index_select(0, rows)
+    shift = xr.detach().sum(0).div_(n)         # (Tensor.mean(0) costs ~4 µs more here)
+    stats = x.new_zeros(2, d)                   # rows: the batch mean, the unbiased variance
+    batch_mean, batch_var = stats.unbind(0)      # of x − s
+    yr = torch.batch_norm(xr - shift, weight, bias, batch_mean, batch_var, True, 1.0, eps, False)
+    if running_mean is not None:
+        # not in place: torch.batch_norm's backward reads the tensors it was given as running statistics.
+        # stats is finite iff [shift + its mean, its variance] is: a NaN/Inf shift makes every x − s
+        # non-finite, and |s + mean(x − s)| reaches the float's limit only with (x − s)² overflowing
+        running.update_from_host_stats([running_mean, running_var], [batch_mean + shift, batch_var], stats,
+                                       momentum, num_batches_tracked)
+    return yr if rows is None else torch.zeros_like(x).index_copy_(0, rows, yr)
 
 
 def count_real(x: Tensor, pad: Optional[Tensor]) -> Tensor:
@@ -356,6 +420,7 @@ class TorchBackend:
                                         reduce or LOCAL)
 
     groupwise_norm = staticmethod(groupwise_norm)
+    featurewise_train_on_host = staticmethod(featurewise_train_on_host)
 
 
 register_backend("torch", lambda x: TorchBackend)
