@@ -72,6 +72,14 @@ class Collectives(StatsReduce):
 
     def __init__(self, group, world: int):
         self.group, self.world = group, world
+        self.rank = dist.get_rank(group) if group is not None else dist.get_rank()
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's ``t`` (the same size on each), rank-major ``(world, t.numel())``:
+        the triton backend's sync path exchanges its partial buffers whole with it."""
+        out = t.new_empty((self.world, t.numel()))
+        _all_gather_flat(out.view(-1), t.reshape(-1), self.group)
+        return out
 
     def moments(self, count, mean, var):
         d = mean.shape[0]
