@@ -32,7 +32,7 @@ from .partials import sum_rows
 
 @triton.jit
 def sync_bn_finalize(
-    G,          # (R, L) float32: each rank's [K (D) | n_p (P) | μ_p − K (P, D) | M_p (P, D)]
+    GATHERED,   # (R, L) float32: each rank's [K (D) | n_p (P) | μ_p − K (P, D) | M_p (P, D)]
     W,          # (D,) weight, its dtype (HAS_W)
     STATS,      # (3, D) float32 out: this rank's K, δ = μ − K, r
     SCALE,      # (D,) float32 out: a = w·r
@@ -53,7 +53,7 @@ def sync_bn_finalize(
         mu = tl.zeros([BLOCK_F], dtype=tl.float64)
         m2 = tl.zeros([BLOCK_F], dtype=tl.float64)
         for r in range(0, R):
-            base = G + r * L
+            base = GATHERED + r * L
             n_a = 0.0
             mean = tl.zeros([BLOCK_F], dtype=tl.float32)
             m2_r = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -78,7 +78,7 @@ def sync_bn_finalize(
         a = rstd
         if HAS_W:
             a = rstd * _vec(W, feats, fmask, 0.0)
-        k = _vec(G + RANK * L, feats, fmask, 0.0)
+        k = _vec(GATHERED + RANK * L, feats, fmask, 0.0)
         batch_mean = mu.to(tl.float32)
         tl.store(STATS + feats, k, mask=fmask)
         tl.store(STATS + D + feats, (mu - k.to(tl.float64)).to(tl.float32), mask=fmask)
@@ -168,7 +168,7 @@ def sync_bn_input_grad(
 
 @triton.jit
 def sync_power_finalize(
-    G,          # (R, L) float32: each rank's [n_p (P) | Σ_p x² (P, D)]
+    GATHERED,   # (R, L) float32: each rank's [n_p (P) | Σ_p x² (P, D)]
     PHI_B,      # (D,) float32 out: the global ψ_B² = Σ x²/n
     COUNT,      # () int64 out: the global n
     FACTOR,     # () float32 out: the step's weight f
@@ -183,7 +183,7 @@ def sync_power_finalize(
     n = 0.0
     for r in range(0, R):
         for p in range(0, P):
-            n += tl.load(G + r * L + p)
+            n += tl.load(GATHERED + r * L + p)
     inv_n = 1.0 / tl.maximum(n.to(tl.float64), 1.0)
     if HAS_FACTOR:
         factor = tl.load(GIVEN).to(tl.float32)
@@ -195,7 +195,7 @@ def sync_power_finalize(
         fmask = feats < D
         total = tl.zeros([BLOCK_F], dtype=tl.float64)
         for r in range(0, R):                                       # ranks in order
-            total += sum_rows(G + r * L + P, P, D, feats, fmask).to(tl.float64)
+            total += sum_rows(GATHERED + r * L + P, P, D, feats, fmask).to(tl.float64)
         phi = (total * inv_n).to(tl.float32)
         tl.store(PHI_B + feats, phi, mask=fmask)
         if HAS_NU:
