@@ -92,3 +92,38 @@ def test_the_kernels_sync_path_equals_one_process_on_the_doubled_batch(kind, pol
             torch.testing.assert_close(xs.grad, 2 * xd.grad[:3], atol=1e-4, rtol=1e-4)
             for key, value in single.state_dict().items():
                 torch.testing.assert_close(sync.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["batch", "power"])
+def test_a_rank_without_rows_joins_the_same_collectives(kind, monkeypatch):
+    """Every rank all-gathers a buffer of one size (the partials' grid is fixed by the
+    device and the width), so a rank whose batch has no rows — or more rows than the
+    others — still matches the others' collectives; its buffers do not move."""
+    from seqnorm import distributed
+
+    class Recording(_TwoIdenticalRanks):
+        def __init__(self):
+            self.calls = []
+
+        def gather(self, t):
+            self.calls.append(("gather", t.numel(), t.dtype))
+            return super().gather(t)
+
+        def sums(self, t):
+            self.calls.append(("sums", t.numel(), t.dtype))
+            return super().sums(t)
+
+    cls = distributed.SyncSeqBatchNorm if kind == "batch" else distributed.SyncPowerNorm
+    calls = []
+    for b in (0, 1, 9):
+        hook = Recording()
+        monkeypatch.setattr(distributed, "_sync_reduce", lambda m, hook=hook: hook if m.training else None)
+        module = cls(6)
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        x = torch.randn(b, 40, 6, requires_grad=True)
+        with seqnorm.use_backend("triton"), gpu_policy():
+            module(x, padding_mask=torch.zeros(b, 40, dtype=torch.bool)).sum().backward()
+        calls.append(hook.calls)
+        if b == 0:
+            assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert calls[0] == calls[1] == calls[2] and [c[0] for c in calls[0]] == ["gather", "sums"], calls

@@ -760,8 +760,9 @@ class _GatheredPower(torch.autograd.Function):
 
 
 def _gathers(reduce, x: Tensor) -> bool:
-    """Whether the kernels' sync path takes ``reduce`` (a hook that all-gathers; rows and features)."""
-    return hasattr(reduce, "gather") and x.shape[0] > 0 and x.shape[-1] > 0
+    """Whether the kernels' sync path takes ``reduce`` (a hook that all-gathers; features: every
+    rank has the same, and a rank without rows still joins the same collectives)."""
+    return hasattr(reduce, "gather") and x.shape[-1] > 0
 
 
 # ---------------------------------------------------------------------------
