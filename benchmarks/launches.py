@@ -16,7 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from seqnorm.backends.launches import BUDGET, launch_table  # noqa: E402
+from seqnorm.backends.launches import (BUDGET, SYNC_BUDGET, launch_table, split_collectives,  # noqa: E402
+                                       sync_launch_table)
 
 
 def main() -> None:
@@ -37,6 +38,18 @@ def main() -> None:
             cells += [str(sum(f.values())), str(sum(b.values()))]
         fb, bb = BUDGET[label]
         print(f"| {label} | {' | '.join(cells)} | ≤ {fb} / ≤ {bb} |")
+    # the Sync modules in a one-rank gloo group: local launches + collectives (one each way per rank)
+    sync = {p: sync_launch_table(param_dtype=p, backend=args.backend, device=device)
+            for p in (torch.bfloat16, torch.float32)}
+    for i, (label, *_) in enumerate(sync[torch.float32]):
+        cells = []
+        for p in (torch.bfloat16, torch.float32):
+            _, f, b = sync[p][i]
+            (fl, fc), (bl, bc) = split_collectives(f), split_collectives(b)
+            cells += [f"{sum(fl.values())} + {sum(fc.values())}", f"{sum(bl.values())} + {sum(bc.values())}"]
+        fb, bb = SYNC_BUDGET[label]
+        print(f"| {label} (local + collectives) | {' | '.join(cells)} | ≤ {fb} + 1 / ≤ {bb} + 1 |")
+    tables.update({("sync", p): rows for p, rows in sync.items()})
     if args.detail:
         for p, rows in tables.items():
             for label, f, b in rows:

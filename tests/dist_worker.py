@@ -115,11 +115,20 @@ def run_steps(norm, kind, steps, rank=None, dy_scale=1.0):
     return record
 
 
-def _sync_steps(rank, results, prefix=""):
-    """Every sync module on every scenario: what this rank got, step by step."""
-    for case, (kind, momentum) in CASES.items():
+#: the cases the float32 run on the triton kernels covers (the interpreter is slow; a
+#: cumulative momentum takes the same kernels with a given factor on the host policy)
+TRITON32_CASES = ("batch", "power")
+
+
+def _sync_steps(rank, results, prefix="", dtype=torch.float64, cases=tuple(CASES)):
+    """Every sync module of ``cases`` on every scenario: what this rank got, step by step
+    (the module and the data in ``dtype``: float32 takes the triton backend's kernels)."""
+    for case in cases:
+        kind, momentum = CASES[case]
         for name, steps in global_batches().items():
-            results[f"{prefix}{case}/{name}"] = run_steps(make_norm(kind, True, momentum), kind, steps, rank)
+            steps = [[(x.to(dtype), m, dy.to(dtype)) for x, m, dy in per_rank] for per_rank in steps]
+            results[f"{prefix}{case}/{name}"] = run_steps(make_norm(kind, True, momentum).to(dtype), kind, steps,
+                                                          rank)
 
 
 def _ddp_run(rank, world, norm):
@@ -156,6 +165,8 @@ def worker(rank, world, init_file, out_dir):
     if TRITON:   # the same steps on the triton backend's kernels (through the interpreter without a GPU)
         with seqnorm.use_backend("triton"):
             _sync_steps(rank, results, prefix="triton/")
+            # float32: the kernels' own sync path (each rank's partials all-gathered whole, one finalize)
+            _sync_steps(rank, results, prefix="triton32/", dtype=torch.float32, cases=TRITON32_CASES)
 
     for norm in ("batch", "power"):
         results[f"ddp/{norm}"] = _ddp_run(rank, world, norm)

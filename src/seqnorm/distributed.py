@@ -36,6 +36,16 @@ keeps. The forward all-reduces ``[n_r, Σ x²]`` (ψ²'s update then uses the
 global quadratic mean) and the backward all-reduces ``[Σ x̂², Σ x̂ ⊙ g]`` (ν's
 update then uses the global Γ and Λ of Algorithm 1), so every rank keeps the
 statistics of one process that saw the concatenated batch.
+
+On the triton backend the hook's :meth:`Collectives.gather` exchanges each
+rank's partial buffers whole (:mod:`seqnorm.backends.triton_kernels.sync`):
+the partials kernel runs on a grid fixed by the device and the width, so the
+buffers have the same size on every rank (ranks run the same device model),
+and one finalize kernel merges the ranks in rank order (float64), applies the
+running-statistics policy and forms the coefficients. A module call is then
+the single-process budget plus one collective each way (issue 16):
+SyncSeqBatchNorm 3 launches + all_gather forward, 3 + all_reduce backward;
+SyncPowerNorm 2 + all_gather, 3 + all_reduce (``tests/test_launches_sync.py``).
 """
 
 from __future__ import annotations
@@ -67,11 +77,21 @@ class Collectives(StatsReduce):
 
     ``moments``: one all-gather of every rank's packed ``[n, μ, M]`` (float64),
     merged in rank order with Chan's formula, so every rank gets the same bits.
-    ``sums``: one all_reduce (float64). ``world``: the group's size.
+    ``sums``: one all_reduce (float64). ``gather``: one all-gather of a flat
+    buffer, rank-major (the triton backend's partials). ``world``: the group's
+    size; ``rank``: this process's rank in it.
     """
 
     def __init__(self, group, world: int):
         self.group, self.world = group, world
+        self.rank = dist.get_rank(group) if group is not None else dist.get_rank()
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's ``t`` (the same size on each), rank-major ``(world, t.numel())``:
+        the triton backend's sync path exchanges its partial buffers whole with it."""
+        out = t.new_empty((self.world, t.numel()))
+        _all_gather_flat(out.view(-1), t.reshape(-1), self.group)
+        return out
 
     def moments(self, count, mean, var):
         d = mean.shape[0]

@@ -72,7 +72,8 @@ def _fuses_update(backend, x: Tensor, reduce, momentum, num_batches_tracked) -> 
     """Whether ``backend`` moves the running statistics inside its kernels (its
     finalize kernel applies :mod:`seqnorm.running`'s device-side select): where
     that is the policy (:func:`~seqnorm.running.sync_free`), in eager mode."""
-    return (reduce is None and getattr(backend, "fuses_running_update", False)
+    takes_reduce = reduce is None or getattr(backend, "fuses_reduced_update", lambda r, t: False)(reduce, x)
+    return (takes_reduce and getattr(backend, "fuses_running_update", False)
             and (momentum is not None or num_batches_tracked is not None)
             and running_policy.sync_free(x) and not torch.compiler.is_compiling())
 
@@ -522,7 +523,7 @@ def _power_norm(input, running_phi, running_nu, weight, bias, training, momentum
     if training and _fuses_update(backend, x2, reduce, momentum, num_batches_tracked):
         # the backend forms the step's weight and moves ψ² and the counter in its finalize kernel
         y = backend.power_norm(x2, param(weight), param(bias), eps, pad, running_phi, running_nu, None,
-                               running=(momentum, num_batches_tracked))[0]
+                               reduce=reduce, running=(momentum, num_batches_tracked))[0]
         return _as_input(y, input)
     # ν's update in the backward uses the same weight as ψ²'s update here
     factor = momentum_factor(momentum, num_batches_tracked) if training else 0.0

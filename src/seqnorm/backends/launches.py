@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LaunchCounter", "gpu_policy", "NOT_LAUNCHES"]
+__all__ = ["LaunchCounter", "gpu_policy", "sync_path", "NOT_LAUNCHES", "COLLECTIVES"]
 
 aten = torch.ops.aten
 
@@ -41,6 +41,17 @@ NOT_LAUNCHES = {
     aten.is_contiguous.default, aten.is_contiguous.memory_format, aten.is_non_overlapping_and_dense.default,
     aten.set_.source_Storage_storage_offset, aten.resize_.default,
 }
+
+
+#: the collectives' ops (c10d), counted apart: the Sync modules' budget is the local one plus these
+COLLECTIVES = {"_allgather_base_", "allgather_", "allgather_into_tensor_coalesced_", "allreduce_",
+               "allreduce_coalesced_", "reduce_scatter_tensor_coalesced_", "_reduce_scatter_base_", "broadcast_"}
+
+
+def split_collectives(ops: Counter):
+    """``(local, collectives)``: the Counter of local launches, and of collectives."""
+    local = Counter({k: v for k, v in ops.items() if k not in COLLECTIVES})
+    return local, Counter({k: v for k, v in ops.items() if k in COLLECTIVES})
 
 
 def _is_launch(func) -> bool:
@@ -128,6 +139,39 @@ def gpu_policy() -> Iterator[None]:
         running.sync_free = saved
 
 
+@contextlib.contextmanager
+def sync_path() -> Iterator[None]:
+    """The Sync modules' collective path in this one process: a one-rank gloo group
+    (a file rendezvous, destroyed after; an existing group is used as it is) and
+    their hook taken even with one rank, so that their launches and collectives
+    are those of every rank of a larger group (the buffers exchanged are the same
+    size per rank)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from .. import distributed
+
+    made = not dist.is_initialized()
+    tmp = tempfile.TemporaryDirectory() if made else None
+    if made:
+        dist.init_process_group("gloo", init_method=f"file://{tmp.name}/store", rank=0, world_size=1)
+    saved = distributed._sync_reduce
+
+    def hook(module):
+        return distributed.Collectives(module.process_group, distributed._world(module.process_group)) \
+            if module.training else None
+
+    distributed._sync_reduce = hook
+    try:
+        yield
+    finally:
+        distributed._sync_reduce = saved
+        if made:
+            dist.destroy_process_group()
+            tmp.cleanup()
+
+
 def count(fn, counter: Optional[LaunchCounter] = None) -> Counter:
     """The launches of ``fn()``, by name."""
     counter = counter or LaunchCounter()
@@ -159,6 +203,18 @@ MODULE_CALLS = [
     ("GroupNorm", "group", True, {"num_groups": 2}),
     ("InstanceNorm1d", "instance", True, {}),
     ("InstanceNorm1d (affine, running stats)", "instance", True, {"affine": True, "track_running_stats": True}),
+]
+
+
+#: the Sync modules: the local budget of their single-process modules, plus one collective each way
+SYNC_BUDGET = {"SyncSeqBatchNorm train": (3, 3), "SyncSeqBatchNorm train (cumulative)": (3, 3),
+               "SyncPowerNorm train": (3, 3), "SyncPowerNorm train (cumulative)": (3, 3)}
+SYNC_COLLECTIVES = 1
+SYNC_MODULE_CALLS = [
+    ("SyncSeqBatchNorm train", "sync_batch", True, {}),
+    ("SyncSeqBatchNorm train (cumulative)", "sync_batch", True, {"momentum": None}),
+    ("SyncPowerNorm train", "sync_power", True, {}),
+    ("SyncPowerNorm train (cumulative)", "sync_power", True, {"momentum": None}),
 ]
 
 
@@ -209,3 +265,12 @@ def launch_table(dtype=torch.bfloat16, shape=(2, 5, 8), backend: str = "triton",
     """``[(label, forward Counter, backward Counter)]`` for :data:`MODULE_CALLS`."""
     return [(label, *module_call_launches(kind, training, kw, dtype, shape, backend, device, param_dtype))
             for label, kind, training, kw in MODULE_CALLS]
+
+
+def sync_launch_table(dtype=torch.bfloat16, shape=(2, 5, 8), backend: str = "triton", device="cpu",
+                      param_dtype=None):
+    """``[(label, forward Counter, backward Counter)]`` for :data:`SYNC_MODULE_CALLS`, through
+    :func:`sync_path` (collectives included: :func:`split_collectives` parts them)."""
+    with sync_path():
+        return [(label, *module_call_launches(kind, training, kw, dtype, shape, backend, device, param_dtype))
+                for label, kind, training, kw in SYNC_MODULE_CALLS]

@@ -35,13 +35,13 @@ DTYPES = ("fp32", "bf16", "fp16")
 ARCHS = (80, 90)
 
 #: arguments that are not pointers to the data dtype (lower-case names are int32 scalars)
-_POINTER_TYPES = {"PAD": "*u8", "STEPS": "*i64", "COUNT": "*i64", "NBT": "*i64"}
-_FLOAT_SCALARS = {"eps", "momentum", "nu_scale"}
-_INT_SCALARS = {"N", "D", "R", "P", "C", "T", "CG", "G"}
+_POINTER_TYPES = {"PAD": "*u8", "STEPS": "*i64", "COUNT": "*i64", "NBT": "*i64", "SUMS": "*fp64"}
+_FLOAT_SCALARS = {"eps", "momentum", "nu_scale", "world"}
+_INT_SCALARS = {"N", "D", "R", "P", "C", "T", "CG", "G", "L", "RANK"}
 #: float32 buffers (statistics, partial sums, coefficients)
 _F32 = {"SHIFT", "DELTA", "RSTD", "DW_PART", "DB_PART", "STATS", "STATS_OUT", "SCALE", "MEAN", "VAR",
         "COUNT_PART", "MEAN_PART", "M2_PART", "COEF", "DG_PART", "SUMSQ_PART", "PHI_B", "FACTOR", "NU_NEW",
-        "GIVEN"}
+        "GIVEN", "GATHERED"}
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,15 @@ def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
         _spec("featurewise", "power_input_grad", dtype, HAS_W=True, HAS_NU=True, **fw),
         _spec("featurewise", "power_grad_finalize", dtype, HAS_W=True, HAS_B=True, MOVE_NU=True, BLOCK_F=fin),
         _spec("featurewise", "instance_finalize", dtype, HAS_NBT=True, CUMULATIVE=True, BLOCK_F=fin),
+        # the Sync modules' finalize kernels (seqnorm.distributed, around their collectives)
+        _spec("sync", "sync_bn_finalize", dtype, HAS_W=True, UPDATE=True, HAS_NBT=True, CUMULATIVE=True,
+              BLOCK_F=fin),
+        _spec("sync", "sync_bn_grad_sums", dtype, HAS_W=True, HAS_B=True, BLOCK_F=fin),
+        _spec("sync", "sync_bn_input_grad", dtype, **fw),
+        _spec("sync", "sync_power_finalize", dtype, HAS_NU=True, UPDATE=True, HAS_NBT=True, HAS_FACTOR=True,
+              CUMULATIVE=True, BLOCK_F=fin),
+        _spec("sync", "sync_power_grad_sums", dtype, HAS_W=True, HAS_B=True, MOVE_NU=True, BLOCK_F=fin),
+        _spec("sync", "sync_nu_finalize", dtype, BLOCK_F=fin),
         # channels-first (B, C, T): the steps T take the place of D
         _spec("groupwise", "groupwise_fwd", dtype, gw, HAS_W=True, HAS_B=True, HAS_PAD=True, BLOCK_T=bt),
         _spec("groupwise", "groupwise_bwd", dtype, gw, HAS_W=True, HAS_PAD=True, BLOCK_T=bt),

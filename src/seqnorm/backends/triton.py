@@ -37,6 +37,7 @@ from .triton_kernels import featurewise as fk
 from .triton_kernels import groupwise as gk
 from .triton_kernels import partials as pk
 from .triton_kernels import rowwise as rk
+from .triton_kernels import sync as sk
 
 __all__ = ["TritonBackend", "supports", "MAX_FEATURES"]
 
@@ -621,6 +622,150 @@ class _ReducedPower(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------
+# The Sync modules with a gathering hook (seqnorm.distributed.Collectives): the
+# single-process budget plus one collective each way. Forward: partials → the
+# collective → one finalize (ranks merged in rank order, the running statistics'
+# policy, the coefficients) → normalize; backward: partials → sums (local
+# parameter gradients, the float64 sums) → all_reduce → input gradient (BN) or
+# ν's finalize (PowerNorm).
+# ---------------------------------------------------------------------------
+
+
+def _sync_grid(n: int, d: int, device: torch.device) -> Tuple[int, int, int]:
+    """``(P, F, rows_per_program)`` with ``P`` fixed by the device and the width only:
+    every rank's partial buffer then has the same size (programs past the last row
+    write empty partials), so one collective exchanges it whole. Ranks are assumed
+    to run the same device model (as an NCCL job's do)."""
+    f = triton.cdiv(max(d, 1), BLOCK_F)
+    p = max(1, _programs(device) // f)
+    per = triton.cdiv(triton.cdiv(max(n, 1), p), BLOCK_N) * BLOCK_N
+    return p, f, per
+
+
+class _GatheredFeaturewise(torch.autograd.Function):
+    """SyncSeqBatchNorm on the kernels: 3 local launches + 1 all_gather forward,
+    3 local launches + 1 all_reduce backward. ``running = (running_mean,
+    running_var, num_batches_tracked, momentum)`` moves them in the finalize."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pad, reduce, running):
+        ctx.set_materialize_grads(False)
+        x = _rows(x)
+        n, d = x.shape
+        f32 = dict(dtype=torch.float32)
+        p, f, per = _sync_grid(n, d, x.device)
+        length = d + p + 2 * p * d
+        local = x.new_empty(length, **f32)              # [K | n_p | μ_p − K | M_p], written whole
+        fk.moments_partial[(p, f)](x, _pad_bits(pad, x), local, local[d:d + p], local[d + p:d + p + p * d],
+                                   local[d + p + p * d:], x.stride(0), n, d, per, HAS_PAD=pad is not None,
+                                   BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+        gathered = reduce.gather(local)                 # (R, length), rank-major
+        stats, scale = x.new_empty((3, d), **f32), x.new_empty(d, **f32)
+        mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
+        rmean, rvar, nbt, momentum = running if running is not None else (stats, stats, None, 0.0)
+        sk.sync_bn_finalize[(1,)](gathered, _param(weight, x), stats, scale, mean, var, count, rmean, rvar,
+                                  nbt if nbt is not None else count, gathered.shape[0], length, reduce.rank, p, d,
+                                  float(eps), float(momentum or 0.0), HAS_W=weight is not None,
+                                  UPDATE=running is not None, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
+                                  BLOCK_F=_finalize_block(d), num_warps=4)
+        y = _bn_normalize(x, pad, stats, scale, bias)
+        ctx.save_for_backward(x, weight, bias, pad, stats, scale, count)
+        ctx.reduce = reduce
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, bias, pad, stats, scale, count = ctx.saved_tensors
+        if dy is None:  # every process must still join the collective
+            dy = torch.zeros_like(x)
+        dy = _rows(dy)
+        n, d = x.shape
+        has_w, has_b = weight is not None, bias is not None
+        dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
+        dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale)
+        sums = x.new_empty(2 * d, dtype=torch.float64)
+        block = _finalize_block(d)
+        sk.sync_bn_grad_sums[(triton.cdiv(d, block),)](dg_part, db_part, dw if has_w else sums, db if has_b else sums,
+                                                      sums, p, d, HAS_W=has_w, HAS_B=has_b, BLOCK_F=block)
+        sums = ctx.reduce.sums(sums)
+        dx = torch.empty_like(x)
+        tp, tf, tper = _tile_grid(n, d)
+        sk.sync_bn_input_grad[(tp, tf)](dy, x, _pad_bits(pad, x), stats, scale, sums, count, dx, dy.stride(0),
+                                        x.stride(0), dx.stride(0), n, d, tper, HAS_PAD=pad is not None,
+                                        BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        return dx, dw if has_w else None, db if has_b else None, None, None, None, None
+
+
+class _GatheredPower(torch.autograd.Function):
+    """SyncPowerNorm on the kernels: normalize (with the partial ``Σ x²``) → all_gather
+    → one finalize (ψ_B², n, f, ν's copy; ψ² moved given ``running = (momentum,
+    num_batches_tracked)``); backward: input gradient with partials → sums → (with ν)
+    all_reduce → ν's finalize."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad, running_phi, running_nu, eps, factor, reduce, running):
+        ctx.set_materialize_grads(False)
+        x = _rows(x)
+        n, d = x.shape
+        f32 = dict(dtype=torch.float32)
+        p, f, per = _sync_grid(n, d, x.device)
+        length = p + p * d
+        local = x.new_empty(length, **f32)               # [n_p | Σ_p x²], written whole
+        y, rstd = torch.empty_like(x), x.new_empty(d, **f32)
+        fk.power_normalize[(p, f)](x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x),
+                                   y, rstd, local[p:], local[:p], x.stride(0), y.stride(0), n, d, per, float(eps),
+                                   HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                                   SUMSQ=True, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+        gathered = reduce.gather(local)
+        phi_b, count, factor_out = x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64), x.new_empty((), **f32)
+        nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
+        momentum, nbt = running if running is not None else (0.0, None)
+        given = factor if running is None else None
+        sk.sync_power_finalize[(1,)](
+            gathered, phi_b, count, factor_out, _param(running_nu, x), nu_before,
+            running_phi if running is not None else phi_b, nbt if nbt is not None else count,
+            given if given is not None else count, gathered.shape[0], length, p, d, float(momentum or 0.0),
+            HAS_NU=running_nu is not None, UPDATE=running is not None, HAS_NBT=nbt is not None,
+            HAS_FACTOR=given is not None, CUMULATIVE=given is None and momentum is None,
+            BLOCK_F=_finalize_block(d), num_warps=4)
+        ctx.save_for_backward(x, weight, bias, pad, rstd, phi_b, count, factor_out, nu_before)
+        ctx.nu, ctx.reduce = running_nu, reduce
+        ctx.mark_non_differentiable(phi_b, count)
+        return y, phi_b, count
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, bias, pad, rstd, phi_b, count, factor, nu_before = ctx.saved_tensors
+        nu, reduce = ctx.nu, ctx.reduce
+        if dy is None:  # every process must still join the collective
+            dy = torch.zeros_like(x)
+        n, d = x.shape
+        has_w, has_b, move = weight is not None, bias is not None, nu is not None
+        dx, dg_part, db_part, p = _power_partials(_rows(dy), x, weight, pad, rstd, nu_before if move else None,
+                                                  reduce.world if move else 1.0)
+        dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
+        sums = x.new_empty(d if move else 0, dtype=torch.float64)
+        block = _finalize_block(d)
+        if has_w or has_b or move:
+            sk.sync_power_grad_sums[(triton.cdiv(d, block),)](
+                dg_part, db_part, _param(weight, x), dw if has_w else sums, db if has_b else sums, sums, p, d,
+                HAS_W=has_w, HAS_B=has_b, MOVE_NU=move, BLOCK_F=block)
+        if move:
+            sums = reduce.sums(sums)
+            scratch = x.new_empty(d, dtype=torch.float32)
+            sk.sync_nu_finalize[(1,)](sums, rstd, phi_b, count, factor, nu_before, nu, scratch, d,
+                                      float(reduce.world), BLOCK_F=block)
+        return (dx, dw if has_w else None, db if has_b else None) + (None,) * 7
+
+
+def _gathers(reduce, x: Tensor) -> bool:
+    """Whether the kernels' sync path takes ``reduce`` (a hook that all-gathers; features: every
+    rank has the same, and a rank without rows still joins the same collectives)."""
+    return hasattr(reduce, "gather") and x.shape[-1] > 0
+
+
+# ---------------------------------------------------------------------------
 # Group-wise: masked GroupNorm / InstanceNorm
 # ---------------------------------------------------------------------------
 
@@ -718,6 +863,12 @@ class TritonBackend:
     fuses_running_update = True
 
     @staticmethod
+    def fuses_reduced_update(reduce, x):
+        """Whether the Sync modules' ``reduce`` hook takes ``running=`` too (a gathering
+        hook: the finalize after the collective moves the running statistics)."""
+        return _gathers(reduce, x)
+
+    @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
         return rowwise_fwd(x, None, weight, bias, pad, float(eps), center, False)[0]
 
@@ -731,6 +882,8 @@ class TritonBackend:
         """``running = (running_mean, running_var, num_batches_tracked, momentum)``:
         update them in the finalize kernel (training, the sync-free policy)."""
         if reduce is not None and mean is None:
+            if _gathers(reduce, x):
+                return _GatheredFeaturewise.apply(x, weight, bias, float(eps), pad, reduce, running)
             return _ReducedFeaturewise.apply(x, weight, bias, float(eps), pad, reduce)
         rmean, rvar, nbt, momentum = running if running is not None else (None, None, None, 0.0)
         return featurewise_fwd(x, weight, bias, pad, mean, var, float(eps), rmean, rvar, nbt,
@@ -745,6 +898,12 @@ class TritonBackend:
         (eval) skips the batch statistic: the caller does not read it."""
         if reduce is not None:
             # factor as a 0-d tensor: the cumulative average's is one where the host is not asked
+            if _gathers(reduce, x):
+                given = None if running is not None else (
+                    factor.float().reshape(()) if isinstance(factor, Tensor) else torch.full((), float(factor),
+                                                                                          device=x.device))
+                return _GatheredPower.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), given,
+                                            reduce, running)
             factor = factor if isinstance(factor, Tensor) else torch.full((), factor, device=x.device)
             return _ReducedPower.apply(x, weight, bias, pad, running_phi, running_nu, float(eps), factor, reduce)
         if running is not None:

@@ -4,7 +4,8 @@
 * :mod:`.featurewise` — masked BatchNorm and PowerNorm over the token axis:
   partials → one finalize kernel (merge, running statistics, coefficients) → normalize;
 * :mod:`.groupwise` — masked GroupNorm / InstanceNorm over each sequence's real steps;
-* :mod:`.partials` — the finalize of parameter gradients shared by every backward.
+* :mod:`.partials` — the finalize of parameter gradients shared by every backward;
+* :mod:`.sync` — the finalize kernels of the Sync modules, around their collectives.
 
 Conventions (as the CPU kernels'): inputs are read in their own dtype (float32,
 bfloat16, float16) and computed in float32, outputs rounded once; statistics
