@@ -24,6 +24,15 @@ from seqnorm import hf  # noqa: E402
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models: one intra-op thread is faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _features(seqs, total, feat, noise_seed=None):
     """A (B, total, feat) batch of feature frames; padding zeros, or noise with ``noise_seed``."""
     if noise_seed is None:
@@ -180,12 +189,7 @@ ZOO_SUBSET = {
 
 @pytest.mark.parametrize("model_type", list(ZOO_SUBSET))
 def test_zoo_row(model_type):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # small models: one thread is faster on a busy 2-core machine
-    try:
-        row = _zoo().one(model_type)
-    finally:
-        torch.set_num_threads(threads)
+    row = _zoo().one(model_type)
     assert row["runs"], row.get("note")
     assert not row["raises_after"], row["after"]
     assert all("error" not in row["after"][m] for m in ("eval", "train")), row["after"]
