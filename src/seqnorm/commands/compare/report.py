@@ -35,18 +35,23 @@ def table_rows(rows: List[Dict]) -> List[List[str]]:
     return out
 
 
-def render(rows: List[Dict], fmt: str) -> str:
+def render_table(rows: List[Dict], headers: List[str], body: List[List[str]], fmt: str) -> str:
+    """``rows`` as JSON, or ``body`` under ``headers`` as a markdown or an aligned text table
+    (shared by every ``seqnorm compare`` task)."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
-    body = table_rows(rows)
     if fmt == "markdown":
-        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(HEADERS)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths))]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
+
+
+def render(rows: List[Dict], fmt: str) -> str:
+    return render_table(rows, HEADERS, table_rows(rows), fmt)
 
 
 def rounded(obj, digits: int = 5):

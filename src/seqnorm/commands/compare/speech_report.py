@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from typing import Dict, List
 
 import numpy as np
 
+from .report import render_table
 from .speech_train import EVALS, VARIANTS, SpeechRun
 
 HEADERS = ["variant", "seeds", "DER alone %", "DER batched %", "DER sorted %", "batched − alone (pts)",
@@ -31,15 +31,7 @@ def table_rows(rows: List[Dict]) -> List[List[str]]:
 
 
 def render(rows: List[Dict], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    body = table_rows(rows)
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(HEADERS)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths))]
-    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body])
+    return render_table(rows, HEADERS, table_rows(rows), fmt)
 
 
 def write_csv(runs: List[SpeechRun], path: str) -> None:
