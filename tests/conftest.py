@@ -25,6 +25,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # (set before any kernel is defined); with one, they run on it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (the default, see pyproject's addopts) each worker gets its share of the
+# cores: torch's default of one thread per core in every worker would oversubscribe the
+# machine (and make OpenMP threads spin against each other). Tests that need a thread count
+# set it themselves (the ``threads`` fixture).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 #: the backends every op test runs under: triton where Triton is installed
 BACKENDS = ["torch", "reference", "fused"] + (["triton"] if importlib.util.find_spec("triton") else [])
 
