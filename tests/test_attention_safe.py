@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")   # a test dependency (.ci/ru
 from seqnorm import hf  # noqa: E402
 
 TOL = 1e-4
-#: the decoder's norms at the token rate act as torch's, with a warning (make_padding_safe's own)
+#: layers off the context's grid act as torch's, with a warning (make_padding_safe's own)
 pytestmark = pytest.mark.filterwarnings("ignore::seqnorm.convert.ConversionWarning")
 #: Moonshine at test size: conv front end of stride 384 (127/64, 7/3, 3/2), 2 + 2 layers of width 32
 MOONSHINE = dict(hidden_size=32, intermediate_size=64, encoder_num_hidden_layers=2, decoder_num_hidden_layers=2,
@@ -181,19 +181,18 @@ def test_moonshine_encoder_decoder_batched_equals_alone():
 
 
 def test_decoder_self_attention_is_left_alone_at_a_frame_count():
-    """The decoder's self-attention (its keys are tokens) is not masked, even with as many tokens as
-    the batch has encoder frames (40): a token count that matches a frame rate is not that rate.
-    (Only the encoder is made padding-safe here: the decoder's norms would take the frame lengths.)"""
+    """The decoder's self-attention (its keys are tokens) is not masked, and its norms stay torch's,
+    even with as many tokens as the batch has encoder frames (40): a token count that matches a
+    frame rate is not that rate. (Before decoders were left alone, make_padding_safe gave the
+    decoder's norms the frame lengths and zeroed the short utterance's tokens past its frame count.)"""
     tokens = torch.randint(1, 50, (1, 40), generator=torch.Generator().manual_seed(0)).expand(2, 40)
     res = {}
     for attention in (True, False):
-        model = hf.build("moonshine", MOONSHINE)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            seqnorm.make_padding_safe(model.encoder, attention=attention)
-        if attention:
-            hook_attention(model)                                          # the decoder's cross-attention too
-        res[attention], _ = _batched_vs_alone(model, 16000, 9000, decoder_input_ids=tokens)
+        model = _safe("moonshine", MOONSHINE, attention)
+        assert all(type(m).__module__.startswith("torch") for m in model.decoder.modules()
+                   if isinstance(m, (nn.LayerNorm, nn.RMSNorm)))                 # decoder norms not swapped
+        res[attention], batched = _batched_vs_alone(model, 16000, 9000, decoder_input_ids=tokens)
+        assert batched.shape[1] == 40 and (batched[1].abs().amax(-1) > 0).all()  # no token zeroed
         if attention:
             notes = "\n".join(attention_report(model))
             assert "decoder.layers.0.encoder_attn" in notes and "decoder self-attention" in notes

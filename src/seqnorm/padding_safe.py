@@ -29,6 +29,15 @@ aware layer the input reaches (a speech model's waveform or feature frames).
 Everything happens inside that context; outside it the hooks do nothing and the
 norms see no padding.
 
+**Decoders are left alone.** In an encoder–decoder model (a submodule named
+``decoder``, as in Hugging Face's Speech2Text, Whisper, Moonshine) the decoder's
+steps are text tokens, not the input's frames: the context's lengths do not
+describe them, and a decoder whose token count happened to equal a frame count
+would have its tokens past the audio's length masked. Its norms and layers stay
+torch's (a row-wise norm never mixes tokens; its real tokens' outputs are
+exact); its cross-attention still masks the encoder's padded frames
+(:mod:`seqnorm.attention_safe`).
+
 **Do no harm.** A norm or time layer whose input is not on a ``(B, T)`` grid the
 context knows — a table with no batch or time axis, a rate no followed layer
 recorded, lengths longer than its time axis — acts as torch's module does, with
@@ -48,7 +57,7 @@ import torch
 from torch import nn
 
 from . import time_layers as tl
-from .attention_safe import hook_attention, unhook_attention
+from .attention_safe import _decoder_paths, hook_attention, unhook_attention
 from .convert import ConversionWarning, convert
 from .masks import _padding_context, current_padding, host_readable
 from .modules import GroupNorm, InstanceNorm1d
@@ -412,14 +421,21 @@ def make_padding_safe(model: nn.Module, *, attention: bool = True) -> nn.Module:
     if type(model) in _ROWWISE + _CHANNELS_FIRST:
         raise ValueError("make_padding_safe: pass the model that contains the norm (a norm alone is "
                          "replaced, not changed in place: use seqnorm.convert)")
-    for parent in list(model.modules()):
+    decoders = _decoder_paths(model)
+
+    def in_decoder(name: str) -> bool:
+        return any(name == d or name.startswith(d + ".") for d in decoders)
+
+    for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
+            if in_decoder(f"{parent_name}.{child_name}" if parent_name else child_name):
+                continue
             new = _swap_norm(child)
             if new is not None:
                 new.train(child.training)
                 setattr(parent, child_name, new)
     for name, m in model.named_modules():
-        if m in _hooked:
+        if m in _hooked or in_decoder(name):
             continue
         if tl.is_time_layer(m):
             _warn_unfollowed(m, name)
