@@ -148,7 +148,7 @@ def _moved(RUN, feats, fmask, value, factor, ok):
 
 @triton.jit
 def _unbiased(var, n):
-    """``σ²·n/(n − 1)`` (``σ²`` where ``n ≤ 2``: the update does not take it below 2)."""
+    """``σ²·n/(n − 1)`` (``σ²·n`` for ``n < 2``, a value no update takes: it needs ``n ≥ 2``)."""
     return var * (n / tl.maximum(n - 1.0, 1.0))
 
 
