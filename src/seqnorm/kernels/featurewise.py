@@ -163,11 +163,10 @@ def normalize(x, pad, shift, delta, scale, b, k, y):  # pragma: no cover - jitte
     for c in nb.prange(NCHUNK):
         xbuf, ybuf = scratch(x, D), scratch(y, D)
         for i in range(c * size, min(N, (c + 1) * size)):
-            yi = out_row(y, i, ybuf)
             if pad[i]:
-                for j in range(D):
-                    yi[j] = zero
+                zero_row(y, i, ybuf, zero)
             else:
+                yi = out_row(y, i, ybuf)
                 xi = in_row(x, i, xbuf)
                 for j in range(D):
                     yi[j] = ((xi[j] - shift[j]) - delta[j]) * scale[j] + b[j]
@@ -226,12 +225,11 @@ def power_forward(x, pad, scale, b, k, y, n_part, q_part):  # pragma: no cover -
         n = 0
         xbuf, ybuf = scratch(x, D), scratch(y, D)
         for i in range(c * size, min(N, (c + 1) * size)):
-            yi = out_row(y, i, ybuf)
             if pad[i]:
-                for j in range(D):
-                    yi[j] = zero
+                zero_row(y, i, ybuf, zero)
             else:
                 n += 1
+                yi = out_row(y, i, ybuf)
                 xi = in_row(x, i, xbuf)
                 for j in range(D):
                     v = xi[j]

@@ -56,7 +56,8 @@ its finalize moves ν by Algorithm 1 (:func:`seqnorm.running.nu_step`):
 import triton
 import triton.language as tl
 
-from .partials import sum_rows
+from .partials import (block_sums, feature_block, program_rows, store_as, store_grads, store_param_grads,
+                       store_partials, sum_rows)
 
 #: how many features one program of a single-program finalize holds at a time
 FINALIZE_BLOCK = 1024
@@ -74,13 +75,6 @@ def _features(BLOCK_F: tl.constexpr, D):
 
 
 @triton.jit
-def _row_range(N, rows_per_program):
-    """This program's rows ``[start, end)`` (int64: N·D may pass 2^31)."""
-    start = tl.program_id(0).to(tl.int64) * rows_per_program
-    return start, tl.minimum(start + rows_per_program, N)
-
-
-@triton.jit
 def _tile(PAD, r0, end, fmask, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """A tile's rows (int64), its real rows (BLOCK_N,) and its mask (BLOCK_N, BLOCK_F)."""
     rows = r0 + tl.arange(0, BLOCK_N)
@@ -94,6 +88,14 @@ def _tile(PAD, r0, end, fmask, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
 def _load(PTR, rows, feats, tile, stride):
     """The tile of a ``(N, D)`` tensor as float32; 0 outside ``tile`` (padded rows are not read)."""
     return tl.load(PTR + rows[:, None] * stride + feats[None, :], mask=tile, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_pair(X, DY, PAD, r0, end, feats, fmask, stride_x, stride_dy,
+               HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A backward tile: its rows, its mask, and ``x``, ``dy`` as float32 (0 outside the mask)."""
+    rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
+    return rows, tile, _load(X, rows, feats, tile, stride_x), _load(DY, rows, feats, tile, stride_dy)
 
 
 @triton.jit
@@ -142,6 +144,170 @@ def _moved(RUN, feats, fmask, value, factor, ok):
     diff = (value.to(dt).to(tl.float32) - r).to(dt).to(tl.float32)
     moved = (r + (diff * factor).to(dt).to(tl.float32)).to(dt)
     tl.store(RUN + feats, tl.where(ok, moved, run), mask=fmask)
+
+
+@triton.jit
+def _unbiased(var, n):
+    """``σ²·n/(n − 1)`` (``σ²·n`` for ``n < 2``, a value no update takes: it needs ``n ≥ 2``)."""
+    return var * (n / tl.maximum(n - 1.0, 1.0))
+
+
+@triton.jit
+def _count_batch(NBT, ok, HAS_NBT: tl.constexpr):
+    """``num_batches_tracked`` moves by the update's flag ``ok``."""
+    if HAS_NBT:
+        tl.store(NBT, tl.load(NBT) + ok.to(tl.int64))
+
+
+@triton.jit
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of ``(n_b, μ_b, M_b)`` into ``(n_a, μ_a, M_a)`` (float32 or
+    float64, scalars or blocks): ``n = n_a + n_b``, ``Δ = μ_b − μ_a``,
+    ``μ = μ_a + Δ·n_b/n``, ``M = M_a + (M_b + Δ²·n_a·n_b/n)``; ``(n_a, μ_a, M_a)`` where ``n = 0``."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    diff = mean_b - mean_a
+    return n, mean_a + diff * w_b, m2_a + (m2_b + diff * diff * n_a * w_b)
+
+
+@triton.jit
+def _merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F: tl.constexpr):
+    """The programs' partials ``(n_p, μ_p − K, M_p)`` of the features ``feats``, merged
+    in program order (float32, the same bits every run): ``(n, δ, M)``."""
+    n = 0.0
+    mean = tl.zeros([BLOCK_F], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for p in range(0, P):
+        n_b = tl.load(COUNT_PART + p)
+        mean_b = tl.load(MEAN_PART + p * D + feats, mask=fmask, other=0.0)
+        m2_b = tl.load(M2_PART + p * D + feats, mask=fmask, other=0.0)
+        n, mean, m2 = _chan(n, mean, m2, n_b, mean_b, m2_b)
+    return n, mean, m2
+
+
+@triton.jit
+def _rstd_scale(var, eps, W, feats, fmask, HAS_W: tl.constexpr):
+    """``r = 1/√(σ² + ε)`` and ``a = w·r`` (``r`` without a weight)."""
+    rstd = 1.0 / tl.sqrt(var + eps)
+    a = rstd
+    if HAS_W:
+        a = rstd * _vec(W, feats, fmask, 0.0)
+    return rstd, a
+
+
+@triton.jit
+def _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, delta, rstd, a, batch_mean, var):
+    """A BatchNorm finalize's outputs for ``feats``: δ, r (rows 1, 2 of STATS), a, μ, σ²."""
+    tl.store(STATS + D + feats, delta, mask=fmask)
+    tl.store(STATS + 2 * D + feats, rstd, mask=fmask)
+    tl.store(SCALE + feats, a, mask=fmask)
+    tl.store(MEAN + feats, batch_mean, mask=fmask)
+    tl.store(VAR + feats, var, mask=fmask)
+
+
+@triton.jit
+def _stats_finite(finite, batch_mean, unbiased, fmask):
+    """``finite``, 0 unless the block's μ and unbiased σ² are finite."""
+    return tl.minimum(finite, tl.minimum(_all_finite(batch_mean, fmask), _all_finite(unbiased, fmask)))
+
+
+@triton.jit
+def _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n, finite, D, momentum,
+                       HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The device-side select of :func:`seqnorm.running.update_batch_norm_stats`: the
+    running mean and variance move towards ``MEAN`` and the unbiased ``VAR`` where
+    ``n ≥ 2`` and ``finite`` (every feature's), ``num_batches_tracked`` by that flag."""
+    ok = (n >= 2.0) & (finite == 1)
+    factor = _factor(NBT, momentum, CUMULATIVE)
+    tl.debug_barrier()                                          # MEAN, VAR as written by this program
+    for f0 in range(0, D, BLOCK_F):
+        feats, fmask = feature_block(f0, D, BLOCK_F)
+        unbiased = _unbiased(tl.load(VAR + feats, mask=fmask, other=0.0), n)
+        _moved(RMEAN, feats, fmask, tl.load(MEAN + feats, mask=fmask, other=0.0), factor, ok)
+        _moved(RVAR, feats, fmask, unbiased, factor, ok)
+    _count_batch(NBT, ok, HAS_NBT)
+
+
+@triton.jit
+def _step_factor(GIVEN, NBT, momentum, HAS_FACTOR: tl.constexpr, CUMULATIVE: tl.constexpr):
+    """PowerNorm's step weight ``f``: given (the module's), or :func:`_factor`'s."""
+    if HAS_FACTOR:
+        factor = tl.load(GIVEN).to(tl.float32)
+    else:
+        factor = _factor(NBT, momentum, CUMULATIVE)
+    return factor
+
+
+@triton.jit
+def _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU: tl.constexpr,
+                       UPDATE: tl.constexpr):
+    """ψ_B² of ``feats`` and ν's copy as of this forward; with UPDATE ``finite`` ← 0
+    unless ψ_B² is finite."""
+    tl.store(PHI_B + feats, phi, mask=fmask)
+    if HAS_NU:
+        tl.store(NU_BEFORE + feats, tl.load(NU + feats, mask=fmask, other=0.0), mask=fmask)
+    if UPDATE:
+        finite = tl.minimum(finite, _all_finite(phi, fmask))
+    return finite
+
+
+@triton.jit
+def _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE: tl.constexpr,
+                  HAS_NBT: tl.constexpr, BLOCK_F: tl.constexpr):
+    """A PowerNorm finalize's n and f; with UPDATE the device-side select of
+    :func:`seqnorm.running.update_running_stats` (``min_count`` 1): ψ² moves towards
+    ``PHI_B`` where ``n ≥ 1`` and ``finite`` (every feature's)."""
+    tl.store(COUNT, n.to(tl.int64))
+    tl.store(FACTOR, factor)
+    if UPDATE:
+        ok = (n >= 1.0) & (finite == 1)
+        tl.debug_barrier()                                      # PHI_B as written by this program
+        for f0 in range(0, D, BLOCK_F):
+            feats, fmask = feature_block(f0, D, BLOCK_F)
+            _moved(PHI, feats, fmask, tl.load(PHI_B + feats, mask=fmask, other=0.0), factor, ok)
+        _count_batch(NBT, ok, HAS_NBT)
+
+
+@triton.jit
+def _nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite):
+    """Algorithm 1's new ν of ``feats`` (:func:`seqnorm.running.nu_step`),
+    ``ν(1 − f·Γ) + f·Λ`` with ``Γ = r²·ψ_B²``, into NU_NEW; ``finite`` ← 0 unless it is finite."""
+    rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)
+    gamma = rstd * rstd * tl.load(PHI_B + feats, mask=fmask, other=0.0)
+    new = _vec(NU_BEFORE, feats, fmask, 0.0) * (1.0 - factor * gamma) + factor * lam
+    tl.store(NU_NEW + feats, new, mask=fmask)
+    return tl.minimum(finite, _all_finite(new, fmask))
+
+
+@triton.jit
+def _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F: tl.constexpr):
+    """ν ← NU_NEW (in ν's dtype) where ``n > 0`` and every new ν is ``finite``
+    (:func:`seqnorm.running.move_nu_from_sums`)."""
+    ok = (n > 0.0) & (finite == 1)
+    tl.debug_barrier()                                          # NU_NEW as written by this program
+    for f0 in range(0, D, BLOCK_F):
+        feats, fmask = feature_block(f0, D, BLOCK_F)
+        nu = tl.load(NU + feats, mask=fmask, other=0.0)
+        new = tl.load(NU_NEW + feats, mask=fmask, other=0.0).to(NU.dtype.element_ty)
+        tl.store(NU + feats, tl.where(ok, new, nu), mask=fmask)
+
+
+@triton.jit
+def _bn_stats(STATS, D, feats, fmask):
+    """``K``, ``δ``, ``r`` of ``feats`` (the rows of STATS)."""
+    return _vec(STATS, feats, fmask, 0.0), _vec(STATS + D, feats, fmask, 0.0), _vec(STATS + 2 * D, feats, fmask, 0.0)
+
+
+@triton.jit
+def _bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
+               feats, fmask, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``dx = a·dy − c₁ − x̂·c₂``, ``x̂ = ((x − K) − δ)·r``, over this program's rows (0 at padding)."""
+    start, end = program_rows(tl.program_id(0), N, rows_per_program)
+    for r0 in range(start, end, BLOCK_N):
+        rows, tile, x, dy = _tile_pair(X, DY, PAD, r0, end, feats, fmask, stride_x, stride_dy, HAS_PAD, BLOCK_N)
+        xhat = ((x - k[None, :]) - delta[None, :]) * rstd[None, :]
+        dx = tl.where(tile, a[None, :] * dy - c1[None, :] - xhat * c2[None, :], 0.0)
+        _store(DX, rows, feats, end, fmask, stride_dx, dx)
 
 
 @triton.jit
@@ -197,7 +363,7 @@ def moments_partial(
     p = tl.program_id(0)
     if p == 0:
         tl.store(STATS + feats, k, mask=fmask)
-    start, end = _row_range(N, rows_per_program)
+    start, end = program_rows(tl.program_id(0), N, rows_per_program)
     n_a = 0.0
     mean = tl.zeros([BLOCK_F], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_F], dtype=tl.float32)
@@ -210,14 +376,8 @@ def moments_partial(
         d = tl.where(tile, x - m[None, :], 0.0)
         corr = tl.sum(d, axis=0) * inv_n
         m2_b = tl.maximum(tl.sum(d * d, axis=0) - n_b * corr * corr, 0.0)
-        n = n_a + n_b                                               # Chan: merge the tile
-        w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-        diff = (m + corr) - mean
-        mean += diff * w_b
-        m2 += m2_b + diff * diff * n_a * w_b
-        n_a = n
-    tl.store(MEAN_PART + p * D + feats, mean, mask=fmask)
-    tl.store(M2_PART + p * D + feats, m2, mask=fmask)
+        n_a, mean, m2 = _chan(n_a, mean, m2, n_b, m + corr, m2_b)  # merge the tile
+    store_partials(MEAN_PART, M2_PART, p, D, feats, fmask, mean, m2)
     if tl.program_id(1) == 0:
         tl.store(COUNT_PART + p, n_a)
 
@@ -245,47 +405,17 @@ def bn_finalize(
     finite = 1
     n_a = 0.0
     for f0 in range(0, D, BLOCK_F):
-        feats = f0 + tl.arange(0, BLOCK_F)
-        fmask = feats < D
-        n_a = 0.0
-        mean = tl.zeros([BLOCK_F], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_F], dtype=tl.float32)
-        for p in range(0, P):                                       # in order: the same bits every run
-            n_b = tl.load(COUNT_PART + p)
-            n = n_a + n_b
-            w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-            diff = tl.load(MEAN_PART + p * D + feats, mask=fmask, other=0.0) - mean
-            mean += diff * w_b
-            m2 += tl.load(M2_PART + p * D + feats, mask=fmask, other=0.0) + diff * diff * n_a * w_b
-            n_a = n
+        feats, fmask = feature_block(f0, D, BLOCK_F)
+        n_a, mean, m2 = _merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F)
         var = m2 / tl.maximum(n_a, 1.0)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        a = rstd
-        if HAS_W:
-            a = rstd * _vec(W, feats, fmask, 0.0)
+        rstd, a = _rstd_scale(var, eps, W, feats, fmask, HAS_W)
         batch_mean = tl.load(STATS + feats, mask=fmask, other=0.0) + mean
-        tl.store(STATS + D + feats, mean, mask=fmask)
-        tl.store(STATS + 2 * D + feats, rstd, mask=fmask)
-        tl.store(SCALE + feats, a, mask=fmask)
-        tl.store(MEAN + feats, batch_mean, mask=fmask)
-        tl.store(VAR + feats, var, mask=fmask)
+        _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, mean, rstd, a, batch_mean, var)
         if UPDATE:
-            unbiased = var * (n_a / tl.maximum(n_a - 1.0, 1.0))
-            finite = tl.minimum(finite, tl.minimum(_all_finite(batch_mean, fmask), _all_finite(unbiased, fmask)))
+            finite = _stats_finite(finite, batch_mean, _unbiased(var, n_a), fmask)
     tl.store(COUNT, n_a.to(tl.int64))
     if UPDATE:
-        ok = (n_a >= 2.0) & (finite == 1)
-        factor = _factor(NBT, momentum, CUMULATIVE)
-        tl.debug_barrier()                                          # MEAN, VAR as written above
-        for f0 in range(0, D, BLOCK_F):
-            feats = f0 + tl.arange(0, BLOCK_F)
-            fmask = feats < D
-            var = tl.load(VAR + feats, mask=fmask, other=0.0)
-            unbiased = var * (n_a / tl.maximum(n_a - 1.0, 1.0))
-            _moved(RMEAN, feats, fmask, tl.load(MEAN + feats, mask=fmask, other=0.0), factor, ok)
-            _moved(RVAR, feats, fmask, unbiased, factor, ok)
-        if HAS_NBT:
-            tl.store(NBT, tl.load(NBT) + ok.to(tl.int64))
+        _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n_a, finite, D, momentum, HAS_NBT, CUMULATIVE, BLOCK_F)
 
 
 @triton.jit
@@ -312,10 +442,7 @@ def bn_normalize(
     if RUNNING:
         k = _vec(STATS, feats, fmask, 0.0)
         delta = tl.zeros([BLOCK_F], dtype=tl.float32)
-        rstd = 1.0 / tl.sqrt(_vec(RVAR, feats, fmask, 0.0) + eps)
-        a = rstd
-        if HAS_W:
-            a = rstd * _vec(W, feats, fmask, 0.0)
+        rstd, a = _rstd_scale(_vec(RVAR, feats, fmask, 0.0), eps, W, feats, fmask, HAS_W)
         if tl.program_id(0) == 0:
             tl.store(STATS_OUT + feats, k, mask=fmask)
             tl.store(STATS_OUT + D + feats, delta, mask=fmask)
@@ -331,7 +458,7 @@ def bn_normalize(
         a = _vec(SCALE, feats, fmask, 0.0)
     if HAS_B:
         bias = _vec(B, feats, fmask, 0.0)
-    start, end = _row_range(N, rows_per_program)
+    start, end = program_rows(tl.program_id(0), N, rows_per_program)
     for r0 in range(start, end, BLOCK_N):
         rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
         y = ((_load(X, rows, feats, tile, stride_x) - k[None, :]) - delta[None, :]) * a[None, :]
@@ -359,26 +486,20 @@ def grad_partial(
     HAS_PAD: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     feats, fmask = _features(BLOCK_F, D)
-    k = _vec(STATS, feats, fmask, 0.0)
-    delta = _vec(STATS + D, feats, fmask, 0.0)
-    rstd = _vec(STATS + 2 * D, feats, fmask, 0.0)
+    k, delta, rstd = _bn_stats(STATS, D, feats, fmask)
     if WRITE_DX:
         a = _vec(SCALE, feats, fmask, 0.0)
     dg = tl.zeros([BLOCK_F], dtype=tl.float32)
     db = tl.zeros([BLOCK_F], dtype=tl.float32)
-    start, end = _row_range(N, rows_per_program)
+    start, end = program_rows(tl.program_id(0), N, rows_per_program)
     for r0 in range(start, end, BLOCK_N):
-        rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
-        x = _load(X, rows, feats, tile, stride_x)
-        dy = _load(DY, rows, feats, tile, stride_dy)
+        rows, tile, x, dy = _tile_pair(X, DY, PAD, r0, end, feats, fmask, stride_x, stride_dy, HAS_PAD, BLOCK_N)
         xhat = tl.where(tile, ((x - k[None, :]) - delta[None, :]) * rstd[None, :], 0.0)
         dg += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
         if WRITE_DX:
             _store(DX, rows, feats, end, fmask, stride_dx, tl.where(tile, a[None, :] * dy, 0.0))
-    p = tl.program_id(0)
-    tl.store(DG_PART + p * D + feats, dg, mask=fmask)
-    tl.store(DB_PART + p * D + feats, db, mask=fmask)
+    store_partials(DG_PART, DB_PART, tl.program_id(0), D, feats, fmask, dg, db)
 
 
 @triton.jit
@@ -393,18 +514,12 @@ def bn_grad_finalize(
     P, D,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = feats < D
-    dgamma = sum_rows(DG_PART, P, D, feats, fmask)
-    dbeta = sum_rows(DB_PART, P, D, feats, fmask)
+    feats, fmask, dgamma, dbeta = block_sums(DG_PART, DB_PART, P, D, BLOCK_F)
     inv_n = 1.0 / tl.maximum(tl.load(COUNT).to(tl.float32), 1.0)
     a = tl.load(SCALE + feats, mask=fmask, other=0.0)
     tl.store(COEF + feats, a * dbeta * inv_n, mask=fmask)
     tl.store(COEF + D + feats, a * dgamma * inv_n, mask=fmask)
-    if HAS_W:
-        tl.store(DW + feats, dgamma.to(DW.dtype.element_ty), mask=fmask)
-    if HAS_B:
-        tl.store(DB + feats, dbeta.to(DB.dtype.element_ty), mask=fmask)
+    store_grads(DW, DB, feats, fmask, dgamma, dbeta, HAS_W, HAS_B)
 
 
 @triton.jit
@@ -420,20 +535,12 @@ def bn_input_grad(
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     feats, fmask = _features(BLOCK_F, D)
-    k = _vec(STATS, feats, fmask, 0.0)
-    delta = _vec(STATS + D, feats, fmask, 0.0)
-    rstd = _vec(STATS + 2 * D, feats, fmask, 0.0)
+    k, delta, rstd = _bn_stats(STATS, D, feats, fmask)
     a = _vec(SCALE, feats, fmask, 0.0)
     c1 = _vec(COEF, feats, fmask, 0.0)
     c2 = _vec(COEF + D, feats, fmask, 0.0)
-    start, end = _row_range(N, rows_per_program)
-    for r0 in range(start, end, BLOCK_N):
-        rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
-        x = _load(X, rows, feats, tile, stride_x)
-        dy = _load(DY, rows, feats, tile, stride_dy)
-        xhat = ((x - k[None, :]) - delta[None, :]) * rstd[None, :]
-        dx = tl.where(tile, a[None, :] * dy - c1[None, :] - xhat * c2[None, :], 0.0)
-        _store(DX, rows, feats, end, fmask, stride_dx, dx)
+    _bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
+               feats, fmask, HAS_PAD, BLOCK_N)
 
 
 # ---------------------------------------------------------------------------
@@ -457,10 +564,7 @@ def power_normalize(
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     feats, fmask = _features(BLOCK_F, D)
-    rstd = 1.0 / tl.sqrt(_vec(PHI, feats, fmask, 0.0) + eps)
-    a = rstd
-    if HAS_W:
-        a = rstd * _vec(W, feats, fmask, 0.0)
+    rstd, a = _rstd_scale(_vec(PHI, feats, fmask, 0.0), eps, W, feats, fmask, HAS_W)
     if HAS_B:
         bias = _vec(B, feats, fmask, 0.0)
     p = tl.program_id(0)
@@ -468,7 +572,7 @@ def power_normalize(
         tl.store(RSTD + feats, rstd, mask=fmask)
     sumsq = tl.zeros([BLOCK_F], dtype=tl.float32)
     n = 0.0
-    start, end = _row_range(N, rows_per_program)
+    start, end = program_rows(tl.program_id(0), N, rows_per_program)
     for r0 in range(start, end, BLOCK_N):
         rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
         x = _load(X, rows, feats, tile, stride_x)
@@ -507,31 +611,13 @@ def power_finalize(
     for p in range(0, P):
         n += tl.load(COUNT_PART + p)
     inv_n = 1.0 / tl.maximum(n, 1.0)
-    if HAS_FACTOR:
-        factor = tl.load(GIVEN).to(tl.float32)
-    else:
-        factor = _factor(NBT, momentum, CUMULATIVE)
+    factor = _step_factor(GIVEN, NBT, momentum, HAS_FACTOR, CUMULATIVE)
     finite = 1
     for f0 in range(0, D, BLOCK_F):
-        feats = f0 + tl.arange(0, BLOCK_F)
-        fmask = feats < D
+        feats, fmask = feature_block(f0, D, BLOCK_F)
         phi = sum_rows(SUMSQ_PART, P, D, feats, fmask) * inv_n
-        tl.store(PHI_B + feats, phi, mask=fmask)
-        if HAS_NU:
-            tl.store(NU_BEFORE + feats, tl.load(NU + feats, mask=fmask, other=0.0), mask=fmask)
-        if UPDATE:
-            finite = tl.minimum(finite, _all_finite(phi, fmask))
-    tl.store(COUNT, n.to(tl.int64))
-    tl.store(FACTOR, factor)
-    if UPDATE:
-        ok = (n >= 1.0) & (finite == 1)
-        tl.debug_barrier()                                          # PHI_B as written above
-        for f0 in range(0, D, BLOCK_F):
-            feats = f0 + tl.arange(0, BLOCK_F)
-            fmask = feats < D
-            _moved(PHI, feats, fmask, tl.load(PHI_B + feats, mask=fmask, other=0.0), factor, ok)
-        if HAS_NBT:
-            tl.store(NBT, tl.load(NBT) + ok.to(tl.int64))
+        finite = _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU, UPDATE)
+    _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE, HAS_NBT, BLOCK_F)
 
 
 @triton.jit
@@ -559,19 +645,15 @@ def power_input_grad(
         nu = _vec(NU, feats, fmask, 0.0) * nu_scale
     dg = tl.zeros([BLOCK_F], dtype=tl.float32)
     db = tl.zeros([BLOCK_F], dtype=tl.float32)
-    start, end = _row_range(N, rows_per_program)
+    start, end = program_rows(tl.program_id(0), N, rows_per_program)
     for r0 in range(start, end, BLOCK_N):
-        rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
-        x = _load(X, rows, feats, tile, stride_x)
-        dy = _load(DY, rows, feats, tile, stride_dy)
+        rows, tile, x, dy = _tile_pair(X, DY, PAD, r0, end, feats, fmask, stride_x, stride_dy, HAS_PAD, BLOCK_N)
         xhat = x * rstd[None, :]
         _store(DX, rows, feats, end, fmask, stride_dx,
                tl.where(tile, (w[None, :] * dy - nu[None, :] * xhat) * rstd[None, :], 0.0))
         dg += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
-    p = tl.program_id(0)
-    tl.store(DG_PART + p * D + feats, dg, mask=fmask)
-    tl.store(DB_PART + p * D + feats, db, mask=fmask)
+    store_partials(DG_PART, DB_PART, tl.program_id(0), D, feats, fmask, dg, db)
 
 
 @triton.jit
@@ -600,36 +682,20 @@ def power_grad_finalize(
         factor = tl.load(FACTOR)
         finite = 1
         for f0 in range(0, D, BLOCK_F):
-            feats = f0 + tl.arange(0, BLOCK_F)
-            fmask = feats < D
+            feats, fmask = feature_block(f0, D, BLOCK_F)
             dgamma = sum_rows(DG_PART, P, D, feats, fmask)
             if HAS_W:
-                tl.store(DW + feats, dgamma.to(DW.dtype.element_ty), mask=fmask)
+                store_as(DW, feats, fmask, dgamma)
                 lam = (_vec(W, feats, fmask, 0.0) * dgamma) * inv
             else:
                 lam = dgamma * inv
             if HAS_B:
                 tl.store(DB + feats, sum_rows(DB_PART, P, D, feats, fmask).to(DB.dtype.element_ty), mask=fmask)
-            rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)
-            gamma = rstd * rstd * tl.load(PHI_B + feats, mask=fmask, other=0.0)
-            new = _vec(NU_BEFORE, feats, fmask, 0.0) * (1.0 - factor * gamma) + factor * lam
-            tl.store(NU_NEW + feats, new, mask=fmask)
-            finite = tl.minimum(finite, _all_finite(new, fmask))
-        ok = (n > 0.0) & (finite == 1)
-        tl.debug_barrier()                                          # NU_NEW as written above
-        for f0 in range(0, D, BLOCK_F):
-            feats = f0 + tl.arange(0, BLOCK_F)
-            fmask = feats < D
-            nu = tl.load(NU + feats, mask=fmask, other=0.0)
-            new = tl.load(NU_NEW + feats, mask=fmask, other=0.0).to(NU.dtype.element_ty)
-            tl.store(NU + feats, tl.where(ok, new, nu), mask=fmask)
+            finite = _nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite)
+        _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F)
     else:
-        feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-        fmask = feats < D
-        if HAS_W:
-            tl.store(DW + feats, sum_rows(DG_PART, P, D, feats, fmask).to(DW.dtype.element_ty), mask=fmask)
-        if HAS_B:
-            tl.store(DB + feats, sum_rows(DB_PART, P, D, feats, fmask).to(DB.dtype.element_ty), mask=fmask)
+        feats, fmask = feature_block(tl.program_id(0) * BLOCK_F, D, BLOCK_F)
+        store_param_grads(DG_PART, DB_PART, DW, DB, P, D, feats, fmask, HAS_W, HAS_B)
 
 
 # ---------------------------------------------------------------------------
@@ -661,8 +727,7 @@ def instance_finalize(
         ok = (k >= 1.0) & (finite == 1)
         factor = _factor(NBT, momentum, CUMULATIVE)
         for c0 in range(0, C, BLOCK_F):
-            feats = c0 + tl.arange(0, BLOCK_F)
-            fmask = feats < C
+            feats, fmask = feature_block(c0, C, BLOCK_F)
             batch_mean = tl.zeros([BLOCK_F], dtype=tl.float32)
             batch_var = tl.zeros([BLOCK_F], dtype=tl.float32)
             for b in range(0, B):
@@ -671,7 +736,7 @@ def instance_finalize(
                 n = steps.to(tl.float32)
                 mean = tl.load(MEAN + b * C + feats, mask=fmask, other=0.0)
                 var = tl.load(VAR + b * C + feats, mask=fmask, other=0.0)
-                unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+                unbiased = _unbiased(var, n)
                 batch_mean += tl.where(steps >= 2, mean, 0.0) * w
                 batch_var += tl.where(steps >= 2, unbiased, 0.0) * w
             if pass_ == 0:
@@ -679,5 +744,4 @@ def instance_finalize(
             else:
                 _moved(RMEAN, feats, fmask, batch_mean, factor, ok)
                 _moved(RVAR, feats, fmask, batch_var, factor, ok)
-    if HAS_NBT:
-        tl.store(NBT, tl.load(NBT) + ((k >= 1.0) & (finite == 1)).to(tl.int64))
+    _count_batch(NBT, (k >= 1.0) & (finite == 1), HAS_NBT)

@@ -31,6 +31,100 @@ float32 sum from ``x`` and ``residual`` (never a rounded sum).
 import triton
 import triton.language as tl
 
+from .partials import program_rows, store_partials
+
+
+@triton.jit
+def _is_real(PAD, row, HAS_PAD: tl.constexpr):
+    """Whether row ``row`` is real (its padding bit 0; every row without padding)."""
+    if HAS_PAD:
+        real = tl.load(PAD + row) == 0
+    else:
+        real = row >= 0
+    return real
+
+
+@triton.jit
+def _param(P, cols, in_row):
+    """A ``(D,)`` parameter's columns ``cols`` as float32."""
+    return tl.load(P + cols, mask=in_row, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _affine(xhat, W, B, cols, in_row, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """``y = x̂·w + b`` (each where given)."""
+    y = xhat
+    if HAS_W:
+        y = y * _param(W, cols, in_row)
+    if HAS_B:
+        y = y + _param(B, cols, in_row)
+    return y
+
+
+@triton.jit
+def _mean_if(total, D, CENTER: tl.constexpr):
+    """``total/D`` for LayerNorm (``CENTER``), 0 for RMSNorm: ``m``, ``δ`` and ``c₁``."""
+    if CENTER:
+        mean = total / D
+    else:
+        mean = 0.0
+    return mean
+
+
+@triton.jit
+def _rstd(delta, msq, eps, CENTER: tl.constexpr):
+    """``(r, overflow)`` from ``δ`` and ``Σd²/D``: ``σ² = Σd²/D − δ²`` (RMSNorm: ``Σd²/D``),
+    ``r = 1/√(σ² + ε)``; ``overflow`` where σ² is Inf or NaN (the squares overflowed:
+    :func:`_rescaled_rstd` forms ``r`` again)."""
+    if CENTER:
+        var = msq - delta * delta
+    else:
+        var = msq
+    overflow = (var > 3.0e38) | (var != var)  # squares overflowed (a finite row near 1e19 and beyond)
+    var = tl.maximum(var, 0.0)
+    return 1.0 / tl.sqrt(var + eps), overflow
+
+
+@triton.jit
+def _inv_scale(amax):
+    """``1/a``, ``a`` the power of two with ``a ≤ amax < 2a``."""
+    return tl.exp2(-tl.floor(tl.log2(amax)))
+
+
+@triton.jit
+def _rescaled_rstd(dl, sdd_a, inv_a, D, eps):
+    """``r = (1/a)/√(σ'² + ε/a²)`` from ``δ/a`` and ``Σ (d/a)²``: ``σ'² = Σ(d/a)²/D − (δ/a)²``."""
+    var2 = tl.maximum(sdd_a / D - dl * dl, 0.0)
+    return inv_a / tl.sqrt(var2 + eps * inv_a * inv_a)
+
+
+@triton.jit
+def _xhat(s, m, delta, rstd, use):
+    """``x̂ = ((s − m) − δ)·r`` at real columns, 0 elsewhere."""
+    return tl.where(use, ((s - m) - delta) * rstd, 0.0)
+
+
+@triton.jit
+def _store_dx(DX, DS, row, stride_dx, stride_ds, cols, in_row, use, g, xhat, c1, c2, rstd, HAS_DS: tl.constexpr):
+    """``dx = r·(g − c₁ − x̂·c₂)`` at real columns (0 elsewhere), plus ``ds`` where given."""
+    dx = tl.where(use, (g - c1 - xhat * c2) * rstd, 0.0)
+    if HAS_DS:
+        dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns ``[c0, c0 + BLOCK_C)`` of ``s = x (+ residual)``, float32, 0 outside the row
+    or at padding; and ``(cols, in_row, use)``."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    in_row = cols < D
+    use = tl.where(real, in_row, False)
+    s = tl.load(X + row * stride_x + cols, mask=use, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(RES + row * stride_r + cols, mask=use, other=0.0).to(tl.float32)
+    return s, cols, in_row, use
+
 
 @triton.jit
 def rowwise_fwd(
@@ -53,10 +147,7 @@ def rowwise_fwd(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
-    if HAS_PAD:
-        real = tl.load(PAD + row) == 0
-    else:
-        real = row >= 0
+    real = _is_real(PAD, row, HAS_PAD)
     use = tl.where(real, in_row, False)      # a padded row loads nothing ...
     read = use
     if WRITE_S:
@@ -69,31 +160,17 @@ def rowwise_fwd(
     if CENTER:
         m = tl.sum(s, axis=0) / D
         d = tl.where(use, s - m, 0.0)
-        delta = tl.sum(d, axis=0) / D
-        var = tl.sum(d * d, axis=0) / D - delta * delta
     else:
         m = 0.0
         d = tl.where(use, s, 0.0)
-        delta = 0.0
-        var = tl.sum(d * d, axis=0) / D
-    overflow = (var > 3.0e38) | (var != var)  # squares overflowed (a finite row near 1e19 and beyond)
-    var = tl.maximum(var, 0.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    delta = _mean_if(tl.sum(d, axis=0), D, CENTER)
+    rstd, overflow = _rstd(delta, tl.sum(d * d, axis=0) / D, eps, CENTER)
     if overflow:                             # (a NaN row comes here too, and stays NaN)
-        amax = tl.max(tl.abs(d), axis=0)
-        inv_a = tl.exp2(-tl.floor(tl.log2(amax)))
+        inv_a = _inv_scale(tl.max(tl.abs(d), axis=0))
         ds = d * inv_a
-        dl = delta * inv_a
-        var2 = tl.maximum(tl.sum(ds * ds, axis=0) / D - dl * dl, 0.0)
-        rstd = inv_a / tl.sqrt(var2 + eps * inv_a * inv_a)
+        rstd = _rescaled_rstd(delta * inv_a, tl.sum(ds * ds, axis=0), inv_a, D, eps)
     rstd = tl.where(real, rstd, 0.0)
-    xhat = (d - delta) * rstd
-    y = xhat
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
-    y = tl.where(use, y, 0.0)
+    y = tl.where(use, _affine((d - delta) * rstd, W, B, cols, in_row, HAS_W, HAS_B), 0.0)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=in_row)
     tl.store(SHIFT + row, m)
     tl.store(DELTA + row, delta)
@@ -125,41 +202,27 @@ def rowwise_bwd(
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
     if HAS_W:
-        w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        w = _param(W, cols, in_row)
     else:
         w = tl.where(in_row, 1.0, 0.0)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first = pid.to(tl.int64) * rows_per_program          # int64 offsets: R·D may pass 2^31
-    last = tl.minimum(first + rows_per_program, R)
+    first, last = program_rows(pid, R, rows_per_program)
     for row in range(first, last):
-        if HAS_PAD:
-            real = tl.load(PAD + row) == 0
-        else:
-            real = row >= 0
-        use = tl.where(real, in_row, False)
-        s = tl.load(X + row * stride_x + cols, mask=use, other=0.0).to(tl.float32)
-        if HAS_RES:
-            s += tl.load(RES + row * stride_r + cols, mask=use, other=0.0).to(tl.float32)
+        s, _, _, use = _row_block(X, RES, row, stride_x, stride_r, 0, D, _is_real(PAD, row, HAS_PAD), HAS_RES,
+                                  BLOCK_D)
         dy = tl.load(DY + row * stride_dy + cols, mask=use, other=0.0).to(tl.float32)
         m = tl.load(SHIFT + row)
         delta = tl.load(DELTA + row)
         rstd = tl.load(RSTD + row)
-        xhat = tl.where(use, ((s - m) - delta) * rstd, 0.0)
+        xhat = _xhat(s, m, delta, rstd, use)
         g = dy * w
-        if CENTER:
-            c1 = tl.sum(g, axis=0) / D
-        else:
-            c1 = 0.0
+        c1 = _mean_if(tl.sum(g, axis=0), D, CENTER)
         c2 = tl.sum(g * xhat, axis=0) / D
-        dx = tl.where(use, (g - c1 - xhat * c2) * rstd, 0.0)
-        if HAS_DS:
-            dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+        _store_dx(DX, DS, row, stride_dx, stride_ds, cols, in_row, use, g, xhat, c1, c2, rstd, HAS_DS)
         dw += dy * xhat
         db += dy
-    tl.store(DW_PART + pid * D + cols, dw, mask=in_row)
-    tl.store(DB_PART + pid * D + cols, db, mask=in_row)
+    store_partials(DW_PART, DB_PART, pid, D, cols, in_row, dw, db)
 
 
 # ---------------------------------------------------------------------------
@@ -168,19 +231,6 @@ def rowwise_bwd(
 # The same maths, the row read in BLOCK_C-column blocks, once per pass (the
 # re-reads come from cache): a thread holds BLOCK_C/threads elements per
 # tensor instead of the whole row, so nothing spills to local memory.
-
-
-@triton.jit
-def _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Columns ``[c0, c0 + BLOCK_C)`` of ``s = x (+ residual)``, float32, 0 outside the row
-    or at padding; and ``(cols, in_row, use)``."""
-    cols = c0 + tl.arange(0, BLOCK_C)
-    in_row = cols < D
-    use = tl.where(real, in_row, False)
-    s = tl.load(X + row * stride_x + cols, mask=use, other=0.0).to(tl.float32)
-    if HAS_RES:
-        s += tl.load(RES + row * stride_r + cols, mask=use, other=0.0).to(tl.float32)
-    return s, cols, in_row, use
 
 
 @triton.jit
@@ -193,10 +243,7 @@ def rowwise_fwd_blocked(
     """:func:`rowwise_fwd` in column blocks: pass 1 the sum (and ``s``, written
     whole where WRITE_S), pass 2 the centred moments, pass 3 ``y``."""
     row = tl.program_id(0).to(tl.int64)
-    if HAS_PAD:
-        real = tl.load(PAD + row) == 0
-    else:
-        real = row >= 0
+    real = _is_real(PAD, row, HAS_PAD)
     total = 0.0
     for c0 in range(0, D, BLOCK_C):
         if WRITE_S:                          # the sum at every position, padding included
@@ -206,10 +253,7 @@ def rowwise_fwd_blocked(
         else:
             s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
         total += tl.sum(s, axis=0)
-    if CENTER:
-        m = total / D
-    else:
-        m = 0.0
+    m = _mean_if(total, D, CENTER)
     sd = 0.0
     sdd = 0.0
     amax = 0.0
@@ -219,33 +263,20 @@ def rowwise_fwd_blocked(
         sd += tl.sum(d, axis=0)
         sdd += tl.sum(d * d, axis=0)
         amax = tl.maximum(amax, tl.max(tl.abs(d), axis=0))
-    if CENTER:
-        delta = sd / D
-        var = sdd / D - delta * delta
-    else:
-        delta = 0.0
-        var = sdd / D
-    overflow = (var > 3.0e38) | (var != var)
-    var = tl.maximum(var, 0.0)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    delta = _mean_if(sd, D, CENTER)
+    rstd, overflow = _rstd(delta, sdd / D, eps, CENTER)
     if overflow:                             # squares overflowed: the moments of d/a, a ≈ max|d|
-        inv_a = tl.exp2(-tl.floor(tl.log2(amax)))
+        inv_a = _inv_scale(amax)
         sdd2 = 0.0
         for c0 in range(0, D, BLOCK_C):
             s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
             ds = tl.where(use, s - m, 0.0) * inv_a
             sdd2 += tl.sum(ds * ds, axis=0)
-        dl = delta * inv_a
-        var2 = tl.maximum(sdd2 / D - dl * dl, 0.0)
-        rstd = inv_a / tl.sqrt(var2 + eps * inv_a * inv_a)
+        rstd = _rescaled_rstd(delta * inv_a, sdd2, inv_a, D, eps)
     rstd = tl.where(real, rstd, 0.0)
     for c0 in range(0, D, BLOCK_C):
         s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
-        y = (tl.where(use, s - m, 0.0) - delta) * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+        y = _affine((tl.where(use, s - m, 0.0) - delta) * rstd, W, B, cols, in_row, HAS_W, HAS_B)
         tl.store(Y + row * stride_y + cols, tl.where(use, y, 0.0).to(Y.dtype.element_ty), mask=in_row)
     tl.store(SHIFT + row, m)
     tl.store(DELTA + row, delta)
@@ -268,13 +299,9 @@ def rowwise_bwd_blocked(
         cols = c0 + tl.arange(0, BLOCK_C)
         tl.store(DW_PART + pid * D + cols, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cols < D)
         tl.store(DB_PART + pid * D + cols, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cols < D)
-    first = pid.to(tl.int64) * rows_per_program
-    last = tl.minimum(first + rows_per_program, R)
+    first, last = program_rows(pid, R, rows_per_program)
     for row in range(first, last):
-        if HAS_PAD:
-            real = tl.load(PAD + row) == 0
-        else:
-            real = row >= 0
+        real = _is_real(PAD, row, HAS_PAD)
         m = tl.load(SHIFT + row)
         delta = tl.load(DELTA + row)
         rstd = tl.load(RSTD + row)
@@ -284,27 +311,21 @@ def rowwise_bwd_blocked(
             s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
             dy = tl.load(DY + row * stride_dy + cols, mask=use, other=0.0).to(tl.float32)
             if HAS_W:
-                dy = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
-            xhat = tl.where(use, ((s - m) - delta) * rstd, 0.0)
+                dy = dy * _param(W, cols, in_row)
+            xhat = _xhat(s, m, delta, rstd, use)
             sg += tl.sum(dy, axis=0)
             sgx += tl.sum(dy * xhat, axis=0)
-        if CENTER:
-            c1 = sg / D
-        else:
-            c1 = 0.0
+        c1 = _mean_if(sg, D, CENTER)
         c2 = sgx / D
         for c0 in range(0, D, BLOCK_C):
             s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
             dy = tl.load(DY + row * stride_dy + cols, mask=use, other=0.0).to(tl.float32)
             if HAS_W:
-                g = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+                g = dy * _param(W, cols, in_row)
             else:
                 g = dy
-            xhat = tl.where(use, ((s - m) - delta) * rstd, 0.0)
-            dx = tl.where(use, (g - c1 - xhat * c2) * rstd, 0.0)
-            if HAS_DS:
-                dx += tl.load(DS + row * stride_ds + cols, mask=in_row, other=0.0).to(tl.float32)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=in_row)
+            xhat = _xhat(s, m, delta, rstd, use)
+            _store_dx(DX, DS, row, stride_dx, stride_ds, cols, in_row, use, g, xhat, c1, c2, rstd, HAS_DS)
             dw = tl.load(DW_PART + pid * D + cols, mask=in_row, other=0.0)
             tl.store(DW_PART + pid * D + cols, dw + dy * xhat, mask=in_row)
             db = tl.load(DB_PART + pid * D + cols, mask=in_row, other=0.0)

@@ -26,8 +26,10 @@ size and one collective exchanges it whole:
 import triton
 import triton.language as tl
 
-from .featurewise import _all_finite, _factor, _moved, _vec
-from .partials import sum_rows
+from .featurewise import (_bn_dx_rows, _bn_stats, _features, _finish_power, _merge_programs, _nu_candidate,
+                          _rstd_scale, _select_nu, _stats_finite, _step_factor, _store_bn_stats, _store_power_stats,
+                          _unbiased, _update_bn_running, _vec)
+from .partials import block_sums, feature_block, store_as, store_grads, sum_rows
 
 
 @triton.jit
@@ -47,26 +49,19 @@ def sync_bn_finalize(
     finite = 1
     n_all = tl.zeros([BLOCK_F], dtype=tl.float64)
     for f0 in range(0, D, BLOCK_F):
-        feats = f0 + tl.arange(0, BLOCK_F)
-        fmask = feats < D
+        feats, fmask = feature_block(f0, D, BLOCK_F)
         n_all = tl.zeros([BLOCK_F], dtype=tl.float64)
         mu = tl.zeros([BLOCK_F], dtype=tl.float64)
         m2 = tl.zeros([BLOCK_F], dtype=tl.float64)
         for r in range(0, R):
             base = GATHERED + r * L
-            n_a = 0.0
-            mean = tl.zeros([BLOCK_F], dtype=tl.float32)
-            m2_r = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for p in range(0, P):                                   # this rank's programs, as bn_finalize
-                n_b = tl.load(base + D + p)
-                n = n_a + n_b
-                w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-                diff = tl.load(base + D + P + p * D + feats, mask=fmask, other=0.0) - mean
-                mean += diff * w_b
-                m2_r += tl.load(base + D + P + P * D + p * D + feats, mask=fmask, other=0.0) + diff * diff * n_a * w_b
-                n_a = n
-            # the ranks, in rank order, in float64 (absolute means: each rank has its own K)
-            n_r = n_a.to(tl.float64)
+            # this rank's programs, as bn_finalize ...
+            n_r, mean, m2_r = _merge_programs(base + D, base + D + P, base + D + P + P * D, P, D, feats, fmask,
+                                              BLOCK_F)
+            # ... then the ranks, in rank order, in float64 (absolute means: each rank has its own K):
+            # _chan's formula written out, in this order — through _chan, ptxas (sm_90, BLOCK_F=1024)
+            # allocates 168 registers and spills 16 B where this form fits in 182 without a spill
+            n_r = n_r.to(tl.float64)
             tot = n_all + n_r
             w_r = tl.where(tot > 0, n_r / tl.maximum(tot, 1.0), 0.0)
             diff64 = (_vec(base, feats, fmask, 0.0).to(tl.float64) + mean.to(tl.float64)) - mu
@@ -74,38 +69,19 @@ def sync_bn_finalize(
             m2 += m2_r.to(tl.float64) + diff64 * diff64 * n_all * w_r
             n_all = tot
         var = (m2 / tl.maximum(n_all, 1.0)).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(var + eps)
-        a = rstd
-        if HAS_W:
-            a = rstd * _vec(W, feats, fmask, 0.0)
+        rstd, a = _rstd_scale(var, eps, W, feats, fmask, HAS_W)
         k = _vec(GATHERED + RANK * L, feats, fmask, 0.0)
         batch_mean = mu.to(tl.float32)
         tl.store(STATS + feats, k, mask=fmask)
-        tl.store(STATS + D + feats, (mu - k.to(tl.float64)).to(tl.float32), mask=fmask)
-        tl.store(STATS + 2 * D + feats, rstd, mask=fmask)
-        tl.store(SCALE + feats, a, mask=fmask)
-        tl.store(MEAN + feats, batch_mean, mask=fmask)
-        tl.store(VAR + feats, var, mask=fmask)
+        _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, (mu - k.to(tl.float64)).to(tl.float32), rstd, a,
+                        batch_mean, var)
         if UPDATE:
-            n32 = n_all.to(tl.float32)
-            unbiased = var * (n32 / tl.maximum(n32 - 1.0, 1.0))
-            finite = tl.minimum(finite, tl.minimum(_all_finite(batch_mean, fmask), _all_finite(unbiased, fmask)))
+            finite = _stats_finite(finite, batch_mean, _unbiased(var, n_all.to(tl.float32)), fmask)
     total = tl.max(n_all, axis=0)
     tl.store(COUNT, total.to(tl.int64))
     if UPDATE:
-        n32 = total.to(tl.float32)
-        ok = (n32 >= 2.0) & (finite == 1)
-        factor = _factor(NBT, momentum, CUMULATIVE)
-        tl.debug_barrier()                                          # MEAN, VAR as written above
-        for f0 in range(0, D, BLOCK_F):
-            feats = f0 + tl.arange(0, BLOCK_F)
-            fmask = feats < D
-            var = tl.load(VAR + feats, mask=fmask, other=0.0)
-            unbiased = var * (n32 / tl.maximum(n32 - 1.0, 1.0))
-            _moved(RMEAN, feats, fmask, tl.load(MEAN + feats, mask=fmask, other=0.0), factor, ok)
-            _moved(RVAR, feats, fmask, unbiased, factor, ok)
-        if HAS_NBT:
-            tl.store(NBT, tl.load(NBT) + ok.to(tl.int64))
+        _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, total.to(tl.float32), finite, D, momentum, HAS_NBT,
+                           CUMULATIVE, BLOCK_F)
 
 
 @triton.jit
@@ -117,16 +93,10 @@ def sync_bn_grad_sums(
     P, D,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = feats < D
-    dgamma = sum_rows(DG_PART, P, D, feats, fmask)
-    dbeta = sum_rows(DB_PART, P, D, feats, fmask)
+    feats, fmask, dgamma, dbeta = block_sums(DG_PART, DB_PART, P, D, BLOCK_F)
     tl.store(SUMS + feats, dbeta.to(tl.float64), mask=fmask)
     tl.store(SUMS + D + feats, dgamma.to(tl.float64), mask=fmask)
-    if HAS_W:
-        tl.store(DW + feats, dgamma.to(DW.dtype.element_ty), mask=fmask)
-    if HAS_B:
-        tl.store(DB + feats, dbeta.to(DB.dtype.element_ty), mask=fmask)
+    store_grads(DW, DB, feats, fmask, dgamma, dbeta, HAS_W, HAS_B)
 
 
 @triton.jit
@@ -141,29 +111,14 @@ def sync_bn_input_grad(
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """``dx = a·dy − c₁ − x̂·c₂`` as :func:`.featurewise.bn_input_grad`, the coefficients formed here."""
-    feats = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = feats < D
-    k = _vec(STATS, feats, fmask, 0.0)
-    delta = _vec(STATS + D, feats, fmask, 0.0)
-    rstd = _vec(STATS + 2 * D, feats, fmask, 0.0)
+    feats, fmask = _features(BLOCK_F, D)
+    k, delta, rstd = _bn_stats(STATS, D, feats, fmask)
     a = _vec(SCALE, feats, fmask, 0.0)
     inv_n = 1.0 / tl.maximum(tl.load(COUNT).to(tl.float32), 1.0)
     c1 = a * _vec(SUMS, feats, fmask, 0.0) * inv_n
     c2 = a * _vec(SUMS + D, feats, fmask, 0.0) * inv_n
-    start = tl.program_id(0).to(tl.int64) * rows_per_program
-    end = tl.minimum(start + rows_per_program, N)
-    for r0 in range(start, end, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        real = rows < end
-        if HAS_PAD:
-            real = real & (tl.load(PAD + rows, mask=real, other=1) == 0)
-        tile = real[:, None] & fmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + feats[None, :], mask=tile, other=0.0).to(tl.float32)
-        xhat = ((x - k[None, :]) - delta[None, :]) * rstd[None, :]
-        dx = tl.where(tile, a[None, :] * dy - c1[None, :] - xhat * c2[None, :], 0.0)
-        out = (rows < end)[:, None] & fmask[None, :]
-        tl.store(DX + rows[:, None] * stride_dx + feats[None, :], dx.to(DX.dtype.element_ty), mask=out)
+    _bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
+                feats, fmask, HAS_PAD, BLOCK_N)
 
 
 @triton.jit
@@ -185,34 +140,16 @@ def sync_power_finalize(
         for p in range(0, P):
             n += tl.load(GATHERED + r * L + p)
     inv_n = 1.0 / tl.maximum(n.to(tl.float64), 1.0)
-    if HAS_FACTOR:
-        factor = tl.load(GIVEN).to(tl.float32)
-    else:
-        factor = _factor(NBT, momentum, CUMULATIVE)
+    factor = _step_factor(GIVEN, NBT, momentum, HAS_FACTOR, CUMULATIVE)
     finite = 1
     for f0 in range(0, D, BLOCK_F):
-        feats = f0 + tl.arange(0, BLOCK_F)
-        fmask = feats < D
+        feats, fmask = feature_block(f0, D, BLOCK_F)
         total = tl.zeros([BLOCK_F], dtype=tl.float64)
         for r in range(0, R):                                       # ranks in order
             total += sum_rows(GATHERED + r * L + P, P, D, feats, fmask).to(tl.float64)
         phi = (total * inv_n).to(tl.float32)
-        tl.store(PHI_B + feats, phi, mask=fmask)
-        if HAS_NU:
-            tl.store(NU_BEFORE + feats, tl.load(NU + feats, mask=fmask, other=0.0), mask=fmask)
-        if UPDATE:
-            finite = tl.minimum(finite, _all_finite(phi, fmask))
-    tl.store(COUNT, n.to(tl.int64))
-    tl.store(FACTOR, factor)
-    if UPDATE:
-        ok = (n >= 1.0) & (finite == 1)
-        tl.debug_barrier()                                          # PHI_B as written above
-        for f0 in range(0, D, BLOCK_F):
-            feats = f0 + tl.arange(0, BLOCK_F)
-            fmask = feats < D
-            _moved(PHI, feats, fmask, tl.load(PHI_B + feats, mask=fmask, other=0.0), factor, ok)
-        if HAS_NBT:
-            tl.store(NBT, tl.load(NBT) + ok.to(tl.int64))
+        finite = _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU, UPDATE)
+    _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE, HAS_NBT, BLOCK_F)
 
 
 @triton.jit
@@ -224,11 +161,10 @@ def sync_power_grad_sums(
     P, D,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, MOVE_NU: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = feats < D
+    feats, fmask = feature_block(tl.program_id(0) * BLOCK_F, D, BLOCK_F)
     dgamma = sum_rows(DG_PART, P, D, feats, fmask)
     if HAS_W:
-        tl.store(DW + feats, dgamma.to(DW.dtype.element_ty), mask=fmask)
+        store_as(DW, feats, fmask, dgamma)
     if HAS_B:
         tl.store(DB + feats, sum_rows(DB_PART, P, D, feats, fmask).to(DB.dtype.element_ty), mask=fmask)
     if MOVE_NU:
@@ -258,19 +194,7 @@ def sync_nu_finalize(
     factor = tl.load(FACTOR)
     finite = 1
     for f0 in range(0, D, BLOCK_F):
-        feats = f0 + tl.arange(0, BLOCK_F)
-        fmask = feats < D
+        feats, fmask = feature_block(f0, D, BLOCK_F)
         lam = _vec(SUMS, feats, fmask, 0.0) * inv
-        rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)
-        gamma = rstd * rstd * tl.load(PHI_B + feats, mask=fmask, other=0.0)
-        new = _vec(NU_BEFORE, feats, fmask, 0.0) * (1.0 - factor * gamma) + factor * lam
-        tl.store(NU_NEW + feats, new, mask=fmask)
-        finite = tl.minimum(finite, _all_finite(new, fmask))
-    ok = (n > 0.0) & (finite == 1)
-    tl.debug_barrier()                                              # NU_NEW as written above
-    for f0 in range(0, D, BLOCK_F):
-        feats = f0 + tl.arange(0, BLOCK_F)
-        fmask = feats < D
-        nu = tl.load(NU + feats, mask=fmask, other=0.0)
-        new = tl.load(NU_NEW + feats, mask=fmask, other=0.0).to(NU.dtype.element_ty)
-        tl.store(NU + feats, tl.where(ok, new, nu), mask=fmask)
+        finite = _nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite)
+    _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F)
