@@ -11,8 +11,9 @@ Variants (the CSV's ``variant``):
 * ``parakeet-safe``: the same model after :func:`seqnorm.make_padding_safe`, trained and
   evaluated inside :func:`seqnorm.padding`: its BatchNorm counts real frames only;
 * ``wav2vec2-stock``: HF ``Wav2Vec2ForCTC`` on raw 16 kHz audio (normalized per utterance),
-  with the group-norm feature encoder: its GroupNorm pools each sequence over time, padding
-  included, in training *and* at inference (batched ≠ alone);
+  pre-norm layers, a 3-conv × 64-channel feature encoder at 25 frames/s, no SpecAugment or
+  dropout (:func:`wav2vec2_config`), with the group-norm feature encoder: its GroupNorm pools
+  each sequence over time, padding included, in training *and* at inference (batched ≠ alone);
 * ``wav2vec2-safe``: that model after :func:`seqnorm.make_padding_safe`;
 * ``wav2vec2-layer``: the layer-norm feature encoder (``feat_extract_norm="layer"``, a
   LayerNorm per frame), the configuration HF recommends for batched inference.
