@@ -62,9 +62,12 @@ def run_speech(args, workers: int) -> int:
     R.write_csv(runs, os.path.join(args.out, "speech.csv"))
     seconds = time.perf_counter() - t0
     with open(os.path.join(args.out, "speech.json"), "w", encoding="utf-8") as fh:
-        json.dump(rounded(dict(config=asdict(cfg), synthesis_seconds=synth_s, total_seconds=seconds, rows=rows,
+        json.dump(rounded(dict(config=asdict(cfg), synthesis_seconds=synth_s, total_seconds=seconds,
+                               load_average=os.getloadavg(), rows=rows,
                                runs=[asdict(r) for r in runs])), fh)
     R.plot(runs, os.path.join(args.out, "speech.png"))
-    print(f"\n{len(runs)} speech runs in {seconds:.0f} s (synthesis {synth_s:.0f} s, {workers} workers); wrote "
+    cpu = sum(r.cpu_seconds for r in runs)
+    print(f"\n{len(runs)} speech runs in {seconds:.0f} s (synthesis {synth_s:.0f} s, {workers} workers; the runs' "
+          f"CPU time {cpu:.0f} s, load average {os.getloadavg()[0]:.1f}); wrote "
           f"speech.csv, speech.json, speech.png to {args.out}", file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ HEADERS = ["variant", "seeds", "DER alone %", "DER batched %", "DER sorted %", "
 
 #: ``changed_from_alone``: % of test utterances decoded otherwise in this evaluation than alone
 CSV_FIELDS = ["variant", "seed", "eval", "der", "changed_from_alone", "train_loss", "rs_mean_gap", "rs_var_gap",
-              "seconds"]
+              "seconds", "cpu_seconds"]
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -48,7 +48,7 @@ def write_csv(runs: List[SpeechRun], path: str) -> None:
                                 train_loss=round(r.train_loss, 5),
                                 rs_mean_gap=None if r.rs_mean_gap is None else round(r.rs_mean_gap, 5),
                                 rs_var_gap=None if r.rs_var_gap is None else round(r.rs_var_gap, 5),
-                                seconds=round(r.seconds, 1)))
+                                seconds=round(r.seconds, 1), cpu_seconds=round(r.cpu_seconds, 1)))
 
 
 def plot(runs: List[SpeechRun], path: str) -> str:

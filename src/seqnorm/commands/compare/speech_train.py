@@ -92,7 +92,8 @@ class SpeechRun:
     train_loss: float                  # mean CTC loss over the last 10 % of steps
     rs_mean_gap: Optional[float]       # Parakeet only (BatchNorm)
     rs_var_gap: Optional[float]
-    seconds: float
+    seconds: float                     # wall time of the run (training, evaluation, statistics)
+    cpu_seconds: float                 # CPU time its process spent on it (one torch thread: ≈ wall unloaded)
     loss_steps: List[int]
     loss_curve: List[float]
 
@@ -462,14 +463,14 @@ def _data_key(cfg: SpeechConfig) -> Tuple:
 
 def train_one(variant: str, seed: int, cfg: SpeechConfig, cache_dir: Optional[str] = None) -> SpeechRun:
     """Train and evaluate one (variant, seed): the measured :class:`SpeechRun`."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train, test, plan, companions = load_family(family(variant), _data_key(cfg), cache_dir)
     model, curve_steps, curve = train_model(variant, seed, cfg, train)
     ders, hyps = evaluate(model, variant, test, plan, companions)
     gap_mu, gap_var = running_stat_gap(model, variant, train, cfg.stat_utterances)
     tail = curve[-max(1, len(curve) // 10):]
     return SpeechRun(variant, seed, ders, changed_from_alone(hyps), float(np.mean(tail)), gap_mu, gap_var, time.perf_counter() - t0,
-                     curve_steps, curve)
+                     time.process_time() - c0, curve_steps, curve)
 
 
 def _one_thread_run(job) -> SpeechRun:
@@ -532,6 +533,7 @@ def summarize(runs: List[SpeechRun]) -> List[Dict]:
         row["rs_mean_gap"] = band([r.rs_mean_gap for r in rs])
         row["rs_var_gap"] = band([r.rs_var_gap for r in rs])
         row["seconds"] = band([r.seconds for r in rs])
+        row["cpu_seconds"] = band([r.cpu_seconds for r in rs])
         rows.append(row)
     return rows
 
