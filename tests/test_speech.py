@@ -231,3 +231,29 @@ def test_without_espeak_exit_2_naming_the_package(monkeypatch, tmp_path, capsys)
 def test_speech_flag_errors(tmp_path, capsys):
     assert main(["compare", "--tasks", "speech", "--variants", "parakeet-big", "--out", str(tmp_path)]) == 2
     assert "--variants: unknown speech variant parakeet-big" in capsys.readouterr().err
+
+
+def test_a_safe_variant_decoding_otherwise_than_alone_is_flagged(monkeypatch, tmp_path, capsys):
+    """run_speech warns when a -safe run's decoded strings moved with batching (a leak)."""
+    from argparse import Namespace
+
+    from seqnorm.commands.compare import speech_command as C
+
+    def fake(variant, seed, changed):
+        return S.SpeechRun(variant, seed, dict(alone=1.0, batched=1.0, sorted=1.0), changed, 0.1, None, None,
+                           1.0, 1.0, [1], [0.1])
+
+    runs = [fake("wav2vec2-safe", 0, dict(alone=0.0, batched=2.5, sorted=0.0)),
+            fake("wav2vec2-stock", 0, dict(alone=0.0, batched=30.0, sorted=1.0)),
+            fake("parakeet-safe", 0, dict(alone=0.0, batched=0.0, sorted=0.0))]
+    monkeypatch.setattr(C.D, "require_espeak", lambda: "espeak-ng")
+    monkeypatch.setattr(C.D, "load_splits", lambda *a, **k: (D.SpeechSplit(np.zeros(4, np.float32), np.array([0, 4]),
+                                                                            [[1]], ["v"]),) * 2 + (0.0,))
+    monkeypatch.setattr(C.S, "run_all", lambda *a, **k: runs)
+    monkeypatch.setattr(C.R, "plot", lambda runs, path: path)
+    args = Namespace(full=False, variants=None, seeds=None, steps=None, data_scale=None, out=str(tmp_path),
+                     format="text")
+    assert C.run_speech(args, 1) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert warnings == ["warning: wav2vec2-safe seed 0 decoded 2.5 % batched of the test utterances otherwise "
+                        "than alone: padding leaked"]
