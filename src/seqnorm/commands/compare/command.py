@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", help=f"comma list of {', '.join(T.TASKS)} (quick: {', '.join(QUICK.tasks)}; "
                                    f"full: all), or speech: CTC speech models on espeak-ng digits, "
                                    f"stock vs padding-safe (needs espeak-ng)")
-    p.add_argument("--variants", help=f"speech: comma list of {', '.join(SPEECH_VARIANTS)} (quick: the "
-                                      f"parakeet pair; full: all)")
+    p.add_argument("--variants", help=f"speech: comma list of {', '.join(SPEECH_VARIANTS)} (default: all; "
+                                      f"quick: 2 seeds, 300 Parakeet / 600 wav2vec2 steps; full: 3 seeds, 800 / 1200)")
     p.add_argument("--norms", default=",".join(NORMS), help=f"comma list of {', '.join(NORMS)} ('batch' = pooled_batch, as before)")
     p.add_argument("--seeds", type=int, help=f"seeds per (task, norm) (quick: {QUICK.seeds}, full: {FULL.seeds})")
     p.add_argument("--steps", type=int, help=f"training steps per run (quick: {QUICK.steps}, full: {FULL.steps})")

@@ -58,13 +58,21 @@ def run_speech(args, workers: int) -> int:
           + (f"synthesized in {synth_s:.0f} s" if synth_s else f"read from {cache}"), file=sys.stderr, flush=True)
     runs = S.run_all(cfg, cache, workers, _progress)
     rows = S.summarize(runs)
+    for r in runs:   # a padding-safe model must decode every utterance as it does alone
+        if r.variant.endswith("-safe") and any(r.changed.values()):
+            print(f"warning: {r.variant} seed {r.seed} decoded "
+                  + ", ".join(f"{v:.1f} % {e}" for e, v in r.changed.items() if v)
+                  + " of the test utterances otherwise than alone: padding leaked", file=sys.stderr)
     print(R.render(rows, args.format))
     R.write_csv(runs, os.path.join(args.out, "speech.csv"))
     seconds = time.perf_counter() - t0
     with open(os.path.join(args.out, "speech.json"), "w", encoding="utf-8") as fh:
-        json.dump(rounded(dict(config=asdict(cfg), synthesis_seconds=synth_s, total_seconds=seconds, rows=rows,
+        json.dump(rounded(dict(config=asdict(cfg), synthesis_seconds=synth_s, total_seconds=seconds,
+                               load_average=os.getloadavg(), rows=rows,
                                runs=[asdict(r) for r in runs])), fh)
     R.plot(runs, os.path.join(args.out, "speech.png"))
-    print(f"\n{len(runs)} speech runs in {seconds:.0f} s (synthesis {synth_s:.0f} s, {workers} workers); wrote "
+    cpu = sum(r.cpu_seconds for r in runs)
+    print(f"\n{len(runs)} speech runs in {seconds:.0f} s (synthesis {synth_s:.0f} s, {workers} workers; the runs' "
+          f"CPU time {cpu:.0f} s, load average {os.getloadavg()[0]:.1f}); wrote "
           f"speech.csv, speech.json, speech.png to {args.out}", file=sys.stderr)
     return 0

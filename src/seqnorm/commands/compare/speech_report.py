@@ -12,9 +12,11 @@ from .report import render_table
 from .speech_train import EVALS, VARIANTS, SpeechRun
 
 HEADERS = ["variant", "seeds", "DER alone %", "DER batched %", "DER sorted %", "batched − alone (pts)",
-           "train CTC loss", "BN running-μ gap", "BN running-σ² gap"]
+           "changed batched %", "changed sorted %", "train CTC loss", "BN running-μ gap", "BN running-σ² gap"]
 
-CSV_FIELDS = ["variant", "seed", "eval", "der", "train_loss", "rs_mean_gap", "rs_var_gap", "seconds"]
+#: ``changed_from_alone``: % of test utterances decoded otherwise in this evaluation than alone
+CSV_FIELDS = ["variant", "seed", "eval", "der", "changed_from_alone", "train_loss", "rs_mean_gap", "rs_var_gap",
+              "seconds", "cpu_seconds"]
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -26,7 +28,8 @@ def _fmt(v, digits: int = 1) -> str:
 
 def table_rows(rows: List[Dict]) -> List[List[str]]:
     return [[r["variant"], str(r["seeds"]), _fmt(r["alone"]), _fmt(r["batched"]), _fmt(r["sorted"]),
-             _fmt(r["batched_minus_alone"]), _fmt(r["train_loss"], 3), _fmt(r["rs_mean_gap"], 3),
+             _fmt(r["batched_minus_alone"]), _fmt(r["changed_batched"]), _fmt(r["changed_sorted"]),
+             _fmt(r["train_loss"], 3), _fmt(r["rs_mean_gap"], 3),
              _fmt(r["rs_var_gap"], 3)] for r in rows]
 
 
@@ -41,10 +44,11 @@ def write_csv(runs: List[SpeechRun], path: str) -> None:
         for r in runs:
             for e in EVALS:
                 w.writerow(dict(variant=r.variant, seed=r.seed, eval=e, der=round(r.der[e], 4),
+                                changed_from_alone=round(r.changed[e], 4),
                                 train_loss=round(r.train_loss, 5),
                                 rs_mean_gap=None if r.rs_mean_gap is None else round(r.rs_mean_gap, 5),
                                 rs_var_gap=None if r.rs_var_gap is None else round(r.rs_var_gap, 5),
-                                seconds=round(r.seconds, 1)))
+                                seconds=round(r.seconds, 1), cpu_seconds=round(r.cpu_seconds, 1)))
 
 
 def plot(runs: List[SpeechRun], path: str) -> str:
