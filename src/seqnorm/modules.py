@@ -21,6 +21,20 @@ __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm",
 Tensor = torch.Tensor
 
 
+_MISSING = object()
+
+
+def _host_params(module: nn.Module, *names: str):
+    """The module's parameters ``names``, read from its ``_parameters`` (where
+    ``module.weight`` goes through ``nn.Module.__getattr__``, ~1 µs each: the host time
+    of a small call, issue 16). Only for a module of exactly its seqnorm class —
+    a parametrized or FSDP module is a generated subclass whose ``weight`` is a
+    property — and a name that is not there gives ``_MISSING`` (the fast path then
+    declines and ``module.weight`` decides)."""
+    params = module._parameters
+    return tuple(params.get(n, _MISSING) for n in names)
+
+
 class LayerNorm(nn.LayerNorm):
     r"""Padding-aware :class:`torch.nn.LayerNorm` (a subclass: same arguments,
     parameters, state_dict and ``isinstance``).
@@ -54,6 +68,11 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if type(self) is LayerNorm:   # the common CPU call in few steps (issue 16); see _host_params
+            y = F._host_rowwise(input, self.normalized_shape, *_host_params(self, "weight", "bias"), self.eps,
+                                padding_mask, lengths, True, True)
+            if y is not None:
+                return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                             padding_mask=padding_mask, lengths=lengths)
@@ -83,6 +102,11 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if type(self) is RMSNorm:     # the common CPU call in few steps (issue 16); see _host_params
+            y = F._host_rowwise(input, self.normalized_shape, *_host_params(self, "weight"), None, self.eps,
+                                padding_mask, lengths, False, True)
+            if y is not None:
+                return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                           padding_mask=padding_mask, lengths=lengths)
