@@ -28,7 +28,7 @@ from . import backends
 from . import running as running_policy
 from .checks import (LOW_PRECISION, cast, check_featurewise_input, check_input, check_param, compute_dtype,
                      split_rowwise)
-from .backends.torch import StatsReduce
+from .backends.torch import StatsReduce, batch_norm_train_rows
 from .masks import (current_padding, flat_padding, host_context_mask, host_lengths_mask, host_rows, resolve_padding,
                     shape_str)
 from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
@@ -217,6 +217,39 @@ def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
                 y = y.index_fill_(0, rows.padded, 0)
             return y.view_as(x)
     return torch.layer_norm(x, nshape, weight, bias, eps) if center else torch.rms_norm(x, nshape, weight, eps)
+
+
+def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps,
+                           padding_mask, lengths, context: bool = False):
+    """SeqBatchNorm's training step on a CPU ``x (B, T, D)`` / ``(N, D)`` with running
+    statistics in its fast path (:func:`~seqnorm.backends.torch.batch_norm_train_rows`
+    on the cached real rows), or None: fewer than 2 real rows, a momentum to check,
+    or anything :func:`_host_input` declines, take the general path."""
+    if not _host_input(x):
+        return None
+    shape = x.shape
+    dtype = x.dtype
+    d = shape[-1]
+    if not (1 < len(shape) < 4 and running_mean is not None and running_var is not None
+            and _host_param(running_mean, d, dtype) and _host_param(running_var, d, dtype)
+            and _host_param(weight, d, dtype) and _host_param(bias, d, dtype) and x.is_contiguous()
+            and (num_batches_tracked is None or type(num_batches_tracked) is Tensor)
+            and (type(momentum) is float and 0.0 <= momentum <= 1.0
+                 or momentum is None and isinstance(num_batches_tracked, Tensor))):
+        return None
+    mask = _host_mask(shape[:-1], padding_mask, lengths, 2 if context and len(shape) == 3 else 0)
+    if mask is None:
+        return None
+    if mask is False:
+        rows, n = None, shape[0] if len(shape) == 2 else shape[0] * shape[1]
+    else:
+        info = host_rows(mask)
+        rows, n = (info.real if info.n_pad else None), info.n_real
+    if n < 2 or d == 0:
+        return None
+    y = batch_norm_train_rows(x.view(-1, d), weight, bias, eps, rows, running_mean, running_var,
+                              num_batches_tracked, momentum)
+    return y.view_as(x)
 
 
 # ---------------------------------------------------------------------------

@@ -24,15 +24,11 @@ Tensor = torch.Tensor
 _MISSING = object()
 
 
-def _host_params(module: nn.Module, *names: str):
-    """The module's parameters ``names``, read from its ``_parameters`` (where
-    ``module.weight`` goes through ``nn.Module.__getattr__``, ~1 µs each: the host time
-    of a small call, issue 16). Only for a module of exactly its seqnorm class —
-    a parametrized or FSDP module is a generated subclass whose ``weight`` is a
-    property — and a name that is not there gives ``_MISSING`` (the fast path then
-    declines and ``module.weight`` decides)."""
-    params = module._parameters
-    return tuple(params.get(n, _MISSING) for n in names)
+# The CPU fast paths (issue 16: host time per module call) read a module's parameters and buffers from
+# its ``_parameters`` / ``_buffers``, where ``module.weight`` goes through ``nn.Module.__getattr__`` (~1 µs
+# each). Only for a module of exactly its seqnorm class — a parametrized or FSDP module is a generated
+# subclass whose ``weight`` may be a property; a name that is not there gives ``_MISSING`` (or None for a
+# running statistic), and the fast path declines: the general path reads ``module.weight``.
 
 
 class LayerNorm(nn.LayerNorm):
@@ -69,8 +65,9 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         if type(self) is LayerNorm:   # the common CPU call in few steps (issue 16); see _host_params
-            y = F._host_rowwise(input, self.normalized_shape, *_host_params(self, "weight", "bias"), self.eps,
-                                padding_mask, lengths, True, True)
+            params = self._parameters
+            y = F._host_rowwise(input, self.normalized_shape, params.get("weight", _MISSING),
+                                params.get("bias", _MISSING), self.eps, padding_mask, lengths, True, True)
             if y is not None:
                 return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
@@ -103,8 +100,8 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
         if type(self) is RMSNorm:     # the common CPU call in few steps (issue 16); see _host_params
-            y = F._host_rowwise(input, self.normalized_shape, *_host_params(self, "weight"), None, self.eps,
-                                padding_mask, lengths, False, True)
+            y = F._host_rowwise(input, self.normalized_shape, self._parameters.get("weight", _MISSING), None,
+                                self.eps, padding_mask, lengths, False, True)
             if y is not None:
                 return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
@@ -343,6 +340,15 @@ class SeqBatchNorm(FeaturewiseNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if self.training and type(self) is SeqBatchNorm and self.track_running_stats and self.batch_first \
+                and not self.channels_first:   # the common CPU training call in few steps (issue 16)
+            params, buffers = self._parameters, self._buffers     # see _host_params
+            y = F._host_batch_norm_train(input, buffers.get("running_mean"), buffers.get("running_var"),
+                                         buffers.get("num_batches_tracked", _MISSING),
+                                         params.get("weight", _MISSING), params.get("bias", _MISSING),
+                                         self.momentum, self.eps, padding_mask, lengths, True)
+            if y is not None:
+                return y
         x = self._to_batch_first(input)
         padding_mask, lengths = padding_for_features(x, padding_mask, lengths)
         # As torch: batch statistics in training, or when no running statistics exist.
