@@ -62,7 +62,8 @@ def zero_padded_rows(t: Tensor, pad: Optional[Tensor]) -> Tensor:
     if running.sync_free(pad):
         return t.masked_fill(pad.unsqueeze(-1), 0)
     rows = pad.nonzero().squeeze(1)
-    _last_rows = (weakref.ref(pad), pad._version, rows)
+    if not pad.is_inference():    # (an inference tensor has no version counter to key on)
+        _last_rows = (weakref.ref(pad), pad._version, rows)
     return t.index_fill(0, rows, 0)
 
 
@@ -84,7 +85,8 @@ def real_rows(pad: Tensor) -> Tensor:
     if ref() is pad and version == pad._version:
         return rows
     rows = torch.logical_not(pad).nonzero().squeeze(1)
-    _last_real = (weakref.ref(pad), pad._version, rows)
+    if not pad.is_inference():
+        _last_real = (weakref.ref(pad), pad._version, rows)
     return rows
 
 
