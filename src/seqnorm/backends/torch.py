@@ -140,10 +140,13 @@ def batch_norm_train_rows(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     needed here. (A mean as the shift cost two reductions more per call for no
     accuracy the tests can see: ``x − s`` is ``O(σ)`` either way.)"""
     xr = x if rows is None else x.index_select(0, rows)
-    shift = xr.select(0, 0).detach()
+    shift = xr.select(0, 0)
+    if shift.requires_grad:
+        shift = shift.detach()
     stats = x.new_zeros(2, x.shape[1])          # rows: the batch mean, the unbiased variance
     batch_mean, batch_var = stats.unbind(0)      # of x − s
-    yr = torch.batch_norm(xr - shift, weight, bias, batch_mean, batch_var, True, 1.0, eps, False)
+    # (torch.batch_norm's CPU path without its dispatch layer: the same kernel and backward)
+    yr = torch.native_batch_norm(xr - shift, weight, bias, batch_mean, batch_var, True, 1.0, eps)[0]
     if running_mean is not None:
         # not in place: torch.batch_norm's backward reads the tensors it was given as running statistics.
         # stats is finite iff [shift + its mean, its variance] is: a NaN/Inf shift makes every other x − s
