@@ -205,7 +205,8 @@ def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
             if x.numel() <= _HOST_MASKED_FILL_MAX:
                 col = rows.col
                 x1 = x.masked_fill(col, 0) if record else x
-                y = torch.layer_norm(x1, nshape, weight, bias, eps) if center else torch.rms_norm(x1, nshape, weight, eps)
+                y = (torch.layer_norm(x1, nshape, weight, bias, eps) if center
+                     else torch.rms_norm(x1, nshape, weight, eps))
                 return y.masked_fill_(col, 0) if bias is not None or not record else y
             if not x.is_contiguous():
                 return None
