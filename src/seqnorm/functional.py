@@ -145,9 +145,13 @@ def _host_input(x) -> bool:
     return running_policy.sync_free is _real_sync_free or not running_policy.sync_free(x)
 
 
-def _host_param(p, d: int, dtype) -> bool:
-    """``p`` is None or a ``(d,)`` CPU tensor of ``dtype`` (what the ops take as it is)."""
-    return p is None or (isinstance(p, Tensor) and p.shape == (d,) and p.dtype == dtype and p.is_cpu)
+def _host_params(d: int, dtype, *params) -> bool:
+    """Each of ``params`` is None or a ``(d,)`` CPU tensor of ``dtype`` (what the ops take as it is)."""
+    shape = (d,)
+    for p in params:
+        if p is not None and not (isinstance(p, Tensor) and p.shape == shape and p.dtype == dtype and p.is_cpu):
+            return False
+    return True
 
 
 def _host_mask(token_shape, padding_mask, lengths, context: int):
@@ -190,7 +194,7 @@ def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
     d = normalized_shape[0]
     shape = x.shape
     dtype = x.dtype
-    if len(shape) < 2 or shape[-1] != d or not (_host_param(weight, d, dtype) and _host_param(bias, d, dtype)):
+    if len(shape) < 2 or shape[-1] != d or not _host_params(d, dtype, weight, bias):
         return None
     if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
         eps = torch.finfo(dtype).eps
@@ -232,8 +236,7 @@ def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, we
     dtype = x.dtype
     d = shape[-1]
     if not (1 < len(shape) < 4 and running_mean is not None and running_var is not None
-            and _host_param(running_mean, d, dtype) and _host_param(running_var, d, dtype)
-            and _host_param(weight, d, dtype) and _host_param(bias, d, dtype) and x.is_contiguous()
+            and _host_params(d, dtype, running_mean, running_var, weight, bias) and x.is_contiguous()
             and (num_batches_tracked is None or type(num_batches_tracked) is Tensor)
             and (type(momentum) is float and 0.0 <= momentum <= 1.0
                  or momentum is None and isinstance(num_batches_tracked, Tensor))):
