@@ -16,9 +16,11 @@ Two tables (issue 16's "host overhead", issue 20's "no host synchronization"):
 
     python benchmarks/host_overhead.py              # both tables, markdown
     python benchmarks/host_overhead.py overhead     # or: reads
+    python benchmarks/host_overhead.py floor        # the ops of a fast-path call alone, vs torch
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -97,6 +99,57 @@ def overhead(rounds: int, calls: int, grad: bool):
             finally:
                 if context is not None:
                     context.__exit__(None, None, None)
+            sa, sb = statistics.median(a), statistics.median(b)
+            rows.append((name, sa, sb, sa / sb))
+    return rows
+
+
+def _floor_cases():
+    """(name, bare ops, torch call): the torch ops a seqnorm fast-path call runs, written out with
+    no Python around them (no checks, no module call) — the floor of that design — against torch's
+    own module call, as in :func:`_cases`."""
+    x, mask, lengths = _inputs()
+    xt = x.transpose(1, 2).contiguous()
+    tln, tbn = nn.LayerNorm(D), nn.BatchNorm1d(D).train()
+    w, b = tln.weight, tln.bias
+    bw, bb = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+    rm, rv, nbt = torch.zeros(D), torch.ones(D), torch.tensor(0)
+    col = mask.unsqueeze(-1)
+    real = torch.logical_not(mask.reshape(-1)).nonzero().squeeze(1)
+    shape = (D,)
+
+    def layer_norm():      # (with autograd recording: fill the input too; see functional._host_rowwise)
+        x1 = x.masked_fill(col, 0) if torch.is_grad_enabled() else x
+        return torch.layer_norm(x1, shape, w, b, 1e-5).masked_fill_(col, 0)
+
+    def batch_norm():      # backends.torch.batch_norm_train_rows with its running update
+        x2 = x.view(-1, D)
+        xr = x2.index_select(0, real)
+        shift = xr.select(0, 0)
+        stats = x2.new_zeros(2, D)
+        mean, var = stats.unbind(0)
+        yr = torch.native_batch_norm(xr - shift, bw, bb, mean, var, True, 1.0, 1e-5)[0]
+        if math.isfinite(torch.linalg.vector_norm(stats, math.inf).item()):
+            torch._foreach_lerp_([rm, rv], [mean + shift, var], 0.1)
+            nbt.add_(1)
+        return torch.zeros_like(x2).index_copy_(0, real, yr).view_as(x)
+
+    return [("LayerNorm, padding_mask: its ops alone", layer_norm, lambda: tln(x)),
+            ("SeqBatchNorm train, padding_mask: its ops alone", batch_norm, lambda: tbn(xt))]
+
+
+def floor(rounds: int, calls: int, grad: bool):
+    """Rows ``(case, ops µs, torch µs, ratio)`` as :func:`overhead`'s, for :func:`_floor_cases`."""
+    torch.set_num_threads(1)
+    rows = []
+    with torch.set_grad_enabled(grad):
+        for name, ours, theirs in _floor_cases():
+            for fn in (ours, theirs):
+                _time(fn, calls)
+            a, b = [], []
+            for _ in range(rounds):
+                a.append(_time(ours, calls))
+                b.append(_time(theirs, calls))
             sa, sb = statistics.median(a), statistics.median(b)
             rows.append((name, sa, sb, sa / sb))
     return rows
@@ -214,7 +267,7 @@ def reads_table():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("table", nargs="?", choices=("overhead", "reads", "both"), default="both")
+    parser.add_argument("table", nargs="?", choices=("overhead", "floor", "reads", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args(argv)
@@ -225,6 +278,15 @@ def main(argv=None) -> int:
               "\n|---|---:|---:|---:|---:|---:|---:|")
         for grad_row, plain_row in zip(overhead(args.rounds, args.calls, True),
                                        overhead(args.rounds, args.calls, False)):
+            cells = " | ".join(f"{a:.1f} | {b:.1f} | {r:.2f}×" for _, a, b, r in (grad_row, plain_row))
+            print(f"| {grad_row[0]} | {cells} |")
+        print()
+    if args.table == "floor":
+        print(f"the ops of a fast-path call alone, ({B}, {T}, {D}) float32, CPU, 1 thread; "
+              f"median of {args.rounds} rounds × {args.calls} calls\n")
+        print("| ops | forward: ops µs | torch µs | × torch | no_grad: ops µs | torch µs | × torch |"
+              "\n|---|---:|---:|---:|---:|---:|---:|")
+        for grad_row, plain_row in zip(floor(args.rounds, args.calls, True), floor(args.rounds, args.calls, False)):
             cells = " | ".join(f"{a:.1f} | {b:.1f} | {r:.2f}×" for _, a, b, r in (grad_row, plain_row))
             print(f"| {grad_row[0]} | {cells} |")
         print()

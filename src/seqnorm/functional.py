@@ -28,8 +28,9 @@ from . import backends
 from . import running as running_policy
 from .checks import (LOW_PRECISION, cast, check_featurewise_input, check_input, check_param, compute_dtype,
                      split_rowwise)
-from .backends.torch import StatsReduce
-from .masks import flat_padding, resolve_padding, shape_str
+from .backends.torch import StatsReduce, batch_norm_train_rows
+from .masks import (current_padding, flat_padding, host_context_mask, host_lengths_mask, host_rows, resolve_padding,
+                    shape_str)
 from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
 from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
                       update_batch_norm_stats, update_running_stats)
@@ -106,6 +107,153 @@ def _as_input(y: Tensor, x: Tensor) -> Tensor:
     """``y`` in ``x``'s dtype and shape (``view_as``: reshape parses a torch.Size ~3 µs slower)."""
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return y.view_as(x) if y.is_contiguous() else y.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------
+# The CPU fast paths (issue 16: host time per module call)
+# ---------------------------------------------------------------------------
+#
+# A call on a small CPU input costs the Python around its few torch ops: on a (2, 8, 64) input
+# the general path's checks, padding resolution and backend dispatch took longer than the ops.
+# The fast paths below take the common module call — a plain CPU tensor outside torch.compile,
+# float32/float64, the backend "auto" or "torch" picks the torch ops, parameters of the input's
+# dtype, a bool mask of the token grid (given, from cached lengths, or from the seqnorm.padding
+# context) — in a few checks and the ops alone; anything else returns None and the general path
+# runs, which raises every error it raises. They read the mask on the host once per mask object
+# and version (masks.host_rows), where reading is free; under the sync-free policy
+# (seqnorm.running.sync_free: an accelerator, or torch.compile tracing) they are never taken.
+
+_HOST_DTYPES = (torch.float32, torch.float64)
+#: up to this many elements a padded row is filled through a (..., 1) view of the mask
+#: (``masked_fill``: no reshape of the input and output); above, by index (``index_fill``
+#: of the cached padded rows, 2–10× faster on large inputs)
+_HOST_MASKED_FILL_MAX = 2048
+_real_sync_free = running_policy.sync_free
+
+
+def _host_input(x) -> bool:
+    """Whether ``x`` may take a CPU fast path: a plain float32/float64 CPU tensor, run by
+    the torch backend (``auto`` below :data:`~seqnorm.backends.AUTO_MIN_NUMEL` elements,
+    or ``torch``), where reading back is free (not :func:`~seqnorm.running.sync_free`:
+    outside torch.compile; tests force that policy by replacing the function)."""
+    if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dtype not in _HOST_DTYPES \
+            or x.is_nested:
+        return False
+    name = backends._active.get()      # (a ContextVar: Dynamo cannot trace it, hence compiling first)
+    if name != "torch" and (name != "auto" or x.numel() >= backends.AUTO_MIN_NUMEL):
+        return False
+    return running_policy.sync_free is _real_sync_free or not running_policy.sync_free(x)
+
+
+def _host_params(d: int, dtype, *params) -> bool:
+    """Each of ``params`` is None or a ``(d,)`` CPU tensor of ``dtype`` (what the ops take as it is)."""
+    shape = (d,)
+    for p in params:
+        if p is not None and not (isinstance(p, Tensor) and p.shape == shape and p.dtype == dtype and p.is_cpu):
+            return False
+    return True
+
+
+def _host_mask(token_shape, padding_mask, lengths, context: int):
+    """The validated ``token_shape`` bool mask on the CPU for a fast path, ``False`` for
+    no padding, or None (the general path decides): ``padding_mask`` as given, the
+    mask the general path last made of the same ``lengths`` tensor, or (``context``:
+    1 row-wise, 2 feature-wise) the :func:`~seqnorm.padding` context's mask for
+    ``token_shape`` as the general path last handed it out."""
+    if padding_mask is None:
+        if lengths is not None:
+            mask = host_lengths_mask(lengths, token_shape[-1]) if len(token_shape) == 2 else None
+        elif not context or current_padding() is None:
+            return False
+        else:
+            mask = host_context_mask(token_shape, context == 1)
+        if mask is None:
+            return None
+    elif lengths is None:
+        mask = padding_mask
+    else:
+        return None
+    if type(mask) is not Tensor or mask.dtype != torch.bool or mask.shape != token_shape or not mask.is_cpu:
+        return None
+    return mask
+
+
+def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center: bool,
+                  context: bool = False):
+    """LayerNorm (``center``) or RMSNorm of a CPU ``x (*, D)`` in its fast path, or None.
+
+    The ops: without padding, ``torch.layer_norm`` / ``rms_norm``. With padding, the
+    norm between two fills of the padded rows with 0 (through a ``(..., 1)`` view of
+    the mask on small inputs, by index on large ones): of the input only when autograd
+    records — a zero row normalizes to a finite 0, so 0·NaN never reaches dx or dγ —
+    and of the output, in place, only when a bias would put β there (a zero row's
+    ``x̂·γ`` is 0). In inference rows are independent: the output fill alone makes
+    padded rows 0, whatever the input held there."""
+    if not _host_input(x) or len(normalized_shape) != 1:
+        return None
+    d = normalized_shape[0]
+    shape = x.shape
+    dtype = x.dtype
+    if len(shape) < 2 or shape[-1] != d or not _host_params(d, dtype, weight, bias):
+        return None
+    if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
+        eps = torch.finfo(dtype).eps
+    mask = _host_mask(shape[:-1], padding_mask, lengths, 1 if context else 0)
+    if mask is None:
+        return None
+    nshape = (d,)
+    if mask is not False:
+        rows = host_rows(mask)
+        if rows.n_pad:
+            record = torch.is_grad_enabled()
+            if x.numel() <= _HOST_MASKED_FILL_MAX:
+                col = rows.col
+                x1 = x.masked_fill(col, 0) if record else x
+                y = (torch.layer_norm(x1, nshape, weight, bias, eps) if center
+                     else torch.rms_norm(x1, nshape, weight, eps))
+                return y.masked_fill_(col, 0) if bias is not None or not record else y
+            if not x.is_contiguous():
+                return None
+            x2 = x.view(-1, d)
+            if record:
+                x2 = x2.index_fill(0, rows.padded, 0)
+            y = torch.layer_norm(x2, nshape, weight, bias, eps) if center else torch.rms_norm(x2, nshape, weight, eps)
+            if bias is not None or not record:
+                y = y.index_fill_(0, rows.padded, 0)
+            return y.view_as(x)
+    return torch.layer_norm(x, nshape, weight, bias, eps) if center else torch.rms_norm(x, nshape, weight, eps)
+
+
+def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps,
+                           padding_mask, lengths, context: bool = False):
+    """SeqBatchNorm's training step on a CPU ``x (B, T, D)`` / ``(N, D)`` with running
+    statistics in its fast path (:func:`~seqnorm.backends.torch.batch_norm_train_rows`
+    on the cached real rows), or None: fewer than 2 real rows, a momentum to check,
+    or anything :func:`_host_input` declines, take the general path."""
+    if not _host_input(x):
+        return None
+    shape = x.shape
+    dtype = x.dtype
+    d = shape[-1]
+    if not (1 < len(shape) < 4 and running_mean is not None and running_var is not None
+            and _host_params(d, dtype, running_mean, running_var, weight, bias) and x.is_contiguous()
+            and (num_batches_tracked is None or type(num_batches_tracked) is Tensor)
+            and (type(momentum) is float and 0.0 <= momentum <= 1.0
+                 or momentum is None and isinstance(num_batches_tracked, Tensor))):
+        return None
+    mask = _host_mask(shape[:-1], padding_mask, lengths, 2 if context and len(shape) == 3 else 0)
+    if mask is None:
+        return None
+    if mask is False:
+        rows, n = None, shape[0] if len(shape) == 2 else shape[0] * shape[1]
+    else:
+        info = host_rows(mask)
+        rows, n = (info.real if info.n_pad else None), info.n_real
+    if n < 2 or d == 0:
+        return None
+    y = batch_norm_train_rows(x.view(-1, d), weight, bias, eps, rows, running_mean, running_var,
+                              num_batches_tracked, momentum)
+    return y.view_as(x)
 
 
 # ---------------------------------------------------------------------------

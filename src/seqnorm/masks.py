@@ -39,7 +39,7 @@ from . import running
 
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
            "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
-           "assert_on_device", "flat_padding"]
+           "assert_on_device", "flat_padding", "HostRows", "host_rows", "host_lengths_mask", "host_context_mask"]
 
 Tensor = torch.Tensor
 
@@ -194,7 +194,7 @@ def _mask_of_lengths(lengths, expected_shape, device) -> Tensor:
     (a norm never changes its mask in place)."""
     global _last_lengths
     key = (expected_shape[1], device)
-    memo = isinstance(lengths, Tensor) and not torch.compiler.is_compiling()
+    memo = isinstance(lengths, Tensor) and not torch.compiler.is_compiling() and _cacheable(lengths)
     if memo:
         ref, version, last_key, mask = _last_lengths
         if ref() is lengths and version == lengths._version and last_key == key:
@@ -223,7 +223,8 @@ def flat_padding(mask: Optional[Tensor], rows: int) -> Optional[Tensor]:
     if ref() is mask and version == mask._version and flat.shape[0] == rows:
         return flat
     flat = mask.reshape(rows)
-    _last_flat = (weakref.ref(mask), mask._version, flat)
+    if _cacheable(mask):
+        _last_flat = (weakref.ref(mask), mask._version, flat)
     return flat
 
 
@@ -231,11 +232,89 @@ def _dead():
     return None
 
 
+def _cacheable(t: Tensor) -> bool:
+    """Whether derived values of ``t`` may be kept, keyed on the object and its version
+    counter: an inference tensor has no version counter (an in-place change could not be seen)."""
+    return not t.is_inference()
+
+
 # (weak reference to the last mask flat_padding saw, its version counter, its (rows,) view);
 # the view keeps that one mask alive
 _last_flat = (_dead, -1, None)
 # (weak reference to the last lengths tensor resolved, its version counter, (T, device), its mask)
 _last_lengths = (_dead, -1, None, None)
+
+
+# ---------------------------------------------------------------------------
+# The CPU fast paths' view of a mask (issue 16: host time per module call)
+# ---------------------------------------------------------------------------
+
+
+class HostRows:
+    """What the CPU fast paths (:mod:`seqnorm.functional`) use of one validated
+    bool mask, read on the host once per mask: the indices of its padded and of
+    its real entries in the flattened mask, and how many there are.
+
+    Kept by :func:`host_rows` for the last few masks, keyed on the mask object
+    (a weak reference: a dead mask's entry never matches) and its version counter
+    (any in-place change of the mask, or of a tensor it is a view of, moves it),
+    so a model's many norms given one mask read it once, and a mask changed in
+    place, or another mask of the same shape, is read again."""
+
+    __slots__ = ("ref", "version", "shape", "col", "padded", "real", "n_pad", "n_real")
+
+    def __init__(self, mask: Tensor):
+        flat = mask.reshape(-1)
+        self.shape = mask.shape
+        self.col = mask.unsqueeze(-1)        # broadcasts over a (*, D) input's last dimension
+        self.padded = flat.nonzero().squeeze(1)
+        self.real = torch.logical_not(flat).nonzero().squeeze(1)
+        self.n_pad, self.n_real = self.padded.shape[0], self.real.shape[0]
+        self.ref, self.version = _dead, -1
+
+
+#: the last masks :func:`host_rows` read, newest first
+_host_rows = []
+_HOST_ROWS_KEPT = 4
+
+
+def host_rows(mask: Tensor) -> HostRows:
+    """The :class:`HostRows` of a bool mask on the CPU, outside ``torch.compile`` (the
+    caller has checked both: reading it back is free there), read once per mask object
+    and version (see :class:`HostRows`)."""
+    for info in _host_rows:
+        if info.ref() is mask and info.version == mask._version:
+            return info
+    info = HostRows(mask)
+    if _cacheable(mask):
+        info.ref, info.version = weakref.ref(mask), mask._version
+        _host_rows.insert(0, info)
+        del _host_rows[_HOST_ROWS_KEPT:]
+    return info
+
+
+def host_lengths_mask(lengths, steps: int) -> Optional[Tensor]:
+    """The validated CPU mask :func:`resolve_padding` last made of the ``lengths``
+    tensor, for ``steps`` time steps, if that is what ``lengths`` is (the same object,
+    unchanged in place); else None (the caller takes the general path, which makes it)."""
+    ref, version, key, mask = _last_lengths
+    if ref() is lengths and version == lengths._version and key[0] == steps and mask.is_cpu:
+        return mask
+    return None
+
+
+def host_context_mask(token_shape, rows: bool) -> Optional[Tensor]:
+    """The CPU mask of the :func:`padding` context for a token grid ``(a, b)``, as a
+    row-wise norm (``rows``: laid out as :meth:`PaddingContext.for_tokens`) or a
+    feature-wise one (:meth:`PaddingContext.batch_major`) last received it; None when
+    the context has not given it yet (the caller takes the general path, which does)."""
+    ctx = _padding_context.get()
+    if ctx is None:
+        return None
+    last = ctx._host_rows if rows else ctx._host_major
+    if last is not None and last[0] == token_shape:
+        return last[1]
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +348,8 @@ class PaddingContext:
         self.padding_mask, self.lengths, self.batch_first = padding_mask, lengths, batch_first
         self._lengths_at = {}      # time steps → (B,) lengths at that rate
         self._masks = {}           # (B, T, device) → the validated (B, T) mask
+        # (token shape, mask) last handed out on the CPU by batch_major / for_tokens (host_context_mask)
+        self._host_major = self._host_rows = None
 
     def batch_major(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The validated ``(B, T)`` mask on ``device``; ``token_shape`` is ``(B, T)``."""
@@ -276,6 +357,8 @@ class PaddingContext:
         mask = self._masks.get(key)
         if mask is None:
             mask = self._masks[key] = self._resolve(key[:2], device)
+        if mask.is_cpu:
+            self._host_major = (key[:2], mask)
         return mask
 
     def _resolve(self, token_shape, device) -> torch.Tensor:
@@ -337,6 +420,7 @@ class PaddingContext:
         self._lengths_at[steps] = lengths
         for key in [k for k in self._masks if k[1] == steps]:
             del self._masks[key]
+        self._host_major = self._host_rows = None
 
     def known_steps(self):
         """The numbers of time steps whose lengths are known."""
@@ -349,8 +433,12 @@ class PaddingContext:
             raise ValueError(f"seqnorm.padding gives a (B, T) mask, but this norm's input has token shape "
                              f"{shape_str(token_shape)}; pass padding_mask to it directly")
         if self.batch_first:
-            return self.batch_major(token_shape, device)
-        return self.batch_major((token_shape[1], token_shape[0]), device).transpose(0, 1)
+            mask = self.batch_major(token_shape, device)
+        else:
+            mask = self.batch_major((token_shape[1], token_shape[0]), device).transpose(0, 1)
+        if mask.is_cpu:
+            self._host_rows = (tuple(int(s) for s in token_shape), mask)
+        return mask
 
 
 def padding(padding_mask: Optional[torch.Tensor] = None, *, lengths: Optional[torch.Tensor] = None,

@@ -21,6 +21,16 @@ __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm",
 Tensor = torch.Tensor
 
 
+_MISSING = object()
+
+
+# The CPU fast paths (issue 16: host time per module call) read a module's parameters and buffers from
+# its ``_parameters`` / ``_buffers``, where ``module.weight`` goes through ``nn.Module.__getattr__`` (~1 µs
+# each). Only for a module of exactly its seqnorm class — a parametrized or FSDP module is a generated
+# subclass whose ``weight`` may be a property; a name that is not there gives ``_MISSING`` (or None for a
+# running statistic), and the fast path declines: the general path reads ``module.weight``.
+
+
 class LayerNorm(nn.LayerNorm):
     r"""Padding-aware :class:`torch.nn.LayerNorm` (a subclass: same arguments,
     parameters, state_dict and ``isinstance``).
@@ -54,6 +64,12 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if type(self) is LayerNorm:   # the common CPU call in few steps (issue 16); see _host_params
+            params = self._parameters
+            y = F._host_rowwise(input, self.normalized_shape, params.get("weight", _MISSING),
+                                params.get("bias", _MISSING), self.eps, padding_mask, lengths, True, True)
+            if y is not None:
+                return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                             padding_mask=padding_mask, lengths=lengths)
@@ -83,6 +99,11 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if type(self) is RMSNorm:     # the common CPU call in few steps (issue 16); see _host_params
+            y = F._host_rowwise(input, self.normalized_shape, self._parameters.get("weight", _MISSING), None,
+                                self.eps, padding_mask, lengths, False, True)
+            if y is not None:
+                return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                           padding_mask=padding_mask, lengths=lengths)
@@ -319,6 +340,15 @@ class SeqBatchNorm(FeaturewiseNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if self.training and type(self) is SeqBatchNorm and self.track_running_stats and self.batch_first \
+                and not self.channels_first:   # the common CPU training call in few steps (issue 16)
+            params, buffers = self._parameters, self._buffers     # see _host_params
+            y = F._host_batch_norm_train(input, buffers.get("running_mean"), buffers.get("running_var"),
+                                         buffers.get("num_batches_tracked", _MISSING),
+                                         params.get("weight", _MISSING), params.get("bias", _MISSING),
+                                         self.momentum, self.eps, padding_mask, lengths, True)
+            if y is not None:
+                return y
         x = self._to_batch_first(input)
         padding_mask, lengths = padding_for_features(x, padding_mask, lengths)
         # As torch: batch statistics in training, or when no running statistics exist.

@@ -195,8 +195,9 @@ def _auto(x: Tensor) -> Backend:
     kernels for CPU inputs of at least :data:`AUTO_MIN_NUMEL` elements (when
     Numba imports); each hands what it does not take to torch, as does every
     other case."""
-    if x.device.type == "cuda" and _load("triton"):
+    # (is_cuda / is_cpu: ~1 µs less per call than building x.device and comparing its type)
+    if x.is_cuda and _load("triton"):
         return _choosers["triton"](x)
-    if x.device.type == "cpu" and x.numel() >= AUTO_MIN_NUMEL and _load("fused"):
+    if x.is_cpu and x.numel() >= AUTO_MIN_NUMEL and _load("fused"):
         return _choosers["fused"](x)
     return backend_named("torch", x)

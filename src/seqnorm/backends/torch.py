@@ -36,7 +36,7 @@ from ..running import nu_step, update_running_nu
 from . import register_backend
 
 __all__ = ["TorchBackend", "StatsReduce", "LocalStats", "LOCAL", "masked_moments", "merge_moments",
-           "zero_padded_rows", "real_rows", "featurewise_train_on_host", "affine", "group_moments",
+           "zero_padded_rows", "real_rows", "featurewise_train_on_host", "batch_norm_train_rows", "affine", "group_moments",
            "groupwise_norm"]
 
 Tensor = torch.Tensor
@@ -62,7 +62,8 @@ def zero_padded_rows(t: Tensor, pad: Optional[Tensor]) -> Tensor:
     if running.sync_free(pad):
         return t.masked_fill(pad.unsqueeze(-1), 0)
     rows = pad.nonzero().squeeze(1)
-    _last_rows = (weakref.ref(pad), pad._version, rows)
+    if not pad.is_inference():    # (an inference tensor has no version counter to key on)
+        _last_rows = (weakref.ref(pad), pad._version, rows)
     return t.index_fill(0, rows, 0)
 
 
@@ -84,7 +85,8 @@ def real_rows(pad: Tensor) -> Tensor:
     if ref() is pad and version == pad._version:
         return rows
     rows = torch.logical_not(pad).nonzero().squeeze(1)
-    _last_real = (weakref.ref(pad), pad._version, rows)
+    if not pad.is_inference():
+        _last_real = (weakref.ref(pad), pad._version, rows)
     return rows
 
 
@@ -97,40 +99,57 @@ def featurewise_train_on_host(x: Tensor, weight: Optional[Tensor], bias: Optiona
                               running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
                               momentum) -> Optional[Tensor]:
     """Masked BatchNorm's training step where the padding can be read on the host
-    (CPU, eager, no ``reduce`` hook), in ~12 torch calls with the running update
-    instead of ~45 (:class:`_FeaturewiseFunction` and the general policy) — the
-    host time of a small call (issue 16):
-    gather the real rows, shift them by their mean, let ``torch.batch_norm``
-    normalize them (one fused forward and backward) and scatter them back; the
-    running statistics are then moved by
-    :func:`~seqnorm.running.update_from_host_stats`. Returns ``y (N, D)``, or
-    ``None`` where this path does not apply (fewer than 2 real rows: the
-    general path returns zeros or raises; a device or trace; mixed dtypes).
+    (CPU, eager, no ``reduce`` hook): :func:`batch_norm_train_rows` on the real rows,
+    in ~12 torch calls with the running update instead of ~45
+    (:class:`_FeaturewiseFunction` and the general policy) — the host time of a
+    small call (issue 16). Returns ``y (N, D)``, or ``None`` where this path does
+    not apply (fewer than 2 real rows: the general path returns zeros or raises; a
+    device or trace; mixed dtypes)."""
+    if running.sync_free(x) or (pad is not None and running.sync_free(pad)):
+        return None
+    rows = None if pad is None else real_rows(pad)
+    n = x.shape[0] if rows is None else rows.shape[0]
+    if n < 2 or x.shape[1] == 0 or any(t is not None and t.dtype != x.dtype for t in (running_mean, running_var)):
+        return None
+    if rows is not None and n == x.shape[0]:
+        rows = None
+    return batch_norm_train_rows(x, weight, bias, eps, rows, running_mean, running_var, num_batches_tracked,
+                                 momentum)
+
+
+def batch_norm_train_rows(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                          rows: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], momentum) -> Tensor:
+    r"""BatchNorm's training step on the real rows ``rows`` (indices; None: every row,
+    at least 2 either way) of ``x (N, D)``, on the host's policy: gather them, shift
+    them by the first of them, let ``torch.batch_norm`` normalize them (one fused
+    forward and backward) and scatter them back into zeros; the running statistics
+    are then moved by :func:`~seqnorm.running.update_from_host_stats`. Returns
+    ``y (N, D)``, 0 at padded rows (which are never read: NaN/Inf there reach
+    nothing, and their gradient is 0).
 
     **Accuracy.** torch's CPU batch norm sums its inputs in order in the input's
     dtype, which costs the mean ~3e-3 of a standard deviation at an offset of
-    1e4 in float32. Subtracting the (pairwise-summed) mean ``s`` first makes
-    every sum one of ``O(σ)`` terms: ``x − s`` is exact for ``x`` near ``s``,
-    the normalized output is the same function (a shift cancels in
-    ``x − μ``, so treating ``s`` as a constant is also the exact gradient),
-    and the batch mean is ``s + mean(x − s)``. torch computes the unbiased
-    variance ``Σ(x − μ)²/(n − 1)`` itself (its running update with momentum 1
-    into zeros stores it exactly); the biased one is never needed here."""
-    if running.sync_free(x) or (pad is not None and running.sync_free(pad)):
-        return None
-    d = x.shape[1]
-    rows = None if pad is None else real_rows(pad)
-    n = x.shape[0] if rows is None else rows.shape[0]
-    if n < 2 or d == 0 or any(t is not None and t.dtype != x.dtype for t in (running_mean, running_var)):
-        return None
+    1e4 in float32. Subtracting a shift ``s`` near the data first — the first real
+    row — makes every sum one of ``O(σ)`` terms: ``x − s`` is exact or rounded
+    relative to ``|x − s|``, the normalized output is the same function (a
+    per-feature shift cancels in ``x − μ``, so treating ``s`` as a constant is
+    also the exact gradient), and the batch mean is ``s + mean(x − s)``. torch
+    computes the unbiased variance ``Σ(x − μ)²/(n − 1)`` itself (its running
+    update with momentum 1 into zeros stores it exactly); the biased one is never
+    needed here. (A mean as the shift cost two reductions more per call for no
+    accuracy the tests can see: ``x − s`` is ``O(σ)`` either way.)"""
     xr = x if rows is None else x.index_select(0, rows)
-    shift = xr.detach().sum(0).div_(n)         # (Tensor.mean(0) costs ~4 µs more here)
-    stats = x.new_zeros(2, d)                   # rows: the batch mean, the unbiased variance
+    shift = xr.select(0, 0)
+    if shift.requires_grad:
+        shift = shift.detach()
+    stats = x.new_zeros(2, x.shape[1])          # rows: the batch mean, the unbiased variance
     batch_mean, batch_var = stats.unbind(0)      # of x − s
-    yr = torch.batch_norm(xr - shift, weight, bias, batch_mean, batch_var, True, 1.0, eps, False)
+    # (torch.batch_norm's CPU path without its dispatch layer: the same kernel and backward)
+    yr = torch.native_batch_norm(xr - shift, weight, bias, batch_mean, batch_var, True, 1.0, eps)[0]
     if running_mean is not None:
         # not in place: torch.batch_norm's backward reads the tensors it was given as running statistics.
-        # stats is finite iff [shift + its mean, its variance] is: a NaN/Inf shift makes every x − s
+        # stats is finite iff [shift + its mean, its variance] is: a NaN/Inf shift makes every other x − s
         # non-finite, and |s + mean(x − s)| reaches the float's limit only with (x − s)² overflowing
         running.update_from_host_stats([running_mean, running_var], [batch_mean + shift, batch_var], stats,
                                        momentum, num_batches_tracked)
