@@ -56,10 +56,10 @@ class LayerNorm(nn.LayerNorm):
 
         >>> ln = LayerNorm(2, eps=0.0)
         >>> x = torch.tensor([[[1., 2.], [3., 4.], [9., 9.]]])      # (B=1, T=3, D=2)
-        >>> ln(x, padding_mask=torch.tensor([[False, False, True]]))
+        >>> ln(x, padding_mask=torch.tensor([[False, False, True]])).detach()
         tensor([[[-1.,  1.],
                  [-1.,  1.],
-                 [ 0.,  0.]]], grad_fn=<ViewBackward0>)
+                 [ 0.,  0.]]])
     """
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
@@ -93,8 +93,8 @@ class RMSNorm(nn.RMSNorm):
     Example::
 
         >>> rms = RMSNorm(2, eps=0.0)
-        >>> rms(torch.tensor([[3., 4.]]), lengths=None)
-        tensor([[0.8485, 1.1314]], grad_fn=<ViewBackward0>)
+        >>> rms(torch.tensor([[3., 4.]]), lengths=None).detach()
+        tensor([[0.8485, 1.1314]])
     """
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
