@@ -93,7 +93,7 @@ def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
     fwd = _spec("rowwise", "rowwise_fwd", dtype, warps, HAS_RES=True, WRITE_S=True, HAS_B=True, **row) \
         if block <= tb.MAX_BLOCK_FWD else \
         _spec("rowwise", "rowwise_fwd_blocked", dtype, warps, HAS_RES=True, WRITE_S=True, HAS_B=True, **blocked)
-    bwd = _spec("rowwise", "rowwise_bwd", dtype, warps, HAS_RES=True, HAS_DS=True, **row) \
+    bwd = _spec("rowwise", "rowwise_bwd", dtype, tb._bwd_warps(block), HAS_RES=True, HAS_DS=True, **row) \
         if block <= tb.MAX_BLOCK_BWD else \
         _spec("rowwise", "rowwise_bwd_blocked", dtype, warps, HAS_RES=True, HAS_DS=True, **blocked)
     return [

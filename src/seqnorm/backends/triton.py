@@ -99,6 +99,14 @@ def _block_d(d: int) -> Tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
+def _bwd_warps(block: int) -> int:
+    """Warps of the register-resident backward (``rowwise_bwd``): the forward's, at most 8.
+    At 16 warps (512 threads) a thread may hold 128 registers; the backward at
+    BLOCK_D = 4,096 needs 128 with every input and ptxas spilled 8–16 B in six lighter
+    specializations (a flag off) on sm_90; at 8 warps none spills."""
+    return min(_block_d(block)[1], 8)
+
+
 #: the widest row each row-wise kernel holds in registers: compiled for sm_80/sm_90
 #: with every input (residual, the sum's gradient), the forward fits up to 16,384
 #: columns and the backward up to 4,096 without a spill (at 8,192 it spills 20 B,
@@ -178,6 +186,7 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
     dsr = ds if ds is not None else x
     kernel, blocks = (rk.rowwise_bwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_BWD else \
         (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
+    warps = _bwd_warps(block) if block <= MAX_BLOCK_BWD else warps
     kernel[(programs,)](
         dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), shift, delta, rstd, dw_part, db_part,
         dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
