@@ -371,6 +371,11 @@ def _decoder_paths(model: nn.Module) -> List[str]:
     return [n for n, _ in model.named_modules() if n.split(".")[-1] == "decoder"]
 
 
+def _in_decoder(name: str, decoders: List[str]) -> bool:
+    """Whether the module path ``name`` is one of ``decoders`` or inside one."""
+    return any(name == d or name.startswith(d + ".") for d in decoders)
+
+
 def hook_attention(model: nn.Module) -> Dict[str, str]:
     """Give every attention module of ``model`` a key-mask pre-hook (see the module
     docstring); calling it again adds none. Returns ``{name: what}`` for each
@@ -393,7 +398,7 @@ def hook_attention(model: nn.Module) -> Dict[str, str]:
             kind = "none"
         rec = _records.get(m)
         if rec is None or rec.handle is None:
-            in_decoder = any(name == d or name.startswith(d + ".") for d in decoders)
+            in_decoder = _in_decoder(name, decoders)
             rec = _Hooked(name, kind, in_decoder)
             if kind == "none":
                 own = _own_mask_arg(m)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import time_layers as tl
-from .attention_safe import _decoder_paths, hook_attention, unhook_attention
+from .attention_safe import _decoder_paths, _in_decoder, hook_attention, unhook_attention
 from .convert import ConversionWarning, convert
 from .masks import _padding_context, current_padding, host_readable
 from .modules import GroupNorm, InstanceNorm1d
@@ -422,20 +422,16 @@ def make_padding_safe(model: nn.Module, *, attention: bool = True) -> nn.Module:
         raise ValueError("make_padding_safe: pass the model that contains the norm (a norm alone is "
                          "replaced, not changed in place: use seqnorm.convert)")
     decoders = _decoder_paths(model)
-
-    def in_decoder(name: str) -> bool:
-        return any(name == d or name.startswith(d + ".") for d in decoders)
-
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if in_decoder(f"{parent_name}.{child_name}" if parent_name else child_name):
+            if _in_decoder(f"{parent_name}.{child_name}" if parent_name else child_name, decoders):
                 continue
             new = _swap_norm(child)
             if new is not None:
                 new.train(child.training)
                 setattr(parent, child_name, new)
     for name, m in model.named_modules():
-        if m in _hooked or in_decoder(name):
+        if m in _hooked or _in_decoder(name, decoders):
             continue
         if tl.is_time_layer(m):
             _warn_unfollowed(m, name)

@@ -149,11 +149,11 @@ def update_from_host_stats(runnings: List[Tensor], values: List[Tensor], stats: 
     ``stats``, a tensor that is finite exactly when the values are, and one
     fused ``lerp`` — the host time of a small training step (issue 16). The
     same skip and warning."""
-    if stats.numel() and not math.isfinite(torch.linalg.vector_norm(stats, _INF).item()):   # (_finite, inline)
+    if not _finite(stats):
         warnings.warn("seqnorm: a training batch has NaN/Inf statistics (NaN/Inf at real tokens); the running "
                       "statistics were left unchanged", NonFiniteStatisticsWarning, stacklevel=4)
         return False
-    factor = momentum if momentum is not None else momentum_factor(momentum, num_batches_tracked)
+    factor = momentum_factor(momentum, num_batches_tracked)
     if True in [r.requires_grad for r in runnings]:
         with torch.no_grad():
             torch._foreach_lerp_(runnings, values, factor)

@@ -25,13 +25,13 @@ The backward is written out the same way (the sums it needs pass through
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import running
+from ..masks import host_rows
 from ..running import nu_step, update_running_nu
 from . import register_backend
 
@@ -51,47 +51,21 @@ def zero_padded_rows(t: Tensor, pad: Optional[Tensor]) -> Tensor:
     ``masked_fill`` with the broadcast row mask, which dominated a small masked
     LayerNorm. Where reading the indices back would synchronize (an accelerator,
     torch.compile: :func:`seqnorm.running.sync_free`) it is ``masked_fill``. The
-    indices of the last pad are kept: one op fills the same rows 2–7 times."""
-    global _last_rows
+    indices are read once per mask (:func:`seqnorm.masks.host_rows`): one op fills
+    the same rows 2–7 times."""
     if pad is None:
         return t
-    if not torch.compiler.is_compiling():
-        ref, version, rows = _last_rows
-        if ref() is pad and version == pad._version:
-            return t.index_fill(0, rows, 0)
     if running.sync_free(pad):
         return t.masked_fill(pad.unsqueeze(-1), 0)
-    rows = pad.nonzero().squeeze(1)
-    if not pad.is_inference():    # (an inference tensor has no version counter to key on)
-        _last_rows = (weakref.ref(pad), pad._version, rows)
-    return t.index_fill(0, rows, 0)
-
-
-def _dead():
-    return None
-
-
-# (weak reference to the last pad filled by index, its version counter, its padded rows' indices)
-_last_rows = (_dead, -1, None)
+    return t.index_fill(0, host_rows(pad).padded, 0)
 
 
 def real_rows(pad: Tensor) -> Tensor:
     """Indices of the real rows of a host-readable ``pad (N,)`` (a CPU tensor:
-    reading it costs no synchronization), kept for the last pad as
-    :func:`zero_padded_rows` keeps its padded rows: a training step's norms
-    share one mask."""
-    global _last_real
-    ref, version, rows = _last_real
-    if ref() is pad and version == pad._version:
-        return rows
-    rows = torch.logical_not(pad).nonzero().squeeze(1)
-    if not pad.is_inference():
-        _last_real = (weakref.ref(pad), pad._version, rows)
-    return rows
-
-
-# (weak reference to the last pad whose real rows were taken, its version counter, those rows' indices)
-_last_real = (_dead, -1, None)
+    reading it costs no synchronization), read once per mask
+    (:func:`seqnorm.masks.host_rows`, as :func:`zero_padded_rows`'s padded rows):
+    a training step's norms share one mask."""
+    return host_rows(pad).real
 
 
 def featurewise_train_on_host(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
