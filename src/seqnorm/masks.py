@@ -29,7 +29,7 @@ metadata.
 
 from __future__ import annotations
 
-import contextvars
+import threading
 import weakref
 from typing import Optional, Sequence
 
@@ -39,7 +39,7 @@ from . import running
 
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
            "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
-           "assert_on_device", "flat_padding", "HostRows", "host_rows", "host_lengths_mask", "host_context_mask"]
+           "assert_on_device", "flat_padding", "open_padding", "close_padding", "PaddingContext", "HostRows", "host_rows", "host_lengths_mask", "host_context_mask"]
 
 Tensor = torch.Tensor
 
@@ -308,7 +308,7 @@ def host_context_mask(token_shape, rows: bool) -> Optional[Tensor]:
     row-wise norm (``rows``: laid out as :meth:`PaddingContext.for_tokens`) or a
     feature-wise one (:meth:`PaddingContext.batch_major`) last received it; None when
     the context has not given it yet (the caller takes the general path, which does)."""
-    ctx = _padding_context.get()
+    ctx = current_padding()
     if ctx is None:
         return None
     last = ctx._host_rows if rows else ctx._host_major
@@ -473,19 +473,48 @@ class _PaddingScope:
         self.ctx = ctx
 
     def __enter__(self) -> PaddingContext:
-        self.token = _padding_context.set(self.ctx)
+        self.depth = open_padding(self.ctx)
         return self.ctx
 
     def __exit__(self, *exc) -> None:
-        _padding_context.reset(self.token)
+        close_padding(self.depth)
+
+
+class _ThreadPadding(threading.local):
+    """The padding contexts open in this thread, innermost last.
+
+    Per thread, never one process global: two threads serving one model each see
+    their own batch's padding. A ``threading.local`` attribute and a list (not a
+    ``ContextVar``) because ``torch.compile`` traces both without a graph break, so
+    a padding-safe model compiles into one graph."""
+
+    def __init__(self):
+        self.stack: list = []
+
+
+_open = _ThreadPadding()
+
+
+def open_padding(ctx: Optional[PaddingContext]) -> int:
+    """Make ``ctx`` the current padding of this thread (``None``: no padding, for one
+    layer that falls back to torch's behaviour) until :func:`close_padding` is given
+    the depth this returns. :func:`padding` is the public way; this is for hooks,
+    which open a context in a pre-hook and close it in a forward hook."""
+    stack = _open.stack
+    stack.append(ctx)
+    return len(stack) - 1
+
+
+def close_padding(depth: int) -> None:
+    """Close the context :func:`open_padding` opened at ``depth``, and any left open
+    above it (a hook whose forward raised)."""
+    del _open.stack[depth:]
 
 
 def current_padding() -> Optional[PaddingContext]:
-    """The innermost :func:`padding` context, or None."""
-    return _padding_context.get()
-
-
-_padding_context = contextvars.ContextVar("seqnorm_padding", default=None)
+    """The innermost :func:`padding` context of this thread, or None."""
+    stack = _open.stack
+    return stack[-1] if stack else None
 
 
 def padding_for_rows(input: torch.Tensor, k: int, padding_mask, lengths):

@@ -24,10 +24,12 @@ fixes both, in place:
   sequence's end get the divisor they have alone), so every later norm and
   layer gets the mask at its own frame rate.
 
-The lengths passed to :func:`seqnorm.padding` are those at the first padding-
-aware layer the input reaches (a speech model's waveform or feature frames).
-Everything happens inside that context; outside it the hooks do nothing and the
-norms see no padding.
+The padding comes from the mask the model is called with (its ``attention_mask``
+or the like, at the rate of its input: :mod:`seqnorm.call_padding` opens the
+:func:`seqnorm.padding` context for each call), or from a context the caller
+opened, with lengths at the first padding-aware layer the input reaches (a
+speech model's waveform or feature frames). Everything happens inside that
+context; outside it the hooks do nothing and the norms see no padding.
 
 **Decoders are left alone.** In an encoder–decoder model (a submodule named
 ``decoder``, as in Hugging Face's Speech2Text, Whisper, Moonshine) the decoder's
@@ -49,6 +51,7 @@ too raises, naming the layer (channels that do not match).
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import Dict, List, Optional
@@ -57,9 +60,10 @@ import torch
 from torch import nn
 
 from . import time_layers as tl
+from .call_padding import hook_model_calls, unhook_model_calls
 from .attention_safe import _decoder_paths, _in_decoder, hook_attention, unhook_attention
 from .convert import ConversionWarning, convert
-from .masks import _padding_context, current_padding, host_readable
+from .masks import close_padding, current_padding, host_readable, open_padding
 from .modules import GroupNorm, InstanceNorm1d
 from .time_layers import TIME_LAYERS
 
@@ -75,8 +79,34 @@ _CHANNELS_FIRST = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm
 _hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 #: layers that fell back to torch's behaviour → the reason (warned once each)
 _fell_back: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-#: per call in flight: what the forward hook must undo (a context token, a reshape)
-_pending: "weakref.WeakKeyDictionary[nn.Module, List[tuple]]" = weakref.WeakKeyDictionary()
+
+
+class _InFlight(threading.local):
+    """Per thread, the calls in flight whose forward hook has something to undo or
+    finish: ``(module, what, value)``, innermost last (a pre-hook pushes at most one
+    entry, its module's forward hook pops it). Per thread, so two threads running one
+    model never take each other's entries; a list on a ``threading.local``, which
+    ``torch.compile`` traces without a graph break."""
+
+    def __init__(self):
+        self.stack: List[tuple] = []
+
+
+_in_flight = _InFlight()
+
+
+def _push(module: nn.Module, what: str, value) -> None:
+    _in_flight.stack.append((module, what, value))
+
+
+def _pop(module: nn.Module, what: Optional[str] = None):
+    """``(what, value)`` of ``module``'s entry if it is the innermost one (and of kind
+    ``what``, when given), removed; else None (its pre-hook pushed nothing)."""
+    stack = _in_flight.stack
+    if stack and stack[-1][0] is module and (what is None or stack[-1][1] == what):
+        _, kind, value = stack.pop()
+        return kind, value
+    return None
 
 
 def _one(v) -> int:
@@ -120,17 +150,17 @@ def _fall_back(module: nn.Module, where: str, reason: str, norm: bool) -> None:
         warnings.warn(f"{where}: {reason}; it acts as torch's module does here ({what})",
                       ConversionWarning, stacklevel=2)
     if norm:
-        _pending.setdefault(module, []).append(("context", _padding_context.set(None)))
+        _push(module, "context", open_padding(None))
 
 
 def _undo_hook(module, args, output):
     """Undo what the pre-hook did for this call (always called, errors too)."""
-    stack = _pending.get(module)
-    if not stack:
+    entry = _pop(module)
+    if entry is None:
         return None
-    what, value = stack.pop()
+    what, value = entry
     if what == "context":
-        _padding_context.reset(value)
+        close_padding(value)
         return None
     if what == "reshape" and isinstance(output, Tensor):      # (B, C, T·F) → (B, C, T, F), time back in place
         shape, axis = value
@@ -229,7 +259,7 @@ def _time_pre_hook(name: str):
         if lengths is None:
             _fall_back(layer, where, reason, norm=False)
             return None
-        _pending.setdefault(layer, []).append(("time", (axis, lengths)))
+        _push(layer, "time", (axis, lengths))
         if not tl.reads_past_the_end(tl.geometry(layer, axis - 2)):
             return None
         pad = ctx.mask_at(x.shape[axis], x.device)     # (B, T), built once per rate, shared with the norms
@@ -240,10 +270,10 @@ def _time_pre_hook(name: str):
 
 def _time_hook(name: str):
     def hook(layer, args, output):
-        stack = _pending.get(layer)
-        if not stack or stack[-1][0] != "time":
+        entry = _pop(layer, "time")
+        if entry is None:
             return None
-        axis, lengths = stack.pop()[1]
+        axis, lengths = entry[1]
         ctx = current_padding()
         out = output[0] if isinstance(output, tuple) else output     # MaxPool(return_indices=True)
         if ctx is None or not isinstance(out, Tensor):
@@ -315,7 +345,7 @@ def _channels_first_input(norm, ctx, x, where, args, kwargs):
     # real ones are the first L·F — masked over (B, T) exactly
     rest = x.movedim(axis, 2)
     flat = rest.reshape(rest.shape[0], rest.shape[1], -1)
-    _pending.setdefault(norm, []).append(("reshape", (tuple(x.shape), axis)))
+    _push(norm, "reshape", (tuple(x.shape), axis))
     return (flat,) + tuple(args[1:]), dict(kwargs, lengths=lengths.to(x.device) * rest.shape[3])
 
 
@@ -382,21 +412,30 @@ def is_padding_safe(model: nn.Module) -> bool:
     return any(m in _hooked for m in model.modules())
 
 
-def make_padding_safe(model: nn.Module, *, attention: bool = True) -> nn.Module:
+def make_padding_safe(model: nn.Module, *, attention: bool = True, padding_from_mask: bool = True) -> nn.Module:
     """Make ``model``'s outputs at real steps independent of padding, in place.
 
     Swaps its norms for seqnorm's masked ones and hooks its time convolutions
-    and pooling layers (see the module docstring); returns ``model``. Padding
-    then reaches every layer through :func:`seqnorm.padding`, with lengths at
-    the rate of the model's input::
+    and pooling layers (see the module docstring); returns ``model``. Then call
+    the model as before, with its own mask: each call opens the
+    :func:`seqnorm.padding` context from it (:mod:`seqnorm.call_padding`), so a
+    Hugging Face pipeline, a training step, ``generate`` and ``torch.compile``
+    all get batched = alone::
 
         model = seqnorm.make_padding_safe(model)
-        with seqnorm.padding(lengths=input_lengths):
-            out = model(batch, attention_mask=attention_mask)
+        out = model(batch, attention_mask=attention_mask)    # 1 at real steps
 
-    Without the context the model computes what it computed before (to float
-    rounding). Calling it twice changes nothing more. Parameters of swapped
+    A model called without a mask (a feature extractor that returns none by
+    default, as group-norm wav2vec2's: pass ``return_attention_mask=True``)
+    computes what it computed before, to float rounding; so does one called
+    with a mask without padding. A context the caller opens wins: for a model
+    whose forward takes no mask, ``with seqnorm.padding(lengths=input_lengths):
+    model(batch)``. Calling it twice changes nothing more. Parameters of swapped
     norms are new objects: build the optimizer afterwards.
+
+    With ``padding_from_mask=False`` the model follows padding only inside a
+    :func:`seqnorm.padding` context the caller opens (and such call hooks are
+    removed).
 
     With ``attention`` (the default), every attention module also masks the keys
     past each sequence's end at its own rate, combined with the mask the model
@@ -444,4 +483,5 @@ def make_padding_safe(model: nn.Module, *, attention: bool = True) -> nn.Module:
             _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, False), with_kwargs=True),
                           m.register_forward_hook(_undo_hook, always_call=True))
     hook_attention(model) if attention else unhook_attention(model)
+    hook_model_calls(model, skip=decoders) if padding_from_mask else unhook_model_calls(model)
     return model
