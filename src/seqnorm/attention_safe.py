@@ -222,11 +222,12 @@ def _implementation(module: nn.Module) -> Optional[str]:
     return getattr(getattr(module, "config", None), "_attn_implementation", None)
 
 
-def _new_mask_style(module: nn.Module) -> Optional[str]:
+def _new_mask_style(module: nn.Module, use: Optional[str]) -> Optional[str]:
     """The mask format a module called without one takes (SDPA: bool, eager: additive
     float), or None where seqnorm cannot tell (flash's unpadded masks, flex's
-    BlockMask, a use of the mask it does not follow)."""
-    use = _mask_use(type(module))
+    BlockMask, a use of the mask it does not follow); ``use`` is :func:`_mask_use` of
+    its class, read when the hook is made (reading source inside a call would break
+    a ``torch.compile`` graph)."""
     if use != "interface":
         return use
     return {"sdpa": "bool", "eager": "float"}.get(_implementation(module) or "eager")
@@ -258,6 +259,7 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
     mask_at = _param_index(module, "attention_mask")
     states_name = next(iter(inspect.signature(module.forward).parameters), "hidden_states")
     kv_at = {n: _param_index(module, n) for n in _KV_ARGS}
+    use = _mask_use(type(module))
 
     def hook(mod, args, kwargs):
         ctx = current_padding()
@@ -279,14 +281,14 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
         keep = key_mask(lengths.to(keys.device), steps)
         mask = _get(args, kwargs, mask_at, "attention_mask")
         if mask is None:
-            style = _new_mask_style(mod)
+            style = _new_mask_style(mod, use)
             if style is None:
                 _warn_once(rec, "no mask", f"called without a mask, and seqnorm does not know the mask format "
                            f"it takes (attn_implementation={_implementation(mod)!r})")
                 return None
             causal = bool(getattr(mod, "is_causal", False)) and kv is None
             new = _new_mask(keep, style, x.dtype if x.is_floating_point() else torch.float32, x.shape[1], causal)
-        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and _new_mask_style(mod) == "float":
+        elif isinstance(mask, Tensor) and mask.dtype == torch.bool and _new_mask_style(mod, use) == "float":
             # HF's eager attention adds its mask: a bool one (Seamless M4T v2's chunk mask) adds 0/1 and
             # masks nothing, batched or alone; turning it into a real mask would change the model itself
             _warn_once(rec, "bool under eager", "its eager attention adds the bool mask it gets (0/1), which masks "

@@ -697,8 +697,11 @@ _power_norm_training = torch.compiler.disable(_power_norm)
 # ---------------------------------------------------------------------------
 
 
-def _check_groups(groups, c: int, who: str, what: str) -> None:
+def _check_groups(groups, c: int, who: str, what) -> None:
+    """``what``: the input's shape, or words for it (formatted only on error: ``int()`` of
+    a size traced by torch.compile would fix it to the traced value)."""
     if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or c % groups:
+        what = what if isinstance(what, str) else f"input {shape_str(what)}"
         raise ValueError(f"{who}: num_groups must be a positive int dividing the {c} channels of {what}, "
                          f"got {groups!r}")
 
@@ -715,7 +718,7 @@ def _channels_first_setup(x: Tensor, weight, bias, padding_mask, lengths, who: s
         raise ValueError(f"{who} expects input of shape (N, C, *), got {shape_str(x.shape)}")
     n, c = x.shape[0], x.shape[1]
     if groups is not _NO_GROUPS:
-        _check_groups(groups, c, who, f"input {shape_str(x.shape)}")
+        _check_groups(groups, c, who, x.shape)
     check_param(weight, "weight", (c,), x)
     check_param(bias, "bias", (c,), x)
     if (padding_mask is not None or lengths is not None) and x.dim() != 3:

@@ -112,8 +112,10 @@ def _check_range(given, lengths: Tensor, max_len: int) -> None:
     elif host_readable(lengths):
         lo, hi = int(lengths.min()), int(lengths.max())
     else:
+        # under torch.compile T may be a traced size: formatting it would fix it to the traced value
+        bound = "T" if torch.compiler.is_compiling() else max_len
         assert_on_device(((lengths >= 0) & (lengths <= max_len)).all(),
-                         f"lengths must lie in [0, {max_len}] (the sequence length T)")
+                         f"lengths must lie in [0, {bound}] (the sequence length T)")
         return
     if lo < 0 or hi > max_len:
         raise ValueError(
@@ -322,6 +324,43 @@ def host_context_mask(token_shape, rows: bool) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------
 
 
+class ByRate:
+    """A small map whose keys are numbers of time steps (or tuples of them), found by
+    ``==`` rather than by hashing. Under ``torch.compile`` with dynamic shapes a
+    number of steps is symbolic: hashing it (a dict key, ``int()``) would fix it to
+    the value traced, and every other length would compile again; ``==`` between
+    two sizes is a relation the compiled graph keeps. A model has a handful of
+    rates, so a list is as fast as a dict here."""
+
+    __slots__ = ("items",)
+
+    def __init__(self):
+        self.items: list = []
+
+    def get(self, key, default=None):
+        for k, v in self.items:
+            if k == key:
+                return v
+        return default
+
+    def set(self, key, value) -> None:
+        self.drop(lambda k: k == key)
+        self.items.append((key, value))
+
+    def drop(self, which) -> None:
+        """Remove the entries whose key ``which(key)`` holds for."""
+        self.items = [(k, v) for k, v in self.items if not which(k)]
+
+    def keys(self) -> list:
+        return [k for k, _ in self.items]
+
+    def __contains__(self, key) -> bool:
+        return any(k == key for k, _ in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class PaddingContext:
     """The padding set by :func:`padding`, handed to every seqnorm module that
     is called without an explicit ``padding_mask`` / ``lengths``.
@@ -346,19 +385,20 @@ class PaddingContext:
 
     def __init__(self, padding_mask, lengths, batch_first: bool):
         self.padding_mask, self.lengths, self.batch_first = padding_mask, lengths, batch_first
-        self._lengths_at = {}      # time steps → (B,) lengths at that rate
-        self._masks = {}           # (B, T, device) → the validated (B, T) mask
+        self._lengths_at = ByRate()      # time steps → (B,) lengths at that rate
+        self._masks = ByRate()           # (B, T, device) → the validated (B, T) mask
         # (token shape, mask) last handed out on the CPU by batch_major / for_tokens (host_context_mask)
         self._host_major = self._host_rows = None
 
     def batch_major(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The validated ``(B, T)`` mask on ``device``; ``token_shape`` is ``(B, T)``."""
-        key = (int(token_shape[0]), int(token_shape[1]), device)
+        key = (token_shape[0], token_shape[1], device)
         mask = self._masks.get(key)
         if mask is None:
-            mask = self._masks[key] = self._resolve(key[:2], device)
-        if mask.is_cpu:
-            self._host_major = (key[:2], mask)
+            mask = self._resolve(key[:2], device)
+            self._masks.set(key, mask)
+        if mask.is_cpu and not torch.compiler.is_compiling():
+            self._host_major = ((int(key[0]), int(key[1])), mask)
         return mask
 
     def _resolve(self, token_shape, device) -> torch.Tensor:
@@ -376,17 +416,18 @@ class PaddingContext:
 
     def lengths_at(self, steps: int) -> torch.Tensor:
         """The ``(B,)`` lengths at a module with ``steps`` time steps (see the class docstring)."""
-        steps = int(steps)
-        if steps in self._lengths_at:
-            return self._lengths_at[steps]
+        lengths = self._lengths_at.get(steps)
+        if lengths is not None:
+            return lengths
         if self.padding_mask is None and not self._lengths_at:
-            self._lengths_at[steps] = torch.as_tensor(self.lengths)   # the first module sets the input's rate
-            return self._lengths_at[steps]
+            lengths = torch.as_tensor(self.lengths)     # the first module sets the input's rate
+            self._lengths_at.set(steps, lengths)
+            return lengths
         if self.padding_mask is not None and not self._lengths_at:
             mask = self.padding_mask
             if mask.dim() == 2 and mask.shape[1] == steps:
                 return self.mask_lengths()
-        known = sorted(self._lengths_at) or [int(self.padding_mask.shape[-1])]
+        known = self.known_steps() or [int(self.padding_mask.shape[-1])]
         raise ValueError(
             f"seqnorm.padding: no sequence lengths are known at {steps} time steps (known at "
             f"{', '.join(map(str, known))}); a layer changed the number of steps in a way seqnorm does not "
@@ -406,7 +447,7 @@ class PaddingContext:
             assert_on_device(torch.eq(rebuilt, mask).all(), holes)
         elif not torch.equal(rebuilt, mask):
             raise ValueError(holes)
-        self._lengths_at[int(mask.shape[1])] = lengths
+        self._lengths_at.set(mask.shape[1], lengths)
         return lengths
 
     def record(self, steps: int, lengths: torch.Tensor) -> None:
@@ -414,17 +455,17 @@ class PaddingContext:
         Two rates with the same number of steps (a pooling layer and, later, an
         upsampling one) cannot be told apart by the number: the latest record holds,
         which in a feed-forward stack is the layer that made the tensor at hand."""
-        steps = int(steps)
         if self._lengths_at.get(steps) is lengths:       # a layer that keeps every length
             return
-        self._lengths_at[steps] = lengths
-        for key in [k for k in self._masks if k[1] == steps]:
-            del self._masks[key]
+        self._lengths_at.set(steps, lengths)
+        self._masks.drop(lambda key: key[1] == steps)
         self._host_major = self._host_rows = None
 
     def known_steps(self):
-        """The numbers of time steps whose lengths are known."""
-        return sorted(self._lengths_at)
+        """The numbers of time steps whose lengths are known (a sorted list; under
+        ``torch.compile``, in the order they became known)."""
+        steps = self._lengths_at.keys()
+        return steps if torch.compiler.is_compiling() else sorted(int(k) for k in steps)
 
     def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
@@ -436,7 +477,7 @@ class PaddingContext:
             mask = self.batch_major(token_shape, device)
         else:
             mask = self.batch_major((token_shape[1], token_shape[0]), device).transpose(0, 1)
-        if mask.is_cpu:
+        if mask.is_cpu and not torch.compiler.is_compiling():
             self._host_rows = (tuple(int(s) for s in token_shape), mask)
         return mask
 

@@ -169,11 +169,12 @@ def _undo_hook(module, args, output):
     return None
 
 
-def _known(ctx) -> set:
-    """The numbers of steps whose lengths the context knows (the given mask's too)."""
-    known = set(ctx.known_steps())
-    if ctx.padding_mask is not None and ctx.padding_mask.dim() == 2:
-        known.add(int(ctx.padding_mask.shape[1]))
+def _known(ctx) -> list:
+    """The numbers of steps whose lengths the context knows (the given mask's too); a
+    list compared with ``==``, never hashed (see :class:`~seqnorm.masks.ByRate`)."""
+    known = list(ctx.known_steps())
+    if ctx.padding_mask is not None and ctx.padding_mask.dim() == 2 and ctx.padding_mask.shape[1] not in known:
+        known.append(ctx.padding_mask.shape[1])
     return known
 
 

@@ -134,7 +134,7 @@ def time_axis(layer: nn.Module, x: Tensor, known: Iterable[int]) -> Optional[int
     k = kind(layer)
     if k is None or not isinstance(x, Tensor) or x.dim() != k.spatial + 2:
         return None
-    known = set(known)
+    known = list(known)     # compared with ==, not hashed: a symbolic size stays symbolic under torch.compile
     return next((a for a in range(2, x.dim()) if x.shape[a] in known), None)
 
 
