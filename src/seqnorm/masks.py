@@ -112,7 +112,8 @@ def _check_range(given, lengths: Tensor, max_len: int) -> None:
     elif host_readable(lengths):
         lo, hi = int(lengths.min()), int(lengths.max())
     else:
-        # under torch.compile T may be a traced size: formatting it would fix it to the traced value
+        # under torch.compile T may be a symbolic size (dynamic shapes), which tracing cannot tell
+        # from an int: formatting it would fix it to the traced value, and every other T would recompile
         bound = "T" if torch.compiler.is_compiling() else max_len
         assert_on_device(((lengths >= 0) & (lengths <= max_len)).all(),
                          f"lengths must lie in [0, {bound}] (the sequence length T)")
