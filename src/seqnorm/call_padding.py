@@ -150,7 +150,7 @@ def context_for_call(arg: MaskArgument, args, kwargs) -> Optional[PaddingContext
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         return None
     compiling = torch.compiler.is_compiling()
-    if not compiling:
+    if not compiling:      # (weak references and version counters do not trace)
         ctx = _kept_context(mask)
         if ctx is not None:
             return ctx
@@ -158,12 +158,14 @@ def context_for_call(arg: MaskArgument, args, kwargs) -> Optional[PaddingContext
     batch_first = _layout(x, mask.shape[0], mask.shape[1])
     if batch_first is None:
         return None
+    if compiling:      # no tensor op in the hook: the mask is negated where it is first used, in the model's graph
+        return PaddingContext(None if arg.real else mask.to(torch.bool), None, batch_first,
+                              real_mask=mask if arg.real else None)
     pad = mask.logical_not() if arg.real else mask.to(torch.bool)
     if host_readable(pad) and not pad.any():
         return None       # no padding: the model computes exactly what it did
     ctx = PaddingContext(pad, None, batch_first)
-    if not compiling:
-        _keep_context(mask, ctx)
+    _keep_context(mask, ctx)
     return ctx
 
 

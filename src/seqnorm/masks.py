@@ -384,12 +384,23 @@ class PaddingContext:
 
     _WHAT = "(B, T) [from seqnorm.padding]"
 
-    def __init__(self, padding_mask, lengths, batch_first: bool):
-        self.padding_mask, self.lengths, self.batch_first = padding_mask, lengths, batch_first
+    def __init__(self, padding_mask, lengths, batch_first: bool, *, real_mask=None):
+        self._padding_mask, self._real_mask = padding_mask, real_mask
+        self.lengths, self.batch_first = lengths, batch_first
         self._lengths_at = ByRate()      # time steps → (B,) lengths at that rate
         self._masks = ByRate()           # (B, T, device) → the validated (B, T) mask
         # (token shape, mask) last handed out on the CPU by batch_major / for_tokens (host_context_mask)
         self._host_major = self._host_rows = None
+
+    @property
+    def padding_mask(self):
+        """The given ``(B, T)`` mask, True at padding; from ``real_mask`` (1 at real steps, as
+        a model is called with) on first use, so that a hook that opens a context from a
+        model's mask computes nothing itself (under ``torch.compile`` it then adds no graph
+        of its own: the negation is traced into the model's)."""
+        if self._padding_mask is None and self._real_mask is not None:
+            self._padding_mask = self._real_mask.logical_not()
+        return self._padding_mask
 
     def batch_major(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The validated ``(B, T)`` mask on ``device``; ``token_shape`` is ``(B, T)``."""
