@@ -138,6 +138,13 @@ def _load(name: str) -> bool:
     return name in _choosers
 
 
+@torch.compiler.assume_constant_result
+def _loaded(name: str) -> bool:
+    """:func:`_load` run as Python even while torch.compile traces (a constant of the trace):
+    Dynamo would otherwise trace the backend's first import (Numba's) into the model's graph."""
+    return _load(name)
+
+
 def available_backends() -> Tuple[str, ...]:
     """Names accepted by :func:`set_backend`: ``"auto"`` and every backend that imports."""
     names = dict.fromkeys(list(BUILTIN) + list(_choosers))   # ordered, each once
@@ -148,7 +155,7 @@ def backend_named(name: str, x: Tensor) -> Backend:
     """The object backend ``name`` runs ``x`` with (it may hand ``x`` to torch)."""
     if name == "auto":
         return _auto(x)
-    if not _load(name):
+    if not _loaded(name):
         raise ValueError(f"backend {name!r} is not available: {_unavailable.get(name, 'not registered')}")
     return _choosers[name](x)
 
@@ -196,8 +203,8 @@ def _auto(x: Tensor) -> Backend:
     Numba imports); each hands what it does not take to torch, as does every
     other case."""
     # (is_cuda / is_cpu: ~1 µs less per call than building x.device and comparing its type)
-    if x.is_cuda and _load("triton"):
+    if x.is_cuda and _loaded("triton"):
         return _choosers["triton"](x)
-    if x.is_cpu and x.numel() >= AUTO_MIN_NUMEL and _load("fused"):
+    if x.is_cpu and x.numel() >= AUTO_MIN_NUMEL and _loaded("fused"):
         return _choosers["fused"](x)
     return backend_named("torch", x)
