@@ -17,9 +17,11 @@ _FROM_ROOT = re.compile(r"\]\(docs/([^)\s]*)\)")
 
 
 def _section(readme: str, name: str) -> str:
-    found = re.search(rf"^.*--8<-- \[start:{name}\].*\n(.*?)^.*--8<-- \[end:{name}\].*$", readme, re.S | re.M)
+    found = re.search(rf"^[^\n]*--8<-- \[start:{name}\][^\n]*\n(.*?)^[^\n]*--8<-- \[end:{name}\]", readme, re.S | re.M)
     if found is None:
         raise ValueError(f"README.md has no section {name!r} (--8<-- [start:{name}] … [end:{name}])")
+    if not found.group(1).strip():
+        raise ValueError(f"README.md's section {name!r} is empty")
     return found.group(1).rstrip("\n")
 
 
