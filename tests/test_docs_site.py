@@ -1,6 +1,7 @@
 """The documentation site (mkdocs.yml, docs/) builds with ``mkdocs build --strict``, and the
 README stays a front page: at most 12 KB, the set-up commands first, no broken relative link."""
 
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_mkdocs_build_strict(tmp_path):
     site = tmp_path / "site"
     run = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
-        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
     api = "\n".join(p.read_text(encoding="utf-8") for p in (site / "api").glob("*.html"))
