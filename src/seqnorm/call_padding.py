@@ -52,7 +52,8 @@ from torch import nn
 
 from .masks import PaddingContext, close_padding, current_padding, host_readable, open_padding
 
-__all__ = ["MASK_ARGUMENTS", "mask_argument", "hook_model_calls", "unhook_model_calls", "entry_points"]
+__all__ = ["MASK_ARGUMENTS", "MaskArgument", "mask_argument", "context_for_call", "entry_points", "hook_model_calls",
+           "unhook_model_calls"]
 
 Tensor = torch.Tensor
 
