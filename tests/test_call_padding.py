@@ -367,3 +367,20 @@ def test_the_callers_context_wins():
             without_hooks = model(batch, attention_mask=mask).logits
     assert torch.equal(callers, without_hooks)   # the model's mask did not replace the caller's context
     assert (callers - own).abs().max() > 1e-3
+
+
+def test_kept_context_is_per_model_and_mask():
+    """generate's steps reuse the context their encoder call opened (same model, same mask);
+    another model, or the mask changed in place, gets a fresh one."""
+    arg = mask_argument(_ctc())
+    x = torch.randn(2, 100)
+    mask = torch.ones(2, 100, dtype=torch.long)
+    mask[1, 60:] = 0
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    first = context_for_call(arg, (x,), {"attention_mask": mask}, a)
+    assert context_for_call(arg, (None,), {"attention_mask": mask}, a) is first     # a decoder step: no input
+    assert context_for_call(arg, (x,), {"attention_mask": mask}, b) is not first
+    fresh = context_for_call(arg, (x,), {"attention_mask": mask}, a)
+    mask[1, 50:] = 0
+    changed = context_for_call(arg, (x,), {"attention_mask": mask}, a)
+    assert changed is not fresh and changed.lengths_at(100).tolist() == [100, 50]

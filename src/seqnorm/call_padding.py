@@ -109,27 +109,32 @@ def _get(args, kwargs, index, name):
 
 
 class _LastContexts(threading.local):
-    """Per thread: the context the latest call opened, kept for the mask it came from
-    (a weak reference and the mask's version counter), so the calls of one ``generate``
-    share the rates its encoder call recorded."""
+    """Per thread: the context the latest call opened, kept for the model and the mask it
+    came from (a weak reference and the mask's version counter), so the calls of one
+    ``generate`` share the rates its encoder call recorded — and another model given the
+    same mask never sees rates this one recorded."""
 
     def __init__(self):
-        self.last = (lambda: None, -1, None)
+        self.last = (_dead, -1, _dead, None)     # weak references: a kept context keeps no model alive
+
+
+def _dead():
+    return None
 
 
 _last = _LastContexts()
 
 
-def _kept_context(mask: Tensor) -> Optional[PaddingContext]:
-    ref, version, ctx = _last.last
-    if ref() is mask and version == mask._version:
+def _kept_context(mask: Tensor, model) -> Optional[PaddingContext]:
+    ref, version, owner, ctx = _last.last
+    if ref() is mask and version == mask._version and owner() is model:
         return ctx
     return None
 
 
-def _keep_context(mask: Tensor, ctx: PaddingContext) -> None:
+def _keep_context(mask: Tensor, model, ctx: PaddingContext) -> None:
     if not mask.is_inference():       # an inference tensor has no version counter
-        _last.last = (weakref.ref(mask), mask._version, ctx)
+        _last.last = (weakref.ref(mask), mask._version, _dead if model is None else weakref.ref(model), ctx)
 
 
 def _layout(x, batch: int, steps: int) -> Optional[bool]:
@@ -143,16 +148,17 @@ def _layout(x, batch: int, steps: int) -> Optional[bool]:
     return None
 
 
-def context_for_call(arg: MaskArgument, args, kwargs) -> Optional[PaddingContext]:
+def context_for_call(arg: MaskArgument, args, kwargs, model=None) -> Optional[PaddingContext]:
     """The padding context for one call of a model whose forward takes its mask as
     ``arg`` describes, or None (no mask, one that fits no axis of the main input, or
-    no padding)."""
+    no padding). ``model``: the model :func:`hook_model_calls` was given (the kept
+    context of a mask is its own: see :class:`_LastContexts`)."""
     mask = _get(args, kwargs, arg.index, arg.name)
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         return None
     compiling = torch.compiler.is_compiling()
     if not compiling:      # (weak references and version counters do not trace)
-        ctx = _kept_context(mask)
+        ctx = _kept_context(mask, model)
         if ctx is not None:
             return ctx
     x = _get(args, kwargs, 0, arg.input_name)
@@ -166,7 +172,7 @@ def context_for_call(arg: MaskArgument, args, kwargs) -> Optional[PaddingContext
     if host_readable(pad) and not pad.any():
         return None       # no padding: the model computes exactly what it did
     ctx = PaddingContext(pad, None, batch_first)
-    _keep_context(mask, ctx)
+    _keep_context(mask, model, ctx)
     return ctx
 
 
@@ -184,11 +190,11 @@ class _Opened(threading.local):
 _opened = _Opened()
 
 
-def _open_hook(arg: MaskArgument):
+def _open_hook(arg: MaskArgument, owner: "weakref.ref[nn.Module]"):
     def hook(module, args, kwargs):
         if current_padding() is not None:        # the caller's context, or an outer call's, wins
             return None
-        ctx = context_for_call(arg, args, kwargs)
+        ctx = context_for_call(arg, args, kwargs, owner())
         if ctx is not None:
             _opened.stack.append((module, open_padding(ctx)))
         return None
@@ -219,10 +225,11 @@ def hook_model_calls(model: nn.Module, skip=()) -> list:
     """Give each of :func:`entry_points` the hooks that open the padding context from its
     mask for each call (calling it again adds none). Returns their names."""
     names = []
+    owner = weakref.ref(model)
     for name, m in entry_points(model, skip):
         if m not in _hooked:
             arg = mask_argument(m)
-            _hooked[m] = (arg, (m.register_forward_pre_hook(_open_hook(arg), with_kwargs=True),
+            _hooked[m] = (arg, (m.register_forward_pre_hook(_open_hook(arg, owner), with_kwargs=True),
                                 m.register_forward_hook(_close_hook, always_call=True)))
         names.append(name)
     return names
