@@ -297,6 +297,26 @@ def test_hf_speech_models_read_nothing_back_under_the_padding_context(name, forc
     assert reads == {} and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert"])
+def test_hf_speech_models_read_nothing_back_from_their_own_mask(name, forced):
+    """The context a padding-safe model opens from its own attention_mask (no seqnorm.padding
+    around the call) adds no host read to those the model makes itself with a mask (HF zeroes
+    padded frames by boolean indexing) — and it is open: the output is the masked one."""
+    pytest.importorskip("transformers")
+    from seqnorm import hf
+
+    stock, model = hf.build(name), seqnorm.make_padding_safe(hf.build(name))
+    audio = torch.randn(2, 1600, generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(1600)[None, :] < torch.tensor([1600, 1000])[:, None]).long()
+    with torch.no_grad():
+        _, stock_reads = _reads(lambda: stock(audio, attention_mask=mask).last_hidden_state)
+        out, reads = _reads(lambda: model(audio, attention_mask=mask).last_hidden_state)
+        with seqnorm.padding(lengths=torch.tensor([1600, 1000])):
+            expected = model(audio, attention_mask=mask).last_hidden_state
+    assert reads == stock_reads
+    torch.testing.assert_close(out, expected)
+
+
 def test_each_rate_builds_its_mask_once(monkeypatch):
     """Inside one context the mask at a frame rate is built once and shared by every
     layer at that rate (three norms and a conv at the input's rate, two norms after
