@@ -147,7 +147,7 @@ def _host_input(x) -> bool:
     if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dtype not in _HOST_DTYPES \
             or x.is_nested:
         return False
-    name = backends._active.get()      # (a ContextVar: Dynamo cannot trace it, hence compiling first)
+    name = backends.get_backend()      # (a ContextVar read: Dynamo cannot trace it, hence compiling first)
     if name != "torch" and (name != "auto" or x.numel() >= backends.AUTO_MIN_NUMEL):
         return False
     return running_policy.sync_free is _real_sync_free or not running_policy.sync_free(x)
