@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from triton import knobs
 
 __all__ = ["CachedKernel", "cached_kernels"]
 
@@ -181,10 +182,14 @@ def _interpreted(fn) -> bool:
 
 
 def _no_hooks() -> bool:
-    """Whether no launch hook is set (a profiler's hooks see every launch through ``kernel[grid]``)."""
-    from triton import knobs
+    """Whether no launch hook is set (a profiler's hooks see every launch through ``kernel[grid]``):
+    None, or an empty chain (Triton 3.9's ``HookChain``)."""
+    runtime = knobs.runtime
+    return _empty_hook(runtime.launch_enter_hook) and _empty_hook(runtime.launch_exit_hook)
 
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+
+def _empty_hook(hook) -> bool:
+    return hook is None or getattr(hook, "calls", None) == []
 
 
 def _constexpr_tail(fn, n_args: int, options: dict) -> Optional[tuple]:
