@@ -158,7 +158,7 @@ def _param_grads(dw_part: Tensor, db_part: Tensor, dw: Tensor, db: Tensor, progr
     partial rows, in their dtypes (one launch; none without parameters)."""
     if has_w or has_b:
         block = min(1024, _pow2(max(d, 1)))
-        pk.param_grads[(_cdiv(d, block),)](dw_part, db_part, dw, db, programs, d, HAS_W=has_w, HAS_B=has_b,
+        pk.param_grads.launch((_cdiv(d, block),), dw_part, db_part, dw, db, programs, d, HAS_W=has_w, HAS_B=has_b,
                                                  BLOCK_F=block)
 
 
@@ -169,35 +169,38 @@ def _param_grads(dw_part: Tensor, db_part: Tensor, dw: Tensor, db: Tensor, progr
 
 def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                       pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, s, shift, delta, rstd)`` of the row-wise norm of ``x (+ residual)``;
-    ``s`` is empty unless ``write_sum``. One launch."""
-    x, residual = _rows(x), _rows(residual)
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, s, stats)`` of the row-wise norm of ``x (+ residual)``, ``stats (R, 3)``
+    float32 each row's ``m, δ, r``; ``s`` is None unless ``write_sum`` (the custom op
+    returns an empty tensor there). One launch."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
     rows, d = x.shape
     y = torch.empty_like(x)
-    s = torch.empty_like(x) if write_sum else x.new_empty(0)
-    f32 = torch.float32      # (three allocations: unbind costs ~2 µs more)
-    shift, delta, rstd = x.new_empty(rows, dtype=f32), x.new_empty(rows, dtype=f32), x.new_empty(rows, dtype=f32)
+    s = torch.empty_like(x) if write_sum else None
+    stats = x.new_empty((rows, 3), dtype=torch.float32)
     if rows and d:
         block, warps = _block_d(d)
         res = residual if residual is not None else x
         kernel, blocks = (rk.rowwise_fwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_FWD else \
             (rk.rowwise_fwd_blocked, dict(BLOCK_C=BLOCK_C))
-        kernel[(rows,)](
-            x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x), shift, delta,
-            rstd, x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, float(eps),
+        kernel.launch(
+            (rows,), x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x),
+            stats, x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, eps,
             HAS_RES=residual is not None, WRITE_S=write_sum, HAS_W=weight is not None, HAS_B=bias is not None,
             HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     else:
-        shift.zero_(), delta.zero_(), rstd.zero_(), y.zero_()
+        stats.zero_(), y.zero_()
         if write_sum:
             s.copy_(x if residual is None else (x.float() + residual.float()).to(x.dtype))
-    return y, s, shift, delta, rstd
+    return y, s, stats
 
 
 def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      residual: Optional[Tensor], ds: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
-                      delta: Tensor, rstd: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                      residual: Optional[Tensor], ds: Optional[Tensor], pad: Optional[Tensor], stats: Tensor,
+                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``, the parameter gradients in their dtypes: the rows'
     kernel, then the finalize of the parameter gradients (two launches)."""
     dy, x, residual, ds = _rows(dy), _rows(x), _rows(residual), _rows(ds)
@@ -218,8 +221,8 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
     kernel, blocks = (rk.rowwise_bwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_BWD else \
         (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
     warps = _bwd_warps(block) if block <= MAX_BLOCK_BWD else warps
-    kernel[(programs,)](
-        dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), shift, delta, rstd, dw_part, db_part,
+    kernel.launch(
+        (programs,), dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), stats, dw_part, db_part,
         dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
         HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
         HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
@@ -228,9 +231,8 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
 
 
 def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
-    rows = x.shape[0]
     return (torch.empty_like(x), torch.empty_like(x) if write_sum else x.new_empty(0),
-            *(x.new_empty(rows, dtype=torch.float32) for _ in range(3)))
+            x.new_empty((x.shape[0], 3), dtype=torch.float32))
 
 
 rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
@@ -238,25 +240,25 @@ rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
 
 def _rowwise_setup(ctx, inputs, output):
     x, residual, weight, bias, pad, eps, center, write_sum = inputs
-    _, _, shift, delta, rstd = output
-    ctx.save_for_backward(x, residual, weight, bias, pad, shift, delta, rstd)
+    ctx.save_for_backward(x, residual, weight, bias, pad, output[2])
     ctx.center = center
 
 
 def _rowwise_backward(ctx, dy, ds, *_):
     """The backward re-forms the float32 sum from both addends (never a rounded sum)."""
-    x, residual, weight, bias, pad, shift, delta, rstd = ctx.saved_tensors
+    x, residual, weight, bias, pad, stats = ctx.saved_tensors
     if dy is None:  # only the sum was used downstream
         dy = torch.zeros_like(x)
     ds = ds if residual is not None and ds is not None and ds.numel() else None
-    dx, dw, db = rowwise_bwd(dy, x, weight, bias, residual, ds, pad, shift, delta, rstd, ctx.center)
+    dx, dw, db = rowwise_bwd(dy, x, weight, bias, residual, ds, pad, stats, ctx.center)
     return (dx, dx if residual is not None else None,
             dw.reshape(weight.shape) if weight is not None else None,
             db.reshape(bias.shape) if bias is not None else None, None, None, None, None)
 
 
+#: its eager calls return ``(y, s)`` (s None unless write_sum); the op, ``(y, s, stats)``
 rowwise_fwd = ForwardOp("triton_rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fake, _rowwise_setup,
-                        _rowwise_backward, 2)
+                        _rowwise_backward, 2, n_out=2)
 
 
 # ---------------------------------------------------------------------------
@@ -298,10 +300,10 @@ def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], e
     mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
     p, f, per = _partial_grid(n, d, x.device)
     count_part, mean_part, m2_part = x.new_empty(p, **f32), x.new_empty((p, d), **f32), x.new_empty((p, d), **f32)
-    fk.moments_partial[(p, f)](x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
+    fk.moments_partial.launch((p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
                                HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
     rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
-    fk.bn_finalize[(1,)](count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
+    fk.bn_finalize.launch((1,), count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
                          rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0),
                          HAS_W=weight is not None, UPDATE=update is not None, HAS_NBT=nbt is not None,
                          CUMULATIVE=momentum is None, BLOCK_F=_finalize_block(d), num_warps=4)
@@ -313,7 +315,7 @@ def _bn_normalize(x, pad, stats, scale, bias, y=None):
     n, d = x.shape
     y = torch.empty_like(x) if y is None else y
     p, f, per = _tile_grid(n, d)
-    fk.bn_normalize[(p, f)](x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
+    fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
                             stats, stats, x.stride(0), y.stride(0), n, d, per, 0.0, HAS_PAD=pad is not None,
                             RUNNING=False, HAS_W=False, HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
                             BLOCK_PAD=BLOCK_PAD)
@@ -345,7 +347,7 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     y, stats, scale = torch.empty_like(x), x.new_empty((3, d), **f32), x.new_empty(d, **f32)
     batch_mean, batch_var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
     p, f, per = _tile_grid(n, d)
-    fk.bn_normalize[(p, f)](x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
+    fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
                             _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
                             per, float(eps), HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
                             HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
@@ -368,7 +370,7 @@ def _grad_partials(dy, x, pad, stats, scale, dx=None):
     dg_part = x.new_empty((p, d), dtype=torch.float32)
     db_part = x.new_empty((p, d), dtype=torch.float32)
     out = dx if dx is not None else x
-    fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(0), x.stride(0),
+    fk.grad_partial.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(0), x.stride(0),
                             out.stride(0), n, d, per, HAS_PAD=pad is not None, WRITE_DX=dx is not None,
                             BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dg_part, db_part, p
@@ -379,7 +381,7 @@ def _bn_input_grad(dy, x, pad, stats, scale, coef):
     n, d = x.shape
     dx = torch.empty_like(x)
     p, f, per = _tile_grid(n, d)
-    fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(0), x.stride(0),
+    fk.bn_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(0), x.stride(0),
                              dx.stride(0), n, d, per, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dx
 
@@ -404,7 +406,7 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
     dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale)
     coef = x.new_empty((2, d), dtype=torch.float32)
     block = _finalize_block(d)
-    fk.bn_grad_finalize[(_cdiv(d, block),)](dg_part, db_part, scale, count, dw if has_w else coef,
+    fk.bn_grad_finalize.launch((_cdiv(d, block),), dg_part, db_part, scale, count, dw if has_w else coef,
                                                   db if has_b else coef, coef, p, d, HAS_W=has_w, HAS_B=has_b,
                                                   BLOCK_F=block)
     return _bn_input_grad(dy, x, pad, stats, scale, coef), dw, db
@@ -443,7 +445,7 @@ def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
     y, rstd = torch.empty_like(x), x.new_empty(d, dtype=torch.float32)
     sumsq_part = x.new_empty((p if sumsq else 0, d), dtype=torch.float32)
     count_part = x.new_empty(p if sumsq else 0, dtype=torch.float32)
-    fk.power_normalize[(p, f)](x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
+    fk.power_normalize.launch((p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
                                rstd, sumsq_part, count_part, x.stride(0), y.stride(0), n, d, per, float(eps),
                                HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                                SUMSQ=sumsq, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
@@ -478,7 +480,7 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                                           eps, training)
     if training:
         nbt = num_batches_tracked
-        fk.power_finalize[(1,)](
+        fk.power_finalize.launch((1,), 
             sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if update else batch_phi, nbt if nbt is not None else count,
             factor if factor is not None else count, p, d, float(momentum or 0.0),
@@ -504,7 +506,7 @@ def _power_partials(dy, x, weight, pad, rstd, nu, nu_scale=1.0):
     dx = torch.empty_like(x)
     dg_part = x.new_empty((p, d), dtype=torch.float32)
     db_part = x.new_empty((p, d), dtype=torch.float32)
-    fk.power_input_grad[(p, f)](dy, x, _pad_bits(pad, x), _param(weight, x), rstd, _param(nu, x), dx, dg_part,
+    fk.power_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), _param(weight, x), rstd, _param(nu, x), dx, dg_part,
                                 db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d, per, float(nu_scale),
                                 HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_NU=nu is not None,
                                 BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
@@ -527,7 +529,7 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
     if has_w or has_b or move:
         block = _finalize_block(d)
         scratch = x.new_empty(d if move else 0, dtype=torch.float32)
-        fk.power_grad_finalize[(1 if move else _cdiv(d, block),)](
+        fk.power_grad_finalize.launch((1 if move else _cdiv(d, block),), 
             dg_part, db_part, _param(weight, x), dw if has_w else rstd, db if has_b else rstd, rstd, batch_phi,
             count, factor, nu_before if move else rstd, nu if move else rstd, scratch, p, d,
             HAS_W=has_w, HAS_B=has_b, MOVE_NU=move, BLOCK_F=block)
@@ -696,14 +698,14 @@ class _GatheredFeaturewise(torch.autograd.Function):
         p, f, per = _sync_grid(n, d, x.device)
         length = d + p + 2 * p * d
         local = x.new_empty(length, **f32)              # [K | n_p | μ_p − K | M_p], written whole
-        fk.moments_partial[(p, f)](x, _pad_bits(pad, x), local, local[d:d + p], local[d + p:d + p + p * d],
+        fk.moments_partial.launch((p, f), x, _pad_bits(pad, x), local, local[d:d + p], local[d + p:d + p + p * d],
                                    local[d + p + p * d:], x.stride(0), n, d, per, HAS_PAD=pad is not None,
                                    BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
         gathered = reduce.gather(local)                 # (R, length), rank-major
         stats, scale = x.new_empty((3, d), **f32), x.new_empty(d, **f32)
         mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
         rmean, rvar, nbt, momentum = running if running is not None else (stats, stats, None, 0.0)
-        sk.sync_bn_finalize[(1,)](gathered, _param(weight, x), stats, scale, mean, var, count, rmean, rvar,
+        sk.sync_bn_finalize.launch((1,), gathered, _param(weight, x), stats, scale, mean, var, count, rmean, rvar,
                                   nbt if nbt is not None else count, gathered.shape[0], length, reduce.rank, p, d,
                                   float(eps), float(momentum or 0.0), HAS_W=weight is not None,
                                   UPDATE=running is not None, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
@@ -726,12 +728,12 @@ class _GatheredFeaturewise(torch.autograd.Function):
         dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale)
         sums = x.new_empty(2 * d, dtype=torch.float64)
         block = _finalize_block(d)
-        sk.sync_bn_grad_sums[(_cdiv(d, block),)](dg_part, db_part, dw if has_w else sums, db if has_b else sums,
+        sk.sync_bn_grad_sums.launch((_cdiv(d, block),), dg_part, db_part, dw if has_w else sums, db if has_b else sums,
                                                       sums, p, d, HAS_W=has_w, HAS_B=has_b, BLOCK_F=block)
         sums = ctx.reduce.sums(sums)
         dx = torch.empty_like(x)
         tp, tf, tper = _tile_grid(n, d)
-        sk.sync_bn_input_grad[(tp, tf)](dy, x, _pad_bits(pad, x), stats, scale, sums, count, dx, dy.stride(0),
+        sk.sync_bn_input_grad.launch((tp, tf), dy, x, _pad_bits(pad, x), stats, scale, sums, count, dx, dy.stride(0),
                                         x.stride(0), dx.stride(0), n, d, tper, HAS_PAD=pad is not None,
                                         BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
         return dx, dw if has_w else None, db if has_b else None, None, None, None, None
@@ -753,7 +755,7 @@ class _GatheredPower(torch.autograd.Function):
         length = p + p * d
         local = x.new_empty(length, **f32)               # [n_p | Σ_p x²], written whole
         y, rstd = torch.empty_like(x), x.new_empty(d, **f32)
-        fk.power_normalize[(p, f)](x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x),
+        fk.power_normalize.launch((p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x),
                                    y, rstd, local[p:], local[:p], x.stride(0), y.stride(0), n, d, per, float(eps),
                                    HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                                    SUMSQ=True, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
@@ -762,7 +764,7 @@ class _GatheredPower(torch.autograd.Function):
         nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
         momentum, nbt = running if running is not None else (0.0, None)
         given = factor if running is None else None
-        sk.sync_power_finalize[(1,)](
+        sk.sync_power_finalize.launch((1,), 
             gathered, phi_b, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if running is not None else phi_b, nbt if nbt is not None else count,
             given if given is not None else count, gathered.shape[0], length, p, d, float(momentum or 0.0),
@@ -788,13 +790,13 @@ class _GatheredPower(torch.autograd.Function):
         sums = x.new_empty(d if move else 0, dtype=torch.float64)
         block = _finalize_block(d)
         if has_w or has_b or move:
-            sk.sync_power_grad_sums[(_cdiv(d, block),)](
+            sk.sync_power_grad_sums.launch((_cdiv(d, block),), 
                 dg_part, db_part, _param(weight, x), dw if has_w else sums, db if has_b else sums, sums, p, d,
                 HAS_W=has_w, HAS_B=has_b, MOVE_NU=move, BLOCK_F=block)
         if move:
             sums = reduce.sums(sums)
             scratch = x.new_empty(d, dtype=torch.float32)
-            sk.sync_nu_finalize[(1,)](sums, rstd, phi_b, count, factor, nu_before, nu, scratch, d,
+            sk.sync_nu_finalize.launch((1,), sums, rstd, phi_b, count, factor, nu_before, nu, scratch, d,
                                       float(reduce.world), BLOCK_F=block)
         return (dx, dw if has_w else None, db if has_b else None) + (None,) * 7
 
@@ -830,7 +832,7 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     mean, rstd, var = (x.new_empty(b * groups, dtype=torch.float32) for _ in range(3))
     steps = x.new_empty(b, dtype=torch.int64)
     if b and c:
-        gk.groupwise_fwd[(b * groups,)](
+        gk.groupwise_fwd.launch((b * groups,), 
             x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t, c // groups,
             groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
             BLOCK_T=_block_t(t), num_warps=_group_warps(_block_t(t)))
@@ -860,7 +862,7 @@ def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     # program (b, g) writes its channels of row b: every element, no zero fill
     dw_part = x.new_empty((b, c), dtype=torch.float32)
     db_part = x.new_empty((b, c), dtype=torch.float32)
-    gk.groupwise_bwd[(b * groups,)](
+    gk.groupwise_bwd.launch((b * groups,), 
         dy, x, dx, _param(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
         c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
         num_warps=_group_warps(_block_t(t)))
@@ -914,7 +916,7 @@ class TritonBackend:
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
-        y, s, *_ = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, need_sum)
+        y, s = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, need_sum)[:2]
         return y, (s if need_sum else None)
 
     @staticmethod
@@ -960,7 +962,7 @@ class TritonBackend:
         ``(B, C)`` and ``steps (B,)`` in one kernel (the sync-free policy)."""
         b, c = mean.shape
         nbt = num_batches_tracked
-        fk.instance_finalize[(1,)](mean.float().contiguous(), var.float().contiguous(), steps.contiguous(),
+        fk.instance_finalize.launch((1,), mean.float().contiguous(), var.float().contiguous(), steps.contiguous(),
                                    running_mean, running_var, nbt if nbt is not None else steps, b, c,
                                    float(momentum or 0.0), HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
                                    BLOCK_F=_finalize_block(c), num_warps=4)
