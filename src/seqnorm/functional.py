@@ -62,6 +62,10 @@ def _backend_for(t: Tensor, reduce=None, op: Optional[str] = None):
     return backend
 
 
+def _as_is(t):
+    return t
+
+
 def _params_for(backend, cdt: torch.dtype):
     """How per-feature tensors (parameters, running statistics) reach ``backend``:
     as they are where it reads them in their own dtype (``native_params``: the
@@ -405,11 +409,19 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
 def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual, need_sum):
     """The tail of both paths: the backend's row-wise op on ``x`` as ``(rows, d)`` with the
     validated token mask ``pad`` (or None); ``(y, s)`` given a ``residual``."""
+    backend = _backend_for(x)
+    pad1 = flat_padding(pad, rows)
+    if getattr(backend, "takes_tokens", False) and (x.dtype in backend.native_low_precision
+                                                     or x.dtype not in LOW_PRECISION):
+        # the backend reads x (*, D) as it is, parameters in their dtype, and returns y in x's shape
+        w, b = _vector(weight, d, _as_is), _vector(bias, d, _as_is)
+        if residual is None:
+            return backend.rowwise_norm(x, w, b, eps, pad1, center)
+        return backend.add_rowwise_norm(x, residual, w, b, eps, pad1, center, need_sum)
     cdt = compute_dtype(x)
     backend, x2, native = _backend_and_rows(x, rows, d)
     param = _params_for(backend, cdt)
     w, b = _vector(weight, d, param), _vector(bias, d, param)
-    pad1 = flat_padding(pad, rows)
     if residual is None:
         return _as_input(backend.rowwise_norm(x2, w, b, eps, pad1, center), x)
     # Low-precision inputs are summed in float32 too: the norm sees the exact sum,

@@ -24,6 +24,7 @@ partial buffers are written whole by their programs (no zero fill).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -167,19 +168,29 @@ def _param_grads(dw_part: Tensor, db_part: Tensor, dw: Tensor, db: Tensor, progr
 # ---------------------------------------------------------------------------
 
 
+def _token_rows(t: Optional[Tensor], d: int) -> Optional[Tensor]:
+    """``t (*, D)`` as ``(R, D)`` rows with unit feature stride (a view where it can be)."""
+    if t is None:
+        return t
+    if t.dim() != 2:
+        t = t.reshape(math.prod(t.shape[:-1]), d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                       pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(y, s, stats)`` of the row-wise norm of ``x (+ residual)``, ``stats (R, 3)``
-    float32 each row's ``m, δ, r``; ``s`` is None unless ``write_sum`` (the custom op
-    returns an empty tensor there). One launch."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
-    rows, d = x.shape
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if write_sum else None
+    """``(y, s, stats)`` of the row-wise norm of ``x (*, D)`` (+ ``residual``), ``y`` and
+    ``s`` in ``x``'s shape (no view after: with autograd recording a view is a node),
+    ``stats (R, 3)`` float32 each row's ``m, δ, r``; ``s`` is None unless ``write_sum``
+    (the custom op returns an empty tensor there). One launch."""
+    shape, d = x.shape, x.shape[-1]
+    x, residual = _token_rows(x, d), _token_rows(residual, d)
+    rows = x.shape[0]
+    y = x.new_empty(shape)
+    y2 = y.view(rows, d) if len(shape) != 2 else y
+    s = x.new_empty(shape) if write_sum else None
+    s2 = (s.view(rows, d) if len(shape) != 2 else s) if write_sum else x
     stats = x.new_empty((rows, 3), dtype=torch.float32)
     if rows and d:
         block, warps = _block_d(d)
@@ -187,25 +198,28 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
         kernel, blocks = (rk.rowwise_fwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_FWD else \
             (rk.rowwise_fwd_blocked, dict(BLOCK_C=BLOCK_C))
         kernel.launch(
-            (rows,), x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x),
-            stats, x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, eps,
+            (rows,), x, res, y2, s2, _param(weight, x), _param(bias, x), _pad_bits(pad, x), stats, x.stride(0),
+            res.stride(0), d, d, d, eps,
             HAS_RES=residual is not None, WRITE_S=write_sum, HAS_W=weight is not None, HAS_B=bias is not None,
             HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     else:
         stats.zero_(), y.zero_()
         if write_sum:
-            s.copy_(x if residual is None else (x.float() + residual.float()).to(x.dtype))
+            s2.copy_(x if residual is None else (x.float() + residual.float()).to(x.dtype))
     return y, s, stats
 
 
 def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       residual: Optional[Tensor], ds: Optional[Tensor], pad: Optional[Tensor], stats: Tensor,
                       center: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)``, the parameter gradients in their dtypes: the rows'
-    kernel, then the finalize of the parameter gradients (two launches)."""
-    dy, x, residual, ds = _rows(dy), _rows(x), _rows(residual), _rows(ds)
-    rows, d = x.shape
-    dx = torch.empty_like(x)
+    """``(dx, dweight, dbias)``, ``dx`` in ``x``'s shape, the parameter gradients in
+    their dtypes: the rows' kernel, then the finalize of the parameter gradients (two
+    launches)."""
+    shape, d = x.shape, x.shape[-1]
+    dy, x, residual, ds = _token_rows(dy, d), _token_rows(x, d), _token_rows(residual, d), _token_rows(ds, d)
+    rows = x.shape[0]
+    dx = x.new_empty(shape)
+    dx2 = dx.view(rows, d) if len(shape) != 2 else dx
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (rows and d):
         return dx.zero_(), dw.zero_(), db.zero_()
@@ -222,8 +236,8 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
         (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
     warps = _bwd_warps(block) if block <= MAX_BLOCK_BWD else warps
     kernel.launch(
-        (programs,), dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), stats, dw_part, db_part,
-        dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
+        (programs,), dy, x, res, dsr, dx2, _param(weight, x), _pad_bits(pad, x), stats, dw_part, db_part,
+        dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), d, rows, d, per,
         HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
         HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     _param_grads(dw_part, db_part, dw, db, programs, d, weight is not None, bias is not None)
@@ -231,11 +245,16 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
 
 
 def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
-    return (torch.empty_like(x), torch.empty_like(x) if write_sum else x.new_empty(0),
-            x.new_empty((x.shape[0], 3), dtype=torch.float32))
+    return (x.new_empty(x.shape), x.new_empty(x.shape) if write_sum else x.new_empty(0),
+            x.new_empty((math.prod(x.shape[:-1]), 3), dtype=torch.float32))
 
 
-rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
+def _rowwise_grads_fake(dy, x, weight, bias, *_):
+    d = x.shape[-1]
+    return x.new_empty(x.shape), _grad_like(weight, d, x), _grad_like(bias, d, x)
+
+
+rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _rowwise_grads_fake)
 
 
 def _rowwise_setup(ctx, inputs, output):
@@ -251,7 +270,9 @@ def _rowwise_backward(ctx, dy, ds, *_):
         dy = torch.zeros_like(x)
     ds = ds if residual is not None and ds is not None and ds.numel() else None
     dx, dw, db = rowwise_bwd(dy, x, weight, bias, residual, ds, pad, stats, ctx.center)
-    return (dx, dx if residual is not None else None,
+    if residual is not None:   # the residual's gradient is dx too: two views of it (as the reshaped inputs'
+        dx, dr = dx.view(dx.shape), dx.view(dx.shape)   # gradients were), so that two leaves are not copied
+    return (dx, dr if residual is not None else None,
             dw.reshape(weight.shape) if weight is not None else None,
             db.reshape(bias.shape) if bias is not None else None, None, None, None, None)
 
@@ -898,6 +919,8 @@ class TritonBackend:
     name = "triton"
     native_low_precision = (torch.bfloat16, torch.float16)
     reduces = True
+    #: the row-wise operations take ``x (*, D)`` as it is and return ``y`` in its shape
+    takes_tokens = True
     #: parameters and running statistics are read in their own dtype (no cast launched)
     native_params = True
     #: featurewise_norm / power_norm take ``running=``: the running statistics move
