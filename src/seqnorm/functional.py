@@ -99,6 +99,18 @@ def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     return _backend_for(x2, reduce), x2, False
 
 
+def _backend_and_tokens(x: Tensor, d: int):
+    """``(backend, x for it, rows)``: ``x (*, D)`` as it is for a backend that takes tokens
+    (``takes_tokens``: no reshape outside its op, so no view for autograd to record), else
+    as :func:`_backend_and_rows` gives it."""
+    rows = math.prod(x.shape[:-1])
+    backend = _backend_for(x)
+    if getattr(backend, "takes_tokens", False) and (x.dtype in backend.native_low_precision
+                                                     or x.dtype not in LOW_PRECISION):
+        return backend, x, rows
+    return _backend_and_rows(x, rows, d)[:2] + (rows,)
+
+
 def _vector(t: Optional[Tensor], d: int, param) -> Optional[Tensor]:
     """A parameter as ``(d,)``, passed through ``param`` (:func:`_params_for`); no
     reshape when it already is (host time per call)."""
@@ -325,8 +337,8 @@ def lean_seq_batch_norm(x, running_mean, running_var, weight, bias, training, mo
         y = batch_norm_train_rows(x.view(-1, d), weight, bias, eps, rows, running_mean, running_var,
                                   num_batches_tracked, momentum)
         return y.view_as(x)
-    backend, x2, _ = _backend_and_rows(x, x.numel() // d if d else math.prod(shape[:-1]), d)
-    pad = None if mask is False else flat_padding(mask, x2.shape[0])
+    backend, x2, rows = _backend_and_tokens(x, d)
+    pad = None if mask is False else flat_padding(mask, rows)
     return _run_seq_batch_norm(x, backend, x2, pad, compute_dtype(x), running_mean, running_var, weight, bias,
                                training, momentum, eps, num_batches_tracked, None)
 
@@ -352,9 +364,8 @@ def lean_power_norm(x, running_phi, running_nu, weight, bias, training, momentum
     mask = _featurewise_lean(x, (running_phi, running_nu, weight, bias), padding_mask, lengths, context)
     if mask is None:
         return None
-    d = x.shape[-1]
-    backend, x2, _ = _backend_and_rows(x, x.numel() // d if d else math.prod(x.shape[:-1]), d)
-    pad = None if mask is False else flat_padding(mask, x2.shape[0])
+    backend, x2, rows = _backend_and_tokens(x, x.shape[-1])
+    pad = None if mask is False else flat_padding(mask, rows)
     return _run_power_norm(x, backend, x2, pad, compute_dtype(x), running_phi, running_nu, weight, bias, training, momentum, eps,
                num_batches_tracked, None)
 
@@ -412,17 +423,16 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
 def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual, need_sum):
     """The tail of both paths: the backend's row-wise op on ``x`` as ``(rows, d)`` with the
     validated token mask ``pad`` (or None); ``(y, s)`` given a ``residual``."""
-    backend = _backend_for(x)
+    backend, x2, _ = _backend_and_tokens(x, d)
     pad1 = flat_padding(pad, rows)
-    if getattr(backend, "takes_tokens", False) and (x.dtype in backend.native_low_precision
-                                                     or x.dtype not in LOW_PRECISION):
+    if x2 is x and getattr(backend, "takes_tokens", False):
         # the backend reads x (*, D) as it is, parameters in their dtype, and returns y in x's shape
         w, b = _vector(weight, d, _as_is), _vector(bias, d, _as_is)
         if residual is None:
             return backend.rowwise_norm(x, w, b, eps, pad1, center)
         return backend.add_rowwise_norm(x, residual, w, b, eps, pad1, center, need_sum)
     cdt = compute_dtype(x)
-    backend, x2, native = _backend_and_rows(x, rows, d)
+    native = x.dtype in backend.native_low_precision
     param = _params_for(backend, cdt)
     w, b = _vector(weight, d, param), _vector(bias, d, param)
     if residual is None:

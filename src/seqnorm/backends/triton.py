@@ -80,6 +80,14 @@ def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _flat(t: Tensor) -> Tensor:
+    """``t (*, D)`` as :func:`_rows` ``(N, D)`` (a view where it can be: inside the op, where
+    autograd records none — the feature-wise ops take the input's ``(B, T, D)`` as it is)."""
+    if t.dim() != 2:
+        t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return _rows(t)
+
+
 #: (the last flat mask, its bytes): a model's norms pass the same flat mask object call
 #: after call (seqnorm.masks.flat_padding), and its uint8 view is a view — always its bits
 _last_bits = (None, None)
@@ -256,12 +264,12 @@ def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
             x.new_empty((math.prod(x.shape[:-1]), 3), dtype=torch.float32))
 
 
-def _rowwise_grads_fake(dy, x, weight, bias, *_):
+def _token_grads_fake(dy, x, weight, bias, *_):
     d = x.shape[-1]
     return x.new_empty(x.shape), _grad_like(weight, d, x), _grad_like(bias, d, x)
 
 
-rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _rowwise_grads_fake)
+rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _token_grads_fake)
 
 
 def _rowwise_setup(ctx, inputs, output):
@@ -298,6 +306,7 @@ BLOCK_N, BLOCK_F = 32, 64
 BLOCK_PAD = 1024
 
 
+@functools.lru_cache(maxsize=4096)
 def _partial_grid(n: int, d: int, device: torch.device) -> Tuple[int, int, int]:
     """``(P, F, rows_per_program)`` of a kernel writing per-program partials: a
     fixed number of programs per device in all (so that the finalize merges few
@@ -308,11 +317,13 @@ def _partial_grid(n: int, d: int, device: torch.device) -> Tuple[int, int, int]:
     return _cdiv(max(n, 1), per), f, per
 
 
+@functools.lru_cache(maxsize=4096)
 def _tile_grid(n: int, d: int) -> Tuple[int, int, int]:
     """``(P, F, rows_per_program)`` of an elementwise pass: one ``BLOCK_N`` tile a program."""
     return _cdiv(max(n, 1), BLOCK_N), _cdiv(max(d, 1), BLOCK_F), BLOCK_N
 
 
+@functools.lru_cache(maxsize=None)
 def _finalize_block(d: int) -> int:
     return min(fk.FINALIZE_BLOCK, _pow2(max(d, 1)))
 
@@ -360,8 +371,16 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     Batch statistics: partials → finalize → normalize (three launches), the
     finalize moving ``running_mean``/``running_var``/``num_batches_tracked`` in
     place when ``update``. With ``mean``/``var`` given (eval) one launch
-    normalizes with them and the batch statistics are returned as zeros."""
-    x = _rows(x)
+    normalizes with them and the batch statistics are returned as zeros. ``x (*, D)``,
+    ``y`` in its shape."""
+    shape = x.shape
+    out = _featurewise_rows(_flat(x), weight, bias, pad, mean, var, eps, running_mean, running_var,
+                            num_batches_tracked, momentum, update)
+    return (out[0].view(shape),) + out[1:]
+
+
+def _featurewise_rows(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
+                      momentum, update):
     n, d = x.shape
     if not (n and d):
         f32 = dict(dtype=torch.float32, device=x.device)
@@ -384,7 +403,7 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 
 def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
                           momentum, update):
-    d = x.shape[1]
+    d = x.shape[-1]
     f32 = [x.new_empty(d, dtype=torch.float32) for _ in range(3)]
     return (torch.empty_like(x), f32[0], f32[1], x.new_empty((), dtype=torch.int64),
             x.new_empty((3, d), dtype=torch.float32), f32[2])
@@ -419,8 +438,13 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dγ, dβ)`` of masked BatchNorm, dγ and dβ in the parameters' dtypes.
     Batch statistics: partials → finalize (dγ, dβ, c₁, c₂) → dx (three launches);
-    eval: dx fused with the partials, then the finalize of dγ, dβ (two)."""
-    dy, x = _rows(dy), _rows(x)
+    eval: dx fused with the partials, then the finalize of dγ, dβ (two). ``dx`` in ``x``'s shape."""
+    shape = x.shape
+    dx, dw, db = _featurewise_bwd_rows(_flat(dy), _flat(x), weight, bias, pad, stats, scale, count, use_batch)
+    return dx.view(shape), dw, db
+
+
+def _featurewise_bwd_rows(dy, x, weight, bias, pad, stats, scale, count, use_batch):
     n, d = x.shape
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (n and d):
@@ -440,7 +464,7 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
     return _bn_input_grad(dy, x, pad, stats, scale, coef), dw, db
 
 
-featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _grads_fake)
+featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _token_grads_fake)
 
 
 def _featurewise_setup(ctx, inputs, output):
@@ -493,8 +517,15 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     torch.compile's backward graph reads the same value; with ``update`` the
     finalize also moves ψ² and ``num_batches_tracked`` (two launches). Eval:
     the normalize alone (one launch; ``batch_phi``, ``count``, ``factor`` are
-    not computed)."""
-    x = _rows(x)
+    not computed). ``x (*, D)``, ``y`` in its shape."""
+    shape = x.shape
+    out = _power_rows(_flat(x), weight, bias, pad, running_phi, running_nu, eps, training, momentum,
+                      num_batches_tracked, factor, update)
+    return (out[0].view(shape),) + out[1:]
+
+
+def _power_rows(x, weight, bias, pad, running_phi, running_nu, eps, training, momentum, num_batches_tracked, factor,
+                update):
     n, d = x.shape
     f32 = dict(dtype=torch.float32)
     nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
@@ -520,7 +551,7 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, training, momentum, num_batches_tracked,
                     factor, update):
-    d = x.shape[1]
+    d = x.shape[-1]
     return (torch.empty_like(x), x.new_empty(d, dtype=torch.float32), x.new_empty((), dtype=torch.int64),
             x.new_empty(d, dtype=torch.float32), x.new_empty(0) if running_nu is None else torch.empty_like(running_nu),
             x.new_empty((), dtype=torch.float32))
@@ -546,8 +577,14 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
                     nu: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dγ, dβ)``: ``dx = (w·dy − ν·x̂)·r`` with ν before this step's update (0
     without one), then one finalize: dγ, dβ in the parameters' dtypes and — given
-    the buffer ``nu`` — ν moved in place by Algorithm 1 (two launches)."""
-    dy, x = _rows(dy), _rows(x)
+    the buffer ``nu`` — ν moved in place by Algorithm 1 (two launches). ``dx`` in ``x``'s shape."""
+    shape = x.shape
+    dx, dw, db = _power_bwd_rows(_flat(dy), _flat(x), weight, bias, pad, rstd, nu_before, batch_phi, count, factor,
+                                 nu)
+    return dx.view(shape), dw, db
+
+
+def _power_bwd_rows(dy, x, weight, bias, pad, rstd, nu_before, batch_phi, count, factor, nu):
     n, d = x.shape
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (n and d):
@@ -564,7 +601,7 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
     return dx, dw, db
 
 
-power_bwd = BackwardOp("triton_power_bwd", _power_bwd_impl, _grads_fake)
+power_bwd = BackwardOp("triton_power_bwd", _power_bwd_impl, _token_grads_fake)
 
 
 def _power_setup(ctx, inputs, output):
@@ -926,7 +963,7 @@ class TritonBackend:
     name = "triton"
     native_low_precision = (torch.bfloat16, torch.float16)
     reduces = True
-    #: the row-wise operations take ``x (*, D)`` as it is and return ``y`` in its shape
+    #: the row-wise and feature-wise operations take ``x (*, D)`` as it is and return ``y`` in its shape
     takes_tokens = True
     #: parameters and running statistics are read in their own dtype (no cast launched)
     native_params = True
