@@ -99,14 +99,14 @@ def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     return _backend_for(x2, reduce), x2, False
 
 
-def _backend_and_tokens(x: Tensor, d: int):
+def _backend_and_tokens(x: Tensor, d: int, rows: Optional[int] = None):
     """``(backend, x for it, rows)``: ``x (*, D)`` as it is for a backend that takes tokens
-    (``takes_tokens``: no reshape outside its op, so no view for autograd to record), else
-    as :func:`_backend_and_rows` gives it."""
-    rows = math.prod(x.shape[:-1])
+    (``takes_tokens``: no reshape outside its op, so no view for autograd to record) when
+    ``D`` is its last dimension, else as :func:`_backend_and_rows` gives it, ``(rows, d)``."""
+    rows = math.prod(x.shape[:-1]) if rows is None else rows
     backend = _backend_for(x)
-    if getattr(backend, "takes_tokens", False) and (x.dtype in backend.native_low_precision
-                                                     or x.dtype not in LOW_PRECISION):
+    if getattr(backend, "takes_tokens", False) and x.shape[-1] == d and (
+            x.dtype in backend.native_low_precision or x.dtype not in LOW_PRECISION):
         return backend, x, rows
     return _backend_and_rows(x, rows, d)[:2] + (rows,)
 
@@ -423,7 +423,7 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
 def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual, need_sum):
     """The tail of both paths: the backend's row-wise op on ``x`` as ``(rows, d)`` with the
     validated token mask ``pad`` (or None); ``(y, s)`` given a ``residual``."""
-    backend, x2, _ = _backend_and_tokens(x, d)
+    backend, x2, _ = _backend_and_tokens(x, d, rows)
     pad1 = flat_padding(pad, rows)
     if x2 is x and getattr(backend, "takes_tokens", False):
         # the backend reads x (*, D) as it is, parameters in their dtype, and returns y in x's shape
