@@ -922,7 +922,7 @@ def _run_groupwise(x, x3, groups, weight, bias, eps, pad):
     validated ``(N, L)`` mask ``pad``; ``(y, mean, var, count)``, ``y`` as ``x``."""
     cdt = compute_dtype(x)
     backend = _backend_for(x3, op="groupwise_norm")
-    if x.dtype not in backend.native_low_precision:
+    if x.dtype != cdt and x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
     param = _params_for(backend, cdt)

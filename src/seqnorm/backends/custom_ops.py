@@ -23,7 +23,12 @@ __all__ = ["ForwardOp", "BackwardOp", "needs_grad", "power_autograd"]
 
 
 def needs_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:    # (a loop: a generator in any() costs ~1 µs more)
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 class ForwardOp:

@@ -877,6 +877,7 @@ def _gathers(reduce, x: Tensor) -> bool:
 # ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _block_t(t: int) -> int:
     return min(_pow2(max(t, 1)), 1024)
 
@@ -894,16 +895,18 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     x = x.contiguous()
     b, c, t = x.shape
     y = torch.empty_like(x)
-    mean, rstd, var = (x.new_empty(b * groups, dtype=torch.float32) for _ in range(3))
-    steps = x.new_empty(b, dtype=torch.int64)
+    f32 = torch.float32
+    mean, var = x.new_empty((b, groups), dtype=f32), x.new_empty((b, groups), dtype=f32)
+    rstd, steps = x.new_empty(b * groups, dtype=f32), x.new_empty(b, dtype=torch.int64)
     if b and c:
-        gk.groupwise_fwd.launch((b * groups,), 
-            x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t, c // groups,
-            groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
-            BLOCK_T=_block_t(t), num_warps=_group_warps(_block_t(t)))
+        block = _block_t(t)
+        gk.groupwise_fwd.launch(
+            (b * groups,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
+            c // groups, groups, eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
+            BLOCK_T=block, num_warps=_group_warps(block))
     else:
         steps.copy_(t - pad.sum(1, dtype=torch.int64) if pad is not None else torch.full_like(steps, t))
-    return y, mean.reshape(b, groups), var.reshape(b, groups), steps, rstd
+    return y, mean, var, steps, rstd
 
 
 def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
