@@ -339,7 +339,7 @@ def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], e
     mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
     p, f, per = _partial_grid(n, d, x.device)
     # the programs' partials: scratch the finalize reads, one allocation (split: ~1 µs less than three)
-    mean_part, m2_part, count_part = x.new_empty(2 * p * d + p, **f32).split((p * d, p * d, p))
+    mean_part, m2_part, count_part = x.new_empty(2 * p * d + p, **f32).split_with_sizes((p * d, p * d, p))
     fk.moments_partial.launch((p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
                                HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
     rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
