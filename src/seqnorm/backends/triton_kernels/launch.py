@@ -134,9 +134,12 @@ class CachedKernel:
     def __getitem__(self, grid):
         return lambda *args, **options: self.launch(grid, *args, **options)
 
+    #: False: every launch through Triton's own ``run`` (``benchmarks/launch_overhead.py`` compares)
+    enabled = True
+
     def launch(self, grid: Tuple[int, ...], *args, **options) -> None:
         key_fn = self._key
-        if key_fn is not None and (not self._compiled or _no_hooks()):
+        if key_fn is not None and self.enabled and (not self._compiled or _no_hooks()):
             device = self._device()
             try:
                 handle = self.handles.get((device, key_fn(*args), *options.items()))
@@ -152,6 +155,9 @@ class CachedKernel:
         """Launch through Triton's own ``run`` (it compiles what it has not), and keep a
         handle for this call's key when the arguments are of the kinds the key is made for."""
         self.misses += 1
+        if not self.enabled:
+            self.fn.run(*args, grid=grid, warmup=False, **options)
+            return
         kinds = "".join(map(_kind, args))
         if self._kinds is None and "?" not in kinds:
             self._kinds, self._key = kinds, _key_function(kinds)
