@@ -484,7 +484,7 @@ def _featurewise_backward(ctx, dy, *_):
 
 
 featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake,
-                            _featurewise_setup, _featurewise_backward, 1)
+                            _featurewise_setup, _featurewise_backward, 1, n_out=4)
 
 
 # --- PowerNorm ---
@@ -622,7 +622,8 @@ def _power_backward(ctx, dy, *_):
     return (dx, dgamma if weight is not None else None, dbeta if bias is not None else None) + (None,) * 9
 
 
-power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
+power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1,
+                      n_out=3)
 
 
 # ---------------------------------------------------------------------------
@@ -958,7 +959,7 @@ def _groupwise_backward(ctx, dy, *_):
 
 
 groupwise_fwd = ForwardOp("triton_groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,
-                          _groupwise_backward, 1)
+                          _groupwise_backward, 1, n_out=4)
 
 
 class TritonBackend:
