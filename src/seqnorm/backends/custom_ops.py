@@ -40,12 +40,15 @@ class ForwardOp:
     autograd.Function returns only those — the rest (what the backward needs) is
     saved by ``setup`` — since each output it returns costs host time (issue 27);
     ``impl`` may return None for an absent output there, which the custom op
-    returns as an empty tensor."""
+    returns as an empty tensor. ``plain``: what runs instead of ``impl`` in eager mode
+    when no gradient is recorded (its first ``n_out`` outputs: it may skip what only a
+    backward reads)."""
 
     def __init__(self, name: str, impl: Callable, fake: Callable, setup: Callable, backward: Callable,
-                 n_diff: int, n_out: Optional[int] = None):
+                 n_diff: int, n_out: Optional[int] = None, plain: Optional[Callable] = None):
         self.impl = impl
         self.n_out = n_out
+        self.plain = plain or impl
 
         def op_impl(*args):
             return tuple(t if t is not None else args[0].new_empty(0) for t in impl(*args))
@@ -64,7 +67,7 @@ class ForwardOp:
             return self.op(*args)
         if needs_grad(args):
             return _apply(self.function, args)
-        return self.impl(*args)
+        return self.plain(*args)
 
 
 def _apply(function, args):

@@ -198,13 +198,38 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     ``s`` in ``x``'s shape, contiguous (no view after: with autograd recording a view is a
     node), ``stats (R, 3)`` float32 each row's ``m, δ, r``; ``s`` is None unless
     ``write_sum`` (the custom op returns an empty tensor there). One launch."""
+    rows = math.prod(x.shape[:-1])
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
+                            x.new_empty((rows, 3), dtype=torch.float32))
+
+
+def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
+    """``(y, s)`` of :func:`_rowwise_fwd_impl` where no gradient is recorded: the per-row
+    statistics, which only a backward reads, go to a scratch buffer (no allocation)."""
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
+                            _scratch(x.device, 3 * math.prod(x.shape[:-1])))[:2]
+
+
+#: per device, float32 buffers written and never read (a no-grad call's statistics): the newest
+#: is the largest; the older ones are kept alive (a captured CUDA graph may still write to them)
+_scratches: dict = {}
+
+
+def _scratch(device: torch.device, numel: int) -> Tensor:
+    kept = _scratches.get(device)
+    if kept is None or kept[-1].numel() < numel:
+        kept = _scratches.setdefault(device, [])
+        kept.append(torch.empty(max(numel, 1 << 12), dtype=torch.float32, device=device))
+    return kept[-1]
+
+
+def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, stats):
     shape, d = x.shape, x.shape[-1]
     rows = math.prod(shape[:-1])
     y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)    # (empty_like: ~1 µs less)
     s = torch.empty_like(y) if write_sum else None
     x, stride_x = _token_rows(x, d)
     residual, stride_r = _token_rows(residual, d)
-    stats = x.new_empty((rows, 3), dtype=torch.float32)
     if rows and d:
         block, warps = _block_d(d)
         res = residual if residual is not None else x
@@ -294,7 +319,7 @@ def _rowwise_backward(ctx, dy, ds, *_):
 
 #: its eager calls return ``(y, s)`` (s None unless write_sum); the op, ``(y, s, stats)``
 rowwise_fwd = ForwardOp("triton_rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fake, _rowwise_setup,
-                        _rowwise_backward, 2, n_out=2)
+                        _rowwise_backward, 2, n_out=2, plain=_rowwise_fwd_plain)
 
 
 # ---------------------------------------------------------------------------
