@@ -215,11 +215,12 @@ def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
 _scratches: dict = {}
 
 
-def _scratch(device: torch.device, numel: int) -> Tensor:
-    kept = _scratches.get(device)
+def _scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    key = (device, dtype)
+    kept = _scratches.get(key)
     if kept is None or kept[-1].numel() < numel:
-        kept = _scratches.setdefault(device, [])
-        kept.append(torch.empty(max(numel, 1 << 12), dtype=torch.float32, device=device))
+        kept = _scratches.setdefault(key, [])
+        kept.append(torch.empty(max(numel, 1 << 12), dtype=dtype, device=device))
     return kept[-1]
 
 
@@ -419,12 +420,36 @@ def _featurewise_rows(x, weight, bias, pad, mean, var, eps, running_mean, runnin
     f32 = dict(dtype=torch.float32)
     y, stats, scale = torch.empty_like(x), x.new_empty((3, d), **f32), x.new_empty(d, **f32)
     batch_mean, batch_var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
+    _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, batch_var, count)
+    return y, batch_mean, batch_var, count, stats, scale
+
+
+def _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, batch_var, count):
+    """Eval: ``y`` normalized with the running ``mean``, ``var`` (one launch; the program of
+    the first rows stores ``stats``, ``scale`` for the backward and zero batch statistics)."""
+    n, d = x.shape
     p, f, per = _tile_grid(n, d)
     fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
-                            _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
-                            per, float(eps), HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
-                            HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
-    return y, batch_mean, batch_var, count, stats, scale
+                           _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
+                           per, eps, HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
+                           HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+
+
+def _featurewise_fwd_plain(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
+                           momentum, update):
+    """:func:`_featurewise_fwd_impl`'s first four outputs where no gradient is recorded: in
+    eval (``mean`` given) what only a backward reads, and the zero batch statistics nobody
+    reads there, go to scratch buffers — ``(y, None, None, None)``."""
+    if mean is None or not x.numel():
+        return _featurewise_fwd_impl(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
+                                     num_batches_tracked, momentum, update)[:4]
+    shape, d = x.shape, x.shape[-1]
+    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
+    x = _flat(x)
+    junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
+    _bn_eval(x, pad, mean, var, weight, bias, eps, y.view(x.shape) if y.dim() != 2 else y, junk, junk, junk, junk,
+             count)
+    return y, None, None, None
 
 
 def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
@@ -509,7 +534,7 @@ def _featurewise_backward(ctx, dy, *_):
 
 
 featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake,
-                            _featurewise_setup, _featurewise_backward, 1, n_out=4)
+                            _featurewise_setup, _featurewise_backward, 1, n_out=4, plain=_featurewise_fwd_plain)
 
 
 # --- PowerNorm ---
