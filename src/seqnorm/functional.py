@@ -245,6 +245,10 @@ def lean_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, 
     ``x̂·γ`` is 0). In inference rows are independent: the output fill alone makes padded
     rows 0, whatever the input held there. Elsewhere: the backend's ``rowwise_norm`` /
     ``add_rowwise_norm``, as the general path calls it."""
+    if residual is None:      # the host ops, checked first (the common CPU call)
+        y = _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, context)
+        if y is not None:
+            return y
     if not _lean_input(x) or len(normalized_shape) != 1:
         return None
     d = normalized_shape[0]
@@ -259,23 +263,25 @@ def lean_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, 
     mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 1 if context else 0)
     if mask is None:
         return None
-    if residual is None and _host_input(x) and _host_params(d, x.dtype, weight, bias):
-        return _host_rows_norm(x, d, weight, bias, eps, mask, center)
     rows = x.numel() // d if d else math.prod(shape[:-1])
     return _run_rowwise(x, rows, d, weight, bias, eps, None if mask is False else mask, center, residual, need_sum)
 
 
 def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center: bool,
                   context: bool = False):
-    """:func:`lean_rowwise` where it runs the host ops, else None."""
-    if not _host_input(x) or len(normalized_shape) != 1 or not _host_params(normalized_shape[0], x.dtype, weight,
-                                                                            bias):
+    """:func:`lean_rowwise` on the host ops, or None: a host input (:func:`_host_input`),
+    ``(D,)`` parameters of its dtype on the CPU, a valid CPU mask (see there)."""
+    if not _host_input(x) or len(normalized_shape) != 1:
         return None
-    return lean_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, context=context)
-
-
-def _host_rows_norm(x, d, weight, bias, eps, mask, center):
-    """The host ops of :func:`lean_rowwise` (see there)."""
+    d = normalized_shape[0]
+    shape = x.shape
+    if len(shape) < 2 or shape[-1] != d or not _host_params(d, x.dtype, weight, bias):
+        return None
+    if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
+        eps = torch.finfo(x.dtype).eps
+    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 1 if context else 0)
+    if mask is None:
+        return None
     nshape = (d,)
     if mask is not False:
         rows = host_rows(mask)
@@ -320,23 +326,16 @@ def lean_seq_batch_norm(x, running_mean, running_var, weight, bias, training, mo
             or type(momentum) is float and 0.0 <= momentum <= 1.0) \
             or not (num_batches_tracked is None or type(num_batches_tracked) is Tensor):
         return None
+    if training and running_mean is not None:   # the host step, checked first
+        y = _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps,
+                                   padding_mask, lengths, context)
+        if y is not None:
+            return y
     mask = _featurewise_lean(x, (running_mean, running_var, weight, bias), padding_mask, lengths, context)
     if mask is None:
         return None
     shape = x.shape
     d = shape[-1]
-    if training and running_mean is not None and _host_input(x) and x.is_contiguous() \
-            and _host_params(d, x.dtype, running_mean, running_var, weight, bias):
-        if mask is False:
-            rows, n = None, shape[0] if len(shape) == 2 else shape[0] * shape[1]
-        else:
-            info = host_rows(mask)
-            rows, n = (info.real if info.n_pad else None), info.n_real
-        if n < 2 or d == 0:
-            return None
-        y = batch_norm_train_rows(x.view(-1, d), weight, bias, eps, rows, running_mean, running_var,
-                                  num_batches_tracked, momentum)
-        return y.view_as(x)
     backend, x2, rows = _backend_and_tokens(x, d)
     pad = None if mask is False else flat_padding(mask, rows)
     return _run_seq_batch_norm(x, backend, x2, pad, compute_dtype(x), running_mean, running_var, weight, bias,
@@ -345,12 +344,32 @@ def lean_seq_batch_norm(x, running_mean, running_var, weight, bias, training, mo
 
 def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps,
                            padding_mask, lengths, context: bool = False):
-    """:func:`lean_seq_batch_norm`'s training step where it runs on the host, else None."""
-    if not _host_input(x) or running_mean is None or x.dim() < 2 or not x.is_contiguous() \
-            or not _host_params(x.shape[-1], x.dtype, running_mean, running_var, weight, bias):
+    """:func:`lean_seq_batch_norm`'s training step on the host
+    (:func:`~seqnorm.backends.torch.batch_norm_train_rows` on the cached real rows), or None:
+    fewer than 2 real rows, a momentum to check, or anything :func:`_host_input` declines."""
+    if not _host_input(x):
         return None
-    return lean_seq_batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps, padding_mask,
-                               lengths, num_batches_tracked, context)
+    shape = x.shape
+    d = shape[-1] if shape else 0
+    if not (1 < len(shape) < 4 and running_mean is not None and running_var is not None
+            and _host_params(d, x.dtype, running_mean, running_var, weight, bias) and x.is_contiguous()
+            and (num_batches_tracked is None or type(num_batches_tracked) is Tensor)
+            and (type(momentum) is float and 0.0 <= momentum <= 1.0
+                 or momentum is None and isinstance(num_batches_tracked, Tensor))):
+        return None
+    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
+    if mask is None:
+        return None
+    if mask is False:
+        rows, n = None, shape[0] if len(shape) == 2 else shape[0] * shape[1]
+    else:
+        info = host_rows(mask)
+        rows, n = (info.real if info.n_pad else None), info.n_real
+    if n < 2 or d == 0:
+        return None
+    y = batch_norm_train_rows(x.view(-1, d), weight, bias, eps, rows, running_mean, running_var,
+                              num_batches_tracked, momentum)
+    return y.view_as(x)
 
 
 def lean_power_norm(x, running_phi, running_nu, weight, bias, training, momentum, eps, padding_mask, lengths,
