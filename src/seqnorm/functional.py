@@ -249,39 +249,44 @@ def lean_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, 
         y = _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, context)
         if y is not None:
             return y
-    if not _lean_input(x) or len(normalized_shape) != 1:
+    if not _lean_input(x) or (residual is not None and (
+            type(residual) is not Tensor or residual.shape != x.shape or residual.dtype != x.dtype
+            or residual.is_nested)):
+        return None
+    checked = _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, lengths, context, False)
+    if checked is None:
+        return None
+    d, eps, mask = checked
+    rows = x.numel() // d if d else math.prod(x.shape[:-1])
+    return _run_rowwise(x, rows, d, weight, bias, eps, None if mask is False else mask, center, residual, need_sum)
+
+
+def _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, lengths, context, host: bool):
+    """The lean checks of a row-wise call: ``(D, eps, mask)`` (RMSNorm's default ``eps``
+    filled in; the mask as :func:`_lean_mask`'s), or None. ``host``: the parameters as
+    the host ops take them (:func:`_host_params`), else as any backend (:func:`_lean_params`)."""
+    if len(normalized_shape) != 1:
         return None
     d = normalized_shape[0]
     shape = x.shape
-    if len(shape) < 2 or shape[-1] != d or not _lean_params(d, x, weight, bias):
-        return None
-    if residual is not None and (type(residual) is not Tensor or residual.shape != shape
-                                 or residual.dtype != x.dtype or residual.is_nested):
+    if len(shape) < 2 or shape[-1] != d or not (_host_params(d, x.dtype, weight, bias) if host
+                                                 else _lean_params(d, x, weight, bias)):
         return None
     if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
         eps = torch.finfo(x.dtype).eps
     mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 1 if context else 0)
-    if mask is None:
-        return None
-    rows = x.numel() // d if d else math.prod(shape[:-1])
-    return _run_rowwise(x, rows, d, weight, bias, eps, None if mask is False else mask, center, residual, need_sum)
+    return None if mask is None else (d, eps, mask)
 
 
 def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center: bool,
                   context: bool = False):
     """:func:`lean_rowwise` on the host ops, or None: a host input (:func:`_host_input`),
     ``(D,)`` parameters of its dtype on the CPU, a valid CPU mask (see there)."""
-    if not _host_input(x) or len(normalized_shape) != 1:
+    checked = _host_input(x) and _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
+                                                 context, True)
+    if not checked:
         return None
-    d = normalized_shape[0]
-    shape = x.shape
-    if len(shape) < 2 or shape[-1] != d or not _host_params(d, x.dtype, weight, bias):
-        return None
-    if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
-        eps = torch.finfo(x.dtype).eps
-    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 1 if context else 0)
-    if mask is None:
-        return None
+    d, eps, mask = checked
     nshape = (d,)
     if mask is not False:
         rows = host_rows(mask)

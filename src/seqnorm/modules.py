@@ -135,8 +135,8 @@ class AddNorm(nn.Module):
     Example::
 
         >>> add_norm = AddNorm(2, eps=0.0)
-        >>> add_norm(torch.tensor([[0., 1.]]), torch.tensor([[1., 1.]]))
-        tensor([[-1.,  1.]], grad_fn=<ViewBackward0>)
+        >>> add_norm(torch.tensor([[0., 1.]]), torch.tensor([[1., 1.]])).detach()
+        tensor([[-1.,  1.]])
     """
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
