@@ -4,7 +4,9 @@
 # module call on the GPU (benchmarks/launches.py, issue 16's budget), registers and
 # spills of the kernels at two widths (benchmarks/registers.py), then
 # `seqnorm bench --device cuda` at the issue's shapes (each op's launches and its
-# kernels' registers printed beside the timings), then one BERT training step.
+# kernels' registers printed beside the timings), one BERT training step, and host µs
+# per launch and per module call, cached launch handles against kernel[grid]
+# (benchmarks/launch_overhead.py, issue 27).
 # Logs and the markdown table go to $OUT (the device tool's folder) or benchmarks/.
 # Record the figures in benchmarks/RESULTS-gpu.md.
 set -uo pipefail
@@ -22,3 +24,6 @@ timeout 150 python3 -m seqnorm bench --device cuda --shapes "16,512,1024;8,2048,
 timeout 60 python3 -m seqnorm bench --device cuda --shapes "8,8000,512" --dtypes bf16,fp32 \
     --ops group_norm,instance_norm --budget 0.2 --markdown "$out/results-gpu-groupnorm.md" 2>&1 | tee -a "$out/gpu-bench.log"
 timeout 60 python3 benchmarks/bert_step.py 2>&1 | tee "$out/bert-step.log"
+# host µs per launch and per module call: cached launch handles vs kernel[grid] (issue 27)
+timeout 90 python3 benchmarks/launch_overhead.py --markdown "$out/results-launch-overhead.md" 2>&1 \
+    | tee "$out/gpu-launch-overhead.log"

@@ -17,14 +17,26 @@ Two tables (issue 16's "host overhead", issue 20's "no host synchronization"):
     python benchmarks/host_overhead.py              # both tables, markdown
     python benchmarks/host_overhead.py overhead     # or: reads
     python benchmarks/host_overhead.py floor        # the ops of a fast-path call alone, vs torch
+    python benchmarks/host_overhead.py overhead --cuda-path   # the CUDA path's host time (below)
+
+``--cuda-path`` times the path a CUDA tensor takes, without a GPU (issue 27): backend ``triton`` (through
+Triton's interpreter, ``TRITON_INTERPRET=1``, so that it takes CPU tensors), the sync-free running-statistics
+policy a CUDA tensor gets forced (``seqnorm.running.sync_free``), every Triton launch replaced by a no-op —
+what is left is seqnorm's Python and torch's dispatch — for every module kind, against torch's module on
+the same CPU input.
 """
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import sys
 import time
 from collections import Counter
+
+if "--cuda-path" in sys.argv:        # before Triton is imported: its kernels become interpreted functions
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 from torch import nn
@@ -71,6 +83,66 @@ def _cases():
     ]
 
 
+def _cuda_cases():
+    """(name, seqnorm call, torch call, None) for every module kind, masked, as a CUDA tensor's call runs
+    (see :func:`cuda_path`)."""
+    x, mask, lengths = _inputs()
+    r = x.flip(0).contiguous()
+    xt = x.transpose(1, 2).contiguous()                   # (B, D, T): the channels-first kinds' layout
+    ln, tln = seqnorm.LayerNorm(D), nn.LayerNorm(D)
+    rms, trms = seqnorm.RMSNorm(D), nn.RMSNorm(D)
+    add = seqnorm.AddNorm(D)
+    bn, tbn = seqnorm.SeqBatchNorm(D).train(), nn.BatchNorm1d(D).train()
+    bne, tbne = seqnorm.SeqBatchNorm(D).eval(), nn.BatchNorm1d(D).eval()
+    pn = seqnorm.PowerNorm(D).train()     # torch has none: against BatchNorm1d's training step
+    gn, tgn = seqnorm.GroupNorm(4, D), nn.GroupNorm(4, D)
+    inorm, tinorm = seqnorm.InstanceNorm1d(D), nn.InstanceNorm1d(D)
+    return [
+        ("LayerNorm, padding_mask", lambda: ln(x, padding_mask=mask), lambda: tln(x), None),
+        ("RMSNorm, padding_mask", lambda: rms(x, padding_mask=mask), lambda: trms(x), None),
+        ("AddNorm, padding_mask (vs LayerNorm of x + r)", lambda: add(x, r, padding_mask=mask),
+         lambda: tln(x + r), None),
+        ("SeqBatchNorm train, padding_mask", lambda: bn(x, padding_mask=mask), lambda: tbn(xt), None),
+        ("SeqBatchNorm eval, padding_mask", lambda: bne(x, padding_mask=mask), lambda: tbne(xt), None),
+        ("PowerNorm train, padding_mask (vs BatchNorm1d train)", lambda: pn(x, padding_mask=mask),
+         lambda: tbn(xt), None),
+        ("GroupNorm, padding_mask", lambda: gn(xt, padding_mask=mask), lambda: tgn(xt), None),
+        ("InstanceNorm1d, padding_mask", lambda: inorm(xt, padding_mask=mask), lambda: tinorm(xt), None),
+    ]
+
+
+@contextlib.contextmanager
+def cuda_path():
+    """The path a CUDA tensor takes, on CPU tensors: backend ``triton`` (interpreted), the sync-free
+    running-statistics policy forced, and every Triton launch a no-op — ``kernel[grid]`` (Triton's
+    ``run``) and, where seqnorm has them, its cached launch handles alike."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    classes = [(interpreter.InterpretedFunction, "run"), (jit.JITFunction, "run")]
+    try:      # seqnorm's cached handles (issue 27): the interpreted one stands where the launcher's call is
+        from seqnorm.backends.triton_kernels import launch as cached
+        classes += [(cached._Interpreted, "__call__"), (cached._Compiled, "__call__")]
+    except ImportError:
+        pass
+    saved = [(cls, attr, getattr(cls, attr)) for cls, attr in classes]
+    real = running.sync_free
+
+    def no_launch(*args, **kwargs):
+        return None
+
+    for cls, attr, _ in saved:
+        setattr(cls, attr, no_launch)
+    running.sync_free = lambda t: True
+    try:
+        with seqnorm.use_backend("triton"):
+            yield
+    finally:
+        running.sync_free = real
+        for cls, attr, original in saved:
+            setattr(cls, attr, original)
+
+
 def _time(fn, calls: int) -> float:
     """µs per call of ``fn``, in CPU time of this thread: on a shared machine the time
     the thread waits for a core is not the call's cost (wall time drifted 2–3× here)."""
@@ -80,13 +152,14 @@ def _time(fn, calls: int) -> float:
     return (time.thread_time() - t0) / calls * 1e6
 
 
-def overhead(rounds: int, calls: int, grad: bool):
+def overhead(rounds: int, calls: int, grad: bool, cuda: bool = False):
     """Rows ``(case, seqnorm µs, torch µs, ratio)``: medians of interleaved rounds; a
-    forward with autograd recording (parameters require grad), or under ``no_grad``."""
+    forward with autograd recording (parameters require grad), or under ``no_grad``;
+    ``cuda``: the CUDA path's cases (:func:`cuda_path`)."""
     torch.set_num_threads(1)
     rows = []
-    with torch.set_grad_enabled(grad):
-        for name, ours, theirs, context in _cases():
+    with torch.set_grad_enabled(grad), (cuda_path() if cuda else contextlib.nullcontext()):
+        for name, ours, theirs, context in (_cuda_cases() if cuda else _cases()):
             if context is not None:
                 context.__enter__()
             try:
@@ -270,14 +343,19 @@ def main(argv=None) -> int:
     parser.add_argument("table", nargs="?", choices=("overhead", "floor", "reads", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--cuda-path", action="store_true",
+                        help="the CUDA path's host time: backend triton, the sync-free policy, Triton launches "
+                             "as no-ops, every module kind")
     args = parser.parse_args(argv)
     if args.table in ("overhead", "both"):
-        print(f"host time per call, ({B}, {T}, {D}) float32, CPU, 1 thread, backend auto; "
+        how = ("backend triton (interpreted, launches no-ops), sync-free policy" if args.cuda_path
+               else "backend auto")
+        print(f"host time per call, ({B}, {T}, {D}) float32, CPU, 1 thread, {how}; "
               f"median of {args.rounds} rounds × {args.calls} calls\n")
         print("| module call | forward: seqnorm µs | torch µs | × torch | no_grad: seqnorm µs | torch µs | × torch |"
               "\n|---|---:|---:|---:|---:|---:|---:|")
-        for grad_row, plain_row in zip(overhead(args.rounds, args.calls, True),
-                                       overhead(args.rounds, args.calls, False)):
+        for grad_row, plain_row in zip(overhead(args.rounds, args.calls, True, args.cuda_path),
+                                       overhead(args.rounds, args.calls, False, args.cuda_path)):
             cells = " | ".join(f"{a:.1f} | {b:.1f} | {r:.2f}×" for _, a, b, r in (grad_row, plain_row))
             print(f"| {grad_row[0]} | {cells} |")
         print()

@@ -1,4 +1,4 @@
-"""Launches per module call on the CUDA path, counted without a GPU (seqnorm.backends.launches).
+"""Launches per module call on the CUDA path, counted without a GPU (seqnorm.tools.launches).
 
     TRITON_INTERPRET=1 python benchmarks/launches.py [--backend triton] [--detail]
 
@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from seqnorm.backends.launches import (BUDGET, SYNC_BUDGET, launch_table, split_collectives,  # noqa: E402
+from seqnorm.tools.launches import (BUDGET, SYNC_BUDGET, launch_table, split_collectives,  # noqa: E402
                                        sync_launch_table)
 
 

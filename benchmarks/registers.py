@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from seqnorm.backends.registers import ARCHS, DTYPES, WIDTHS, compile_report, flag_variants, specializations
+from seqnorm.tools.registers import ARCHS, DTYPES, WIDTHS, compile_report, flag_variants, specializations
 
 
 def main() -> int:

@@ -117,3 +117,37 @@ def test_group_norm_and_make_padding_safe_on_cuda_match_the_cpu(backend, dtype):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for a, c in zip(*results):
         torch.testing.assert_close(c, a, **tol)
+
+
+@pytest.mark.parametrize("kind,kwargs", [("layer", {}), ("masked_batch", {}), ("power", {}),
+                                         ("group", {"num_groups": 2})])
+def test_cached_launches_on_the_gpu(monkeypatch, kind, kwargs):
+    """After a warm-up call every Triton launch of a module call (forward and backward) goes
+    through the compiled launcher the cache bound (issue 27): Triton's own ``run`` is never
+    reached, and the values are those of the warm-up call's twin."""
+    import triton.runtime.jit as jit
+
+    torch.manual_seed(0)
+    module = kinds.build(kind, 64, **kwargs).cuda().eval()
+    x = torch.randn(4, 16, 64, device="cuda")
+    if kinds.kind(kind).channels_first:
+        x = x.transpose(1, 2).contiguous()
+    mask = torch.zeros(4, 16, dtype=torch.bool, device="cuda")
+    mask[1, 10:] = True
+
+    def call():
+        xg = x.clone().requires_grad_()
+        y = module(xg, padding_mask=mask)
+        y.square().sum().backward()
+        return y.detach(), xg.grad
+
+    with seqnorm.use_backend("triton"):
+        expected = call()
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a launch after warm-up reached JITFunction.run")
+
+        monkeypatch.setattr(jit.JITFunction, "run", refuse)
+        got = call()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)

@@ -1,7 +1,7 @@
 """Launches per module call on the CUDA path, counted without a GPU (issue 16's budget).
 
 A launch is a Triton kernel or a torch op that starts a CUDA kernel (views,
-``empty`` allocations and metadata are not); ``seqnorm.backends.launches``
+``empty`` allocations and metadata are not); ``seqnorm.tools.launches``
 counts both, with the running-statistics policy a CUDA tensor gets forced on
 CPU tensors and the kernels run by Triton's interpreter. Each module call —
 forward including its running-statistics update, backward including the
@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from seqnorm.backends.launches import BUDGET, MODULE_CALLS, LaunchCounter, count, module_call_launches  # noqa: E402
+from seqnorm.tools.launches import BUDGET, MODULE_CALLS, LaunchCounter, count, module_call_launches  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -66,7 +66,7 @@ def test_the_finalize_kernels_keep_the_running_statistics_policy(kind, dtype, mo
     sequence — buffers in bfloat16 included (each op rounded as torch rounds it)."""
     import seqnorm
     from seqnorm import kinds
-    from seqnorm.backends.launches import gpu_policy
+    from seqnorm.tools.launches import gpu_policy
     from seqnorm.backends.triton import TritonBackend
 
     gen = torch.Generator().manual_seed(2)

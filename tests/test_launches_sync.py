@@ -1,6 +1,6 @@
 """The Sync modules' launches on the CUDA path (issue 16): the local budget of their
 single-process modules plus their collectives, one each way — counted in one process
-through a one-rank gloo group (:func:`seqnorm.backends.launches.sync_path`), whose
+through a one-rank gloo group (:func:`seqnorm.tools.launches.sync_path`), whose
 buffers and launches are those of every rank of a larger group — and their
 collective path on the kernels equal to the single-process module's."""
 
@@ -15,7 +15,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed not built", allow_module_level=True)
 
 import seqnorm  # noqa: E402
-from seqnorm.backends.launches import (SYNC_BUDGET, SYNC_COLLECTIVES, SYNC_MODULE_CALLS, gpu_policy,  # noqa: E402
+from seqnorm.tools.launches import (SYNC_BUDGET, SYNC_COLLECTIVES, SYNC_MODULE_CALLS, gpu_policy,  # noqa: E402
                                        module_call_launches, split_collectives, sync_path)
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

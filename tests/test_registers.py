@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 
 import seqnorm  # noqa: E402
 from seqnorm import functional as F  # noqa: E402
-from seqnorm.backends import registers as R  # noqa: E402
+from seqnorm.tools import registers as R  # noqa: E402
 
 
 def _ptxas_available() -> bool:

@@ -29,8 +29,8 @@ from . import running as running_policy
 from .checks import (LOW_PRECISION, cast, check_featurewise_input, check_input, check_param, compute_dtype,
                      split_rowwise)
 from .backends.torch import StatsReduce, batch_norm_train_rows
-from .masks import (current_padding, flat_padding, host_context_mask, host_lengths_mask, host_rows, resolve_padding,
-                    shape_str)
+from .masks import (current_padding, flat_padding, host_context_mask, host_rows, lengths_mask, padding_for_channels_first,
+                    padding_for_features, padding_for_rows, resolve_padding, shape_str)
 from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
 from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
                       update_batch_norm_stats, update_running_stats)
@@ -60,6 +60,10 @@ def _backend_for(t: Tensor, reduce=None, op: Optional[str] = None):
     if (reduce is not None and not backend.reduces) or (op is not None and not hasattr(backend, op)):
         backend = backends.backend_named("torch", t)
     return backend
+
+
+def _as_is(t):
+    return t
 
 
 def _params_for(backend, cdt: torch.dtype):
@@ -95,6 +99,18 @@ def _backend_and_rows(x: Tensor, rows: int, d: int, reduce=None):
     return _backend_for(x2, reduce), x2, False
 
 
+def _backend_and_tokens(x: Tensor, d: int, rows: Optional[int] = None):
+    """``(backend, x for it, rows)``: ``x (*, D)`` as it is for a backend that takes tokens
+    (``takes_tokens``: no reshape outside its op, so no view for autograd to record) when
+    ``D`` is its last dimension, else as :func:`_backend_and_rows` gives it, ``(rows, d)``."""
+    rows = math.prod(x.shape[:-1]) if rows is None else rows
+    backend = _backend_for(x)
+    if getattr(backend, "takes_tokens", False) and x.shape[-1] == d and (
+            x.dtype in backend.native_low_precision or x.dtype not in LOW_PRECISION):
+        return backend, x, rows
+    return _backend_and_rows(x, rows, d)[:2] + (rows,)
+
+
 def _vector(t: Optional[Tensor], d: int, param) -> Optional[Tensor]:
     """A parameter as ``(d,)``, passed through ``param`` (:func:`_params_for`); no
     reshape when it already is (host time per call)."""
@@ -104,24 +120,29 @@ def _vector(t: Optional[Tensor], d: int, param) -> Optional[Tensor]:
 
 
 def _as_input(y: Tensor, x: Tensor) -> Tensor:
-    """``y`` in ``x``'s dtype and shape (``view_as``: reshape parses a torch.Size ~3 µs slower)."""
+    """``y`` in ``x``'s dtype and shape (``view_as``: reshape parses a torch.Size ~3 µs slower;
+    none where it has them: with autograd recording a view is a node, ~3 µs)."""
     y = y if y.dtype == x.dtype else y.to(x.dtype)
+    if y.shape == x.shape:
+        return y
     return y.view_as(x) if y.is_contiguous() else y.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------
-# The CPU fast paths (issue 16: host time per module call)
+# The one lean call path (issues 16 and 27: host time per call, on every device)
 # ---------------------------------------------------------------------------
 #
-# A call on a small CPU input costs the Python around its few torch ops: on a (2, 8, 64) input
-# the general path's checks, padding resolution and backend dispatch took longer than the ops.
-# The fast paths below take the common module call — a plain CPU tensor outside torch.compile,
-# float32/float64, the backend "auto" or "torch" picks the torch ops, parameters of the input's
-# dtype, a bool mask of the token grid (given, from cached lengths, or from the seqnorm.padding
-# context) — in a few checks and the ops alone; anything else returns None and the general path
-# runs, which raises every error it raises. They read the mask on the host once per mask object
-# and version (masks.host_rows), where reading is free; under the sync-free policy
-# (seqnorm.running.sync_free: an accelerator, or torch.compile tracing) they are never taken.
+# A call on a small input costs the Python around its few ops: on a (2, 8, 64) input the general
+# path's checks, padding resolution and backend dispatch took longer than the ops, on the CPU and on
+# a GPU alike. Every norm — module calls and functional calls, on every device and backend — first
+# takes the lean path below: a few cheap checks (a plain tensor outside torch.compile, its feature
+# width, per-feature tensors of the right shape on its device, a bool mask of the token grid on its
+# device), the mask validated once per mask object and version (given, from cached lengths, or from
+# the seqnorm.padding context), parameters passed as they are, then the backend's operation — the
+# same tail as the general path's. Anything else returns None and the general path runs, which
+# raises every error it raises (with the same message). Where the torch backend runs a plain
+# float32/float64 CPU tensor and reading back is free (not seqnorm.running.sync_free), the tail is
+# a few torch ops on the host's view of the mask (masks.host_rows: its padded/real rows read once).
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 #: up to this many elements a padded row is filled through a (..., 1) view of the mask
@@ -131,22 +152,38 @@ _HOST_MASKED_FILL_MAX = 2048
 _real_sync_free = running_policy.sync_free
 
 
+def _lean_input(x) -> bool:
+    """Whether ``x`` may take the lean path: a plain strided floating-point tensor outside
+    torch.compile (which traces the general path)."""
+    return type(x) is Tensor and not torch.compiler.is_compiling() and x.is_floating_point() and not x.is_nested
+
+
 def _host_input(x) -> bool:
-    """Whether ``x`` may take a CPU fast path: a plain float32/float64 CPU tensor, run by
+    """Whether ``x`` is run by the host ops: a plain float32/float64 CPU tensor, run by
     the torch backend (``auto`` below :data:`~seqnorm.backends.AUTO_MIN_NUMEL` elements,
     or ``torch``), where reading back is free (not :func:`~seqnorm.running.sync_free`:
     outside torch.compile; tests force that policy by replacing the function)."""
     if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dtype not in _HOST_DTYPES \
             or x.is_nested:
         return False
-    name = backends._active.get()      # (a ContextVar: Dynamo cannot trace it, hence compiling first)
+    name = backends.get_backend()      # (a ContextVar read: Dynamo cannot trace it, hence compiling first)
     if name != "torch" and (name != "auto" or x.numel() >= backends.AUTO_MIN_NUMEL):
         return False
     return running_policy.sync_free is _real_sync_free or not running_policy.sync_free(x)
 
 
+def _lean_params(d: int, x: Tensor, *params) -> bool:
+    """Each of ``params`` is None or a floating-point ``(d,)`` tensor on ``x``'s device."""
+    shape, device = (d,), x.device
+    for p in params:
+        if p is not None and not (isinstance(p, Tensor) and p.shape == shape and p.is_floating_point()
+                                  and p.device == device):
+            return False
+    return True
+
+
 def _host_params(d: int, dtype, *params) -> bool:
-    """Each of ``params`` is None or a ``(d,)`` CPU tensor of ``dtype`` (what the ops take as it is)."""
+    """Each of ``params`` is None or a ``(d,)`` CPU tensor of ``dtype`` (what the host ops take as it is)."""
     shape = (d,)
     for p in params:
         if p is not None and not (isinstance(p, Tensor) and p.shape == shape and p.dtype == dtype and p.is_cpu):
@@ -154,53 +191,102 @@ def _host_params(d: int, dtype, *params) -> bool:
     return True
 
 
-def _host_mask(token_shape, padding_mask, lengths, context: int):
-    """The validated ``token_shape`` bool mask on the CPU for a fast path, ``False`` for
-    no padding, or None (the general path decides): ``padding_mask`` as given, the
-    mask the general path last made of the same ``lengths`` tensor, or (``context``:
-    1 row-wise, 2 feature-wise) the :func:`~seqnorm.padding` context's mask for
-    ``token_shape`` as the general path last handed it out."""
+def _lean_mask(token_shape, padding_mask, lengths, x: Tensor, context: int):
+    """The validated ``token_shape`` bool mask on ``x``'s device for the lean path,
+    ``False`` for no padding, or None (the general path decides): ``padding_mask`` as
+    given, the mask the general path last made of the same ``lengths`` tensor, or
+    (``context``: 1 row-wise, 2 feature-wise, 3 channels first) the
+    :func:`~seqnorm.padding` context's mask for ``token_shape``."""
     if padding_mask is None:
         if lengths is not None:
-            mask = host_lengths_mask(lengths, token_shape[-1]) if len(token_shape) == 2 else None
+            mask = lengths_mask(lengths, token_shape[-1], x.device) if len(token_shape) == 2 else None
         elif not context or current_padding() is None:
             return False
-        else:
+        elif x.is_cpu and context < 3:
             mask = host_context_mask(token_shape, context == 1)
+            if mask is None:
+                return None
+        else:
+            mask = _context_mask(x, context)
         if mask is None:
             return None
     elif lengths is None:
         mask = padding_mask
     else:
         return None
-    if type(mask) is not Tensor or mask.dtype != torch.bool or mask.shape != token_shape or not mask.is_cpu:
+    if type(mask) is not Tensor or mask.dtype != torch.bool or mask.shape != token_shape or mask.device != x.device:
         return None
     return mask
 
 
-def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center: bool,
-                  context: bool = False):
-    """LayerNorm (``center``) or RMSNorm of a CPU ``x (*, D)`` in its fast path, or None.
+def _context_mask(x: Tensor, context: int):
+    """The :func:`~seqnorm.padding` context's mask for ``x`` as the modules lay it out."""
+    try:
+        if context == 1:
+            return padding_for_rows(x, 1, None, None)[0]
+        if context == 2:
+            return padding_for_features(x, None, None)[0] if x.dim() == 3 else None
+        return padding_for_channels_first(x, None, None)[0]
+    except ValueError:     # the general path raises it again, with its message
+        return None
 
-    The ops: without padding, ``torch.layer_norm`` / ``rms_norm``. With padding, the
-    norm between two fills of the padded rows with 0 (through a ``(..., 1)`` view of
-    the mask on small inputs, by index on large ones): of the input only when autograd
-    records — a zero row normalizes to a finite 0, so 0·NaN never reaches dx or dγ —
-    and of the output, in place, only when a bias would put β there (a zero row's
-    ``x̂·γ`` is 0). In inference rows are independent: the output fill alone makes
-    padded rows 0, whatever the input held there."""
-    if not _host_input(x) or len(normalized_shape) != 1:
+
+def lean_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center: bool,
+                 residual=None, need_sum: bool = False, context: bool = False):
+    """LayerNorm (``center``) or RMSNorm of ``x (*, D)`` (of ``x + residual`` when given:
+    ``(y, s)``) on the lean path, or None (the general path). ``eps=None``: RMSNorm's
+    default; ``context``: a module call, which takes the :func:`~seqnorm.padding` context.
+
+    On the host ops (:func:`_host_rowwise`): without padding, ``torch.layer_norm`` /
+    ``rms_norm``. With padding, the norm between two fills of the padded rows with 0 (through
+    a ``(..., 1)`` view of the mask on small inputs, by index on large ones): of the input
+    only when autograd records — a zero row normalizes to a finite 0, so 0·NaN never reaches
+    dx or dγ — and of the output, in place, only when a bias would put β there (a zero row's
+    ``x̂·γ`` is 0). In inference rows are independent: the output fill alone makes padded
+    rows 0, whatever the input held there. Elsewhere: the backend's ``rowwise_norm`` /
+    ``add_rowwise_norm``, as the general path calls it."""
+    if residual is None:      # the host ops, checked first (the common CPU call)
+        y = _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, context)
+        if y is not None:
+            return y
+    if not _lean_input(x) or (residual is not None and (
+            type(residual) is not Tensor or residual.shape != x.shape or residual.dtype != x.dtype
+            or residual.is_nested)):
+        return None
+    checked = _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, lengths, context, False)
+    if checked is None:
+        return None
+    d, eps, mask = checked
+    rows = x.numel() // d if d else math.prod(x.shape[:-1])
+    return _run_rowwise(x, rows, d, weight, bias, eps, None if mask is False else mask, center, residual, need_sum)
+
+
+def _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, lengths, context, host: bool):
+    """The lean checks of a row-wise call: ``(D, eps, mask)`` (RMSNorm's default ``eps``
+    filled in; the mask as :func:`_lean_mask`'s), or None. ``host``: the parameters as
+    the host ops take them (:func:`_host_params`), else as any backend (:func:`_lean_params`)."""
+    if len(normalized_shape) != 1:
         return None
     d = normalized_shape[0]
     shape = x.shape
-    dtype = x.dtype
-    if len(shape) < 2 or shape[-1] != d or not _host_params(d, dtype, weight, bias):
+    if len(shape) < 2 or shape[-1] != d or not (_host_params(d, x.dtype, weight, bias) if host
+                                                 else _lean_params(d, x, weight, bias)):
         return None
     if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
-        eps = torch.finfo(dtype).eps
-    mask = _host_mask(shape[:-1], padding_mask, lengths, 1 if context else 0)
-    if mask is None:
+        eps = torch.finfo(x.dtype).eps
+    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 1 if context else 0)
+    return None if mask is None else (d, eps, mask)
+
+
+def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center: bool,
+                  context: bool = False):
+    """:func:`lean_rowwise` on the host ops, or None: a host input (:func:`_host_input`),
+    ``(D,)`` parameters of its dtype on the CPU, a valid CPU mask (see there)."""
+    checked = _host_input(x) and _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
+                                                 context, True)
+    if not checked:
         return None
+    d, eps, mask = checked
     nshape = (d,)
     if mask is not False:
         rows = host_rows(mask)
@@ -224,24 +310,59 @@ def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
     return torch.layer_norm(x, nshape, weight, bias, eps) if center else torch.rms_norm(x, nshape, weight, eps)
 
 
+def _featurewise_lean(x, d_params, padding_mask, lengths, context):
+    """The lean path's checks of a feature-wise ``x (B, T, D)`` / ``(N, D)`` and its
+    per-feature tensors: its mask (as :func:`_lean_mask`), or None."""
+    if not _lean_input(x):
+        return None
+    shape = x.shape
+    if not 1 < len(shape) < 4 or not _lean_params(shape[-1], x, *d_params):
+        return None
+    return _lean_mask(shape[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
+
+
+def lean_seq_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, padding_mask,
+                        lengths, num_batches_tracked, context: bool = False):
+    """:func:`seq_batch_norm` (no ``reduce`` hook) on the lean path, or None (the general
+    path). A CPU training step the host can read runs
+    :func:`~seqnorm.backends.torch.batch_norm_train_rows` on the cached real rows."""
+    if (running_mean is None) != (running_var is None) or not (
+            momentum is None and isinstance(num_batches_tracked, Tensor)
+            or type(momentum) is float and 0.0 <= momentum <= 1.0) \
+            or not (num_batches_tracked is None or type(num_batches_tracked) is Tensor):
+        return None
+    if training and running_mean is not None:   # the host step, checked first
+        y = _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps,
+                                   padding_mask, lengths, context)
+        if y is not None:
+            return y
+    mask = _featurewise_lean(x, (running_mean, running_var, weight, bias), padding_mask, lengths, context)
+    if mask is None:
+        return None
+    shape = x.shape
+    d = shape[-1]
+    backend, x2, rows = _backend_and_tokens(x, d)
+    pad = None if mask is False else flat_padding(mask, rows)
+    return _run_seq_batch_norm(x, backend, x2, pad, compute_dtype(x), running_mean, running_var, weight, bias,
+                               training, momentum, eps, num_batches_tracked, None)
+
+
 def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps,
                            padding_mask, lengths, context: bool = False):
-    """SeqBatchNorm's training step on a CPU ``x (B, T, D)`` / ``(N, D)`` with running
-    statistics in its fast path (:func:`~seqnorm.backends.torch.batch_norm_train_rows`
-    on the cached real rows), or None: fewer than 2 real rows, a momentum to check,
-    or anything :func:`_host_input` declines, take the general path."""
+    """:func:`lean_seq_batch_norm`'s training step on the host
+    (:func:`~seqnorm.backends.torch.batch_norm_train_rows` on the cached real rows), or None:
+    fewer than 2 real rows, a momentum to check, or anything :func:`_host_input` declines."""
     if not _host_input(x):
         return None
     shape = x.shape
-    dtype = x.dtype
-    d = shape[-1]
+    d = shape[-1] if shape else 0
     if not (1 < len(shape) < 4 and running_mean is not None and running_var is not None
-            and _host_params(d, dtype, running_mean, running_var, weight, bias) and x.is_contiguous()
+            and _host_params(d, x.dtype, running_mean, running_var, weight, bias) and x.is_contiguous()
             and (num_batches_tracked is None or type(num_batches_tracked) is Tensor)
             and (type(momentum) is float and 0.0 <= momentum <= 1.0
                  or momentum is None and isinstance(num_batches_tracked, Tensor))):
         return None
-    mask = _host_mask(shape[:-1], padding_mask, lengths, 2 if context and len(shape) == 3 else 0)
+    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
     if mask is None:
         return None
     if mask is False:
@@ -254,6 +375,39 @@ def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, we
     y = batch_norm_train_rows(x.view(-1, d), weight, bias, eps, rows, running_mean, running_var,
                               num_batches_tracked, momentum)
     return y.view_as(x)
+
+
+def lean_power_norm(x, running_phi, running_nu, weight, bias, training, momentum, eps, padding_mask, lengths,
+                    num_batches_tracked, context: bool = False):
+    """:func:`power_norm` (no ``reduce`` hook) on the lean path, or None (the general path)."""
+    if not isinstance(running_phi, Tensor) or not (
+            momentum is None and isinstance(num_batches_tracked, Tensor)
+            or type(momentum) is float and 0.0 <= momentum <= 1.0) \
+            or not (num_batches_tracked is None or type(num_batches_tracked) is Tensor):
+        return None
+    mask = _featurewise_lean(x, (running_phi, running_nu, weight, bias), padding_mask, lengths, context)
+    if mask is None:
+        return None
+    backend, x2, rows = _backend_and_tokens(x, x.shape[-1])
+    pad = None if mask is False else flat_padding(mask, rows)
+    return _run_power_norm(x, backend, x2, pad, compute_dtype(x), running_phi, running_nu, weight, bias, training, momentum, eps,
+               num_batches_tracked, None)
+
+
+def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context: bool = False,
+                   channels: Optional[int] = None):
+    """:func:`group_norm` (``instance_norm`` with ``groups = C`` and no running statistics)
+    of a channels-first ``x (N, C, L)`` on the lean path, or None (the general path);
+    ``channels``: the module's number of channels, which ``C`` must be."""
+    if not _lean_input(x) or x.dim() != 3:
+        return None
+    c = x.shape[1]
+    if (channels is not None and c != channels) or type(groups) is not int or groups <= 0 or c % groups or not _lean_params(c, x, weight, bias):
+        return None
+    mask = _lean_mask((x.shape[0], x.shape[2]), padding_mask, lengths, x, 3 if context else 0)
+    if mask is None:
+        return None
+    return _run_groupwise(x, x, groups, weight, bias, eps, None if mask is False else mask)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -287,12 +441,24 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
             )
     pad = resolve_padding(token_shape, x.device, padding_mask, lengths,
                           what="input.shape[:-len(normalized_shape)]")
-    rows = math.prod(token_shape)
+    return _run_rowwise(x, math.prod(token_shape), d, weight, bias, eps, pad, center, residual, need_sum)
+
+
+def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual, need_sum):
+    """The tail of both paths: the backend's row-wise op on ``x`` as ``(rows, d)`` with the
+    validated token mask ``pad`` (or None); ``(y, s)`` given a ``residual``."""
+    backend, x2, _ = _backend_and_tokens(x, d, rows)
+    pad1 = flat_padding(pad, rows)
+    if x2 is x and getattr(backend, "takes_tokens", False):
+        # the backend reads x (*, D) as it is, parameters in their dtype, and returns y in x's shape
+        w, b = _vector(weight, d, _as_is), _vector(bias, d, _as_is)
+        if residual is None:
+            return backend.rowwise_norm(x, w, b, eps, pad1, center)
+        return backend.add_rowwise_norm(x, residual, w, b, eps, pad1, center, need_sum)
     cdt = compute_dtype(x)
-    backend, x2, native = _backend_and_rows(x, rows, d)
+    native = x.dtype in backend.native_low_precision
     param = _params_for(backend, cdt)
     w, b = _vector(weight, d, param), _vector(bias, d, param)
-    pad1 = flat_padding(pad, rows)
     if residual is None:
         return _as_input(backend.rowwise_norm(x2, w, b, eps, pad1, center), x)
     # Low-precision inputs are summed in float32 too: the norm sees the exact sum,
@@ -345,7 +511,17 @@ def layer_norm(
         tensor([[-1.,  1.],
                 [-1.,  1.]])
     """
-    return _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths, center=True)
+    y = lean_rowwise(input, _shape(normalized_shape), weight, bias, eps, padding_mask, lengths, True)
+    return y if y is not None else _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths,
+                                            center=True)
+
+
+def _shape(normalized_shape) -> tuple:
+    """``normalized_shape`` as the lean path compares it: an int as a 1-tuple, a tuple or
+    torch.Size as it is (anything else goes to the general path, which parses it)."""
+    if type(normalized_shape) is int:
+        return (normalized_shape,)
+    return normalized_shape if isinstance(normalized_shape, tuple) else ()
 
 
 def _rms_eps(eps: Optional[float], x: Tensor) -> float:
@@ -388,8 +564,9 @@ def rms_norm(
         >>> rms_norm(torch.tensor([[3., 4.]]), (2,), eps=0.0)
         tensor([[0.8485, 1.1314]])
     """
-    return _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input), padding_mask,
-                    lengths, center=False)
+    y = lean_rowwise(input, _shape(normalized_shape), weight, None, eps, padding_mask, lengths, False)
+    return y if y is not None else _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input),
+                                            padding_mask, lengths, center=False)
 
 
 def add_layer_norm(
@@ -429,8 +606,10 @@ def add_layer_norm(
         >>> add_layer_norm(x, r, 2, eps=0.0)
         tensor([[-1.,  1.]])
     """
-    y, s = _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths,
-                    center=True, residual=residual, need_sum=prenorm)
+    out = lean_rowwise(input, _shape(normalized_shape), weight, bias, eps, padding_mask, lengths, True, residual,
+                       prenorm)
+    y, s = out if out is not None else _rowwise(input, normalized_shape, weight, bias, eps, padding_mask, lengths,
+                                                center=True, residual=residual, need_sum=prenorm)
     return (y, s) if prenorm else y
 
 
@@ -463,8 +642,11 @@ def add_rms_norm(
         >>> y, s
         (tensor([[1., 1.]]), tensor([[2., 2.]]))
     """
-    y, s = _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input), padding_mask,
-                    lengths, center=False, residual=residual, need_sum=prenorm)
+    out = lean_rowwise(input, _shape(normalized_shape), weight, None, eps, padding_mask, lengths, False, residual,
+                       prenorm)
+    y, s = out if out is not None else _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input),
+                                                padding_mask, lengths, center=False, residual=residual,
+                                                need_sum=prenorm)
     return (y, s) if prenorm else y
 
 
@@ -556,6 +738,11 @@ def seq_batch_norm(
         values, _ = unpack(input, "seq_batch_norm", padding_mask, lengths)
         return pack(seq_batch_norm(values, running_mean, running_var, weight, bias, training, momentum, eps,
                                    num_batches_tracked=num_batches_tracked, reduce=reduce), input)
+    if reduce is None:
+        y = lean_seq_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                padding_mask, lengths, num_batches_tracked)
+        if y is not None:
+            return y
     backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
@@ -564,6 +751,14 @@ def seq_batch_norm(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
     check_momentum(momentum)
+    return _run_seq_batch_norm(input, backend, x2, pad, cdt, running_mean, running_var, weight, bias, training,
+                               momentum, eps, num_batches_tracked, reduce)
+
+
+def _run_seq_batch_norm(input, backend, x2, pad, cdt, running_mean, running_var, weight, bias, training, momentum,
+                        eps, num_batches_tracked, reduce):
+    """The tail of both paths: the backend's masked BatchNorm of ``x2 (N, D)`` with the flat
+    mask ``pad``, and the running statistics' update (see :mod:`seqnorm.running`)."""
     use_batch_stats = training or running_mean is None
     param = _params_for(backend, cdt)
     mean = var = None
@@ -583,7 +778,8 @@ def seq_batch_norm(
         **({"running": (running_mean, running_var, num_batches_tracked, momentum)} if fused else {})
     )
     if training:   # (the policy reads count on the CPU only: see seqnorm.running)
-        check_real_tokens(count, f"seq_batch_norm (input {tuple(input.shape)})")
+        if not running_policy.sync_free(count):   # (the message built only where it may be raised)
+            check_real_tokens(count, f"seq_batch_norm (input {tuple(input.shape)})")
         if running_mean is not None and not fused:
             update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
                                     num_batches_tracked)
@@ -661,12 +857,25 @@ def power_norm(
 
 def _power_norm(input, running_phi, running_nu, weight, bias, training, momentum, eps, padding_mask, lengths,
                 num_batches_tracked, reduce):
+    if reduce is None:
+        y = lean_power_norm(input, running_phi, running_nu, weight, bias, training, momentum, eps, padding_mask,
+                            lengths, num_batches_tracked)
+        if y is not None:
+            return y
     backend, x2, pad, cdt = _featurewise_setup(
         input, padding_mask, lengths,
         dict(running_phi=running_phi, running_nu=running_nu, weight=weight, bias=bias),
         "power_norm", reduce,
     )
     check_momentum(momentum)
+    return _run_power_norm(input, backend, x2, pad, cdt, running_phi, running_nu, weight, bias, training, momentum,
+                           eps, num_batches_tracked, reduce)
+
+
+def _run_power_norm(input, backend, x2, pad, cdt, running_phi, running_nu, weight, bias, training, momentum, eps,
+                    num_batches_tracked, reduce):
+    """The tail of both paths: the backend's PowerNorm of ``x2 (N, D)`` with the flat mask
+    ``pad``, and ψ²'s update (see :mod:`seqnorm.running`)."""
     param = _params_for(backend, cdt)
     if training and _fuses_update(backend, x2, reduce, momentum, num_batches_tracked):
         # the backend forms the step's weight and moves ψ² and the counter in its finalize kernel
@@ -733,9 +942,15 @@ def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who:
     ``groupwise_norm`` on it as ``(N, C, L)``; returns ``(y, mean, var, count)``
     with ``y`` in the input's shape and dtype."""
     x3, pad = _channels_first_setup(x, weight, bias, padding_mask, lengths, who, groups)
+    return _run_groupwise(x, x3, groups, weight, bias, eps, pad)
+
+
+def _run_groupwise(x, x3, groups, weight, bias, eps, pad):
+    """The tail of both paths: the backend's ``groupwise_norm`` of ``x3 (N, C, L)`` with the
+    validated ``(N, L)`` mask ``pad``; ``(y, mean, var, count)``, ``y`` as ``x``."""
     cdt = compute_dtype(x)
     backend = _backend_for(x3, op="groupwise_norm")
-    if x.dtype not in backend.native_low_precision:
+    if x.dtype != cdt and x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
     param = _params_for(backend, cdt)
@@ -786,6 +1001,9 @@ def group_norm(
     """
     if is_jagged(input):
         return _jagged_groupwise(input, num_groups, weight, bias, eps, padding_mask, lengths, "group_norm")[0]
+    y = lean_groupwise(input, num_groups, weight, bias, eps, padding_mask, lengths)
+    if y is not None:
+        return y
     return _groupwise(input, num_groups, weight, bias, eps, padding_mask, lengths, "group_norm")[0]
 
 
@@ -855,6 +1073,10 @@ def instance_norm(
                                                eps, None, None)[0].t(), input)
         return _instance_norm_running(input, running_mean, running_var, weight, bias, eps, padding_mask,
                                       lengths)
+    if running_mean is None and not jagged and c is not None:
+        y = lean_groupwise(input, c, weight, bias, eps, padding_mask, lengths)
+        if y is not None:
+            return y
     groupwise = _jagged_groupwise if jagged else _groupwise
     y, mean, var, steps = groupwise(input, c, weight, bias, eps, padding_mask, lengths, "instance_norm")
     if running_mean is not None:

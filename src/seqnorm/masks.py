@@ -39,7 +39,8 @@ from . import running
 
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
            "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
-           "assert_on_device", "flat_padding", "open_padding", "close_padding", "PaddingContext", "HostRows", "host_rows", "host_lengths_mask", "host_context_mask"]
+           "assert_on_device", "flat_padding", "open_padding", "close_padding", "PaddingContext", "HostRows",
+           "host_rows", "lengths_mask", "host_lengths_mask", "host_context_mask"]
 
 Tensor = torch.Tensor
 
@@ -296,14 +297,23 @@ def host_rows(mask: Tensor) -> HostRows:
     return info
 
 
-def host_lengths_mask(lengths, steps: int) -> Optional[Tensor]:
-    """The validated CPU mask :func:`resolve_padding` last made of the ``lengths``
-    tensor, for ``steps`` time steps, if that is what ``lengths`` is (the same object,
-    unchanged in place); else None (the caller takes the general path, which makes it)."""
+def lengths_mask(lengths, steps: int, device) -> Optional[Tensor]:
+    """The validated mask :func:`resolve_padding` last made of the ``lengths`` tensor,
+    for ``steps`` time steps on ``device``, if that is what ``lengths`` is (the same
+    object, unchanged in place); else None (the caller takes the general path, which
+    makes it)."""
     ref, version, key, mask = _last_lengths
-    if ref() is lengths and version == lengths._version and key[0] == steps and mask.is_cpu:
+    if ref() is lengths and version == lengths._version and key[0] == steps and key[1] == device:
         return mask
     return None
+
+
+def host_lengths_mask(lengths, steps: int) -> Optional[Tensor]:
+    """:func:`lengths_mask` on the CPU."""
+    return lengths_mask(lengths, steps, _CPU)
+
+
+_CPU = torch.device("cpu")
 
 
 def host_context_mask(token_shape, rows: bool) -> Optional[Tensor]:

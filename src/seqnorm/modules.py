@@ -24,11 +24,12 @@ Tensor = torch.Tensor
 _MISSING = object()
 
 
-# The CPU fast paths (issue 16: host time per module call) read a module's parameters and buffers from
-# its ``_parameters`` / ``_buffers``, where ``module.weight`` goes through ``nn.Module.__getattr__`` (~1 µs
-# each). Only for a module of exactly its seqnorm class — a parametrized or FSDP module is a generated
-# subclass whose ``weight`` may be a property; a name that is not there gives ``_MISSING`` (or None for a
-# running statistic), and the fast path declines: the general path reads ``module.weight``.
+# Every module call first takes the lean path of seqnorm.functional (issues 16 and 27: host time per call,
+# on every device), which reads a module's parameters and buffers from its ``_parameters`` / ``_buffers``,
+# where ``module.weight`` goes through ``nn.Module.__getattr__`` (~1 µs each). Only for a module of exactly
+# its seqnorm class — a parametrized or FSDP module is a generated subclass whose ``weight`` may be a
+# property; a name that is not there gives ``_MISSING`` (or None for a running statistic), and the lean path
+# declines: the general path reads ``module.weight``.
 
 
 class LayerNorm(nn.LayerNorm):
@@ -64,10 +65,10 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
-        if type(self) is LayerNorm:   # the common CPU call in few steps (issue 16); see _host_params
+        if type(self) is LayerNorm:   # the lean path (see above)
             params = self._parameters
-            y = F._host_rowwise(input, self.normalized_shape, params.get("weight", _MISSING),
-                                params.get("bias", _MISSING), self.eps, padding_mask, lengths, True, True)
+            y = F.lean_rowwise(input, self.normalized_shape, params.get("weight", _MISSING),
+                               params.get("bias", _MISSING), self.eps, padding_mask, lengths, True, context=True)
             if y is not None:
                 return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
@@ -99,9 +100,9 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
-        if type(self) is RMSNorm:     # the common CPU call in few steps (issue 16); see _host_params
-            y = F._host_rowwise(input, self.normalized_shape, self._parameters.get("weight", _MISSING), None,
-                                self.eps, padding_mask, lengths, False, True)
+        if type(self) is RMSNorm:     # the lean path (see above)
+            y = F.lean_rowwise(input, self.normalized_shape, self._parameters.get("weight", _MISSING), None,
+                               self.eps, padding_mask, lengths, False, context=True)
             if y is not None:
                 return y
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
@@ -134,8 +135,8 @@ class AddNorm(nn.Module):
     Example::
 
         >>> add_norm = AddNorm(2, eps=0.0)
-        >>> add_norm(torch.tensor([[0., 1.]]), torch.tensor([[1., 1.]]))
-        tensor([[-1.,  1.]], grad_fn=<ViewBackward0>)
+        >>> add_norm(torch.tensor([[0., 1.]]), torch.tensor([[1., 1.]])).detach()
+        tensor([[-1.,  1.]])
     """
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
@@ -174,6 +175,13 @@ class AddNorm(nn.Module):
 
     def forward(self, input: Tensor, residual: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None):
+        if type(self) is AddNorm:     # the lean path (see above)
+            params = self._parameters
+            out = F.lean_rowwise(input, self.normalized_shape, params.get("weight", _MISSING),
+                                 params.get("bias", _MISSING), self.eps, padding_mask, lengths, self.norm == "layer",
+                                 residual, self.prenorm, context=True)
+            if out is not None:
+                return out if self.prenorm else out[0]
         padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
         kw = dict(prenorm=self.prenorm, padding_mask=padding_mask, lengths=lengths)
         if self.norm == "layer":
@@ -340,13 +348,14 @@ class SeqBatchNorm(FeaturewiseNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
-        if self.training and type(self) is SeqBatchNorm and self.track_running_stats and self.batch_first \
-                and not self.channels_first:   # the common CPU training call in few steps (issue 16)
-            params, buffers = self._parameters, self._buffers     # see _host_params
-            y = F._host_batch_norm_train(input, buffers.get("running_mean"), buffers.get("running_var"),
-                                         buffers.get("num_batches_tracked", _MISSING),
-                                         params.get("weight", _MISSING), params.get("bias", _MISSING),
-                                         self.momentum, self.eps, padding_mask, lengths, True)
+        if type(self) is SeqBatchNorm and self.track_running_stats and self.batch_first \
+                and not self.channels_first:   # the lean path (see above)
+            params, buffers = self._parameters, self._buffers
+            training = self.training
+            y = F.lean_seq_batch_norm(input, buffers.get("running_mean"), buffers.get("running_var"),
+                                      params.get("weight", _MISSING), params.get("bias", _MISSING), training,
+                                      self.momentum if training else 0.0, self.eps, padding_mask, lengths,
+                                      buffers.get("num_batches_tracked", _MISSING) if training else None, True)
             if y is not None:
                 return y
         x = self._to_batch_first(input)
@@ -422,6 +431,15 @@ class PowerNorm(FeaturewiseNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if type(self) is PowerNorm and self.batch_first and not self.channels_first:   # the lean path (see above)
+            params, buffers = self._parameters, self._buffers
+            training = self.training
+            y = F.lean_power_norm(input, buffers.get("running_phi"), buffers.get("running_nu", _MISSING),
+                                  params.get("weight", _MISSING), params.get("bias", _MISSING), training,
+                                  self.momentum if training else 0.0, self.eps, padding_mask, lengths,
+                                  buffers.get("num_batches_tracked", _MISSING) if training else None, True)
+            if y is not None:
+                return y
         x = self._to_batch_first(input)
         padding_mask, lengths = padding_for_features(x, padding_mask, lengths)
         y = F.power_norm(
@@ -485,6 +503,12 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if type(self) is GroupNorm and not self.channels_last:   # the lean path (see above)
+            params = self._parameters
+            y = F.lean_groupwise(input, self.num_groups, params.get("weight", _MISSING), params.get("bias", _MISSING),
+                                 self.eps, padding_mask, lengths, True, self.num_channels)
+            if y is not None:
+                return y
         x = _channels_first(input, self.channels_last)
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1 if x.is_nested else 1] != self.num_channels:
             raise ValueError(f"GroupNorm(num_groups={self.num_groups}, num_channels={self.num_channels}) "
@@ -540,6 +564,15 @@ class InstanceNorm1d(nn.InstanceNorm1d):
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        momentum = self.momentum
+        if type(self) is InstanceNorm1d and not self.channels_last and not self.track_running_stats \
+                and (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0):   # the lean path
+            params = self._parameters
+            y = F.lean_groupwise(input, self.num_features, params.get("weight", _MISSING),
+                                 params.get("bias", _MISSING), self.eps, padding_mask, lengths, True,
+                                 self.num_features)
+            if y is not None:
+                return y
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
             raise ValueError(f"InstanceNorm1d expects input of shape (N, C, L) or (C, L), got "
                              f"{tuple(getattr(input, 'shape', ()))}")

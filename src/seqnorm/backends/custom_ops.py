@@ -12,7 +12,8 @@ op's dispatch costs ~20 µs a call), or bare when no gradient is needed.
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Optional
 
 import torch
 
@@ -22,21 +23,42 @@ __all__ = ["ForwardOp", "BackwardOp", "needs_grad", "power_autograd"]
 
 
 def needs_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:    # (a loop: a generator in any() costs ~1 µs more)
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 class ForwardOp:
     """``seqnorm::name`` from ``impl`` (whose first ``n_diff`` outputs are
     differentiable), its ``fake`` implementation, and its autograd ``setup`` /
-    ``backward`` (``torch.library.register_autograd``'s)."""
+    ``backward`` (``torch.library.register_autograd``'s).
+
+    ``n_out``: how many outputs the callers read (default: all). In eager mode the
+    autograd.Function returns only those — the rest (what the backward needs) is
+    saved by ``setup`` — since each output it returns costs host time (issue 27);
+    ``impl`` may return None for an absent output there, which the custom op
+    returns as an empty tensor. ``plain``: what runs instead of ``impl`` in eager mode
+    when no gradient is recorded (its first ``n_out`` outputs: it may skip what only a
+    backward reads)."""
 
     def __init__(self, name: str, impl: Callable, fake: Callable, setup: Callable, backward: Callable,
-                 n_diff: int):
+                 n_diff: int, n_out: Optional[int] = None, plain: Optional[Callable] = None):
         self.impl = impl
-        self.op = torch.library.custom_op(f"seqnorm::{name}", mutates_args=())(impl)
+        self.n_out = n_out
+        self.plain = plain or impl
+
+        def op_impl(*args):
+            return tuple(t if t is not None else args[0].new_empty(0) for t in impl(*args))
+
+        op_impl.__name__, op_impl.__signature__ = impl.__name__, inspect.signature(impl, eval_str=True)
+
+        self.op = torch.library.custom_op(f"seqnorm::{name}", mutates_args=())(op_impl)
         self.op.register_fake(fake)
         torch.library.register_autograd(f"seqnorm::{name}", backward, setup_context=setup)
-        self.function = eager_function(name, impl, setup, backward, n_diff)
+        self.function = eager_function(name, impl, setup, backward, n_diff, n_out)
 
     def __call__(self, *args):
         """Trace the custom op under torch.compile; in eager mode run the
@@ -44,8 +66,19 @@ class ForwardOp:
         if torch.compiler.is_compiling():
             return self.op(*args)
         if needs_grad(args):
-            return self.function.apply(*args)
-        return self.impl(*args)
+            return _apply(self.function, args)
+        return self.plain(*args)
+
+
+def _apply(function, args):
+    """``function.apply(*args)`` by autograd's own (C++) apply, ~3 µs less a call than
+    ``Function.apply``'s Python wrapper, which binds default arguments (none here: no
+    ``setup_context``) and unwraps functorch wrappers left dead by a transform that has
+    exited (a tensor that escaped ``vmap``/``grad``: none reaches a norm's forward). Under
+    an active functorch transform the wrapper runs, as before."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return function.c_apply(*args)
 
 
 class BackwardOp:
@@ -61,9 +94,11 @@ class BackwardOp:
         return (self.op if torch.compiler.is_compiling() else self.impl)(*args)
 
 
-def eager_function(name: str, impl: Callable, setup: Callable, backward: Callable, n_diff: int):
+def eager_function(name: str, impl: Callable, setup: Callable, backward: Callable, n_diff: int,
+                   n_out: Optional[int] = None):
     """An autograd.Function running ``impl`` with the custom op's own
-    ``setup_context`` and backward, for eager mode."""
+    ``setup_context`` and backward, for eager mode; it returns the first ``n_out``
+    outputs (all by default)."""
 
     class _Fn(torch.autograd.Function):
         @staticmethod
@@ -71,7 +106,10 @@ def eager_function(name: str, impl: Callable, setup: Callable, backward: Callabl
             ctx.set_materialize_grads(False)  # an unused output (the sum s) gets None, not zeros
             out = impl(*inputs)
             setup(ctx, inputs, out)
-            ctx.mark_non_differentiable(*out[n_diff:])
+            if n_out is not None:
+                out = out[:n_out]
+            if len(out) > n_diff:
+                ctx.mark_non_differentiable(*out[n_diff:])
             return out
 
         @staticmethod
@@ -79,6 +117,7 @@ def eager_function(name: str, impl: Callable, setup: Callable, backward: Callabl
             return backward(ctx, *grads)
 
     _Fn.__name__ = f"{name}_function"
+    _Fn.c_apply = super(torch.autograd.Function, _Fn).apply   # (see _apply)
     return _Fn
 
 

@@ -24,6 +24,7 @@ partial buffers are written whole by their programs (no zero fill).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -33,11 +34,11 @@ import triton
 from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
 from .custom_ops import BackwardOp, ForwardOp
-from .triton_kernels import featurewise as fk
-from .triton_kernels import groupwise as gk
-from .triton_kernels import partials as pk
-from .triton_kernels import rowwise as rk
-from .triton_kernels import sync as sk
+from .triton_kernels import featurewise, groupwise, partials, rowwise, sync
+from .triton_kernels.launch import cached_kernels
+
+# every launch goes through a handle cached per specialization (.triton_kernels.launch)
+fk, gk, pk, rk, sk = (cached_kernels(m) for m in (featurewise, groupwise, partials, rowwise, sync))
 
 __all__ = ["TritonBackend", "supports", "MAX_FEATURES"]
 
@@ -54,11 +55,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: whether Triton runs kernels on CPU tensors (read once: Triton decides at import too)
+_INTERPRETING = interpreting()
+
+
 def supports(x: Tensor) -> bool:
     """Whether the kernels run ``x``: rows ``(R, D)`` with ``D`` ≤ :data:`MAX_FEATURES`
     (held in registers), or a group-wise ``(B, C, T)`` of any ``T`` (read in blocks)."""
-    on_device = x.device.type == "cuda" or (x.device.type == "cpu" and interpreting())
+    on_device = x.is_cuda or (_INTERPRETING and x.is_cpu)
     return on_device and x.dtype in DTYPES and (x.dim() == 3 or x.shape[-1] <= MAX_FEATURES)
+
+
+def _pow2(n: int) -> int:
+    """The least power of 2 ≥ ``n`` (``triton.next_power_of_2`` in Python: ~2 µs less a call)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -66,14 +80,38 @@ def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _flat(t: Tensor) -> Tensor:
+    """``t (*, D)`` as :func:`_rows` ``(N, D)`` (a view where it can be: inside the op, where
+    autograd records none — the feature-wise ops take the input's ``(B, T, D)`` as it is)."""
+    if t.dim() != 2:
+        t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return _rows(t)
+
+
+#: (the last flat mask, its bytes): a model's norms pass the same flat mask object call
+#: after call (seqnorm.masks.flat_padding), and its uint8 view is a view — always its bits
+_last_bits = (None, None)
+
+
 def _pad_bits(pad: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0, dtype=torch.uint8) if pad is None else pad.contiguous().view(torch.uint8)
+    global _last_bits
+    if pad is None:
+        return like.new_empty(0, dtype=torch.uint8)
+    last, bits = _last_bits
+    if pad is last:
+        return bits
+    bits = pad.contiguous().view(torch.uint8)
+    if pad.is_contiguous():
+        _last_bits = (pad, bits)
+    return bits
 
 
 def _param(t: Optional[Tensor], like: Tensor) -> Tensor:
     """A per-feature tensor as it is, in its own dtype (the kernels read it as
     float32: no cast launched); an empty stand-in for None."""
-    return like.new_empty(0) if t is None else t.detach().contiguous()
+    if t is None:
+        return like.new_empty(0)
+    return t if t.is_contiguous() else t.detach().contiguous()
 
 
 def _grad_like(t: Optional[Tensor], d: int, like: Tensor) -> Tensor:
@@ -94,8 +132,9 @@ def _programs(device: torch.device) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=None)
 def _block_d(d: int) -> Tuple[int, int]:
-    block = triton.next_power_of_2(max(d, 1))
+    block = _pow2(max(d, 1))
     return block, min(max(block // 256, 1), 16)
 
 
@@ -127,8 +166,8 @@ def _param_grads(dw_part: Tensor, db_part: Tensor, dw: Tensor, db: Tensor, progr
     """The finalize of parameter gradients: ``dw``, ``db`` ← the ordered sums of the
     partial rows, in their dtypes (one launch; none without parameters)."""
     if has_w or has_b:
-        block = min(1024, triton.next_power_of_2(max(d, 1)))
-        pk.param_grads[(triton.cdiv(d, block),)](dw_part, db_part, dw, db, programs, d, HAS_W=has_w, HAS_B=has_b,
+        block = min(1024, _pow2(max(d, 1)))
+        pk.param_grads.launch((_cdiv(d, block),), dw_part, db_part, dw, db, programs, d, HAS_W=has_w, HAS_B=has_b,
                                                  BLOCK_F=block)
 
 
@@ -137,47 +176,96 @@ def _param_grads(dw_part: Tensor, db_part: Tensor, dw: Tensor, db: Tensor, progr
 # ---------------------------------------------------------------------------
 
 
+def _token_rows(t: Optional[Tensor], d: int) -> Tuple[Optional[Tensor], int]:
+    """``t (*, D)`` as rows with unit feature stride, and its row stride: a contiguous
+    tensor as it is (the kernels take a pointer and a row stride: no view a call), any
+    other as ``(R, D)`` (a view where it can be)."""
+    if t is None:
+        return t, 0
+    if t.is_contiguous():
+        return t, d
+    if t.dim() != 2:
+        t = t.reshape(math.prod(t.shape[:-1]), d)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0)
+
+
 def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                       pad: Optional[Tensor], eps: float, center: bool, write_sum: bool
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, s, shift, delta, rstd)`` of the row-wise norm of ``x (+ residual)``;
-    ``s`` is empty unless ``write_sum``. One launch."""
-    x, residual = _rows(x), _rows(residual)
-    rows, d = x.shape
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if write_sum else x.new_empty(0)
-    shift, delta, rstd = (x.new_empty(rows, dtype=torch.float32) for _ in range(3))
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, s, stats)`` of the row-wise norm of ``x (*, D)`` (+ ``residual``), ``y`` and
+    ``s`` in ``x``'s shape, contiguous (no view after: with autograd recording a view is a
+    node), ``stats (R, 3)`` float32 each row's ``m, δ, r``; ``s`` is None unless
+    ``write_sum`` (the custom op returns an empty tensor there). One launch."""
+    rows = math.prod(x.shape[:-1])
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
+                            x.new_empty((rows, 3), dtype=torch.float32))
+
+
+def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
+    """``(y, s)`` of :func:`_rowwise_fwd_impl` where no gradient is recorded: the per-row
+    statistics, which only a backward reads, go to a scratch buffer (no allocation)."""
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
+                            _scratch(x.device, 3 * math.prod(x.shape[:-1])))[:2]
+
+
+#: per device, float32 buffers written and never read (a no-grad call's statistics): the newest
+#: is the largest; the older ones are kept alive (a captured CUDA graph may still write to them)
+_scratches: dict = {}
+
+
+def _scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    key = (device, dtype)
+    kept = _scratches.get(key)
+    if kept is None or kept[-1].numel() < numel:
+        kept = _scratches.setdefault(key, [])
+        kept.append(torch.empty(max(numel, 1 << 12), dtype=dtype, device=device))
+    return kept[-1]
+
+
+def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, stats):
+    shape, d = x.shape, x.shape[-1]
+    rows = math.prod(shape[:-1])
+    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)    # (empty_like: ~1 µs less)
+    s = torch.empty_like(y) if write_sum else None
+    x, stride_x = _token_rows(x, d)
+    residual, stride_r = _token_rows(residual, d)
     if rows and d:
         block, warps = _block_d(d)
         res = residual if residual is not None else x
         kernel, blocks = (rk.rowwise_fwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_FWD else \
             (rk.rowwise_fwd_blocked, dict(BLOCK_C=BLOCK_C))
-        kernel[(rows,)](
-            x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x), shift, delta,
-            rstd, x.stride(0), res.stride(0), y.stride(0), s.stride(0) if write_sum else 0, d, float(eps),
+        kernel.launch(
+            (rows,), x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x), stats,
+            stride_x, stride_r if residual is not None else stride_x, d, d, d, eps,
             HAS_RES=residual is not None, WRITE_S=write_sum, HAS_W=weight is not None, HAS_B=bias is not None,
             HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     else:
-        shift.zero_(), delta.zero_(), rstd.zero_(), y.zero_()
+        stats.zero_(), y.zero_()
         if write_sum:
-            s.copy_(x if residual is None else (x.float() + residual.float()).to(x.dtype))
-    return y, s, shift, delta, rstd
+            s.copy_(x.reshape(shape) if residual is None
+                    else (x.float() + residual.float()).to(x.dtype).reshape(shape))
+    return y, s, stats
 
 
 def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      residual: Optional[Tensor], ds: Optional[Tensor], pad: Optional[Tensor], shift: Tensor,
-                      delta: Tensor, rstd: Tensor, center: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)``, the parameter gradients in their dtypes: the rows'
-    kernel, then the finalize of the parameter gradients (two launches)."""
-    dy, x, residual, ds = _rows(dy), _rows(x), _rows(residual), _rows(ds)
-    rows, d = x.shape
-    dx = torch.empty_like(x)
+                      residual: Optional[Tensor], ds: Optional[Tensor], pad: Optional[Tensor], stats: Tensor,
+                      center: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``, ``dx`` in ``x``'s shape, the parameter gradients in
+    their dtypes: the rows' kernel, then the finalize of the parameter gradients (two
+    launches)."""
+    shape, d = x.shape, x.shape[-1]
+    rows = math.prod(shape[:-1])
+    dx = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
+    (dy, stride_dy), (x, stride_x) = _token_rows(dy, d), _token_rows(x, d)
+    (residual, stride_r), (ds, stride_ds) = _token_rows(residual, d), _token_rows(ds, d)
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (rows and d):
         return dx.zero_(), dw.zero_(), db.zero_()
     programs = max(1, min(rows, _programs(x.device)))
-    per = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, per)
+    per = _cdiv(rows, programs)
+    programs = _cdiv(rows, per)
     # every program writes its whole partial row: no zero fill
     dw_part = x.new_empty((programs, d), dtype=torch.float32)
     db_part = x.new_empty((programs, d), dtype=torch.float32)
@@ -187,9 +275,10 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
     kernel, blocks = (rk.rowwise_bwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_BWD else \
         (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
     warps = _bwd_warps(block) if block <= MAX_BLOCK_BWD else warps
-    kernel[(programs,)](
-        dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), shift, delta, rstd, dw_part, db_part,
-        dy.stride(0), x.stride(0), res.stride(0), dsr.stride(0), dx.stride(0), rows, d, per,
+    kernel.launch(
+        (programs,), dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), stats, dw_part, db_part,
+        stride_dy, stride_x, stride_r if residual is not None else stride_x, stride_ds if ds is not None else stride_x,
+        d, rows, d, per,
         HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
         HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
     _param_grads(dw_part, db_part, dw, db, programs, d, weight is not None, bias is not None)
@@ -197,35 +286,41 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
 
 
 def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
-    rows = x.shape[0]
-    return (torch.empty_like(x), torch.empty_like(x) if write_sum else x.new_empty(0),
-            *(x.new_empty(rows, dtype=torch.float32) for _ in range(3)))
+    return (x.new_empty(x.shape), x.new_empty(x.shape) if write_sum else x.new_empty(0),
+            x.new_empty((math.prod(x.shape[:-1]), 3), dtype=torch.float32))
 
 
-rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _grads_fake)
+def _token_grads_fake(dy, x, weight, bias, *_):
+    d = x.shape[-1]
+    return x.new_empty(x.shape), _grad_like(weight, d, x), _grad_like(bias, d, x)
+
+
+rowwise_bwd = BackwardOp("triton_rowwise_bwd", _rowwise_bwd_impl, _token_grads_fake)
 
 
 def _rowwise_setup(ctx, inputs, output):
     x, residual, weight, bias, pad, eps, center, write_sum = inputs
-    _, _, shift, delta, rstd = output
-    ctx.save_for_backward(x, residual, weight, bias, pad, shift, delta, rstd)
+    ctx.save_for_backward(x, residual, weight, bias, pad, output[2])
     ctx.center = center
 
 
 def _rowwise_backward(ctx, dy, ds, *_):
     """The backward re-forms the float32 sum from both addends (never a rounded sum)."""
-    x, residual, weight, bias, pad, shift, delta, rstd = ctx.saved_tensors
+    x, residual, weight, bias, pad, stats = ctx.saved_tensors
     if dy is None:  # only the sum was used downstream
         dy = torch.zeros_like(x)
     ds = ds if residual is not None and ds is not None and ds.numel() else None
-    dx, dw, db = rowwise_bwd(dy, x, weight, bias, residual, ds, pad, shift, delta, rstd, ctx.center)
-    return (dx, dx if residual is not None else None,
+    dx, dw, db = rowwise_bwd(dy, x, weight, bias, residual, ds, pad, stats, ctx.center)
+    if residual is not None:   # the residual's gradient is dx too: two views of it (as the reshaped inputs'
+        dx, dr = dx.view(dx.shape), dx.view(dx.shape)   # gradients were), so that two leaves are not copied
+    return (dx, dr if residual is not None else None,
             dw.reshape(weight.shape) if weight is not None else None,
             db.reshape(bias.shape) if bias is not None else None, None, None, None, None)
 
 
+#: its eager calls return ``(y, s)`` (s None unless write_sum); the op, ``(y, s, stats)``
 rowwise_fwd = ForwardOp("triton_rowwise_fwd", _rowwise_fwd_impl, _rowwise_fwd_fake, _rowwise_setup,
-                        _rowwise_backward, 2)
+                        _rowwise_backward, 2, n_out=2, plain=_rowwise_fwd_plain)
 
 
 # ---------------------------------------------------------------------------
@@ -237,23 +332,26 @@ BLOCK_N, BLOCK_F = 32, 64
 BLOCK_PAD = 1024
 
 
+@functools.lru_cache(maxsize=4096)
 def _partial_grid(n: int, d: int, device: torch.device) -> Tuple[int, int, int]:
     """``(P, F, rows_per_program)`` of a kernel writing per-program partials: a
     fixed number of programs per device in all (so that the finalize merges few
     rows, and the partition is the same on every run)."""
-    f = triton.cdiv(max(d, 1), BLOCK_F)
-    p = max(1, min(triton.cdiv(max(n, 1), BLOCK_N), _programs(device) // f))
-    per = triton.cdiv(triton.cdiv(max(n, 1), p), BLOCK_N) * BLOCK_N
-    return triton.cdiv(max(n, 1), per), f, per
+    f = _cdiv(max(d, 1), BLOCK_F)
+    p = max(1, min(_cdiv(max(n, 1), BLOCK_N), _programs(device) // f))
+    per = _cdiv(_cdiv(max(n, 1), p), BLOCK_N) * BLOCK_N
+    return _cdiv(max(n, 1), per), f, per
 
 
+@functools.lru_cache(maxsize=4096)
 def _tile_grid(n: int, d: int) -> Tuple[int, int, int]:
     """``(P, F, rows_per_program)`` of an elementwise pass: one ``BLOCK_N`` tile a program."""
-    return triton.cdiv(max(n, 1), BLOCK_N), triton.cdiv(max(d, 1), BLOCK_F), BLOCK_N
+    return _cdiv(max(n, 1), BLOCK_N), _cdiv(max(d, 1), BLOCK_F), BLOCK_N
 
 
+@functools.lru_cache(maxsize=None)
 def _finalize_block(d: int) -> int:
-    return min(fk.FINALIZE_BLOCK, triton.next_power_of_2(max(d, 1)))
+    return min(fk.FINALIZE_BLOCK, _pow2(max(d, 1)))
 
 
 def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], eps: float, update=None):
@@ -266,11 +364,12 @@ def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], e
     stats, scale = x.new_empty((3, d), **f32), x.new_empty(d, **f32)
     mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
     p, f, per = _partial_grid(n, d, x.device)
-    count_part, mean_part, m2_part = x.new_empty(p, **f32), x.new_empty((p, d), **f32), x.new_empty((p, d), **f32)
-    fk.moments_partial[(p, f)](x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
+    # the programs' partials: scratch the finalize reads, one allocation (split: ~1 µs less than three)
+    mean_part, m2_part, count_part = x.new_empty(2 * p * d + p, **f32).split_with_sizes((p * d, p * d, p))
+    fk.moments_partial.launch((p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
                                HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
     rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
-    fk.bn_finalize[(1,)](count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
+    fk.bn_finalize.launch((1,), count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
                          rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0),
                          HAS_W=weight is not None, UPDATE=update is not None, HAS_NBT=nbt is not None,
                          CUMULATIVE=momentum is None, BLOCK_F=_finalize_block(d), num_warps=4)
@@ -282,7 +381,7 @@ def _bn_normalize(x, pad, stats, scale, bias, y=None):
     n, d = x.shape
     y = torch.empty_like(x) if y is None else y
     p, f, per = _tile_grid(n, d)
-    fk.bn_normalize[(p, f)](x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
+    fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
                             stats, stats, x.stride(0), y.stride(0), n, d, per, 0.0, HAS_PAD=pad is not None,
                             RUNNING=False, HAS_W=False, HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
                             BLOCK_PAD=BLOCK_PAD)
@@ -299,8 +398,16 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     Batch statistics: partials → finalize → normalize (three launches), the
     finalize moving ``running_mean``/``running_var``/``num_batches_tracked`` in
     place when ``update``. With ``mean``/``var`` given (eval) one launch
-    normalizes with them and the batch statistics are returned as zeros."""
-    x = _rows(x)
+    normalizes with them and the batch statistics are returned as zeros. ``x (*, D)``,
+    ``y`` in its shape."""
+    shape = x.shape
+    out = _featurewise_rows(_flat(x), weight, bias, pad, mean, var, eps, running_mean, running_var,
+                            num_batches_tracked, momentum, update)
+    return (out[0].view(shape),) + out[1:]
+
+
+def _featurewise_rows(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
+                      momentum, update):
     n, d = x.shape
     if not (n and d):
         f32 = dict(dtype=torch.float32, device=x.device)
@@ -313,17 +420,41 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     f32 = dict(dtype=torch.float32)
     y, stats, scale = torch.empty_like(x), x.new_empty((3, d), **f32), x.new_empty(d, **f32)
     batch_mean, batch_var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
-    p, f, per = _tile_grid(n, d)
-    fk.bn_normalize[(p, f)](x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
-                            _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
-                            per, float(eps), HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
-                            HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+    _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, batch_var, count)
     return y, batch_mean, batch_var, count, stats, scale
+
+
+def _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, batch_var, count):
+    """Eval: ``y`` normalized with the running ``mean``, ``var`` (one launch; the program of
+    the first rows stores ``stats``, ``scale`` for the backward and zero batch statistics)."""
+    n, d = x.shape
+    p, f, per = _tile_grid(n, d)
+    fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
+                           _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
+                           per, eps, HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
+                           HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+
+
+def _featurewise_fwd_plain(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
+                           momentum, update):
+    """:func:`_featurewise_fwd_impl`'s first four outputs where no gradient is recorded: in
+    eval (``mean`` given) what only a backward reads, and the zero batch statistics nobody
+    reads there, go to scratch buffers — ``(y, None, None, None)``."""
+    if mean is None or not x.numel():
+        return _featurewise_fwd_impl(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
+                                     num_batches_tracked, momentum, update)[:4]
+    shape, d = x.shape, x.shape[-1]
+    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
+    x = _flat(x)
+    junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
+    _bn_eval(x, pad, mean, var, weight, bias, eps, y.view(x.shape) if y.dim() != 2 else y, junk, junk, junk, junk,
+             count)
+    return y, None, None, None
 
 
 def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
                           momentum, update):
-    d = x.shape[1]
+    d = x.shape[-1]
     f32 = [x.new_empty(d, dtype=torch.float32) for _ in range(3)]
     return (torch.empty_like(x), f32[0], f32[1], x.new_empty((), dtype=torch.int64),
             x.new_empty((3, d), dtype=torch.float32), f32[2])
@@ -337,7 +468,7 @@ def _grad_partials(dy, x, pad, stats, scale, dx=None):
     dg_part = x.new_empty((p, d), dtype=torch.float32)
     db_part = x.new_empty((p, d), dtype=torch.float32)
     out = dx if dx is not None else x
-    fk.grad_partial[(p, f)](dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(0), x.stride(0),
+    fk.grad_partial.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(0), x.stride(0),
                             out.stride(0), n, d, per, HAS_PAD=pad is not None, WRITE_DX=dx is not None,
                             BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dg_part, db_part, p
@@ -348,7 +479,7 @@ def _bn_input_grad(dy, x, pad, stats, scale, coef):
     n, d = x.shape
     dx = torch.empty_like(x)
     p, f, per = _tile_grid(n, d)
-    fk.bn_input_grad[(p, f)](dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(0), x.stride(0),
+    fk.bn_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(0), x.stride(0),
                              dx.stride(0), n, d, per, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dx
 
@@ -358,8 +489,13 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dγ, dβ)`` of masked BatchNorm, dγ and dβ in the parameters' dtypes.
     Batch statistics: partials → finalize (dγ, dβ, c₁, c₂) → dx (three launches);
-    eval: dx fused with the partials, then the finalize of dγ, dβ (two)."""
-    dy, x = _rows(dy), _rows(x)
+    eval: dx fused with the partials, then the finalize of dγ, dβ (two). ``dx`` in ``x``'s shape."""
+    shape = x.shape
+    dx, dw, db = _featurewise_bwd_rows(_flat(dy), _flat(x), weight, bias, pad, stats, scale, count, use_batch)
+    return dx.view(shape), dw, db
+
+
+def _featurewise_bwd_rows(dy, x, weight, bias, pad, stats, scale, count, use_batch):
     n, d = x.shape
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (n and d):
@@ -373,13 +509,13 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
     dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale)
     coef = x.new_empty((2, d), dtype=torch.float32)
     block = _finalize_block(d)
-    fk.bn_grad_finalize[(triton.cdiv(d, block),)](dg_part, db_part, scale, count, dw if has_w else coef,
+    fk.bn_grad_finalize.launch((_cdiv(d, block),), dg_part, db_part, scale, count, dw if has_w else coef,
                                                   db if has_b else coef, coef, p, d, HAS_W=has_w, HAS_B=has_b,
                                                   BLOCK_F=block)
     return _bn_input_grad(dy, x, pad, stats, scale, coef), dw, db
 
 
-featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _grads_fake)
+featurewise_bwd = BackwardOp("triton_featurewise_bwd", _featurewise_bwd_impl, _token_grads_fake)
 
 
 def _featurewise_setup(ctx, inputs, output):
@@ -398,7 +534,7 @@ def _featurewise_backward(ctx, dy, *_):
 
 
 featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake,
-                            _featurewise_setup, _featurewise_backward, 1)
+                            _featurewise_setup, _featurewise_backward, 1, n_out=4, plain=_featurewise_fwd_plain)
 
 
 # --- PowerNorm ---
@@ -412,7 +548,7 @@ def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
     y, rstd = torch.empty_like(x), x.new_empty(d, dtype=torch.float32)
     sumsq_part = x.new_empty((p if sumsq else 0, d), dtype=torch.float32)
     count_part = x.new_empty(p if sumsq else 0, dtype=torch.float32)
-    fk.power_normalize[(p, f)](x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
+    fk.power_normalize.launch((p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
                                rstd, sumsq_part, count_part, x.stride(0), y.stride(0), n, d, per, float(eps),
                                HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                                SUMSQ=sumsq, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
@@ -432,8 +568,15 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     torch.compile's backward graph reads the same value; with ``update`` the
     finalize also moves ψ² and ``num_batches_tracked`` (two launches). Eval:
     the normalize alone (one launch; ``batch_phi``, ``count``, ``factor`` are
-    not computed)."""
-    x = _rows(x)
+    not computed). ``x (*, D)``, ``y`` in its shape."""
+    shape = x.shape
+    out = _power_rows(_flat(x), weight, bias, pad, running_phi, running_nu, eps, training, momentum,
+                      num_batches_tracked, factor, update)
+    return (out[0].view(shape),) + out[1:]
+
+
+def _power_rows(x, weight, bias, pad, running_phi, running_nu, eps, training, momentum, num_batches_tracked, factor,
+                update):
     n, d = x.shape
     f32 = dict(dtype=torch.float32)
     nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
@@ -447,7 +590,7 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                                           eps, training)
     if training:
         nbt = num_batches_tracked
-        fk.power_finalize[(1,)](
+        fk.power_finalize.launch((1,), 
             sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if update else batch_phi, nbt if nbt is not None else count,
             factor if factor is not None else count, p, d, float(momentum or 0.0),
@@ -459,7 +602,7 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, training, momentum, num_batches_tracked,
                     factor, update):
-    d = x.shape[1]
+    d = x.shape[-1]
     return (torch.empty_like(x), x.new_empty(d, dtype=torch.float32), x.new_empty((), dtype=torch.int64),
             x.new_empty(d, dtype=torch.float32), x.new_empty(0) if running_nu is None else torch.empty_like(running_nu),
             x.new_empty((), dtype=torch.float32))
@@ -473,7 +616,7 @@ def _power_partials(dy, x, weight, pad, rstd, nu, nu_scale=1.0):
     dx = torch.empty_like(x)
     dg_part = x.new_empty((p, d), dtype=torch.float32)
     db_part = x.new_empty((p, d), dtype=torch.float32)
-    fk.power_input_grad[(p, f)](dy, x, _pad_bits(pad, x), _param(weight, x), rstd, _param(nu, x), dx, dg_part,
+    fk.power_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), _param(weight, x), rstd, _param(nu, x), dx, dg_part,
                                 db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d, per, float(nu_scale),
                                 HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_NU=nu is not None,
                                 BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
@@ -485,8 +628,14 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
                     nu: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dγ, dβ)``: ``dx = (w·dy − ν·x̂)·r`` with ν before this step's update (0
     without one), then one finalize: dγ, dβ in the parameters' dtypes and — given
-    the buffer ``nu`` — ν moved in place by Algorithm 1 (two launches)."""
-    dy, x = _rows(dy), _rows(x)
+    the buffer ``nu`` — ν moved in place by Algorithm 1 (two launches). ``dx`` in ``x``'s shape."""
+    shape = x.shape
+    dx, dw, db = _power_bwd_rows(_flat(dy), _flat(x), weight, bias, pad, rstd, nu_before, batch_phi, count, factor,
+                                 nu)
+    return dx.view(shape), dw, db
+
+
+def _power_bwd_rows(dy, x, weight, bias, pad, rstd, nu_before, batch_phi, count, factor, nu):
     n, d = x.shape
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (n and d):
@@ -496,14 +645,14 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
     if has_w or has_b or move:
         block = _finalize_block(d)
         scratch = x.new_empty(d if move else 0, dtype=torch.float32)
-        fk.power_grad_finalize[(1 if move else triton.cdiv(d, block),)](
+        fk.power_grad_finalize.launch((1 if move else _cdiv(d, block),), 
             dg_part, db_part, _param(weight, x), dw if has_w else rstd, db if has_b else rstd, rstd, batch_phi,
             count, factor, nu_before if move else rstd, nu if move else rstd, scratch, p, d,
             HAS_W=has_w, HAS_B=has_b, MOVE_NU=move, BLOCK_F=block)
     return dx, dw, db
 
 
-power_bwd = BackwardOp("triton_power_bwd", _power_bwd_impl, _grads_fake)
+power_bwd = BackwardOp("triton_power_bwd", _power_bwd_impl, _token_grads_fake)
 
 
 def _power_setup(ctx, inputs, output):
@@ -523,7 +672,8 @@ def _power_backward(ctx, dy, *_):
     return (dx, dgamma if weight is not None else None, dbeta if bias is not None else None) + (None,) * 9
 
 
-power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1)
+power_fwd = ForwardOp("triton_power_fwd", _power_fwd_impl, _power_fwd_fake, _power_setup, _power_backward, 1,
+                      n_out=3)
 
 
 # ---------------------------------------------------------------------------
@@ -645,9 +795,9 @@ def _sync_grid(n: int, d: int, device: torch.device) -> Tuple[int, int, int]:
     every rank's partial buffer then has the same size (programs past the last row
     write empty partials), so one collective exchanges it whole. Ranks are assumed
     to run the same device model (as an NCCL job's do)."""
-    f = triton.cdiv(max(d, 1), BLOCK_F)
+    f = _cdiv(max(d, 1), BLOCK_F)
     p = max(1, _programs(device) // f)
-    per = triton.cdiv(triton.cdiv(max(n, 1), p), BLOCK_N) * BLOCK_N
+    per = _cdiv(_cdiv(max(n, 1), p), BLOCK_N) * BLOCK_N
     return p, f, per
 
 
@@ -665,14 +815,14 @@ class _GatheredFeaturewise(torch.autograd.Function):
         p, f, per = _sync_grid(n, d, x.device)
         length = d + p + 2 * p * d
         local = x.new_empty(length, **f32)              # [K | n_p | μ_p − K | M_p], written whole
-        fk.moments_partial[(p, f)](x, _pad_bits(pad, x), local, local[d:d + p], local[d + p:d + p + p * d],
+        fk.moments_partial.launch((p, f), x, _pad_bits(pad, x), local, local[d:d + p], local[d + p:d + p + p * d],
                                    local[d + p + p * d:], x.stride(0), n, d, per, HAS_PAD=pad is not None,
                                    BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
         gathered = reduce.gather(local)                 # (R, length), rank-major
         stats, scale = x.new_empty((3, d), **f32), x.new_empty(d, **f32)
         mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
         rmean, rvar, nbt, momentum = running if running is not None else (stats, stats, None, 0.0)
-        sk.sync_bn_finalize[(1,)](gathered, _param(weight, x), stats, scale, mean, var, count, rmean, rvar,
+        sk.sync_bn_finalize.launch((1,), gathered, _param(weight, x), stats, scale, mean, var, count, rmean, rvar,
                                   nbt if nbt is not None else count, gathered.shape[0], length, reduce.rank, p, d,
                                   float(eps), float(momentum or 0.0), HAS_W=weight is not None,
                                   UPDATE=running is not None, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
@@ -695,12 +845,12 @@ class _GatheredFeaturewise(torch.autograd.Function):
         dg_part, db_part, p = _grad_partials(dy, x, pad, stats, scale)
         sums = x.new_empty(2 * d, dtype=torch.float64)
         block = _finalize_block(d)
-        sk.sync_bn_grad_sums[(triton.cdiv(d, block),)](dg_part, db_part, dw if has_w else sums, db if has_b else sums,
+        sk.sync_bn_grad_sums.launch((_cdiv(d, block),), dg_part, db_part, dw if has_w else sums, db if has_b else sums,
                                                       sums, p, d, HAS_W=has_w, HAS_B=has_b, BLOCK_F=block)
         sums = ctx.reduce.sums(sums)
         dx = torch.empty_like(x)
         tp, tf, tper = _tile_grid(n, d)
-        sk.sync_bn_input_grad[(tp, tf)](dy, x, _pad_bits(pad, x), stats, scale, sums, count, dx, dy.stride(0),
+        sk.sync_bn_input_grad.launch((tp, tf), dy, x, _pad_bits(pad, x), stats, scale, sums, count, dx, dy.stride(0),
                                         x.stride(0), dx.stride(0), n, d, tper, HAS_PAD=pad is not None,
                                         BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
         return dx, dw if has_w else None, db if has_b else None, None, None, None, None
@@ -722,7 +872,7 @@ class _GatheredPower(torch.autograd.Function):
         length = p + p * d
         local = x.new_empty(length, **f32)               # [n_p | Σ_p x²], written whole
         y, rstd = torch.empty_like(x), x.new_empty(d, **f32)
-        fk.power_normalize[(p, f)](x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x),
+        fk.power_normalize.launch((p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x),
                                    y, rstd, local[p:], local[:p], x.stride(0), y.stride(0), n, d, per, float(eps),
                                    HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                                    SUMSQ=True, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
@@ -731,7 +881,7 @@ class _GatheredPower(torch.autograd.Function):
         nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
         momentum, nbt = running if running is not None else (0.0, None)
         given = factor if running is None else None
-        sk.sync_power_finalize[(1,)](
+        sk.sync_power_finalize.launch((1,), 
             gathered, phi_b, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if running is not None else phi_b, nbt if nbt is not None else count,
             given if given is not None else count, gathered.shape[0], length, p, d, float(momentum or 0.0),
@@ -757,13 +907,13 @@ class _GatheredPower(torch.autograd.Function):
         sums = x.new_empty(d if move else 0, dtype=torch.float64)
         block = _finalize_block(d)
         if has_w or has_b or move:
-            sk.sync_power_grad_sums[(triton.cdiv(d, block),)](
+            sk.sync_power_grad_sums.launch((_cdiv(d, block),), 
                 dg_part, db_part, _param(weight, x), dw if has_w else sums, db if has_b else sums, sums, p, d,
                 HAS_W=has_w, HAS_B=has_b, MOVE_NU=move, BLOCK_F=block)
         if move:
             sums = reduce.sums(sums)
             scratch = x.new_empty(d, dtype=torch.float32)
-            sk.sync_nu_finalize[(1,)](sums, rstd, phi_b, count, factor, nu_before, nu, scratch, d,
+            sk.sync_nu_finalize.launch((1,), sums, rstd, phi_b, count, factor, nu_before, nu, scratch, d,
                                       float(reduce.world), BLOCK_F=block)
         return (dx, dw if has_w else None, db if has_b else None) + (None,) * 7
 
@@ -779,8 +929,9 @@ def _gathers(reduce, x: Tensor) -> bool:
 # ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _block_t(t: int) -> int:
-    return min(triton.next_power_of_2(max(t, 1)), 1024)
+    return min(_pow2(max(t, 1)), 1024)
 
 
 def _group_warps(block_t: int) -> int:
@@ -796,16 +947,18 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     x = x.contiguous()
     b, c, t = x.shape
     y = torch.empty_like(x)
-    mean, rstd, var = (x.new_empty(b * groups, dtype=torch.float32) for _ in range(3))
-    steps = x.new_empty(b, dtype=torch.int64)
+    f32 = torch.float32
+    mean, var = x.new_empty((b, groups), dtype=f32), x.new_empty((b, groups), dtype=f32)
+    rstd, steps = x.new_empty(b * groups, dtype=f32), x.new_empty(b, dtype=torch.int64)
     if b and c:
-        gk.groupwise_fwd[(b * groups,)](
-            x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t, c // groups,
-            groups, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
-            BLOCK_T=_block_t(t), num_warps=_group_warps(_block_t(t)))
+        block = _block_t(t)
+        gk.groupwise_fwd.launch(
+            (b * groups,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
+            c // groups, groups, eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
+            BLOCK_T=block, num_warps=_group_warps(block))
     else:
         steps.copy_(t - pad.sum(1, dtype=torch.int64) if pad is not None else torch.full_like(steps, t))
-    return y, mean.reshape(b, groups), var.reshape(b, groups), steps, rstd
+    return y, mean, var, steps, rstd
 
 
 def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
@@ -829,7 +982,7 @@ def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     # program (b, g) writes its channels of row b: every element, no zero fill
     dw_part = x.new_empty((b, c), dtype=torch.float32)
     db_part = x.new_empty((b, c), dtype=torch.float32)
-    gk.groupwise_bwd[(b * groups,)](
+    gk.groupwise_bwd.launch((b * groups,), 
         dy, x, dx, _param(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
         c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
         num_warps=_group_warps(_block_t(t)))
@@ -856,7 +1009,7 @@ def _groupwise_backward(ctx, dy, *_):
 
 
 groupwise_fwd = ForwardOp("triton_groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,
-                          _groupwise_backward, 1)
+                          _groupwise_backward, 1, n_out=4)
 
 
 class TritonBackend:
@@ -865,6 +1018,8 @@ class TritonBackend:
     name = "triton"
     native_low_precision = (torch.bfloat16, torch.float16)
     reduces = True
+    #: the row-wise and feature-wise operations take ``x (*, D)`` as it is and return ``y`` in its shape
+    takes_tokens = True
     #: parameters and running statistics are read in their own dtype (no cast launched)
     native_params = True
     #: featurewise_norm / power_norm take ``running=``: the running statistics move
@@ -883,7 +1038,7 @@ class TritonBackend:
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
-        y, s, *_ = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, need_sum)
+        y, s = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, need_sum)[:2]
         return y, (s if need_sum else None)
 
     @staticmethod
@@ -929,7 +1084,7 @@ class TritonBackend:
         ``(B, C)`` and ``steps (B,)`` in one kernel (the sync-free policy)."""
         b, c = mean.shape
         nbt = num_batches_tracked
-        fk.instance_finalize[(1,)](mean.float().contiguous(), var.float().contiguous(), steps.contiguous(),
+        fk.instance_finalize.launch((1,), mean.float().contiguous(), var.float().contiguous(), steps.contiguous(),
                                    running_mean, running_var, nbt if nbt is not None else steps, b, c,
                                    float(momentum or 0.0), HAS_NBT=nbt is not None, CUMULATIVE=momentum is None,
                                    BLOCK_F=_finalize_block(c), num_warps=4)

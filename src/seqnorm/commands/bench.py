@@ -363,8 +363,8 @@ def kernel_line(op: str, fn, inputs, dy_like, dtype, device) -> str:
     backend and, on a GPU, each kernel's registers and spills as the driver loaded
     them — printed beside the timings (issue 16: a launch costs µs whatever the size;
     a spill puts local memory in a kernel's inner loop)."""
-    from ..backends.launches import LaunchCounter, gpu_policy
-    from ..backends.registers import loaded_registers
+    from ..tools.launches import LaunchCounter, gpu_policy
+    from ..tools.registers import loaded_registers
 
     counter = LaunchCounter()
     dy = torch.zeros(dy_like, dtype=dtype, device=device)

@@ -69,7 +69,7 @@ FINALIZE_BLOCK = 1024
 
 
 @triton.jit
-def _features(BLOCK_F: tl.constexpr, D):
+def features(BLOCK_F: tl.constexpr, D):
     feats = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     return feats, feats < D
 
@@ -106,7 +106,7 @@ def _store(PTR, rows, feats, end, fmask, stride, value):
 
 
 @triton.jit
-def _vec(PTR, feats, fmask, other):
+def vec(PTR, feats, fmask, other):
     """A ``(D,)`` vector's block as float32 (any dtype in memory)."""
     return tl.load(PTR + feats, mask=fmask, other=other).to(tl.float32)
 
@@ -147,7 +147,7 @@ def _moved(RUN, feats, fmask, value, factor, ok):
 
 
 @triton.jit
-def _unbiased(var, n):
+def unbiased_var(var, n):
     """``σ²·n/(n − 1)`` (``σ²·n`` for ``n < 2``, a value no update takes: it needs ``n ≥ 2``)."""
     return var * (n / tl.maximum(n - 1.0, 1.0))
 
@@ -171,7 +171,7 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F: tl.constexpr):
+def merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F: tl.constexpr):
     """The programs' partials ``(n_p, μ_p − K, M_p)`` of the features ``feats``, merged
     in program order (float32, the same bits every run): ``(n, δ, M)``."""
     n = 0.0
@@ -186,17 +186,17 @@ def _merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F:
 
 
 @triton.jit
-def _rstd_scale(var, eps, W, feats, fmask, HAS_W: tl.constexpr):
+def rstd_scale(var, eps, W, feats, fmask, HAS_W: tl.constexpr):
     """``r = 1/√(σ² + ε)`` and ``a = w·r`` (``r`` without a weight)."""
     rstd = 1.0 / tl.sqrt(var + eps)
     a = rstd
     if HAS_W:
-        a = rstd * _vec(W, feats, fmask, 0.0)
+        a = rstd * vec(W, feats, fmask, 0.0)
     return rstd, a
 
 
 @triton.jit
-def _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, delta, rstd, a, batch_mean, var):
+def store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, delta, rstd, a, batch_mean, var):
     """A BatchNorm finalize's outputs for ``feats``: δ, r (rows 1, 2 of STATS), a, μ, σ²."""
     tl.store(STATS + D + feats, delta, mask=fmask)
     tl.store(STATS + 2 * D + feats, rstd, mask=fmask)
@@ -206,13 +206,13 @@ def _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, delta, rstd, a, ba
 
 
 @triton.jit
-def _stats_finite(finite, batch_mean, unbiased, fmask):
+def stats_finite(finite, batch_mean, unbiased, fmask):
     """``finite``, 0 unless the block's μ and unbiased σ² are finite."""
     return tl.minimum(finite, tl.minimum(_all_finite(batch_mean, fmask), _all_finite(unbiased, fmask)))
 
 
 @triton.jit
-def _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n, finite, D, momentum,
+def update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n, finite, D, momentum,
                        HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_F: tl.constexpr):
     """The device-side select of :func:`seqnorm.running.update_batch_norm_stats`: the
     running mean and variance move towards ``MEAN`` and the unbiased ``VAR`` where
@@ -222,14 +222,14 @@ def _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n, finite, D, momentum,
     tl.debug_barrier()                                          # MEAN, VAR as written by this program
     for f0 in range(0, D, BLOCK_F):
         feats, fmask = feature_block(f0, D, BLOCK_F)
-        unbiased = _unbiased(tl.load(VAR + feats, mask=fmask, other=0.0), n)
+        unbiased = unbiased_var(tl.load(VAR + feats, mask=fmask, other=0.0), n)
         _moved(RMEAN, feats, fmask, tl.load(MEAN + feats, mask=fmask, other=0.0), factor, ok)
         _moved(RVAR, feats, fmask, unbiased, factor, ok)
     _count_batch(NBT, ok, HAS_NBT)
 
 
 @triton.jit
-def _step_factor(GIVEN, NBT, momentum, HAS_FACTOR: tl.constexpr, CUMULATIVE: tl.constexpr):
+def step_factor(GIVEN, NBT, momentum, HAS_FACTOR: tl.constexpr, CUMULATIVE: tl.constexpr):
     """PowerNorm's step weight ``f``: given (the module's), or :func:`_factor`'s."""
     if HAS_FACTOR:
         factor = tl.load(GIVEN).to(tl.float32)
@@ -239,7 +239,7 @@ def _step_factor(GIVEN, NBT, momentum, HAS_FACTOR: tl.constexpr, CUMULATIVE: tl.
 
 
 @triton.jit
-def _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU: tl.constexpr,
+def store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU: tl.constexpr,
                        UPDATE: tl.constexpr):
     """ψ_B² of ``feats`` and ν's copy as of this forward; with UPDATE ``finite`` ← 0
     unless ψ_B² is finite."""
@@ -252,7 +252,7 @@ def _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU: 
 
 
 @triton.jit
-def _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE: tl.constexpr,
+def finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE: tl.constexpr,
                   HAS_NBT: tl.constexpr, BLOCK_F: tl.constexpr):
     """A PowerNorm finalize's n and f; with UPDATE the device-side select of
     :func:`seqnorm.running.update_running_stats` (``min_count`` 1): ψ² moves towards
@@ -269,18 +269,18 @@ def _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE: 
 
 
 @triton.jit
-def _nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite):
+def nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite):
     """Algorithm 1's new ν of ``feats`` (:func:`seqnorm.running.nu_step`),
     ``ν(1 − f·Γ) + f·Λ`` with ``Γ = r²·ψ_B²``, into NU_NEW; ``finite`` ← 0 unless it is finite."""
     rstd = tl.load(RSTD + feats, mask=fmask, other=0.0)
     gamma = rstd * rstd * tl.load(PHI_B + feats, mask=fmask, other=0.0)
-    new = _vec(NU_BEFORE, feats, fmask, 0.0) * (1.0 - factor * gamma) + factor * lam
+    new = vec(NU_BEFORE, feats, fmask, 0.0) * (1.0 - factor * gamma) + factor * lam
     tl.store(NU_NEW + feats, new, mask=fmask)
     return tl.minimum(finite, _all_finite(new, fmask))
 
 
 @triton.jit
-def _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F: tl.constexpr):
+def select_nu(NU, NU_NEW, n, finite, D, BLOCK_F: tl.constexpr):
     """ν ← NU_NEW (in ν's dtype) where ``n > 0`` and every new ν is ``finite``
     (:func:`seqnorm.running.move_nu_from_sums`)."""
     ok = (n > 0.0) & (finite == 1)
@@ -293,13 +293,13 @@ def _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F: tl.constexpr):
 
 
 @triton.jit
-def _bn_stats(STATS, D, feats, fmask):
+def bn_stats(STATS, D, feats, fmask):
     """``K``, ``δ``, ``r`` of ``feats`` (the rows of STATS)."""
-    return _vec(STATS, feats, fmask, 0.0), _vec(STATS + D, feats, fmask, 0.0), _vec(STATS + 2 * D, feats, fmask, 0.0)
+    return vec(STATS, feats, fmask, 0.0), vec(STATS + D, feats, fmask, 0.0), vec(STATS + 2 * D, feats, fmask, 0.0)
 
 
 @triton.jit
-def _bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
+def bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
                feats, fmask, HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """``dx = a·dy − c₁ − x̂·c₂``, ``x̂ = ((x − K) − δ)·r``, over this program's rows (0 at padding)."""
     start, end = program_rows(tl.program_id(0), N, rows_per_program)
@@ -356,7 +356,7 @@ def moments_partial(
     stride_x, N, D, rows_per_program,
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_PAD: tl.constexpr,
 ):
-    feats, fmask = _features(BLOCK_F, D)
+    feats, fmask = features(BLOCK_F, D)
     first = _first_real_row(PAD, N, HAS_PAD, BLOCK_PAD)
     k = tl.load(X + first.to(tl.int64) * stride_x + feats, mask=tl.where(first < N, fmask, False),
                 other=0.0).to(tl.float32)
@@ -406,16 +406,16 @@ def bn_finalize(
     n_a = 0.0
     for f0 in range(0, D, BLOCK_F):
         feats, fmask = feature_block(f0, D, BLOCK_F)
-        n_a, mean, m2 = _merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F)
+        n_a, mean, m2 = merge_programs(COUNT_PART, MEAN_PART, M2_PART, P, D, feats, fmask, BLOCK_F)
         var = m2 / tl.maximum(n_a, 1.0)
-        rstd, a = _rstd_scale(var, eps, W, feats, fmask, HAS_W)
+        rstd, a = rstd_scale(var, eps, W, feats, fmask, HAS_W)
         batch_mean = tl.load(STATS + feats, mask=fmask, other=0.0) + mean
-        _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, mean, rstd, a, batch_mean, var)
+        store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, mean, rstd, a, batch_mean, var)
         if UPDATE:
-            finite = _stats_finite(finite, batch_mean, _unbiased(var, n_a), fmask)
+            finite = stats_finite(finite, batch_mean, unbiased_var(var, n_a), fmask)
     tl.store(COUNT, n_a.to(tl.int64))
     if UPDATE:
-        _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n_a, finite, D, momentum, HAS_NBT, CUMULATIVE, BLOCK_F)
+        update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, n_a, finite, D, momentum, HAS_NBT, CUMULATIVE, BLOCK_F)
 
 
 @triton.jit
@@ -438,11 +438,11 @@ def bn_normalize(
 ):
     """``y = ((x − K) − δ)·a + b``; with RUNNING (eval) ``K``, ``r`` and ``a`` come
     from the running statistics, and programs ``(0, f)`` store them for the backward."""
-    feats, fmask = _features(BLOCK_F, D)
+    feats, fmask = features(BLOCK_F, D)
     if RUNNING:
-        k = _vec(STATS, feats, fmask, 0.0)
+        k = vec(STATS, feats, fmask, 0.0)
         delta = tl.zeros([BLOCK_F], dtype=tl.float32)
-        rstd, a = _rstd_scale(_vec(RVAR, feats, fmask, 0.0), eps, W, feats, fmask, HAS_W)
+        rstd, a = rstd_scale(vec(RVAR, feats, fmask, 0.0), eps, W, feats, fmask, HAS_W)
         if tl.program_id(0) == 0:
             tl.store(STATS_OUT + feats, k, mask=fmask)
             tl.store(STATS_OUT + D + feats, delta, mask=fmask)
@@ -453,11 +453,11 @@ def bn_normalize(
             if tl.program_id(1) == 0:
                 tl.store(COUNT, _count_real(PAD, N, HAS_PAD, BLOCK_PAD).to(tl.int64))
     else:
-        k = _vec(STATS, feats, fmask, 0.0)
-        delta = _vec(STATS + D, feats, fmask, 0.0)
-        a = _vec(SCALE, feats, fmask, 0.0)
+        k = vec(STATS, feats, fmask, 0.0)
+        delta = vec(STATS + D, feats, fmask, 0.0)
+        a = vec(SCALE, feats, fmask, 0.0)
     if HAS_B:
-        bias = _vec(B, feats, fmask, 0.0)
+        bias = vec(B, feats, fmask, 0.0)
     start, end = program_rows(tl.program_id(0), N, rows_per_program)
     for r0 in range(start, end, BLOCK_N):
         rows, real, tile = _tile(PAD, r0, end, fmask, HAS_PAD, BLOCK_N)
@@ -485,10 +485,10 @@ def grad_partial(
     stride_dy, stride_x, stride_dx, N, D, rows_per_program,
     HAS_PAD: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats, fmask = _features(BLOCK_F, D)
-    k, delta, rstd = _bn_stats(STATS, D, feats, fmask)
+    feats, fmask = features(BLOCK_F, D)
+    k, delta, rstd = bn_stats(STATS, D, feats, fmask)
     if WRITE_DX:
-        a = _vec(SCALE, feats, fmask, 0.0)
+        a = vec(SCALE, feats, fmask, 0.0)
     dg = tl.zeros([BLOCK_F], dtype=tl.float32)
     db = tl.zeros([BLOCK_F], dtype=tl.float32)
     start, end = program_rows(tl.program_id(0), N, rows_per_program)
@@ -534,12 +534,12 @@ def bn_input_grad(
     stride_dy, stride_x, stride_dx, N, D, rows_per_program,
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats, fmask = _features(BLOCK_F, D)
-    k, delta, rstd = _bn_stats(STATS, D, feats, fmask)
-    a = _vec(SCALE, feats, fmask, 0.0)
-    c1 = _vec(COEF, feats, fmask, 0.0)
-    c2 = _vec(COEF + D, feats, fmask, 0.0)
-    _bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
+    feats, fmask = features(BLOCK_F, D)
+    k, delta, rstd = bn_stats(STATS, D, feats, fmask)
+    a = vec(SCALE, feats, fmask, 0.0)
+    c1 = vec(COEF, feats, fmask, 0.0)
+    c2 = vec(COEF + D, feats, fmask, 0.0)
+    bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
                feats, fmask, HAS_PAD, BLOCK_N)
 
 
@@ -563,10 +563,10 @@ def power_normalize(
     HAS_PAD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SUMSQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats, fmask = _features(BLOCK_F, D)
-    rstd, a = _rstd_scale(_vec(PHI, feats, fmask, 0.0), eps, W, feats, fmask, HAS_W)
+    feats, fmask = features(BLOCK_F, D)
+    rstd, a = rstd_scale(vec(PHI, feats, fmask, 0.0), eps, W, feats, fmask, HAS_W)
     if HAS_B:
-        bias = _vec(B, feats, fmask, 0.0)
+        bias = vec(B, feats, fmask, 0.0)
     p = tl.program_id(0)
     if p == 0:
         tl.store(RSTD + feats, rstd, mask=fmask)
@@ -611,13 +611,13 @@ def power_finalize(
     for p in range(0, P):
         n += tl.load(COUNT_PART + p)
     inv_n = 1.0 / tl.maximum(n, 1.0)
-    factor = _step_factor(GIVEN, NBT, momentum, HAS_FACTOR, CUMULATIVE)
+    factor = step_factor(GIVEN, NBT, momentum, HAS_FACTOR, CUMULATIVE)
     finite = 1
     for f0 in range(0, D, BLOCK_F):
         feats, fmask = feature_block(f0, D, BLOCK_F)
         phi = sum_rows(SUMSQ_PART, P, D, feats, fmask) * inv_n
-        finite = _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU, UPDATE)
-    _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE, HAS_NBT, BLOCK_F)
+        finite = store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU, UPDATE)
+    finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE, HAS_NBT, BLOCK_F)
 
 
 @triton.jit
@@ -635,14 +635,14 @@ def power_input_grad(
     HAS_PAD: tl.constexpr, HAS_W: tl.constexpr, HAS_NU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    feats, fmask = _features(BLOCK_F, D)
+    feats, fmask = features(BLOCK_F, D)
     w = tl.full([BLOCK_F], 1.0, tl.float32)
     if HAS_W:
-        w = _vec(W, feats, fmask, 0.0)
-    rstd = _vec(RSTD, feats, fmask, 0.0)
+        w = vec(W, feats, fmask, 0.0)
+    rstd = vec(RSTD, feats, fmask, 0.0)
     nu = tl.zeros([BLOCK_F], dtype=tl.float32)
     if HAS_NU:
-        nu = _vec(NU, feats, fmask, 0.0) * nu_scale
+        nu = vec(NU, feats, fmask, 0.0) * nu_scale
     dg = tl.zeros([BLOCK_F], dtype=tl.float32)
     db = tl.zeros([BLOCK_F], dtype=tl.float32)
     start, end = program_rows(tl.program_id(0), N, rows_per_program)
@@ -686,13 +686,13 @@ def power_grad_finalize(
             dgamma = sum_rows(DG_PART, P, D, feats, fmask)
             if HAS_W:
                 store_as(DW, feats, fmask, dgamma)
-                lam = (_vec(W, feats, fmask, 0.0) * dgamma) * inv
+                lam = (vec(W, feats, fmask, 0.0) * dgamma) * inv
             else:
                 lam = dgamma * inv
             if HAS_B:
                 tl.store(DB + feats, sum_rows(DB_PART, P, D, feats, fmask).to(DB.dtype.element_ty), mask=fmask)
-            finite = _nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite)
-        _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F)
+            finite = nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite)
+        select_nu(NU, NU_NEW, n, finite, D, BLOCK_F)
     else:
         feats, fmask = feature_block(tl.program_id(0) * BLOCK_F, D, BLOCK_F)
         store_param_grads(DG_PART, DB_PART, DW, DB, P, D, feats, fmask, HAS_W, HAS_B)
@@ -736,7 +736,7 @@ def instance_finalize(
                 n = steps.to(tl.float32)
                 mean = tl.load(MEAN + b * C + feats, mask=fmask, other=0.0)
                 var = tl.load(VAR + b * C + feats, mask=fmask, other=0.0)
-                unbiased = _unbiased(var, n)
+                unbiased = unbiased_var(var, n)
                 batch_mean += tl.where(steps >= 2, mean, 0.0) * w
                 batch_var += tl.where(steps >= 2, unbiased, 0.0) * w
             if pass_ == 0:

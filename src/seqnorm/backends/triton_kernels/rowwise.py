@@ -10,7 +10,7 @@ the row in registers (``D ≤ 65536``), by the corrected two-pass algorithm:
 (the second pass corrects the rounding of ``m``, so an offset of 1e4 costs
 float32 nothing), ``x̂ = (d − δ)·r``, ``y = x̂·w + b``. RMSNorm: ``m = δ = 0``,
 ``σ² = mean(s²)``. ``m``, ``δ`` and ``r`` are stored per row for the backward
-(``SHIFT``, ``DELTA``, ``RSTD``). A finite row whose squares overflow float32
+(``STATS``, one ``(R, 3)`` buffer: one allocation a call). A finite row whose squares overflow float32
 (``σ²`` Inf) has ``σ²`` formed again from ``d/a``, ``a`` a power of two near
 ``max|d|``, and ``r = (1/a)/√(σ'² + ε/a²)``.
 
@@ -135,9 +135,7 @@ def rowwise_fwd(
     W,          # (D,) weight (HAS_W)
     B,          # (D,) bias (HAS_B)
     PAD,        # (R,) uint8, 1 at padding (HAS_PAD)
-    SHIFT,      # (R,) float32 out: m
-    DELTA,      # (R,) float32 out: δ
-    RSTD,       # (R,) float32 out: r (0 at padding)
+    STATS,      # (R, 3) float32 out: m, δ, r (r 0 at padding)
     stride_x, stride_r, stride_y, stride_s,
     D,          # features per row
     eps,
@@ -172,9 +170,9 @@ def rowwise_fwd(
     rstd = tl.where(real, rstd, 0.0)
     y = tl.where(use, _affine((d - delta) * rstd, W, B, cols, in_row, HAS_W, HAS_B), 0.0)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=in_row)
-    tl.store(SHIFT + row, m)
-    tl.store(DELTA + row, delta)
-    tl.store(RSTD + row, rstd)
+    tl.store(STATS + 3 * row, m)
+    tl.store(STATS + 3 * row + 1, delta)
+    tl.store(STATS + 3 * row + 2, rstd)
 
 
 @triton.jit
@@ -186,9 +184,7 @@ def rowwise_bwd(
     DX,         # (R, D) out, row stride stride_dx
     W,          # (D,) weight (HAS_W)
     PAD,        # (R,) uint8, 1 at padding (HAS_PAD)
-    SHIFT,      # (R,) float32: m
-    DELTA,      # (R,) float32: δ
-    RSTD,       # (R,) float32: r
+    STATS,      # (R, 3) float32: m, δ, r
     DW_PART,    # (P, D) float32 out: Σ dy ⊙ x̂ over this program's rows
     DB_PART,    # (P, D) float32 out: Σ dy over this program's rows
     stride_dy, stride_x, stride_r, stride_ds, stride_dx,
@@ -212,9 +208,9 @@ def rowwise_bwd(
         s, _, _, use = _row_block(X, RES, row, stride_x, stride_r, 0, D, _is_real(PAD, row, HAS_PAD), HAS_RES,
                                   BLOCK_D)
         dy = tl.load(DY + row * stride_dy + cols, mask=use, other=0.0).to(tl.float32)
-        m = tl.load(SHIFT + row)
-        delta = tl.load(DELTA + row)
-        rstd = tl.load(RSTD + row)
+        m = tl.load(STATS + 3 * row)
+        delta = tl.load(STATS + 3 * row + 1)
+        rstd = tl.load(STATS + 3 * row + 2)
         xhat = _xhat(s, m, delta, rstd, use)
         g = dy * w
         c1 = _mean_if(tl.sum(g, axis=0), D, CENTER)
@@ -235,7 +231,7 @@ def rowwise_bwd(
 
 @triton.jit
 def rowwise_fwd_blocked(
-    X, RES, Y, S, W, B, PAD, SHIFT, DELTA, RSTD,   # as rowwise_fwd
+    X, RES, Y, S, W, B, PAD, STATS,   # as rowwise_fwd
     stride_x, stride_r, stride_y, stride_s, D, eps,
     HAS_RES: tl.constexpr, WRITE_S: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     HAS_PAD: tl.constexpr, CENTER: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -278,14 +274,14 @@ def rowwise_fwd_blocked(
         s, cols, in_row, use = _row_block(X, RES, row, stride_x, stride_r, c0, D, real, HAS_RES, BLOCK_C)
         y = _affine((tl.where(use, s - m, 0.0) - delta) * rstd, W, B, cols, in_row, HAS_W, HAS_B)
         tl.store(Y + row * stride_y + cols, tl.where(use, y, 0.0).to(Y.dtype.element_ty), mask=in_row)
-    tl.store(SHIFT + row, m)
-    tl.store(DELTA + row, delta)
-    tl.store(RSTD + row, rstd)
+    tl.store(STATS + 3 * row, m)
+    tl.store(STATS + 3 * row + 1, delta)
+    tl.store(STATS + 3 * row + 2, rstd)
 
 
 @triton.jit
 def rowwise_bwd_blocked(
-    DY, X, RES, DS, DX, W, PAD, SHIFT, DELTA, RSTD, DW_PART, DB_PART,   # as rowwise_bwd
+    DY, X, RES, DS, DX, W, PAD, STATS, DW_PART, DB_PART,   # as rowwise_bwd
     stride_dy, stride_x, stride_r, stride_ds, stride_dx, R, D, rows_per_program,
     HAS_RES: tl.constexpr, HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_PAD: tl.constexpr,
     CENTER: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -302,9 +298,9 @@ def rowwise_bwd_blocked(
     first, last = program_rows(pid, R, rows_per_program)
     for row in range(first, last):
         real = _is_real(PAD, row, HAS_PAD)
-        m = tl.load(SHIFT + row)
-        delta = tl.load(DELTA + row)
-        rstd = tl.load(RSTD + row)
+        m = tl.load(STATS + 3 * row)
+        delta = tl.load(STATS + 3 * row + 1)
+        rstd = tl.load(STATS + 3 * row + 2)
         sg = 0.0
         sgx = 0.0
         for c0 in range(0, D, BLOCK_C):

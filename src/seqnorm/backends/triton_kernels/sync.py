@@ -26,9 +26,9 @@ size and one collective exchanges it whole:
 import triton
 import triton.language as tl
 
-from .featurewise import (_bn_dx_rows, _bn_stats, _features, _finish_power, _merge_programs, _nu_candidate,
-                          _rstd_scale, _select_nu, _stats_finite, _step_factor, _store_bn_stats, _store_power_stats,
-                          _unbiased, _update_bn_running, _vec)
+from .featurewise import (bn_dx_rows, bn_stats, features, finish_power, merge_programs, nu_candidate,
+                          rstd_scale, select_nu, stats_finite, step_factor, store_bn_stats, store_power_stats,
+                          unbiased_var, update_bn_running, vec)
 from .partials import block_sums, feature_block, store_as, store_grads, sum_rows
 
 
@@ -56,7 +56,7 @@ def sync_bn_finalize(
         for r in range(0, R):
             base = GATHERED + r * L
             # this rank's programs, as bn_finalize ...
-            n_r, mean, m2_r = _merge_programs(base + D, base + D + P, base + D + P + P * D, P, D, feats, fmask,
+            n_r, mean, m2_r = merge_programs(base + D, base + D + P, base + D + P + P * D, P, D, feats, fmask,
                                               BLOCK_F)
             # ... then the ranks, in rank order, in float64 (absolute means: each rank has its own K):
             # _chan's formula written out, in this order — through _chan, ptxas (sm_90, BLOCK_F=1024)
@@ -64,23 +64,23 @@ def sync_bn_finalize(
             n_r = n_r.to(tl.float64)
             tot = n_all + n_r
             w_r = tl.where(tot > 0, n_r / tl.maximum(tot, 1.0), 0.0)
-            diff64 = (_vec(base, feats, fmask, 0.0).to(tl.float64) + mean.to(tl.float64)) - mu
+            diff64 = (vec(base, feats, fmask, 0.0).to(tl.float64) + mean.to(tl.float64)) - mu
             mu += diff64 * w_r
             m2 += m2_r.to(tl.float64) + diff64 * diff64 * n_all * w_r
             n_all = tot
         var = (m2 / tl.maximum(n_all, 1.0)).to(tl.float32)
-        rstd, a = _rstd_scale(var, eps, W, feats, fmask, HAS_W)
-        k = _vec(GATHERED + RANK * L, feats, fmask, 0.0)
+        rstd, a = rstd_scale(var, eps, W, feats, fmask, HAS_W)
+        k = vec(GATHERED + RANK * L, feats, fmask, 0.0)
         batch_mean = mu.to(tl.float32)
         tl.store(STATS + feats, k, mask=fmask)
-        _store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, (mu - k.to(tl.float64)).to(tl.float32), rstd, a,
+        store_bn_stats(STATS, SCALE, MEAN, VAR, D, feats, fmask, (mu - k.to(tl.float64)).to(tl.float32), rstd, a,
                         batch_mean, var)
         if UPDATE:
-            finite = _stats_finite(finite, batch_mean, _unbiased(var, n_all.to(tl.float32)), fmask)
+            finite = stats_finite(finite, batch_mean, unbiased_var(var, n_all.to(tl.float32)), fmask)
     total = tl.max(n_all, axis=0)
     tl.store(COUNT, total.to(tl.int64))
     if UPDATE:
-        _update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, total.to(tl.float32), finite, D, momentum, HAS_NBT,
+        update_bn_running(MEAN, VAR, RMEAN, RVAR, NBT, total.to(tl.float32), finite, D, momentum, HAS_NBT,
                            CUMULATIVE, BLOCK_F)
 
 
@@ -111,13 +111,13 @@ def sync_bn_input_grad(
     HAS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """``dx = a·dy − c₁ − x̂·c₂`` as :func:`.featurewise.bn_input_grad`, the coefficients formed here."""
-    feats, fmask = _features(BLOCK_F, D)
-    k, delta, rstd = _bn_stats(STATS, D, feats, fmask)
-    a = _vec(SCALE, feats, fmask, 0.0)
+    feats, fmask = features(BLOCK_F, D)
+    k, delta, rstd = bn_stats(STATS, D, feats, fmask)
+    a = vec(SCALE, feats, fmask, 0.0)
     inv_n = 1.0 / tl.maximum(tl.load(COUNT).to(tl.float32), 1.0)
-    c1 = a * _vec(SUMS, feats, fmask, 0.0) * inv_n
-    c2 = a * _vec(SUMS + D, feats, fmask, 0.0) * inv_n
-    _bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
+    c1 = a * vec(SUMS, feats, fmask, 0.0) * inv_n
+    c2 = a * vec(SUMS + D, feats, fmask, 0.0) * inv_n
+    bn_dx_rows(DY, X, PAD, DX, k, delta, rstd, a, c1, c2, stride_dy, stride_x, stride_dx, N, rows_per_program,
                 feats, fmask, HAS_PAD, BLOCK_N)
 
 
@@ -140,7 +140,7 @@ def sync_power_finalize(
         for p in range(0, P):
             n += tl.load(GATHERED + r * L + p)
     inv_n = 1.0 / tl.maximum(n.to(tl.float64), 1.0)
-    factor = _step_factor(GIVEN, NBT, momentum, HAS_FACTOR, CUMULATIVE)
+    factor = step_factor(GIVEN, NBT, momentum, HAS_FACTOR, CUMULATIVE)
     finite = 1
     for f0 in range(0, D, BLOCK_F):
         feats, fmask = feature_block(f0, D, BLOCK_F)
@@ -148,8 +148,8 @@ def sync_power_finalize(
         for r in range(0, R):                                       # ranks in order
             total += sum_rows(GATHERED + r * L + P, P, D, feats, fmask).to(tl.float64)
         phi = (total * inv_n).to(tl.float32)
-        finite = _store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU, UPDATE)
-    _finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE, HAS_NBT, BLOCK_F)
+        finite = store_power_stats(PHI_B, NU, NU_BEFORE, feats, fmask, phi, finite, HAS_NU, UPDATE)
+    finish_power(COUNT, FACTOR, PHI_B, PHI, NBT, n, finite, factor, D, UPDATE, HAS_NBT, BLOCK_F)
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def sync_power_grad_sums(
     if MOVE_NU:
         lam = dgamma
         if HAS_W:
-            lam = _vec(W, feats, fmask, 0.0) * dgamma
+            lam = vec(W, feats, fmask, 0.0) * dgamma
         tl.store(SUMS + feats, lam.to(tl.float64), mask=fmask)
 
 
@@ -195,6 +195,6 @@ def sync_nu_finalize(
     finite = 1
     for f0 in range(0, D, BLOCK_F):
         feats, fmask = feature_block(f0, D, BLOCK_F)
-        lam = _vec(SUMS, feats, fmask, 0.0) * inv
-        finite = _nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite)
-    _select_nu(NU, NU_NEW, n, finite, D, BLOCK_F)
+        lam = vec(SUMS, feats, fmask, 0.0) * inv
+        finite = nu_candidate(NU_BEFORE, NU_NEW, RSTD, PHI_B, feats, fmask, lam, factor, finite)
+    select_nu(NU, NU_NEW, n, finite, D, BLOCK_F)

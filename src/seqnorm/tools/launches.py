@@ -87,31 +87,39 @@ class LaunchCounter(TorchDispatchMode):
 
     @contextlib.contextmanager
     def _kernel_hook(self) -> Iterator[None]:
-        """Count each Triton kernel launch, and none of the torch ops its launcher runs."""
+        """Count each Triton kernel launch — through the backend's cached handles
+        (:class:`~seqnorm.backends.triton_kernels.launch.CachedKernel`) or Triton's own
+        ``run`` (a miss, or a kernel launched as ``kernel[grid]``) — once, and none of the
+        torch ops its launcher runs."""
         import triton.runtime.interpreter as interpreter
         import triton.runtime.jit as jit
 
+        from ..backends.triton_kernels.launch import CachedKernel
+
         counter = self
         patched = []
-        for cls in (interpreter.InterpretedFunction, jit.JITFunction):
-            original = cls.run
 
-            def run(fn, *args, __original=original, **kwargs):
-                if not kwargs.get("warmup", False):
-                    counter.ops["triton:" + getattr(fn, "__name__", "kernel")] += 1
+        def hooked(original, name_of):
+            def launch(fn, *args, **kwargs):
+                if not kwargs.get("warmup", False) and not counter._inside_kernel:
+                    counter.ops["triton:" + name_of(fn)] += 1
                 counter._inside_kernel += 1
                 try:
-                    return __original(fn, *args, **kwargs)
+                    return original(fn, *args, **kwargs)
                 finally:
                     counter._inside_kernel -= 1
+            return launch
 
-            cls.run = run
-            patched.append((cls, original))
+        for cls, attr in ((interpreter.InterpretedFunction, "run"), (jit.JITFunction, "run"),
+                          (CachedKernel, "launch")):
+            original = getattr(cls, attr)
+            setattr(cls, attr, hooked(original, lambda fn: getattr(fn, "__name__", "kernel")))
+            patched.append((cls, attr, original))
         try:
             yield
         finally:
-            for cls, original in patched:
-                cls.run = original
+            for cls, attr, original in patched:
+                setattr(cls, attr, original)
 
     def __enter__(self):
         self._hook = self._kernel_hook()

@@ -81,7 +81,7 @@ def _spec(family, kernel, dtype, num_warps=4, **constexprs) -> Spec:
 def specializations(d: int, dtype: str = "bf16") -> List[Spec]:
     """What the triton backend compiles for rows of ``d`` features in ``dtype``
     (the launchers' choices of block and warps, flags at their heaviest)."""
-    from . import triton as tb
+    from ..backends import triton as tb
 
     block, warps = tb._block_d(d)
     fin = tb._finalize_block(d)
@@ -205,11 +205,11 @@ def compile_report(specs: Iterable[Spec], archs: Sequence[int] = ARCHS, workers:
     """Compile every distinct spec for every arch (in a few threads: most of the
     time is ptxas, a subprocess). Needs kernels defined without ``TRITON_INTERPRET``
     (the interpreter's kernels do not compile): under it, see :func:`report_in_subprocess`."""
-    from .triton_kernels import rowwise
+    from ..backends.triton_kernels import rowwise
 
     if not hasattr(rowwise.rowwise_fwd, "params"):
         raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1: compile in a process without it "
-                           "(seqnorm.backends.registers.report_in_subprocess)")
+                           "(seqnorm.tools.registers.report_in_subprocess)")
     jobs = list(dict.fromkeys((s, a) for s in specs for a in archs))
     with contextlib.redirect_stdout(io.StringIO()), ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
         return list(pool.map(lambda job: compile_one(*job), jobs))
@@ -219,7 +219,7 @@ def loaded_registers() -> Dict[str, Tuple[int, int]]:
     """On a GPU: kernel name → (most registers, most spill bytes) over the
     specializations this process has compiled and loaded (what the driver
     reports at load); empty where none ran compiled (the interpreter)."""
-    from .triton_kernels import featurewise, groupwise, partials, rowwise
+    from ..backends.triton_kernels import featurewise, groupwise, partials, rowwise
 
     out: Dict[str, Tuple[int, int]] = {}
     for module in (rowwise, featurewise, groupwise, partials):
@@ -246,7 +246,7 @@ def report_in_subprocess(specs: Sequence[Spec], archs: Sequence[int] = ARCHS, ti
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps([[s.family, s.kernel, s.dtype, list(map(list, s.constexprs)), s.num_warps] for s in specs])
-    done = subprocess.run([sys.executable, "-m", "seqnorm.backends.registers", ",".join(map(str, archs))],
+    done = subprocess.run([sys.executable, "-m", "seqnorm.tools.registers", ",".join(map(str, archs))],
                           input=payload, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"compiling the kernels failed:\n{done.stderr[-4000:]}")
@@ -260,7 +260,7 @@ def report_in_subprocess(specs: Sequence[Spec], archs: Sequence[int] = ARCHS, ti
 
 
 def _main() -> None:
-    """``python -m seqnorm.backends.registers 80,90`` with specs as JSON on stdin:
+    """``python -m seqnorm.tools.registers 80,90`` with specs as JSON on stdin:
     one JSON line per compiled kernel on stdout."""
     import json
     import sys
