@@ -178,3 +178,63 @@ def test_text_decoders_by_role():
     seqnorm.make_padding_safe(model)
     assert type(model.decoder[1]).__module__.startswith("seqnorm")          # swapped: followed
     assert type(model.speller.norm) is nn.LayerNorm                         # left alone
+
+
+class _PadsItself(torch.nn.Module):
+    """A codec-style convolution: pads its own input (left, and right to fill the last window,
+    an amount computed from the input's length), then a padding=0 convolution."""
+
+    def __init__(self, kernel, stride, mode):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 2, kernel, stride)
+        self.mode = mode
+
+    def forward(self, x):
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        extra = (-x.shape[-1]) % s
+        return self.conv(torch.nn.functional.pad(x, ((k - s) // 2 + (k - s) % 2, (k - s) // 2 + extra), self.mode))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "constant"])
+def test_any_module_that_pads_itself_is_followed(mode):
+    """The rule is general (no list of classes): a plain module that pads its own input, in each
+    of torch's pad modes, with a right pad that depends on the input's length."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_PadsItself(4, 2, mode), torch.nn.GroupNorm(1, 2), _PadsItself(5, 1, mode),
+                              _PadsItself(3, 3, mode)).eval()
+    lengths = torch.tensor([40, 23, 31])
+    x = torch.randn(3, 2, 40) * (torch.arange(40) < lengths[:, None])[:, None]
+
+    def errors(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        out = 0.0
+        for b, n in enumerate(lengths.tolist()):
+            with torch.no_grad():
+                alone = model(x[b:b + 1, :, :n])
+            out = max(out, (batched[b:b + 1, :, :alone.shape[-1]] - alone).abs().max().item())
+        return out
+
+    stock = errors(net)
+    assert errors(seqnorm.make_padding_safe(copy.deepcopy(net))) <= 1e-5
+    assert stock > 1e-3
+
+
+def test_a_pad_seqnorm_cannot_follow_falls_back_once():
+    """A pad of time and channels at once is not followed: the convolution after it sees a step
+    count at no known rate and acts as torch's, with one ConversionWarning (do no harm)."""
+    class PadsChannels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 2, 3)
+
+        def forward(self, x):
+            return self.conv(torch.nn.functional.pad(x, (1, 1, 1, 1)))
+
+    net = seqnorm.make_padding_safe(torch.nn.Sequential(PadsChannels()))
+    x = torch.randn(2, 2, 10)
+    with pytest.warns(seqnorm.ConversionWarning, match="no time axis at a rate seqnorm knows"):
+        with torch.no_grad(), seqnorm.padding(lengths=torch.tensor([10, 6])):
+            out = net(x)
+    with torch.no_grad():
+        assert torch.equal(out, net[0].conv(torch.nn.functional.pad(x, (1, 1, 1, 1))))

@@ -161,7 +161,8 @@ def _known_lengths(ctx, x) -> Optional[Tensor]:
     at a rate the context knows and they fit its batch; else None."""
     if not isinstance(x, Tensor) or x.dim() < 2 or x.is_nested:
         return None
-    if x.shape[-1] not in known_rates(ctx):
+    known = known_rates(ctx)
+    if known and x.shape[-1] not in known:      # (none known yet: the first layer to ask sets the input's rate)
         return None
     lengths = ctx.lengths_at(x.shape[-1])
     return lengths if lengths.shape == (x.shape[0],) else None
