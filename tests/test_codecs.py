@@ -180,6 +180,18 @@ def test_text_decoders_by_role():
     assert type(model.speller.norm) is nn.LayerNorm                         # left alone
 
 
+def test_codec_under_torch_compile_is_followed_not_fullgraph():
+    """Under torch.compile a module that pads itself runs eagerly (a graph break around it: not
+    fullgraph), and the compiled encode gives the codes the eager padding-safe model gives."""
+    model = seqnorm.make_padding_safe(_build("encodec"))
+    x, mask = _batch()
+    with torch.no_grad():
+        eager = model.encode(x, padding_mask=mask).audio_codes
+        compiled = torch.compile(model.encode, backend="eager")(x, padding_mask=mask).audio_codes
+    assert torch.equal(compiled, eager)
+    assert seqnorm.padding_safe.unfollowed(model) == {}
+
+
 class _PadsItself(torch.nn.Module):
     """A codec-style convolution: pads its own input (left, and right to fill the last window,
     an amount computed from the input's length), then a padding=0 convolution."""

@@ -14,7 +14,7 @@ One rule follows them all, without a list of classes. A module **pads itself**
 padding and the module's class calls ``functional.pad`` (or the child is a
 transposed convolution, whose output such a module crops). While it runs inside
 a padding context, a :class:`torch.overrides.TorchFunctionMode` follows its
-calls:
+calls (its ``forward`` is wrapped, so it runs eagerly under ``torch.compile``):
 
 * **a pad** along the last axis of a tensor at a known rate: each sequence's
   steps past its own end get what they get alone — the pad value, or the
@@ -31,16 +31,16 @@ calls:
 
 Anything else (a pad of another axis, a rate the context does not know) is
 left to torch, and the layer after it falls back with its own warning.
-Under ``torch.compile`` a module that pads itself breaks the graph (a
-TorchFunctionMode entered in a hook); models without one (wav2vec2, HuBERT,
-Parakeet) get no such hook and still compile whole.
+Under ``torch.compile`` a module that pads itself breaks the graph (it runs
+eagerly); models without one (wav2vec2, HuBERT, Parakeet) get no such wrapper
+and still compile whole.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
-import threading
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -265,45 +265,52 @@ class _Follow(TorchFunctionMode):
 # ---------------------------------------------------------------------------
 
 
-class _Active(threading.local):
-    def __init__(self):
-        self.stack: List[tuple] = []
-
-
-_active = _Active()
-_hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _enter(module, args):
+def _follow_mode(module: nn.Module, args) -> Optional[_Follow]:
+    """The mode that follows this call's pads and crops, or None outside a padding context."""
     ctx = current_padding()
     if ctx is None or not args or not isinstance(args[0], Tensor):
         return None
     x = args[0]
-    alone = {}
     lengths = _known_lengths(ctx, x)
+    alone = {}
     if lengths is not None and host_readable(lengths):
         alone = {n: _pads_alone(module, x, n) for n in set(lengths.tolist())}
-    mode = _Follow(alone)
-    mode.__enter__()
-    _active.stack.append((module, mode))
-    return None
+    return _Follow(alone)
 
 
-def _exit(module, args, output):
-    stack = _active.stack
-    if stack and stack[-1][0] is module:
-        stack.pop()[1].__exit__(None, None, None)
-    return None
+class _FollowsPads:
+    """``module.forward`` run under :class:`_Follow` inside a padding context (an instance
+    attribute over the class's forward; a deep copy of the model gets one bound to the copy).
+    Eager under ``torch.compile`` (a graph break around the module): Dynamo does not run a
+    TorchFunctionMode entered inside a traced frame."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        functools.update_wrapper(self, type(module).forward)
+
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        forward = type(self.module).forward.__get__(self.module)
+        mode = _follow_mode(self.module, args)
+        if mode is None:
+            return forward(*args, **kwargs)
+        with mode:
+            return forward(*args, **kwargs)
+
+
+#: modules whose forward follows its pads → True
+_hooked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def hook_self_padding(model: nn.Module, skip=lambda name: False) -> List[str]:
-    """Give every module of ``model`` that :func:`pads_itself` the hooks that follow its pads
-    and crops (calling it again adds none); returns their names."""
+    """Make every module of ``model`` that :func:`pads_itself` follow its pads and crops (its
+    forward wrapped; calling it again wraps none twice); returns their names."""
     names = []
     for name, m in model.named_modules():
         if skip(name) or not pads_itself(m):
             continue
         if m not in _hooked:
-            _hooked[m] = (m.register_forward_pre_hook(_enter), m.register_forward_hook(_exit, always_call=True))
+            m.__dict__["forward"] = _FollowsPads(m)
+            _hooked[m] = True
         names.append(name)
     return names
