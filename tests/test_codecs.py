@@ -116,8 +116,8 @@ def _errors(family, model):
 
 #: (family, config, whether its decoder reads past a frame's own end: a causal decoder does not,
 #: so it is batched = alone stock too)
-FAMILIES = [("encodec", {}, False), ("encodec", dict(causal=False), True), ("encodec", dict(pad_mode="constant"), False),
-            ("dac", {}, True), ("mimi", {}, False)]
+FAMILIES = [("encodec", {}, False), ("encodec", dict(causal=False), True),
+            ("encodec", dict(pad_mode="constant"), False), ("dac", {}, True), ("mimi", {}, False)]
 
 
 @pytest.mark.parametrize("family,kw,decoder_leaks", FAMILIES,

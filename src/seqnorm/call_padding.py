@@ -239,7 +239,7 @@ class _OpensContext:
 
     def __init__(self, module: nn.Module, method: str, arg: MaskArgument):
         self.module, self.method, self.arg = module, method, arg
-        functools.update_wrapper(self, getattr(type(module), method))
+        functools.update_wrapper(self, getattr(type(module), method).__get__(module))     # the bound signature
 
     def __call__(self, *args, **kwargs):
         fn = getattr(type(self.module), self.method).__get__(self.module)

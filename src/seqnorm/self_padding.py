@@ -286,7 +286,7 @@ class _FollowsPads:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        functools.update_wrapper(self, type(module).forward)
+        functools.update_wrapper(self, type(module).forward.__get__(module))     # the bound signature
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
