@@ -63,12 +63,12 @@ def _build(family, **kw):
     return model
 
 
-def _batch(seed=0):
+def _batch(seed=0, short=SHORT):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 1, LONG, generator=g)
-    x[1, :, SHORT:] = 0                    # zero padding, as the feature extractors pad
+    x[1, :, short:] = 0                    # zero padding, as the feature extractors pad
     mask = torch.ones(2, LONG, dtype=torch.long)
-    mask[1, SHORT:] = 0
+    mask[1, short:] = 0
     return x, mask
 
 
@@ -178,6 +178,25 @@ def test_text_decoders_by_role():
     seqnorm.make_padding_safe(model)
     assert type(model.decoder[1]).__module__.startswith("seqnorm")          # swapped: followed
     assert type(model.speller.norm) is nn.LayerNorm                         # left alone
+
+
+def test_encodec_clip_shorter_than_a_reflect_pad():
+    """A clip whose frames are fewer than a convolution's reflect padding: alone EnCodec pads it
+    with zeros before reflecting (torch refuses a reflection longer than the input); batched,
+    its reflection reads zeros past its own end too."""
+    short = 40                 # 5 frames at the last convolution, whose causal pad is 6
+    model = _build("encodec")
+    x, mask = _batch(short=short)
+
+    def error(m):
+        with torch.no_grad():
+            with seqnorm.padding(lengths=mask.sum(1)):
+                batched = m.encoder(x)
+            alone = m.encoder(x[1:, :, :short])
+        return (batched[1:, :, :alone.shape[-1]] - alone).abs().max().item() / alone.abs().max().item()
+
+    assert error(seqnorm.make_padding_safe(copy.deepcopy(model))) <= 1e-5
+    assert error(model) > 1e-3
 
 
 def test_codec_under_torch_compile_is_followed_not_fullgraph():

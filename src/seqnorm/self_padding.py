@@ -174,17 +174,23 @@ def _per_step(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _follow_pad(x: Tensor, y: Tensor, left: int, mode: str, value, lengths: Tensor) -> Tensor:
-    """``y = pad(x)`` with each sequence's steps past its own end (and, for ``circular``,
-    before its start) set to what it gets alone."""
+    """``y = pad(x)`` with each sequence's steps past its own end (and, for ``circular`` and
+    ``reflect``, before its start) set to what it gets alone. A reflection longer than the
+    sequence (torch refuses it alone; EnCodec and Mimi then pad with zeros first) reads zeros
+    past the sequence's end."""
     steps = x.shape[-1]
     n = lengths.to(y.device)[:, None]
     src = torch.arange(y.shape[-1], device=y.device)[None, :] - left      # the step of x each padded step copies
     past = src >= n
     if mode == "constant":
         return y.masked_fill(_per_step(past, y), 0.0 if value is None else value)
-    if mode == "reflect":
-        idx = 2 * (n - 1) - src
-    elif mode == "replicate":
+    if mode == "reflect":     # both sides: a reflection longer than the sequence reads zeros past its end
+        idx = torch.where(src < 0, -src, 2 * (n - 1) - src)
+        past = past | (src < 0)
+        zero = (idx < 0) | (idx >= n)
+        idx = _per_step(idx.clamp(0, steps - 1), x).expand(x.shape[:-1] + idx.shape[-1:])
+        return torch.where(_per_step(past, y), x.gather(-1, idx).masked_fill(_per_step(zero, y), 0.0), y)
+    if mode == "replicate":
         idx = (n - 1).expand(n.shape[0], src.shape[1])
     else:      # circular: the wrap of the sequence's own steps, on both sides
         idx = src.remainder(n.clamp_min(1))
