@@ -180,12 +180,13 @@ def test_text_decoders_by_role():
     assert type(model.speller.norm) is nn.LayerNorm                         # left alone
 
 
-def test_encodec_clip_shorter_than_a_reflect_pad():
-    """A clip whose frames are fewer than a convolution's reflect padding: alone EnCodec pads it
-    with zeros before reflecting (torch refuses a reflection longer than the input); batched,
-    its reflection reads zeros past its own end too."""
-    short = 40                 # 5 frames at the last convolution, whose causal pad is 6
-    model = _build("encodec")
+@pytest.mark.parametrize("causal", [True, False])
+def test_encodec_clip_shorter_than_a_reflect_pad(causal):
+    """A clip whose frames are no more than a convolution's reflect padding: alone EnCodec extends
+    it with zeros before reflecting (torch refuses a reflection longer than the input), and
+    batched it gets the same (causal: pad 6 on the left; not: 3 each side)."""
+    short = 40 if causal else 24      # 5 / 3 frames at the last convolution
+    model = _build("encodec", causal=causal)
     x, mask = _batch(short=short)
 
     def error(m):

@@ -173,19 +173,22 @@ def _per_step(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(t.shape[:1] + (1,) * (like.dim() - 2) + t.shape[1:])
 
 
-def _follow_pad(x: Tensor, y: Tensor, left: int, mode: str, value, lengths: Tensor) -> Tensor:
+def _follow_pad(x: Tensor, y: Tensor, left: int, right: int, mode: str, value, lengths: Tensor) -> Tensor:
     """``y = pad(x)`` with each sequence's steps past its own end (and, for ``circular`` and
-    ``reflect``, before its start) set to what it gets alone. A reflection longer than the
-    sequence (torch refuses it alone; EnCodec and Mimi then pad with zeros first) reads zeros
-    past the sequence's end."""
+    ``reflect``, before its start) set to what it gets alone. A reflection at least as long as
+    the sequence, which torch refuses alone, follows Hugging Face's codecs (EnCodec, Mimi,
+    WavTokenizer ``_pad1d``): the sequence is extended with zeros to ``max(left, right) + 1``
+    steps, reflected, and the extension cropped from the end."""
     steps = x.shape[-1]
     n = lengths.to(y.device)[:, None]
     src = torch.arange(y.shape[-1], device=y.device)[None, :] - left      # the step of x each padded step copies
     past = src >= n
     if mode == "constant":
         return y.masked_fill(_per_step(past, y), 0.0 if value is None else value)
-    if mode == "reflect":     # both sides: a reflection longer than the sequence reads zeros past its end
-        idx = torch.where(src < 0, -src, 2 * (n - 1) - src)
+    if mode == "reflect":     # both sides; a sequence no longer than the pad: the codecs' zero extension
+        big = max(left, right)
+        ext = torch.where(n <= big, torch.full_like(n, big + 1), n)
+        idx = torch.where(src < 0, -src, torch.where(src < ext, torch.full_like(src, -1), 2 * (ext - 1) - src))
         past = past | (src < 0)
         zero = (idx < 0) | (idx >= n)
         idx = _per_step(idx.clamp(0, steps - 1), x).expand(x.shape[:-1] + idx.shape[-1:])
@@ -240,7 +243,7 @@ class _Follow(TorchFunctionMode):
         if lengths is None or len(pad) < 2 or any(pad[2:]) or not isinstance(y, Tensor):
             return y
         left, right = pad[0], pad[1]
-        y = _follow_pad(x, y, left, mode, value, lengths)
+        y = _follow_pad(x, y, left, right, mode, value, lengths)
         rights = self._rights_alone(lengths, left, right, self.calls - 1)
         ctx.record(y.shape[-1], lengths + left + rights)
         return y
