@@ -185,21 +185,23 @@ def _follow_pad(x: Tensor, y: Tensor, left: int, right: int, mode: str, value, l
     past = src >= n
     if mode == "constant":
         return y.masked_fill(_per_step(past, y), 0.0 if value is None else value)
+    zero = None
     if mode == "reflect":     # both sides; a sequence no longer than the pad: the codecs' zero extension
         big = max(left, right)
         ext = torch.where(n <= big, torch.full_like(n, big + 1), n)
         idx = torch.where(src < 0, -src, torch.where(src < ext, torch.full_like(src, -1), 2 * (ext - 1) - src))
         past = past | (src < 0)
         zero = (idx < 0) | (idx >= n)
-        idx = _per_step(idx.clamp(0, steps - 1), x).expand(x.shape[:-1] + idx.shape[-1:])
-        return torch.where(_per_step(past, y), x.gather(-1, idx).masked_fill(_per_step(zero, y), 0.0), y)
-    if mode == "replicate":
+    elif mode == "replicate":
         idx = (n - 1).expand(n.shape[0], src.shape[1])
     else:      # circular: the wrap of the sequence's own steps, on both sides
         idx = src.remainder(n.clamp_min(1))
         past = past | (src < 0)
     idx = _per_step(idx.clamp(0, steps - 1), x).expand(x.shape[:-1] + idx.shape[-1:])
-    return torch.where(_per_step(past, y), x.gather(-1, idx), y)
+    alone = x.gather(-1, idx)
+    if zero is not None:
+        alone = alone.masked_fill(_per_step(zero, y), 0.0)
+    return torch.where(_per_step(past, y), alone, y)
 
 
 def _last_axis_slice(x: Tensor, index) -> Optional[slice]:
