@@ -368,9 +368,35 @@ def _own_mask_arg(module: nn.Module) -> Optional[str]:
     return next((n for n in ("padding_mask", "key_padding_mask", "mask", "attn_mask") if n in params), None)
 
 
+#: forward parameters whose values are token ids: a module that takes one first is a text decoder
+TOKEN_INPUTS = ("input_ids", "decoder_input_ids", "token_ids")
+
+
+def is_text_decoder(module: nn.Module) -> bool:
+    """Whether ``module``'s steps are text tokens, by its role, not its name: its forward
+    takes token ids as its main (first) input, or it embeds tokens itself (an
+    ``embed_tokens`` embedding, Hugging Face's name for a decoder's token table). A
+    codec's audio decoder (DAC, EnCodec, Mimi), whose input is frames at the encoder's
+    rate, is not one: it is a time stack, followed like the encoder."""
+    if next(module.children(), None) is None:      # a leaf (a positional table indexed by ids): no layers to skip
+        return False
+    if isinstance(getattr(module, "embed_tokens", None), nn.Embedding):
+        return True
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0] in TOKEN_INPUTS
+
+
 def _decoder_paths(model: nn.Module) -> List[str]:
-    """Module paths of the decoders of an encoder–decoder model (a child named ``decoder``)."""
-    return [n for n, _ in model.named_modules() if n.split(".")[-1] == "decoder"]
+    """Module paths of the text decoders inside ``model`` (:func:`is_text_decoder`; the
+    model itself is never one: it is what make_padding_safe was given), outermost only."""
+    paths: List[str] = []
+    for n, m in model.named_modules():
+        if n and not _in_decoder(n, paths) and is_text_decoder(m):
+            paths.append(n)
+    return paths
 
 
 def _in_decoder(name: str, decoders: List[str]) -> bool:

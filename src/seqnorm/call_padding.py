@@ -40,6 +40,7 @@ attribute and a list trace; a ``ContextVar`` would break the graph).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -86,10 +87,11 @@ class MaskArgument:
     input_name: str     #: the main input's parameter name (the forward's first parameter)
 
 
-def mask_argument(module: nn.Module) -> Optional[MaskArgument]:
-    """How ``module``'s forward takes its padding (see :data:`MASK_ARGUMENTS`), or None."""
+def mask_argument(module: nn.Module, method: str = "forward") -> Optional[MaskArgument]:
+    """How ``module``'s forward (or another ``method``) takes its padding (see
+    :data:`MASK_ARGUMENTS`), or None."""
     try:
-        params = list(inspect.signature(module.forward).parameters.values())
+        params = list(inspect.signature(getattr(module, method)).parameters.values())
     except (TypeError, ValueError):
         return None
     names = [p.name for p in params]
@@ -221,16 +223,63 @@ def entry_points(model: nn.Module, skip=()) -> list:
     return found
 
 
+#: methods besides forward that users call with the model's mask: a codec's ``encode``
+#: (EnCodec, Mimi: ``model.encode(input_values, padding_mask)``)
+MASKED_METHODS = ("encode",)
+
+
+class _MethodHandle:
+    """Removes a method wrapper: the class's method shows through again."""
+
+    def __init__(self, module: nn.Module, method: str):
+        self.module, self.method = module, method
+
+    def remove(self) -> None:
+        self.module.__dict__.pop(self.method, None)
+
+
+class _OpensContext:
+    """``module.<method>`` that opens the padding context from its mask argument, as the
+    forward pre-hook does for ``forward`` (an instance attribute over the class's method;
+    a deep copy of the model gets one bound to the copy)."""
+
+    def __init__(self, module: nn.Module, method: str, arg: MaskArgument):
+        self.module, self.method, self.arg = module, method, arg
+        functools.update_wrapper(self, getattr(type(module), method).__get__(module))     # the bound signature
+
+    def __call__(self, *args, **kwargs):
+        fn = getattr(type(self.module), self.method).__get__(self.module)
+        ctx = None if current_padding() is not None else context_for_call(self.arg, args, kwargs, self.module)
+        if ctx is None:
+            return fn(*args, **kwargs)
+        depth = open_padding(ctx)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_padding(depth)
+
+
+def _wrap_method(module: nn.Module, method: str, arg: MaskArgument) -> _MethodHandle:
+    module.__dict__[method] = _OpensContext(module, method, arg)
+    return _MethodHandle(module, method)
+
+
 def hook_model_calls(model: nn.Module, skip=()) -> list:
     """Give each of :func:`entry_points` the hooks that open the padding context from its
-    mask for each call (calling it again adds none). Returns their names."""
+    mask for each call, and its :data:`MASKED_METHODS` that take a mask a wrapper that
+    does the same (calling it again adds none). Returns their names."""
     names = []
     owner = weakref.ref(model)
     for name, m in entry_points(model, skip):
         if m not in _hooked:
             arg = mask_argument(m)
-            _hooked[m] = (arg, (m.register_forward_pre_hook(_open_hook(arg, owner), with_kwargs=True),
-                                m.register_forward_hook(_close_hook, always_call=True)))
+            handles = (m.register_forward_pre_hook(_open_hook(arg, owner), with_kwargs=True),
+                       m.register_forward_hook(_close_hook, always_call=True))
+            for method in MASKED_METHODS:
+                marg = mask_argument(m, method) if callable(getattr(type(m), method, None)) else None
+                if marg is not None:
+                    handles += (_wrap_method(m, method, marg),)
+            _hooked[m] = (arg, handles)
         names.append(name)
     return names
 

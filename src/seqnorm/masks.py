@@ -574,6 +574,15 @@ def close_padding(depth: int) -> None:
     del _open.stack[depth:]
 
 
+def known_rates(ctx: PaddingContext) -> list:
+    """The numbers of steps whose lengths ``ctx`` knows (the given mask's too); a
+    list compared with ``==``, never hashed (see :class:`ByRate`)."""
+    known = list(ctx.known_steps())
+    if ctx.padding_mask is not None and ctx.padding_mask.dim() == 2 and ctx.padding_mask.shape[1] not in known:
+        known.append(ctx.padding_mask.shape[1])
+    return known
+
+
 def current_padding() -> Optional[PaddingContext]:
     """The innermost :func:`padding` context of this thread, or None."""
     stack = _open.stack

@@ -31,14 +31,21 @@ opened, with lengths at the first padding-aware layer the input reaches (a
 speech model's waveform or feature frames). Everything happens inside that
 context; outside it the hooks do nothing and the norms see no padding.
 
-**Decoders are left alone.** In an encoder–decoder model (a submodule named
-``decoder``, as in Hugging Face's Speech2Text, Whisper, Moonshine) the decoder's
-steps are text tokens, not the input's frames: the context's lengths do not
-describe them, and a decoder whose token count happened to equal a frame count
-would have its tokens past the audio's length masked. Its norms and layers stay
-torch's (a row-wise norm never mixes tokens; its real tokens' outputs are
-exact); its cross-attention still masks the encoder's padded frames
-(:mod:`seqnorm.attention_safe`).
+* **modules that pad themselves** (:mod:`seqnorm.self_padding`): a codec's
+  convolution wrapper that calls ``functional.pad`` before a ``padding=0``
+  convolution, or crops a transposed convolution's output, gets each
+  sequence's padding as it is alone and the lengths at the padded rate.
+
+**Text decoders are left alone.** In an encoder–decoder model (Hugging Face's
+Speech2Text, Whisper, Moonshine) the decoder's steps are text tokens, not the
+input's frames: the context's lengths do not describe them, and a decoder whose
+token count happened to equal a frame count would have its tokens past the
+audio's length masked. A text decoder is known by its role, not its name
+(:func:`seqnorm.attention_safe.is_text_decoder`: token ids in, or a token
+embedding): a codec's audio decoder (DAC, EnCodec, Mimi) is a time stack and is
+followed. A text decoder's norms and layers stay torch's (a row-wise norm never
+mixes tokens; its real tokens' outputs are exact); its cross-attention still
+masks the encoder's padded frames (:mod:`seqnorm.attention_safe`).
 
 **Do no harm.** A norm or time layer whose input is not on a ``(B, T)`` grid the
 context knows — a table with no batch or time axis, a rate no followed layer
@@ -63,7 +70,8 @@ from . import time_layers as tl
 from .call_padding import hook_model_calls, unhook_model_calls
 from .attention_safe import _decoder_paths, _in_decoder, hook_attention, unhook_attention
 from .convert import ConversionWarning, convert
-from .masks import close_padding, current_padding, host_readable, open_padding
+from .masks import close_padding, current_padding, host_readable, known_rates as _known, open_padding
+from .self_padding import hook_self_padding
 from .modules import GroupNorm, InstanceNorm1d
 from .time_layers import TIME_LAYERS
 
@@ -169,13 +177,6 @@ def _undo_hook(module, args, output):
     return None
 
 
-def _known(ctx) -> list:
-    """The numbers of steps whose lengths the context knows (the given mask's too); a
-    list compared with ``==``, never hashed (see :class:`~seqnorm.masks.ByRate`)."""
-    known = list(ctx.known_steps())
-    if ctx.padding_mask is not None and ctx.padding_mask.dim() == 2 and ctx.padding_mask.shape[1] not in known:
-        known.append(ctx.padding_mask.shape[1])
-    return known
 
 
 def _lengths_at(ctx, steps: int, batch: int, where: str, device):
@@ -483,6 +484,7 @@ def make_padding_safe(model: nn.Module, *, attention: bool = True, padding_from_
         elif isinstance(m, _ROWWISE):
             _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, False), with_kwargs=True),
                           m.register_forward_hook(_undo_hook, always_call=True))
+    hook_self_padding(model, skip=lambda name: _in_decoder(name, decoders))
     hook_attention(model) if attention else unhook_attention(model)
     hook_model_calls(model, skip=decoders) if padding_from_mask else unhook_model_calls(model)
     return model
