@@ -510,7 +510,9 @@ def padding(padding_mask: Optional[torch.Tensor] = None, *, lengths: Optional[to
     ``padding_mask``/``lengths``, uses this padding.
 
     This is how padding reaches the norms of a model you did not write (for
-    example after :func:`seqnorm.convert`)::
+    example after :func:`seqnorm.convert`; a model given to
+    :func:`seqnorm.make_padding_safe` opens it itself from the mask it is called
+    with, :mod:`seqnorm.call_padding`, and a context opened here wins)::
 
         with seqnorm.padding(src_key_padding_mask, batch_first=False):
             out = encoder(src, src_key_padding_mask=src_key_padding_mask)
