@@ -51,7 +51,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .masks import PaddingContext, close_padding, current_padding, host_readable, open_padding
+from .masks import (PaddingContext, close_padding, current_padding, host_readable, open_padding, pop_in_flight,
+                    push_in_flight)
 
 __all__ = ["MASK_ARGUMENTS", "MaskArgument", "mask_argument", "context_for_call", "entry_points", "hook_model_calls",
            "unhook_model_calls"]
@@ -182,31 +183,21 @@ def context_for_call(arg: MaskArgument, args, kwargs, model=None) -> Optional[Pa
 _hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-class _Opened(threading.local):
-    """Per thread, the depth of each context a pre-hook opened, innermost last, with its module."""
-
-    def __init__(self):
-        self.stack = []
-
-
-_opened = _Opened()
-
-
 def _open_hook(arg: MaskArgument, owner: "weakref.ref[nn.Module]"):
     def hook(module, args, kwargs):
         if current_padding() is not None:        # the caller's context, or an outer call's, wins
             return None
         ctx = context_for_call(arg, args, kwargs, owner())
         if ctx is not None:
-            _opened.stack.append((module, open_padding(ctx)))
+            push_in_flight(module, "open", open_padding(ctx))
         return None
     return hook
 
 
 def _close_hook(module, args, output):
-    stack = _opened.stack
-    if stack and stack[-1][0] is module:
-        close_padding(stack.pop()[1])
+    entry = pop_in_flight(module, "open")
+    if entry is not None:
+        close_padding(entry[1])
     return None
 
 

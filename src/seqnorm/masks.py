@@ -39,7 +39,8 @@ from . import running
 
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
            "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
-           "assert_on_device", "flat_padding", "open_padding", "close_padding", "PaddingContext", "HostRows",
+           "assert_on_device", "flat_padding", "open_padding", "close_padding", "push_in_flight", "pop_in_flight",
+           "PaddingContext", "HostRows",
            "host_rows", "lengths_mask", "host_lengths_mask", "host_context_mask"]
 
 Tensor = torch.Tensor
@@ -365,9 +366,6 @@ class ByRate:
     def keys(self) -> list:
         return [k for k, _ in self.items]
 
-    def __contains__(self, key) -> bool:
-        return any(k == key for k, _ in self.items)
-
     def __len__(self) -> int:
         return len(self.items)
 
@@ -583,6 +581,35 @@ def known_rates(ctx: PaddingContext) -> list:
     if ctx.padding_mask is not None and ctx.padding_mask.dim() == 2 and ctx.padding_mask.shape[1] not in known:
         known.append(ctx.padding_mask.shape[1])
     return known
+
+
+class _InFlight(threading.local):
+    """Per thread, the hooked calls in flight whose forward hook has something to undo
+    or finish: ``(module, what, value)``, innermost last (a pre-hook pushes at most one
+    entry, its module's forward hook pops it). Per thread, so two threads running one
+    model never take each other's entries; a list on a ``threading.local``, which
+    ``torch.compile`` traces without a graph break."""
+
+    def __init__(self):
+        self.stack: list = []
+
+
+_in_flight = _InFlight()
+
+
+def push_in_flight(module, what: str, value) -> None:
+    """Leave ``value`` (of kind ``what``) for ``module``'s forward hook: :func:`pop_in_flight`."""
+    _in_flight.stack.append((module, what, value))
+
+
+def pop_in_flight(module, what: Optional[str] = None):
+    """``(what, value)`` of ``module``'s entry if it is the innermost one (and of kind
+    ``what``, when given), removed; else None (its pre-hook pushed nothing)."""
+    stack = _in_flight.stack
+    if stack and stack[-1][0] is module and (what is None or stack[-1][1] == what):
+        _, kind, value = stack.pop()
+        return kind, value
+    return None
 
 
 def current_padding() -> Optional[PaddingContext]:

@@ -58,10 +58,9 @@ too raises, naming the layer (channels that do not match).
 
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -70,7 +69,8 @@ from . import time_layers as tl
 from .call_padding import hook_model_calls, unhook_model_calls
 from .attention_safe import _decoder_paths, _in_decoder, hook_attention, unhook_attention
 from .convert import ConversionWarning, convert
-from .masks import close_padding, current_padding, host_readable, known_rates as _known, open_padding
+from .masks import (close_padding, current_padding, host_readable, known_rates as _known, open_padding,
+                    pop_in_flight as _pop, push_in_flight as _push)
 from .self_padding import hook_self_padding
 from .modules import GroupNorm, InstanceNorm1d
 from .time_layers import TIME_LAYERS
@@ -87,34 +87,6 @@ _CHANNELS_FIRST = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm
 _hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 #: layers that fell back to torch's behaviour → the reason (warned once each)
 _fell_back: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-
-
-class _InFlight(threading.local):
-    """Per thread, the calls in flight whose forward hook has something to undo or
-    finish: ``(module, what, value)``, innermost last (a pre-hook pushes at most one
-    entry, its module's forward hook pops it). Per thread, so two threads running one
-    model never take each other's entries; a list on a ``threading.local``, which
-    ``torch.compile`` traces without a graph break."""
-
-    def __init__(self):
-        self.stack: List[tuple] = []
-
-
-_in_flight = _InFlight()
-
-
-def _push(module: nn.Module, what: str, value) -> None:
-    _in_flight.stack.append((module, what, value))
-
-
-def _pop(module: nn.Module, what: Optional[str] = None):
-    """``(what, value)`` of ``module``'s entry if it is the innermost one (and of kind
-    ``what``, when given), removed; else None (its pre-hook pushed nothing)."""
-    stack = _in_flight.stack
-    if stack and stack[-1][0] is module and (what is None or stack[-1][1] == what):
-        _, kind, value = stack.pop()
-        return kind, value
-    return None
 
 
 def _one(v) -> int:

@@ -29,7 +29,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import triton
+import triton  # noqa: F401  (the backend needs Triton: without it this import fails and the backend is unavailable)
 
 from ..running import nu_step, update_running_nu
 from . import backend_named, register_backend
