@@ -61,7 +61,7 @@ class _Counts:
     def __init__(self, monkeypatch):
         self.misses, self.hits, self.getitem = 0, 0, 0
         counts = self
-        miss, launch = L.CachedKernel._miss, L.CachedKernel.launch
+        miss, launch = L.CachedKernel._miss, L.CachedKernel.run
         getitem = triton.runtime.jit.KernelInterface.__getitem__
 
         def counted_miss(kernel, *args):
@@ -77,7 +77,7 @@ class _Counts:
             return getitem(fn, grid)
 
         monkeypatch.setattr(L.CachedKernel, "_miss", counted_miss)
-        monkeypatch.setattr(L.CachedKernel, "launch", counted_launch)
+        monkeypatch.setattr(L.CachedKernel, "run", counted_launch)
         monkeypatch.setattr(triton.runtime.jit.KernelInterface, "__getitem__", counted_getitem)
 
 

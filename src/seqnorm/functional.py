@@ -111,6 +111,17 @@ def _backend_and_tokens(x: Tensor, d: int, rows: Optional[int] = None):
     return _backend_and_rows(x, rows, d)[:2] + (rows,)
 
 
+def _backend_mask(backend, x: Tensor, x2: Tensor, mask, rows: int) -> Optional[Tensor]:
+    """A validated token mask (``False``: no padding) as ``backend`` takes it with ``x2``:
+    as it is where the backend takes tokens and ``x2`` is ``x`` itself, else the flat
+    ``(rows,)`` mask (:func:`~seqnorm.masks.flat_padding`)."""
+    if mask is False or mask is None:
+        return None
+    if x2 is x and getattr(backend, "takes_tokens", False):
+        return mask
+    return flat_padding(mask, rows)
+
+
 def _vector(t: Optional[Tensor], d: int, param) -> Optional[Tensor]:
     """A parameter as ``(d,)``, passed through ``param`` (:func:`_params_for`); no
     reshape when it already is (host time per call)."""
@@ -342,7 +353,7 @@ def lean_seq_batch_norm(x, running_mean, running_var, weight, bias, training, mo
     shape = x.shape
     d = shape[-1]
     backend, x2, rows = _backend_and_tokens(x, d)
-    pad = None if mask is False else flat_padding(mask, rows)
+    pad = _backend_mask(backend, x, x2, mask, rows)
     return _run_seq_batch_norm(x, backend, x2, pad, compute_dtype(x), running_mean, running_var, weight, bias,
                                training, momentum, eps, num_batches_tracked, None)
 
@@ -389,7 +400,7 @@ def lean_power_norm(x, running_phi, running_nu, weight, bias, training, momentum
     if mask is None:
         return None
     backend, x2, rows = _backend_and_tokens(x, x.shape[-1])
-    pad = None if mask is False else flat_padding(mask, rows)
+    pad = _backend_mask(backend, x, x2, mask, rows)
     return _run_power_norm(x, backend, x2, pad, compute_dtype(x), running_phi, running_nu, weight, bias, training, momentum, eps,
                num_batches_tracked, None)
 
@@ -448,13 +459,14 @@ def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual,
     """The tail of both paths: the backend's row-wise op on ``x`` as ``(rows, d)`` with the
     validated token mask ``pad`` (or None); ``(y, s)`` given a ``residual``."""
     backend, x2, _ = _backend_and_tokens(x, d, rows)
-    pad1 = flat_padding(pad, rows)
     if x2 is x and getattr(backend, "takes_tokens", False):
-        # the backend reads x (*, D) as it is, parameters in their dtype, and returns y in x's shape
+        # the backend reads x (*, D) and the token mask as they are, parameters in their dtype,
+        # and returns y in x's shape
         w, b = _vector(weight, d, _as_is), _vector(bias, d, _as_is)
         if residual is None:
-            return backend.rowwise_norm(x, w, b, eps, pad1, center)
-        return backend.add_rowwise_norm(x, residual, w, b, eps, pad1, center, need_sum)
+            return backend.rowwise_norm(x, w, b, eps, pad, center)
+        return backend.add_rowwise_norm(x, residual, w, b, eps, pad, center, need_sum)
+    pad1 = flat_padding(pad, rows)
     cdt = compute_dtype(x)
     native = x.dtype in backend.native_low_precision
     param = _params_for(backend, cdt)

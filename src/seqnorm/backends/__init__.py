@@ -37,8 +37,9 @@ the running statistics and its finalize kernel moves them as
 :mod:`seqnorm.running` specifies — so a training step launches no torch op.
 A backend with ``takes_tokens = True`` (the triton kernels) takes the row-wise
 operations' ``x`` (and ``residual``) as the input's ``(*, D)`` itself, with
-parameters as they are, and returns ``y`` (and ``s``) in that shape: no view is
-left for autograd to record around the op (host time per call).
+parameters as they are and the padding mask in the input's token shape (its rows
+in order), and returns ``y`` (and ``s``) in that shape: no view is left for
+autograd to record around the op, no flat mask is made (host time per call).
 A backend with ``native_params = True`` gets parameters and running
 statistics in their own dtype (no cast) and returns their gradients in it.
 

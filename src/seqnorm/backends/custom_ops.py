@@ -42,10 +42,14 @@ class ForwardOp:
     ``impl`` may return None for an absent output there, which the custom op
     returns as an empty tensor. ``plain``: what runs instead of ``impl`` in eager mode
     when no gradient is recorded (its first ``n_out`` outputs: it may skip what only a
-    backward reads)."""
+    backward reads). ``recorded``: what the autograd.Function runs instead of ``impl`` in
+    eager mode (all outputs; None for one that neither the callers nor the backward read
+    in that call, e.g. an eval step's zero batch statistics — the custom op, which must
+    match its fake, keeps ``impl``)."""
 
     def __init__(self, name: str, impl: Callable, fake: Callable, setup: Callable, backward: Callable,
-                 n_diff: int, n_out: Optional[int] = None, plain: Optional[Callable] = None):
+                 n_diff: int, n_out: Optional[int] = None, plain: Optional[Callable] = None,
+                 recorded: Optional[Callable] = None):
         self.impl = impl
         self.n_out = n_out
         self.plain = plain or impl
@@ -58,7 +62,7 @@ class ForwardOp:
         self.op = torch.library.custom_op(f"seqnorm::{name}", mutates_args=())(op_impl)
         self.op.register_fake(fake)
         torch.library.register_autograd(f"seqnorm::{name}", backward, setup_context=setup)
-        self.function = eager_function(name, impl, setup, backward, n_diff, n_out)
+        self.function = eager_function(name, recorded or impl, setup, backward, n_diff, n_out)
 
     def __call__(self, *args):
         """Trace the custom op under torch.compile; in eager mode run the
@@ -109,7 +113,7 @@ def eager_function(name: str, impl: Callable, setup: Callable, backward: Callabl
             if n_out is not None:
                 out = out[:n_out]
             if len(out) > n_diff:
-                ctx.mark_non_differentiable(*out[n_diff:])
+                ctx.mark_non_differentiable(*(t for t in out[n_diff:] if t is not None))
             return out
 
         @staticmethod

@@ -96,7 +96,7 @@ _last_bits = (None, None)
 def _pad_bits(pad: Optional[Tensor], like: Tensor) -> Tensor:
     global _last_bits
     if pad is None:
-        return like.new_empty(0, dtype=torch.uint8)
+        return _absent(like, torch.uint8)
     last, bits = _last_bits
     if pad is last:
         return bits
@@ -110,8 +110,22 @@ def _param(t: Optional[Tensor], like: Tensor) -> Tensor:
     """A per-feature tensor as it is, in its own dtype (the kernels read it as
     float32: no cast launched); an empty stand-in for None."""
     if t is None:
-        return like.new_empty(0)
+        return _absent(like)
     return t if t.is_contiguous() else t.detach().contiguous()
+
+
+#: per (device, dtype): the empty tensor a kernel gets for an absent input (never read: its flag
+#: is off), made once — an allocation a call costs ~1 µs of host time
+_absents: dict = {}
+
+
+def _absent(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    key = (like.device, dtype)
+    t = _absents.get(key)
+    if t is None:
+        t = _absents[key] = torch.empty(0, dtype=dtype, device=like.device)
+    return t
 
 
 def _grad_like(t: Optional[Tensor], d: int, like: Tensor) -> Tensor:
@@ -196,11 +210,13 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
                       ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(y, s, stats)`` of the row-wise norm of ``x (*, D)`` (+ ``residual``), ``y`` and
     ``s`` in ``x``'s shape, contiguous (no view after: with autograd recording a view is a
-    node), ``stats (R, 3)`` float32 each row's ``m, δ, r``; ``s`` is None unless
-    ``write_sum`` (the custom op returns an empty tensor there). One launch."""
-    rows = math.prod(x.shape[:-1])
+    node), ``stats (3R,)`` float32 each row's ``m, δ, r`` (flat: a shape of one int is
+    the cheapest allocation); ``s`` is None unless ``write_sum`` (the custom op returns
+    an empty tensor there). ``pad``: the token mask, ``(R,)`` or in ``x``'s token shape.
+    One launch."""
     return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
-                            x.new_empty((rows, 3), dtype=torch.float32))
+                            torch.empty(3 * (x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])),
+                                        dtype=torch.float32, device=x.device))
 
 
 def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
@@ -224,6 +240,29 @@ def _scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float3
     return kept[-1]
 
 
+@functools.lru_cache(maxsize=None)
+def _rowwise_fwd_kernel(d: int, has_res: bool, write_sum: bool, has_w: bool, has_b: bool, has_pad: bool,
+                        center: bool):
+    """The row-wise forward kernel for rows of ``d`` with these inputs, its constexprs bound
+    (a :class:`~.triton_kernels.launch.Specialization`, made once per combination)."""
+    block, warps = _block_d(d)
+    flags = dict(HAS_RES=has_res, WRITE_S=write_sum, HAS_W=has_w, HAS_B=has_b, HAS_PAD=has_pad, CENTER=center,
+                 num_warps=warps)
+    if block <= MAX_BLOCK_FWD:
+        return rk.rowwise_fwd.specialize(**flags, BLOCK_D=block)
+    return rk.rowwise_fwd_blocked.specialize(**flags, BLOCK_C=BLOCK_C)
+
+
+@functools.lru_cache(maxsize=None)
+def _rowwise_bwd_kernel(d: int, has_res: bool, has_ds: bool, has_w: bool, has_pad: bool, center: bool):
+    """The row-wise backward kernel for rows of ``d`` with these inputs, its constexprs bound."""
+    block, warps = _block_d(d)
+    flags = dict(HAS_RES=has_res, HAS_DS=has_ds, HAS_W=has_w, HAS_PAD=has_pad, CENTER=center)
+    if block <= MAX_BLOCK_BWD:
+        return rk.rowwise_bwd.specialize(**flags, num_warps=_bwd_warps(block), BLOCK_D=block)
+    return rk.rowwise_bwd_blocked.specialize(**flags, num_warps=warps, BLOCK_C=BLOCK_C)
+
+
 def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, stats):
     shape, d = x.shape, x.shape[-1]
     rows = math.prod(shape[:-1])
@@ -232,15 +271,10 @@ def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, sta
     x, stride_x = _token_rows(x, d)
     residual, stride_r = _token_rows(residual, d)
     if rows and d:
-        block, warps = _block_d(d)
-        res = residual if residual is not None else x
-        kernel, blocks = (rk.rowwise_fwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_FWD else \
-            (rk.rowwise_fwd_blocked, dict(BLOCK_C=BLOCK_C))
-        kernel.launch(
-            (rows,), x, res, y, s if write_sum else x, _param(weight, x), _param(bias, x), _pad_bits(pad, x), stats,
-            stride_x, stride_r if residual is not None else stride_x, d, d, d, eps,
-            HAS_RES=residual is not None, WRITE_S=write_sum, HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
+        has_res = residual is not None
+        _rowwise_fwd_kernel(d, has_res, write_sum, weight is not None, bias is not None, pad is not None, center)(
+            (rows,), x, residual if has_res else x, y, s if write_sum else x, _param(weight, x), _param(bias, x),
+            _pad_bits(pad, x), stats, stride_x, stride_r if has_res else stride_x, d, d, d, eps)
     else:
         stats.zero_(), y.zero_()
         if write_sum:
@@ -269,25 +303,19 @@ def _rowwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
     # every program writes its whole partial row: no zero fill
     dw_part = x.new_empty((programs, d), dtype=torch.float32)
     db_part = x.new_empty((programs, d), dtype=torch.float32)
-    block, warps = _block_d(d)
     res = residual if residual is not None else x
     dsr = ds if ds is not None else x
-    kernel, blocks = (rk.rowwise_bwd, dict(BLOCK_D=block)) if block <= MAX_BLOCK_BWD else \
-        (rk.rowwise_bwd_blocked, dict(BLOCK_C=BLOCK_C))
-    warps = _bwd_warps(block) if block <= MAX_BLOCK_BWD else warps
-    kernel.launch(
+    _rowwise_bwd_kernel(d, residual is not None, ds is not None, weight is not None, pad is not None, center)(
         (programs,), dy, x, res, dsr, dx, _param(weight, x), _pad_bits(pad, x), stats, dw_part, db_part,
         stride_dy, stride_x, stride_r if residual is not None else stride_x, stride_ds if ds is not None else stride_x,
-        d, rows, d, per,
-        HAS_RES=residual is not None, HAS_DS=ds is not None, HAS_W=weight is not None,
-        HAS_PAD=pad is not None, CENTER=center, num_warps=warps, **blocks)
+        d, rows, d, per)
     _param_grads(dw_part, db_part, dw, db, programs, d, weight is not None, bias is not None)
     return dx, dw, db
 
 
 def _rowwise_fwd_fake(x, residual, weight, bias, pad, eps, center, write_sum):
     return (x.new_empty(x.shape), x.new_empty(x.shape) if write_sum else x.new_empty(0),
-            x.new_empty((math.prod(x.shape[:-1]), 3), dtype=torch.float32))
+            x.new_empty((3 * math.prod(x.shape[:-1]),), dtype=torch.float32))
 
 
 def _token_grads_fake(dy, x, weight, bias, *_):
@@ -435,6 +463,25 @@ def _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, 
                            HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
 
 
+def _featurewise_fwd_recorded(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
+                              num_batches_tracked, momentum, update):
+    """:func:`_featurewise_fwd_impl` where autograd records: in eval (``mean`` given) the
+    zero batch statistics and count, which neither the caller nor the eval backward reads,
+    go to scratch buffers and come back as None (three allocations and outputs fewer)."""
+    if mean is None or not x.numel():
+        return _featurewise_fwd_impl(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
+                                     num_batches_tracked, momentum, update)
+    shape, d = x.shape, x.shape[-1]
+    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
+    x = _flat(x)
+    stats = torch.empty((3, d), dtype=torch.float32, device=x.device)
+    scale = torch.empty(d, dtype=torch.float32, device=x.device)
+    junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
+    _bn_eval(x, pad, mean, var, weight, bias, eps, y.view(x.shape) if y.dim() != 2 else y, stats, scale, junk, junk,
+             count)
+    return y, None, None, None, stats, scale
+
+
 def _featurewise_fwd_plain(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
                            momentum, update):
     """:func:`_featurewise_fwd_impl`'s first four outputs where no gradient is recorded: in
@@ -534,7 +581,8 @@ def _featurewise_backward(ctx, dy, *_):
 
 
 featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _featurewise_fwd_fake,
-                            _featurewise_setup, _featurewise_backward, 1, n_out=4, plain=_featurewise_fwd_plain)
+                            _featurewise_setup, _featurewise_backward, 1, n_out=4, plain=_featurewise_fwd_plain,
+                            recorded=_featurewise_fwd_recorded)
 
 
 # --- PowerNorm ---

@@ -111,7 +111,7 @@ class LaunchCounter(TorchDispatchMode):
             return launch
 
         for cls, attr in ((interpreter.InterpretedFunction, "run"), (jit.JITFunction, "run"),
-                          (CachedKernel, "launch")):
+                          (CachedKernel, "run")):
             original = getattr(cls, attr)
             setattr(cls, attr, hooked(original, lambda fn: getattr(fn, "__name__", "kernel")))
             patched.append((cls, attr, original))

@@ -12,8 +12,9 @@ specialization and keeps a handle for it:
   generated for the kernel from the kinds of its positional arguments at the first
   call (a tensor: its dtype and whether its data pointer is 16-byte aligned; an int:
   whether it is 1, whether it divides by 16, whether it fits 32 bits; a float or a
-  bool: nothing), plus the keyword arguments (constexprs, ``num_warps``) by name and
-  value, plus the current device when compiled. Equal keys mean equal Triton
+  bool: nothing), plus the keyword arguments (constexprs, ``num_warps``) — as the tag of
+  their :class:`Specialization`, an object the call site keeps, so a launch neither
+  builds nor hashes them — plus the current device when compiled. Equal keys mean equal Triton
   specializations (``tests/test_triton_launch.py`` checks the key against Triton's
   own specialization), so one handle serves every call with that key;
 * the **handle**, made on a key's first call (a miss) by launching through Triton's
@@ -37,7 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from triton import knobs
 
-__all__ = ["CachedKernel", "cached_kernels"]
+__all__ = ["CachedKernel", "Specialization", "cached_kernels"]
 
 Tensor = torch.Tensor
 
@@ -115,15 +116,34 @@ def _no_device():
     return None
 
 
+class Specialization:
+    """A kernel with its constexprs and launch options bound: ``spec(grid, *args)``
+    launches it with the runtime arguments only. A call site makes it once
+    (:meth:`CachedKernel.specialize`, e.g. under an ``lru_cache`` of what decides the
+    constexprs) and keeps it, so that a launch neither builds nor hashes the options."""
+
+    __slots__ = ("kernel", "options", "tag")
+
+    def __init__(self, kernel: "CachedKernel", options: dict, tag: int):
+        self.kernel, self.options, self.tag = kernel, options, tag
+
+    def __call__(self, grid: Tuple[int, ...], *args) -> None:
+        self.kernel.run(self, grid, args)
+
+
 class CachedKernel:
     """A ``@triton.jit`` kernel launched through handles cached per specialization:
-    ``kernel[grid](*args, **constexprs)`` or ``kernel.launch(grid, *args, **constexprs)``,
-    the runtime arguments positional, the constexprs and options by keyword."""
+    ``kernel[grid](*args, **constexprs)``, ``kernel.launch(grid, *args, **constexprs)``,
+    or, cheapest, ``kernel.specialize(**constexprs)(grid, *args)`` — the runtime arguments
+    positional, the constexprs and options by keyword. Every launch goes through
+    :meth:`run` (the launch counters hook it)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", "kernel")
+        #: ``(specialization's tag, device, key of the arguments)`` → handle
         self.handles: Dict[tuple, Callable] = {}
+        self._specializations: Dict[tuple, Specialization] = {}
         self.hits = self.misses = 0
         self._kinds: Optional[str] = None
         self._key: Optional[Callable] = None
@@ -137,24 +157,39 @@ class CachedKernel:
     #: False: every launch through Triton's own ``run`` (``benchmarks/launch_overhead.py`` compares)
     enabled = True
 
+    def specialize(self, **options) -> Specialization:
+        """The :class:`Specialization` of these constexprs and options (one object per
+        distinct set, so its tag stands for them in the handles' keys)."""
+        items = tuple(options.items())
+        spec = self._specializations.get(items)
+        if spec is None:
+            spec = self._specializations[items] = Specialization(self, options, len(self._specializations))
+        return spec
+
     def launch(self, grid: Tuple[int, ...], *args, **options) -> None:
+        self.run(self.specialize(**options), grid, args)
+
+    def run(self, spec: Specialization, grid: Tuple[int, ...], args: tuple) -> None:
+        """Launch ``spec`` on ``args``: through the handle of their key (a hit), else
+        through Triton's own ``run`` (:meth:`_miss`)."""
         key_fn = self._key
         if key_fn is not None and self.enabled and (not self._compiled or _no_hooks()):
             device = self._device()
             try:
-                handle = self.handles.get((device, key_fn(*args), *options.items()))
+                handle = self.handles.get((spec.tag, device, key_fn(*args)))
             except (AttributeError, TypeError):   # arguments of other kinds: Triton's own launch
                 handle = None
             if handle is not None:
                 self.hits += 1
                 handle(grid, args, device)
                 return
-        self._miss(grid, args, options)
+        self._miss(grid, args, spec)
 
-    def _miss(self, grid, args, options) -> None:
+    def _miss(self, grid, args, spec: Specialization) -> None:
         """Launch through Triton's own ``run`` (it compiles what it has not), and keep a
         handle for this call's key when the arguments are of the kinds the key is made for."""
         self.misses += 1
+        options = spec.options
         if not self.enabled:
             self.fn.run(*args, grid=grid, warmup=False, **options)
             return
@@ -168,7 +203,7 @@ class CachedKernel:
         kernel = self.fn.run(*args, grid=grid, warmup=False, **options)
         if kinds != self._kinds or (self._compiled and not _no_hooks()):
             return
-        key = (self._device(), self._key(*args), *options.items())
+        key = (spec.tag, self._device(), self._key(*args))
         if not self._compiled:
             self.handles[key] = _Interpreted(self.fn, options)
             return
