@@ -88,6 +88,23 @@ def _flat(t: Tensor) -> Tensor:
     return _rows(t)
 
 
+def _as_rows(t: Tensor) -> Tensor:
+    """``t (*, D)`` as the feature-wise kernels read it, rows ``stride(-2)`` apart with unit
+    feature stride: itself when contiguous (no reshape: a view costs ~1 µs of host time,
+    and its output needs another to come back), else :func:`_flat`."""
+    return t if t.is_contiguous() else _flat(t)
+
+
+def _nd(t: Tensor) -> Tuple[int, int]:
+    """``(N, D)``: the rows and features of ``t (*, D)``."""
+    d = t.shape[-1]
+    return (t.numel() // d if d else math.prod(t.shape[:-1])), d
+
+
+def _in_shape(t: Tensor, shape) -> Tensor:
+    return t if t.shape == shape else t.view(shape)
+
+
 #: (the last flat mask, its bytes): a model's norms pass the same flat mask object call
 #: after call (seqnorm.masks.flat_padding), and its uint8 view is a view — always its bits
 _last_bits = (None, None)
@@ -231,8 +248,11 @@ def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
 _scratches: dict = {}
 
 
-def _scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    key = (device, dtype)
+def _scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32, slot: int = 0) -> Tensor:
+    """A buffer of at least ``numel`` elements that no one reads after the launches of this
+    call (those that write it may read it back within the call: ``slot`` tells apart two
+    such buffers of one call)."""
+    key = (device, dtype, slot)
     kept = _scratches.get(key)
     if kept is None or kept[-1].numel() < numel:
         kept = _scratches.setdefault(key, [])
@@ -382,37 +402,50 @@ def _finalize_block(d: int) -> int:
     return min(fk.FINALIZE_BLOCK, _pow2(max(d, 1)))
 
 
-def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], eps: float, update=None):
+def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], eps: float, update=None,
+                   moments: bool = True):
     """Partials, then the one-program finalize: ``(stats (3, D) [K, δ, r], a (D,),
     batch mean, biased var, count () int64)``; ``update = (running_mean,
     running_var, num_batches_tracked, momentum)`` also moves the running
-    statistics on the device (:func:`seqnorm.running.update_batch_norm_stats`)."""
-    n, d = x.shape
+    statistics on the device (:func:`seqnorm.running.update_batch_norm_stats`).
+    ``moments=False``: the batch mean and variance, which nobody reads when the finalize
+    moves the running statistics, go to a scratch buffer and come back as None."""
+    n, d = _nd(x)
     f32 = dict(dtype=torch.float32)
     stats, scale = x.new_empty((3, d), **f32), x.new_empty(d, **f32)
-    mean, var, count = x.new_empty(d, **f32), x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64)
+    if moments:
+        mean, var = x.new_empty(d, **f32), x.new_empty(d, **f32)
+    else:
+        mean, var = _scratch(x.device, d), _scratch(x.device, d, slot=1)   # (the finalize reads them back)
+    count = x.new_empty((), dtype=torch.int64)
     p, f, per = _partial_grid(n, d, x.device)
     # the programs' partials: scratch the finalize reads, one allocation (split: ~1 µs less than three)
     mean_part, m2_part, count_part = x.new_empty(2 * p * d + p, **f32).split_with_sizes((p * d, p * d, p))
-    fk.moments_partial.launch((p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(0), n, d, per,
-                               HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+    fk.moments_partial.specialized(("HAS_PAD", "BLOCK_N", "BLOCK_F", "BLOCK_PAD"),
+                                   (pad is not None, BLOCK_N, BLOCK_F, BLOCK_PAD))(
+        (p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(-2), n, d, per)
     rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
-    fk.bn_finalize.launch((1,), count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
-                         rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0),
-                         HAS_W=weight is not None, UPDATE=update is not None, HAS_NBT=nbt is not None,
-                         CUMULATIVE=momentum is None, BLOCK_F=_finalize_block(d), num_warps=4)
-    return stats, scale, mean, var, count
+    fk.bn_finalize.specialized(("HAS_W", "UPDATE", "HAS_NBT", "CUMULATIVE", "BLOCK_F", "num_warps"),
+                               (weight is not None, update is not None, nbt is not None, momentum is None,
+                                _finalize_block(d), 4))(
+        (1,), count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
+        rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0))
+    return (stats, scale, mean, var, count) if moments else (stats, scale, None, None, count)
+
+
+#: the constexprs of the normalize kernel, named once (:meth:`~.triton_kernels.launch.CachedKernel.specialized`)
+_BN_NORMALIZE = ("HAS_PAD", "RUNNING", "HAS_W", "HAS_B", "BLOCK_N", "BLOCK_F", "BLOCK_PAD")
 
 
 def _bn_normalize(x, pad, stats, scale, bias, y=None):
     """``y = ((x − K) − δ)·a + b`` from ``stats (3, D)`` and ``a`` (one launch)."""
-    n, d = x.shape
+    n, d = _nd(x)
     y = torch.empty_like(x) if y is None else y
     p, f, per = _tile_grid(n, d)
-    fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
-                            stats, stats, x.stride(0), y.stride(0), n, d, per, 0.0, HAS_PAD=pad is not None,
-                            RUNNING=False, HAS_W=False, HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
-                            BLOCK_PAD=BLOCK_PAD)
+    fk.bn_normalize.specialized(_BN_NORMALIZE, (pad is not None, False, False, bias is not None, BLOCK_N, BLOCK_F,
+                                                BLOCK_PAD))(
+        (p, f), x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
+        stats, stats, x.stride(-2), y.stride(-2), n, d, per, 0.0)
     return y
 
 
@@ -429,14 +462,14 @@ def _featurewise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     normalizes with them and the batch statistics are returned as zeros. ``x (*, D)``,
     ``y`` in its shape."""
     shape = x.shape
-    out = _featurewise_rows(_flat(x), weight, bias, pad, mean, var, eps, running_mean, running_var,
+    out = _featurewise_rows(_as_rows(x), weight, bias, pad, mean, var, eps, running_mean, running_var,
                             num_batches_tracked, momentum, update)
-    return (out[0].view(shape),) + out[1:]
+    return (_in_shape(out[0], shape),) + out[1:]
 
 
 def _featurewise_rows(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
                       momentum, update):
-    n, d = x.shape
+    n, d = _nd(x)
     if not (n and d):
         f32 = dict(dtype=torch.float32, device=x.device)
         return (torch.zeros_like(x), torch.zeros(d, **f32), torch.zeros(d, **f32),
@@ -455,29 +488,47 @@ def _featurewise_rows(x, weight, bias, pad, mean, var, eps, running_mean, runnin
 def _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, batch_var, count):
     """Eval: ``y`` normalized with the running ``mean``, ``var`` (one launch; the program of
     the first rows stores ``stats``, ``scale`` for the backward and zero batch statistics)."""
-    n, d = x.shape
+    n, d = _nd(x)
     p, f, per = _tile_grid(n, d)
-    fk.bn_normalize.launch((p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
-                           _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(0), y.stride(0), n, d,
-                           per, eps, HAS_PAD=pad is not None, RUNNING=True, HAS_W=weight is not None,
-                           HAS_B=bias is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+    fk.bn_normalize.specialized(_BN_NORMALIZE, (pad is not None, True, weight is not None, bias is not None, BLOCK_N,
+                                                BLOCK_F, BLOCK_PAD))(
+        (p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
+        _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(-2), y.stride(-2), n, d, per, eps)
+
+
+def _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num_batches_tracked, momentum,
+                       update):
+    """A training step of :func:`_featurewise_fwd_impl` in eager mode: with ``update`` the
+    batch mean and variance (read by no one: the finalize moves the running statistics)
+    come back as None."""
+    shape = x.shape
+    x = _as_rows(x)
+    stats, scale, batch_mean, batch_var, count = _batch_moments(
+        x, pad, weight, eps, (running_mean, running_var, num_batches_tracked, momentum) if update else None,
+        moments=not update)
+    return _in_shape(_bn_normalize(x, pad, stats, scale, bias), shape), batch_mean, batch_var, count, stats, scale
 
 
 def _featurewise_fwd_recorded(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
                               num_batches_tracked, momentum, update):
     """:func:`_featurewise_fwd_impl` where autograd records: in eval (``mean`` given) the
     zero batch statistics and count, which neither the caller nor the eval backward reads,
-    go to scratch buffers and come back as None (three allocations and outputs fewer)."""
-    if mean is None or not x.numel():
+    go to scratch buffers and come back as None (three allocations and outputs fewer); in
+    training with ``update`` (the finalize moves the running statistics) the batch mean and
+    variance do."""
+    if not x.numel():
         return _featurewise_fwd_impl(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
                                      num_batches_tracked, momentum, update)
+    if mean is None:
+        return _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num_batches_tracked,
+                                  momentum, update)
     shape, d = x.shape, x.shape[-1]
     y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
-    x = _flat(x)
+    x = _as_rows(x)
     stats = torch.empty((3, d), dtype=torch.float32, device=x.device)
     scale = torch.empty(d, dtype=torch.float32, device=x.device)
     junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
-    _bn_eval(x, pad, mean, var, weight, bias, eps, y.view(x.shape) if y.dim() != 2 else y, stats, scale, junk, junk,
+    _bn_eval(x, pad, mean, var, weight, bias, eps, _in_shape(y, x.shape), stats, scale, junk, junk,
              count)
     return y, None, None, None, stats, scale
 
@@ -486,15 +537,19 @@ def _featurewise_fwd_plain(x, weight, bias, pad, mean, var, eps, running_mean, r
                            momentum, update):
     """:func:`_featurewise_fwd_impl`'s first four outputs where no gradient is recorded: in
     eval (``mean`` given) what only a backward reads, and the zero batch statistics nobody
-    reads there, go to scratch buffers — ``(y, None, None, None)``."""
-    if mean is None or not x.numel():
+    reads there, go to scratch buffers — ``(y, None, None, None)``; in training, as
+    :func:`_featurewise_fwd_recorded`."""
+    if not x.numel():
         return _featurewise_fwd_impl(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
                                      num_batches_tracked, momentum, update)[:4]
+    if mean is None:
+        return _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num_batches_tracked,
+                                  momentum, update)[:4]
     shape, d = x.shape, x.shape[-1]
     y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
-    x = _flat(x)
+    x = _as_rows(x)
     junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
-    _bn_eval(x, pad, mean, var, weight, bias, eps, y.view(x.shape) if y.dim() != 2 else y, junk, junk, junk, junk,
+    _bn_eval(x, pad, mean, var, weight, bias, eps, _in_shape(y, x.shape), junk, junk, junk, junk,
              count)
     return y, None, None, None
 
@@ -510,24 +565,24 @@ def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps, running_mean, ru
 def _grad_partials(dy, x, pad, stats, scale, dx=None):
     """``(DG_PART, DB_PART, P)``: per-program ``Σ dy ⊙ x̂``, ``Σ dy`` over the real
     rows; with ``dx`` also ``dx = a·dy`` (eval) in the same pass."""
-    n, d = x.shape
+    n, d = _nd(x)
     p, f, per = _partial_grid(n, d, x.device)
     dg_part = x.new_empty((p, d), dtype=torch.float32)
     db_part = x.new_empty((p, d), dtype=torch.float32)
     out = dx if dx is not None else x
-    fk.grad_partial.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(0), x.stride(0),
-                            out.stride(0), n, d, per, HAS_PAD=pad is not None, WRITE_DX=dx is not None,
+    fk.grad_partial.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, out, dg_part, db_part, dy.stride(-2), x.stride(-2),
+                            out.stride(-2), n, d, per, HAS_PAD=pad is not None, WRITE_DX=dx is not None,
                             BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dg_part, db_part, p
 
 
 def _bn_input_grad(dy, x, pad, stats, scale, coef):
     """``dx = a·dy − c₁ − x̂·c₂`` at real rows, 0 at padding (one launch)."""
-    n, d = x.shape
+    n, d = _nd(x)
     dx = torch.empty_like(x)
     p, f, per = _tile_grid(n, d)
-    fk.bn_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(0), x.stride(0),
-                             dx.stride(0), n, d, per, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    fk.bn_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), stats, scale, coef, dx, dy.stride(-2), x.stride(-2),
+                             dx.stride(-2), n, d, per, HAS_PAD=pad is not None, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dx
 
 
@@ -538,12 +593,12 @@ def _featurewise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
     Batch statistics: partials → finalize (dγ, dβ, c₁, c₂) → dx (three launches);
     eval: dx fused with the partials, then the finalize of dγ, dβ (two). ``dx`` in ``x``'s shape."""
     shape = x.shape
-    dx, dw, db = _featurewise_bwd_rows(_flat(dy), _flat(x), weight, bias, pad, stats, scale, count, use_batch)
-    return dx.view(shape), dw, db
+    dx, dw, db = _featurewise_bwd_rows(_as_rows(dy), _as_rows(x), weight, bias, pad, stats, scale, count, use_batch)
+    return _in_shape(dx, shape), dw, db
 
 
 def _featurewise_bwd_rows(dy, x, weight, bias, pad, stats, scale, count, use_batch):
-    n, d = x.shape
+    n, d = _nd(x)
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (n and d):
         return torch.zeros_like(x), dw.zero_(), db.zero_()
@@ -591,15 +646,15 @@ featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _fe
 def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
     """``(y, rstd (D,), SUMSQ_PART, COUNT_PART, P)``: ``y = x·w·r + b`` with ``r`` of the
     running ψ²; with ``sumsq`` also each program's ``Σ x²`` and real rows (one launch)."""
-    n, d = x.shape
+    n, d = _nd(x)
     p, f, per = _partial_grid(n, d, x.device) if sumsq else _tile_grid(n, d)
     y, rstd = torch.empty_like(x), x.new_empty(d, dtype=torch.float32)
     sumsq_part = x.new_empty((p if sumsq else 0, d), dtype=torch.float32)
     count_part = x.new_empty(p if sumsq else 0, dtype=torch.float32)
-    fk.power_normalize.launch((p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
-                               rstd, sumsq_part, count_part, x.stride(0), y.stride(0), n, d, per, float(eps),
-                               HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                               SUMSQ=sumsq, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+    fk.power_normalize.specialized(("HAS_PAD", "HAS_W", "HAS_B", "SUMSQ", "BLOCK_N", "BLOCK_F"),
+                                   (pad is not None, weight is not None, bias is not None, sumsq, BLOCK_N, BLOCK_F))(
+        (p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
+        rstd, sumsq_part, count_part, x.stride(-2), y.stride(-2), n, d, per, float(eps))
     return y, rstd, sumsq_part, count_part, p
 
 
@@ -618,14 +673,14 @@ def _power_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     the normalize alone (one launch; ``batch_phi``, ``count``, ``factor`` are
     not computed). ``x (*, D)``, ``y`` in its shape."""
     shape = x.shape
-    out = _power_rows(_flat(x), weight, bias, pad, running_phi, running_nu, eps, training, momentum,
+    out = _power_rows(_as_rows(x), weight, bias, pad, running_phi, running_nu, eps, training, momentum,
                       num_batches_tracked, factor, update)
-    return (out[0].view(shape),) + out[1:]
+    return (_in_shape(out[0], shape),) + out[1:]
 
 
 def _power_rows(x, weight, bias, pad, running_phi, running_nu, eps, training, momentum, num_batches_tracked, factor,
                 update):
-    n, d = x.shape
+    n, d = _nd(x)
     f32 = dict(dtype=torch.float32)
     nu_before = x.new_empty(0) if running_nu is None else torch.empty_like(running_nu)
     batch_phi, count, factor_out = x.new_empty(d, **f32), x.new_empty((), dtype=torch.int64), x.new_empty((), **f32)
@@ -638,13 +693,13 @@ def _power_rows(x, weight, bias, pad, running_phi, running_nu, eps, training, mo
                                                           eps, training)
     if training:
         nbt = num_batches_tracked
-        fk.power_finalize.launch((1,), 
-            sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
+        fk.power_finalize.specialized(
+            ("HAS_NU", "UPDATE", "HAS_NBT", "HAS_FACTOR", "CUMULATIVE", "BLOCK_F", "num_warps"),
+            (running_nu is not None, update, nbt is not None, factor is not None,
+             factor is None and momentum is None, _finalize_block(d), 4))(
+            (1,), sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if update else batch_phi, nbt if nbt is not None else count,
-            factor if factor is not None else count, p, d, float(momentum or 0.0),
-            HAS_NU=running_nu is not None, UPDATE=update, HAS_NBT=nbt is not None,
-            HAS_FACTOR=factor is not None, CUMULATIVE=factor is None and momentum is None,
-            BLOCK_F=_finalize_block(d), num_warps=4)
+            factor if factor is not None else count, p, d, float(momentum or 0.0))
     return y, batch_phi, count, rstd, nu_before, factor_out
 
 
@@ -659,13 +714,13 @@ def _power_fwd_fake(x, weight, bias, pad, running_phi, running_nu, eps, training
 def _power_partials(dy, x, weight, pad, rstd, nu, nu_scale=1.0):
     """``(dx, DG_PART, DB_PART, P)``: ``dx = (w·dy − s·ν·x̂)·r`` with the partial sums
     of ``dy·x̂`` and ``dy`` (one launch)."""
-    n, d = x.shape
+    n, d = _nd(x)
     p, f, per = _partial_grid(n, d, x.device)
     dx = torch.empty_like(x)
     dg_part = x.new_empty((p, d), dtype=torch.float32)
     db_part = x.new_empty((p, d), dtype=torch.float32)
     fk.power_input_grad.launch((p, f), dy, x, _pad_bits(pad, x), _param(weight, x), rstd, _param(nu, x), dx, dg_part,
-                                db_part, dy.stride(0), x.stride(0), dx.stride(0), n, d, per, float(nu_scale),
+                                db_part, dy.stride(-2), x.stride(-2), dx.stride(-2), n, d, per, float(nu_scale),
                                 HAS_PAD=pad is not None, HAS_W=weight is not None, HAS_NU=nu is not None,
                                 BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
     return dx, dg_part, db_part, p
@@ -678,13 +733,13 @@ def _power_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optio
     without one), then one finalize: dγ, dβ in the parameters' dtypes and — given
     the buffer ``nu`` — ν moved in place by Algorithm 1 (two launches). ``dx`` in ``x``'s shape."""
     shape = x.shape
-    dx, dw, db = _power_bwd_rows(_flat(dy), _flat(x), weight, bias, pad, rstd, nu_before, batch_phi, count, factor,
-                                 nu)
-    return dx.view(shape), dw, db
+    dx, dw, db = _power_bwd_rows(_as_rows(dy), _as_rows(x), weight, bias, pad, rstd, nu_before, batch_phi, count,
+                                 factor, nu)
+    return _in_shape(dx, shape), dw, db
 
 
 def _power_bwd_rows(dy, x, weight, bias, pad, rstd, nu_before, batch_phi, count, factor, nu):
-    n, d = x.shape
+    n, d = _nd(x)
     dw, db = _grad_like(weight, d, x), _grad_like(bias, d, x)
     if not (n and d):
         return torch.zeros_like(x), dw.zero_(), db.zero_()
@@ -1000,10 +1055,11 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     rstd, steps = x.new_empty(b * groups, dtype=f32), x.new_empty(b, dtype=torch.int64)
     if b and c:
         block = _block_t(t)
-        gk.groupwise_fwd.launch(
+        gk.groupwise_fwd.specialized(("HAS_W", "HAS_B", "HAS_PAD", "BLOCK_T", "num_warps"),
+                                     (weight is not None, bias is not None, pad is not None, block,
+                                      _group_warps(block)))(
             (b * groups,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
-            c // groups, groups, eps, HAS_W=weight is not None, HAS_B=bias is not None, HAS_PAD=pad is not None,
-            BLOCK_T=block, num_warps=_group_warps(block))
+            c // groups, groups, eps)
     else:
         steps.copy_(t - pad.sum(1, dtype=torch.int64) if pad is not None else torch.full_like(steps, t))
     return y, mean, var, steps, rstd
