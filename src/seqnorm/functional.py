@@ -418,7 +418,7 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
     mask = _lean_mask((x.shape[0], x.shape[2]), padding_mask, lengths, x, 3 if context else 0)
     if mask is None:
         return None
-    return _run_groupwise(x, x, groups, weight, bias, eps, None if mask is False else mask)[0]
+    return _run_groupwise(x, x, groups, weight, bias, eps, None if mask is False else mask, statistics=False)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -957,16 +957,22 @@ def _groupwise(x: Tensor, groups, weight, bias, eps, padding_mask, lengths, who:
     return _run_groupwise(x, x3, groups, weight, bias, eps, pad)
 
 
-def _run_groupwise(x, x3, groups, weight, bias, eps, pad):
+def _run_groupwise(x, x3, groups, weight, bias, eps, pad, statistics: bool = True):
     """The tail of both paths: the backend's ``groupwise_norm`` of ``x3 (N, C, L)`` with the
-    validated ``(N, L)`` mask ``pad``; ``(y, mean, var, count)``, ``y`` as ``x``."""
+    validated ``(N, L)`` mask ``pad``; ``(y, mean, var, count)``, ``y`` as ``x``
+    (``statistics=False``: the caller reads ``y`` alone, and a backend with
+    ``optional_group_statistics`` may return None for the rest)."""
     cdt = compute_dtype(x)
     backend = _backend_for(x3, op="groupwise_norm")
     if x.dtype != cdt and x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
     param = _params_for(backend, cdt)
-    y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups)
+    if not statistics and getattr(backend, "optional_group_statistics", False):
+        y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups,
+                                                     statistics=False)
+    else:
+        y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups)
     return _as_input(y, x), mean, var, count
 
 

@@ -40,6 +40,8 @@ operations' ``x`` (and ``residual``) as the input's ``(*, D)`` itself, with
 parameters as they are and the padding mask in the input's token shape (its rows
 in order), and returns ``y`` (and ``s``) in that shape: no view is left for
 autograd to record around the op, no flat mask is made (host time per call).
+A backend with ``optional_group_statistics = True`` takes ``statistics=False`` in
+``groupwise_norm`` (the caller reads ``y`` alone) and may return None for the rest.
 A backend with ``native_params = True`` gets parameters and running
 statistics in their own dtype (no cast) and returns their gradients in it.
 

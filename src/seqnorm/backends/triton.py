@@ -1044,28 +1044,58 @@ def _group_warps(block_t: int) -> int:
 
 
 def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pad: Optional[Tensor],
-                        eps: float, groups: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        eps: float, groups: int, statistics: bool = True
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``x (B, C, T)`` → ``(y, mean (B, G), var (B, G), steps (B,), rstd (B·G,))``,
-    the statistics float32 (one launch)."""
+    the statistics float32 (one launch). ``statistics``: whether the caller reads ``var``
+    (the custom op returns it whatever; see :func:`_groupwise_fwd_recorded`)."""
+    return _groupwise_forward(x, weight, bias, pad, eps, groups, None)
+
+
+def _groupwise_forward(x, weight, bias, pad, eps, groups, scratch: Optional[str]):
+    """:func:`_groupwise_fwd_impl`; ``scratch``: ``"var"`` — the variance, which the caller
+    does not read and the backward does not need, goes to a scratch buffer and comes back
+    as None; ``"all"`` — so do the mean, steps and ``rstd`` (no backward: ``(y, None, None,
+    None, None)``)."""
     x = x.contiguous()
     b, c, t = x.shape
     y = torch.empty_like(x)
     f32 = torch.float32
-    mean, var = x.new_empty((b, groups), dtype=f32), x.new_empty((b, groups), dtype=f32)
-    rstd, steps = x.new_empty(b * groups, dtype=f32), x.new_empty(b, dtype=torch.int64)
+    n = b * groups
+    if scratch == "all":
+        mean, var, rstd = _scratch(x.device, n), _scratch(x.device, n, slot=1), _scratch(x.device, n, slot=2)
+        steps = _scratch(x.device, b, torch.int64)
+    else:
+        mean, rstd = x.new_empty((b, groups), dtype=f32), x.new_empty(n, dtype=f32)
+        var = _scratch(x.device, n) if scratch == "var" else x.new_empty((b, groups), dtype=f32)
+        steps = x.new_empty(b, dtype=torch.int64)
     if b and c:
         block = _block_t(t)
         gk.groupwise_fwd.specialized(("HAS_W", "HAS_B", "HAS_PAD", "BLOCK_T", "num_warps"),
                                      (weight is not None, bias is not None, pad is not None, block,
                                       _group_warps(block)))(
-            (b * groups,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
+            (n,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
             c // groups, groups, eps)
-    else:
+    elif scratch != "all":
         steps.copy_(t - pad.sum(1, dtype=torch.int64) if pad is not None else torch.full_like(steps, t))
-    return y, mean, var, steps, rstd
+    if scratch == "all":
+        return y, None, None, None, None
+    return y, mean, (None if scratch == "var" else var), steps, rstd
 
 
-def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups):
+def _groupwise_fwd_recorded(x, weight, bias, pad, eps, groups, statistics=True):
+    """:func:`_groupwise_fwd_impl` where autograd records: a variance the caller does not
+    read goes to scratch (one allocation and output fewer)."""
+    return _groupwise_forward(x, weight, bias, pad, eps, groups, None if statistics else "var")
+
+
+def _groupwise_fwd_plain(x, weight, bias, pad, eps, groups, statistics=True):
+    """:func:`_groupwise_fwd_impl`'s first four outputs where no gradient is recorded:
+    without ``statistics`` only ``y`` (four allocations fewer)."""
+    return _groupwise_forward(x, weight, bias, pad, eps, groups, None if statistics else "all")[:4]
+
+
+def _groupwise_fwd_fake(x, weight, bias, pad, eps, groups, statistics=True):
     b = x.shape[0]
     return (torch.empty_like(x), x.new_empty(b, groups, dtype=torch.float32),
             x.new_empty(b, groups, dtype=torch.float32), x.new_empty(b, dtype=torch.int64),
@@ -1098,7 +1128,7 @@ groupwise_bwd = BackwardOp("triton_groupwise_bwd", _groupwise_bwd_impl, _grads_f
 
 
 def _groupwise_setup(ctx, inputs, output):
-    x, weight, bias, pad, eps, groups = inputs
+    x, weight, bias, pad, eps, groups, _ = inputs
     _, mean, _, steps, rstd = output
     ctx.save_for_backward(x, weight, bias, pad, steps, mean, rstd)
     ctx.groups = groups
@@ -1107,13 +1137,14 @@ def _groupwise_setup(ctx, inputs, output):
 def _groupwise_backward(ctx, dy, *_):
     x, weight, bias, pad, steps, mean, rstd = ctx.saved_tensors
     if dy is None:
-        return (None,) * 6
+        return (None,) * 7
     dx, dw, db = groupwise_bwd(dy, x, weight, bias, pad, steps, mean, rstd, ctx.groups)
-    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None
+    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None
 
 
 groupwise_fwd = ForwardOp("triton_groupwise_fwd", _groupwise_fwd_impl, _groupwise_fwd_fake, _groupwise_setup,
-                          _groupwise_backward, 1, n_out=4)
+                          _groupwise_backward, 1, n_out=4, plain=_groupwise_fwd_plain,
+                          recorded=_groupwise_fwd_recorded)
 
 
 class TritonBackend:
@@ -1126,6 +1157,8 @@ class TritonBackend:
     takes_tokens = True
     #: parameters and running statistics are read in their own dtype (no cast launched)
     native_params = True
+    #: groupwise_norm takes ``statistics=False``: the caller reads ``y`` alone
+    optional_group_statistics = True
     #: featurewise_norm / power_norm take ``running=``: the running statistics move
     #: inside the finalize kernel (the device-side policy of :mod:`seqnorm.running`)
     fuses_running_update = True
@@ -1194,8 +1227,9 @@ class TritonBackend:
                                    BLOCK_F=_finalize_block(c), num_warps=4)
 
     @staticmethod
-    def groupwise_norm(x, weight, bias, eps, pad, groups):
-        return groupwise_fwd(x, weight, bias, pad, float(eps), int(groups))[:4]
+    def groupwise_norm(x, weight, bias, eps, pad, groups, statistics=True):
+        """``statistics=False``: the caller reads ``y`` alone (the other outputs may be None)."""
+        return groupwise_fwd(x, weight, bias, pad, float(eps), int(groups), bool(statistics))[:4]
 
 
 register_backend("triton", lambda x: TritonBackend if supports(x) else backend_named("torch", x))
