@@ -268,9 +268,12 @@ def _rowwise_fwd_kernel(d: int, has_res: bool, write_sum: bool, has_w: bool, has
     block, warps = _block_d(d)
     flags = dict(HAS_RES=has_res, WRITE_S=write_sum, HAS_W=has_w, HAS_B=has_b, HAS_PAD=has_pad, CENTER=center,
                  num_warps=warps)
+    # implied (out of the launch key): y, s and the statistics, allocated for the launch (s is x without
+    # WRITE_S), and the residual's slot where it is x again
+    implied = (2, 3, 7) if has_res else (1, 2, 3, 7)
     if block <= MAX_BLOCK_FWD:
-        return rk.rowwise_fwd.specialize(**flags, BLOCK_D=block)
-    return rk.rowwise_fwd_blocked.specialize(**flags, BLOCK_C=BLOCK_C)
+        return rk.rowwise_fwd.specialize(implied, **flags, BLOCK_D=block)
+    return rk.rowwise_fwd_blocked.specialize(implied, **flags, BLOCK_C=BLOCK_C)
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,9 +281,12 @@ def _rowwise_bwd_kernel(d: int, has_res: bool, has_ds: bool, has_w: bool, has_pa
     """The row-wise backward kernel for rows of ``d`` with these inputs, its constexprs bound."""
     block, warps = _block_d(d)
     flags = dict(HAS_RES=has_res, HAS_DS=has_ds, HAS_W=has_w, HAS_PAD=has_pad, CENTER=center)
+    # implied: dx and the partial rows (allocated for the launch), the forward's statistics (allocated by
+    # it), and the residual's and dS's slots where they are x again
+    implied = (4, 7, 8, 9) + (() if has_res else (2,)) + (() if has_ds else (3,))
     if block <= MAX_BLOCK_BWD:
-        return rk.rowwise_bwd.specialize(**flags, num_warps=_bwd_warps(block), BLOCK_D=block)
-    return rk.rowwise_bwd_blocked.specialize(**flags, num_warps=warps, BLOCK_C=BLOCK_C)
+        return rk.rowwise_bwd.specialize(implied, **flags, num_warps=_bwd_warps(block), BLOCK_D=block)
+    return rk.rowwise_bwd_blocked.specialize(implied, **flags, num_warps=warps, BLOCK_C=BLOCK_C)
 
 
 def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, stats):
@@ -422,12 +428,12 @@ def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], e
     # the programs' partials: scratch the finalize reads, one allocation (split: ~1 µs less than three)
     mean_part, m2_part, count_part = x.new_empty(2 * p * d + p, **f32).split_with_sizes((p * d, p * d, p))
     fk.moments_partial.specialized(("HAS_PAD", "BLOCK_N", "BLOCK_F", "BLOCK_PAD"),
-                                   (pad is not None, BLOCK_N, BLOCK_F, BLOCK_PAD))(
+                                   (pad is not None, BLOCK_N, BLOCK_F, BLOCK_PAD), (2,))(   # (implied: stats)
         (p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(-2), n, d, per)
     rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
     fk.bn_finalize.specialized(("HAS_W", "UPDATE", "HAS_NBT", "CUMULATIVE", "BLOCK_F", "num_warps"),
                                (weight is not None, update is not None, nbt is not None, momentum is None,
-                                _finalize_block(d), 4))(
+                                _finalize_block(d), 4), (4, 5, 6, 7, 8))(   # (implied: this call's outputs)
         (1,), count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
         rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0))
     return (stats, scale, mean, var, count) if moments else (stats, scale, None, None, count)
@@ -440,10 +446,13 @@ _BN_NORMALIZE = ("HAS_PAD", "RUNNING", "HAS_W", "HAS_B", "BLOCK_N", "BLOCK_F", "
 def _bn_normalize(x, pad, stats, scale, bias, y=None):
     """``y = ((x − K) − δ)·a + b`` from ``stats (3, D)`` and ``a`` (one launch)."""
     n, d = _nd(x)
+    given_y = y
     y = torch.empty_like(x) if y is None else y
     p, f, per = _tile_grid(n, d)
+    # implied: y (allocated here when not given) and the repeats of stats in the unused slots
     fk.bn_normalize.specialized(_BN_NORMALIZE, (pad is not None, False, False, bias is not None, BLOCK_N, BLOCK_F,
-                                                BLOCK_PAD))(
+                                                BLOCK_PAD), (3, 4, 7, 8, 9, 10, 11) if given_y is None else
+                                (3, 4, 8, 9, 10, 11))(
         (p, f), x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
         stats, stats, x.stride(-2), y.stride(-2), n, d, per, 0.0)
     return y
@@ -490,8 +499,9 @@ def _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, 
     the first rows stores ``stats``, ``scale`` for the backward and zero batch statistics)."""
     n, d = _nd(x)
     p, f, per = _tile_grid(n, d)
+    # implied: the outputs, which every caller allocates for this launch (or takes from _scratch)
     fk.bn_normalize.specialized(_BN_NORMALIZE, (pad is not None, True, weight is not None, bias is not None, BLOCK_N,
-                                                BLOCK_F, BLOCK_PAD))(
+                                                BLOCK_F, BLOCK_PAD), (5, 7, 8, 9, 10, 11))(
         (p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
         _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(-2), y.stride(-2), n, d, per, eps)
 
@@ -652,7 +662,8 @@ def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
     sumsq_part = x.new_empty((p if sumsq else 0, d), dtype=torch.float32)
     count_part = x.new_empty(p if sumsq else 0, dtype=torch.float32)
     fk.power_normalize.specialized(("HAS_PAD", "HAS_W", "HAS_B", "SUMSQ", "BLOCK_N", "BLOCK_F"),
-                                   (pad is not None, weight is not None, bias is not None, sumsq, BLOCK_N, BLOCK_F))(
+                                   (pad is not None, weight is not None, bias is not None, sumsq, BLOCK_N, BLOCK_F),
+                                   (5, 6, 7, 8))(   # (implied: y, rstd and the partials, allocated here)
         (p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
         rstd, sumsq_part, count_part, x.stride(-2), y.stride(-2), n, d, per, float(eps))
     return y, rstd, sumsq_part, count_part, p
@@ -696,7 +707,8 @@ def _power_rows(x, weight, bias, pad, running_phi, running_nu, eps, training, mo
         fk.power_finalize.specialized(
             ("HAS_NU", "UPDATE", "HAS_NBT", "HAS_FACTOR", "CUMULATIVE", "BLOCK_F", "num_warps"),
             (running_nu is not None, update, nbt is not None, factor is not None,
-             factor is None and momentum is None, _finalize_block(d), 4))(
+             factor is None and momentum is None, _finalize_block(d), 4),
+            (0, 1, 2, 3, 4, 6))(   # (implied: the partials and this call's outputs, allocated for it)
             (1,), sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if update else batch_phi, nbt if nbt is not None else count,
             factor if factor is not None else count, p, d, float(momentum or 0.0))
@@ -1073,7 +1085,7 @@ def _groupwise_forward(x, weight, bias, pad, eps, groups, scratch: Optional[str]
         block = _block_t(t)
         gk.groupwise_fwd.specialized(("HAS_W", "HAS_B", "HAS_PAD", "BLOCK_T", "num_warps"),
                                      (weight is not None, bias is not None, pad is not None, block,
-                                      _group_warps(block)))(
+                                      _group_warps(block)), (1, 5, 6, 7, 8))(   # (implied: the outputs)
             (n,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
             c // groups, groups, eps)
     elif scratch != "all":

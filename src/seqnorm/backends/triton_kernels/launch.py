@@ -54,15 +54,18 @@ def _kind(a) -> str:
     return "?"
 
 
-def _key_function(kinds: str) -> Callable:
+def _key_function(kinds: str, implied: frozenset = frozenset()) -> Callable:
     """``key(*args)``: a tuple that differs wherever Triton's specialization of the
     arguments (of these kinds) differs: each tensor's dtype, each int's classes, and
     ``True`` when every data pointer is 16-byte aligned (the common case, one test)
     or else each pointer's alignment. An argument of another kind raises (a tensor
-    where an int was: ``&`` of a tensor is a tensor, which the miss path turns away)."""
+    where an int was: ``&`` of a tensor is a tensor, which the miss path turns away).
+    ``implied``: positions of tensors left out of the key (see :class:`Specialization`)."""
     names = [f"a{i}" for i in range(len(kinds))]
     parts, pointers = [], []
-    for name, kind in zip(names, kinds):
+    for i, (name, kind) in enumerate(zip(names, kinds)):
+        if kind == "t" and i in implied:
+            continue
         if kind == "t":
             parts.append(f"{name}.dtype")
             pointers.append(f"p{len(pointers)}")
@@ -71,7 +74,7 @@ def _key_function(kinds: str) -> Callable:
         elif kind == "n":
             parts.append(f"{name} is None")
     body = []
-    tensors = [name for name, kind in zip(names, kinds) if kind == "t"]
+    tensors = [name for i, (name, kind) in enumerate(zip(names, kinds)) if kind == "t" and i not in implied]
     if tensors:
         body.append(f"    {', '.join(pointers)}, = {', '.join(f'{t}.data_ptr()' for t in tensors)},")
         aligned = (f"({' | '.join(pointers)}) & 15 == 0 or ({', '.join(f'{p} & 15 == 0' for p in pointers)},)")
@@ -120,12 +123,21 @@ class Specialization:
     """A kernel with its constexprs and launch options bound: ``spec(grid, *args)``
     launches it with the runtime arguments only. A call site makes it once
     (:meth:`CachedKernel.specialize`, e.g. under an ``lru_cache`` of what decides the
-    constexprs) and keeps it, so that a launch neither builds nor hashes the options."""
+    constexprs) and keeps it, so that a launch neither builds nor hashes the options.
 
-    __slots__ = ("kernel", "options", "tag")
+    ``implied``: positions of tensor arguments whose dtype and alignment the call site
+    guarantees from the other arguments and the constexprs — a buffer it allocates for
+    the launch (a fresh allocation starts at its storage's base, which both allocators
+    align to at least 64 bytes, in a dtype fixed by the kernel or equal to an argument's
+    in the key) or a repeat of another argument. The key leaves them out (~0.15 µs a
+    tensor); a call site must never list a view at an offset or a caller's tensor."""
 
-    def __init__(self, kernel: "CachedKernel", options: dict, tag: int):
-        self.kernel, self.options, self.tag = kernel, options, tag
+    __slots__ = ("kernel", "options", "tag", "implied", "key")
+
+    def __init__(self, kernel: "CachedKernel", options: dict, tag: int, implied: frozenset = frozenset()):
+        self.kernel, self.options, self.tag, self.implied = kernel, options, tag, implied
+        #: the key function, made at this specialization's first launch (the kinds are known then)
+        self.key: Optional[Callable] = None
 
     def __call__(self, grid: Tuple[int, ...], *args) -> None:
         self.kernel.run(self, grid, args)
@@ -158,22 +170,23 @@ class CachedKernel:
     #: False: every launch through Triton's own ``run`` (``benchmarks/launch_overhead.py`` compares)
     enabled = True
 
-    def specialize(self, **options) -> Specialization:
+    def specialize(self, implied: Tuple[int, ...] = (), **options) -> Specialization:
         """The :class:`Specialization` of these constexprs and options (one object per
-        distinct set, so its tag stands for them in the handles' keys)."""
-        items = tuple(options.items())
+        distinct set and ``implied`` positions, so its tag stands for them in the handles' keys)."""
+        items = (tuple(implied),) + tuple(options.items()) if implied else tuple(options.items())
         spec = self._specializations.get(items)
         if spec is None:
-            spec = self._specializations[items] = Specialization(self, options, len(self._specializations))
+            spec = self._specializations[items] = Specialization(self, options, len(self._specializations),
+                                                                 frozenset(implied))
         return spec
 
-    def specialized(self, names: Tuple[str, ...], values: tuple) -> Specialization:
+    def specialized(self, names: Tuple[str, ...], values: tuple, implied: Tuple[int, ...] = ()) -> Specialization:
         """:meth:`specialize` with the options as two tuples, their names (a constant of the
         call site) and values: no keyword dict is built or hashed (~1 µs less a launch)."""
-        key = (names, values)
+        key = (names, values, implied)
         spec = self._by_names.get(key)
         if spec is None:
-            spec = self._by_names[key] = self.specialize(**dict(zip(names, values)))
+            spec = self._by_names[key] = self.specialize(implied, **dict(zip(names, values)))
         return spec
 
     def launch(self, grid: Tuple[int, ...], *args, **options) -> None:
@@ -183,7 +196,7 @@ class CachedKernel:
     def run(self, spec: Specialization, grid: Tuple[int, ...], args: tuple) -> None:
         """Launch ``spec`` on ``args``: through the handle of their key (a hit), else
         through Triton's own ``run`` (:meth:`_miss`)."""
-        key_fn = self._key
+        key_fn = spec.key
         if key_fn is not None and self.enabled and (not self._compiled or _no_hooks()):
             device = self._device()
             try:
@@ -214,7 +227,9 @@ class CachedKernel:
         kernel = self.fn.run(*args, grid=grid, warmup=False, **options)
         if kinds != self._kinds or (self._compiled and not _no_hooks()):
             return
-        key = (spec.tag, self._device(), self._key(*args))
+        if spec.key is None:
+            spec.key = _key_function(kinds, spec.implied) if spec.implied else self._key
+        key = (spec.tag, self._device(), spec.key(*args))
         if not self._compiled:
             self.handles[key] = _Interpreted(self.fn, options)
             return
