@@ -141,6 +141,20 @@ def test_equal_keys_mean_equal_triton_specializations():
     assert len(seen) > 20
 
 
+def test_implied_tensors_are_left_out_of_the_key_and_the_rest_still_decide_it():
+    """A specialization's implied positions (buffers the call site allocates, repeats of an
+    argument) do not enter its key; every other tensor's dtype and alignment still do — and
+    the row-wise forward's call sites imply only what they allocate or repeat."""
+    key = L._key_function("ttti", frozenset({1}))
+    a, b = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16)
+    assert key(a, a, a, 3) == key(a, b[1:], a, 3)                    # position 1: any dtype, any offset
+    assert key(a, a, a, 3) != key(a, a, b, 3)                        # position 2: its dtype counts
+    assert key(a, a, a, 3) != key(a, a, torch.zeros(9)[1:], 3)       # ... and its alignment
+    assert key(a, a, a, 3) != key(a, a, a, 16)
+    assert tb._rowwise_fwd_kernel(64, False, False, True, True, True, True).implied == {1, 2, 3, 7}
+    assert tb._rowwise_fwd_kernel(64, True, True, True, True, True, True).implied == {2, 3, 7}   # a residual counts
+
+
 def test_the_compiled_handle_calls_the_launcher_as_triton_does(monkeypatch):
     """A stand-in compiled kernel: the miss launches through ``run`` and keeps a handle; a
     hit calls the launcher with the grid (padded to 3-D), the current stream, the loaded
