@@ -58,10 +58,10 @@ def launch_rows(calls: int):
         args = (x, x, y, x, w, b, pad.view(torch.uint8), stats, d, d, d, d, d, 1e-5)
         kw = dict(HAS_RES=False, WRITE_S=False, HAS_W=True, HAS_B=True, HAS_PAD=True, CENTER=True,
                   num_warps=warps, BLOCK_D=block)
-        cached = tb.rk.rowwise_fwd
-        raw = cached.fn
+        spec = tb._rowwise_fwd_kernel(d, False, False, True, True, True, True)   # as the module's call site keeps it
+        raw = tb.rk.rowwise_fwd.fn
         grid = (shape[0],)
-        res = _rounds({"cached handle": lambda: cached.launch(grid, *args, **kw),
+        res = _rounds({"cached handle": lambda: spec(grid, *args),
                        "kernel[grid]": lambda: raw[grid](*args, **kw)}, calls)
         rows.append((f"rowwise_fwd {shape} bf16", res))
     return rows
