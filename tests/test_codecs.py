@@ -136,10 +136,10 @@ def test_codec_batched_equals_alone(family, kw, decoder_leaks):
 def test_codec_decoders_are_followed_not_skipped():
     """A codec's audio decoder is a time stack (its input is frames); a text decoder's input is
     token ids. Decided by role, not by the name ``decoder``."""
-    from seqnorm.attention_safe import _decoder_paths
+    from seqnorm.attention_safe import decoder_paths
 
     for family in ("dac", "encodec", "mimi"):
-        assert _decoder_paths(_build(family)) == [], family
+        assert decoder_paths(_build(family)) == [], family
 
 
 if __name__ == "__main__":        # the figures: python tests/test_codecs.py
@@ -156,7 +156,7 @@ def test_text_decoders_by_role():
     in, an ``embed_tokens`` table) is left alone whatever its name."""
     from torch import nn
 
-    from seqnorm.attention_safe import _decoder_paths
+    from seqnorm.attention_safe import decoder_paths
 
     class TextDecoder(nn.Module):
         def __init__(self):
@@ -174,7 +174,7 @@ def test_text_decoders_by_role():
             self.speller = TextDecoder()
 
     model = Model()
-    assert _decoder_paths(model) == ["speller"]
+    assert decoder_paths(model) == ["speller"]
     seqnorm.make_padding_safe(model)
     assert type(model.decoder[1]).__module__.startswith("seqnorm")          # swapped: followed
     assert type(model.speller.norm) is nn.LayerNorm                         # left alone

@@ -65,7 +65,7 @@ from torch import nn
 from .masks import current_padding, host_readable
 
 __all__ = ["hook_attention", "unhook_attention", "attention_report", "key_mask", "combine_key_mask",
-           "AttentionWarning"]
+           "AttentionWarning", "decoder_paths", "in_decoder"]
 
 Tensor = torch.Tensor
 
@@ -389,17 +389,17 @@ def is_text_decoder(module: nn.Module) -> bool:
     return bool(params) and params[0] in TOKEN_INPUTS
 
 
-def _decoder_paths(model: nn.Module) -> List[str]:
+def decoder_paths(model: nn.Module) -> List[str]:
     """Module paths of the text decoders inside ``model`` (:func:`is_text_decoder`; the
     model itself is never one: it is what make_padding_safe was given), outermost only."""
     paths: List[str] = []
     for n, m in model.named_modules():
-        if n and not _in_decoder(n, paths) and is_text_decoder(m):
+        if n and not in_decoder(n, paths) and is_text_decoder(m):
             paths.append(n)
     return paths
 
 
-def _in_decoder(name: str, decoders: List[str]) -> bool:
+def in_decoder(name: str, decoders: List[str]) -> bool:
     """Whether the module path ``name`` is one of ``decoders`` or inside one."""
     return any(name == d or name.startswith(d + ".") for d in decoders)
 
@@ -408,7 +408,7 @@ def hook_attention(model: nn.Module) -> Dict[str, str]:
     """Give every attention module of ``model`` a key-mask pre-hook (see the module
     docstring); calling it again adds none. Returns ``{name: what}`` for each
     attention module: ``"hooked"``, or why not."""
-    decoders = _decoder_paths(model)
+    decoders = decoder_paths(model)
     candidates = [(n or type(m).__name__, m) for n, m in model.named_modules() if _is_attention(m)]
     names = {m: n for n, m in candidates}
     out = {}
@@ -426,8 +426,8 @@ def hook_attention(model: nn.Module) -> Dict[str, str]:
             kind = "none"
         rec = _records.get(m)
         if rec is None or rec.handle is None:
-            in_decoder = _in_decoder(name, decoders)
-            rec = _Hooked(name, kind, in_decoder)
+            inside = in_decoder(name, decoders)
+            rec = _Hooked(name, kind, inside)
             if kind == "none":
                 own = _own_mask_arg(m)
                 rec.reason = (f"it takes its padding as {own!r}, which the caller passes" if own else

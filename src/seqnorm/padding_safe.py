@@ -67,7 +67,7 @@ from torch import nn
 
 from . import time_layers as tl
 from .call_padding import hook_model_calls, unhook_model_calls
-from .attention_safe import _decoder_paths, _in_decoder, hook_attention, unhook_attention
+from .attention_safe import decoder_paths, hook_attention, in_decoder, unhook_attention
 from .convert import ConversionWarning, convert
 from .masks import (close_padding, current_padding, host_readable, known_rates as _known, open_padding,
                     pop_in_flight as _pop, push_in_flight as _push)
@@ -434,17 +434,17 @@ def make_padding_safe(model: nn.Module, *, attention: bool = True, padding_from_
     if type(model) in _ROWWISE + _CHANNELS_FIRST:
         raise ValueError("make_padding_safe: pass the model that contains the norm (a norm alone is "
                          "replaced, not changed in place: use seqnorm.convert)")
-    decoders = _decoder_paths(model)
+    decoders = decoder_paths(model)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if _in_decoder(f"{parent_name}.{child_name}" if parent_name else child_name, decoders):
+            if in_decoder(f"{parent_name}.{child_name}" if parent_name else child_name, decoders):
                 continue
             new = _swap_norm(child)
             if new is not None:
                 new.train(child.training)
                 setattr(parent, child_name, new)
     for name, m in model.named_modules():
-        if m in _hooked or _in_decoder(name, decoders):
+        if m in _hooked or in_decoder(name, decoders):
             continue
         if tl.is_time_layer(m):
             _warn_unfollowed(m, name)
@@ -456,7 +456,7 @@ def make_padding_safe(model: nn.Module, *, attention: bool = True, padding_from_
         elif isinstance(m, _ROWWISE):
             _hooked[m] = (m.register_forward_pre_hook(_norm_pre_hook(name, False), with_kwargs=True),
                           m.register_forward_hook(_undo_hook, always_call=True))
-    hook_self_padding(model, skip=lambda name: _in_decoder(name, decoders))
+    hook_self_padding(model, skip=lambda name: in_decoder(name, decoders))
     hook_attention(model) if attention else unhook_attention(model)
     hook_model_calls(model, skip=decoders) if padding_from_mask else unhook_model_calls(model)
     return model
