@@ -462,7 +462,9 @@ def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual,
     if x2 is x and getattr(backend, "takes_tokens", False):
         # the backend reads x (*, D) and the token mask as they are, parameters in their dtype,
         # and returns y in x's shape
-        w, b = _vector(weight, d, _as_is), _vector(bias, d, _as_is)
+        # (the (d,) parameters the lean path checked passed as they are: no call per parameter)
+        w = weight if weight is None or weight.dim() == 1 else weight.reshape(d)
+        b = bias if bias is None or bias.dim() == 1 else bias.reshape(d)
         if residual is None:
             return backend.rowwise_norm(x, w, b, eps, pad, center)
         return backend.add_rowwise_norm(x, residual, w, b, eps, pad, center, need_sum)

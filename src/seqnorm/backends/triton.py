@@ -1183,7 +1183,7 @@ class TritonBackend:
 
     @staticmethod
     def rowwise_norm(x, weight, bias, eps, pad, center):
-        return rowwise_fwd(x, None, weight, bias, pad, float(eps), center, False)[0]
+        return rowwise_fwd.y(x, None, weight, bias, pad, float(eps), center, False)
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
@@ -1198,6 +1198,9 @@ class TritonBackend:
             if _gathers(reduce, x):
                 return _GatheredFeaturewise.apply(x, weight, bias, float(eps), pad, reduce, running)
             return _ReducedFeaturewise.apply(x, weight, bias, float(eps), pad, reduce)
+        if mean is not None and running is None:   # eval: the caller reads y alone (no batch statistics)
+            return featurewise_fwd.y(x, weight, bias, pad, mean, var, float(eps), None, None, None, 0.0,
+                                     False), None, None, None
         rmean, rvar, nbt, momentum = running if running is not None else (None, None, None, 0.0)
         return featurewise_fwd(x, weight, bias, pad, mean, var, float(eps), rmean, rvar, nbt,
                                None if momentum is None else float(momentum), running is not None)[:4]
@@ -1240,8 +1243,10 @@ class TritonBackend:
 
     @staticmethod
     def groupwise_norm(x, weight, bias, eps, pad, groups, statistics=True):
-        """``statistics=False``: the caller reads ``y`` alone (the other outputs may be None)."""
-        return groupwise_fwd(x, weight, bias, pad, float(eps), int(groups), bool(statistics))[:4]
+        """``statistics=False``: the caller reads ``y`` alone (the other outputs are None)."""
+        if not statistics:
+            return groupwise_fwd.y(x, weight, bias, pad, float(eps), int(groups), False), None, None, None
+        return groupwise_fwd(x, weight, bias, pad, float(eps), int(groups), True)[:4]
 
 
 register_backend("triton", lambda x: TritonBackend if supports(x) else backend_named("torch", x))
