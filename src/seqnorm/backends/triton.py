@@ -295,7 +295,7 @@ def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, sta
     y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)    # (empty_like: ~1 µs less)
     s = torch.empty_like(y) if write_sum else None
     x, stride_x = _token_rows(x, d)
-    residual, stride_r = _token_rows(residual, d)
+    residual, stride_r = _token_rows(residual, d) if residual is not None else (None, 0)
     if rows and d:
         has_res = residual is not None
         _rowwise_fwd_kernel(d, has_res, write_sum, weight is not None, bias is not None, pad is not None, center)(
