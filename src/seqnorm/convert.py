@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import kinds
+from . import kinds, llm
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, FeaturewiseNorm
 
@@ -191,6 +191,8 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
     to = kinds.resolve(to, TARGETS, "convert", "to")
     if _kind(model) is not None:
         return _build(model, to, type(model).__name__, eps, momentum, batch_first, process_group)
+    if llm.family_of(model) is not None:
+        return llm.convert_family_norms(model, to, eps, _warn_llm)
     for name, child in list(model.named_modules()):
         for child_name, grandchild in list(child.named_children()):
             if _kind(grandchild) is None:
@@ -203,4 +205,10 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
             # torch's fused inference fast path computes LayerNorm itself from the
             # norms' weights; with another norm it would silently compute the wrong thing.
             child.activation_relu_or_gelu = 0
-    return model
+    # the language models' own RMSNorm classes (seqnorm.llm.FAMILIES), each checked on a probe,
+    # and the hook that reads their attention_mask; unknown norm-like classes named once
+    return llm.convert_family_norms(model, to, eps, _warn_llm)
+
+
+def _warn_llm(name: str, msg: str) -> None:
+    warnings.warn(f"seqnorm.convert: {name}: {msg}", ConversionWarning, stacklevel=4)

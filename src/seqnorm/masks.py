@@ -489,7 +489,15 @@ class PaddingContext:
 
     def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
-        ``batch_first``, ``(T, B)`` otherwise."""
+        ``batch_first``, ``(T, B)`` otherwise. A per-head input ``(B, T, H, D)`` (a language
+        model's ``q_norm`` / ``k_norm``) gets the token's bit on each of its heads."""
+        if len(token_shape) > 2 and self.batch_first:
+            token_shape = tuple(token_shape)
+            mask = self.for_tokens(token_shape[:2], device)
+            mask = mask.reshape(mask.shape + (1,) * (len(token_shape) - 2)).expand(token_shape).contiguous()
+            if mask.is_cpu and not torch.compiler.is_compiling():
+                self._host_rows = (tuple(int(s) for s in token_shape), mask)
+            return mask
         if len(token_shape) != 2:
             raise ValueError(f"seqnorm.padding gives a (B, T) mask, but this norm's input has token shape "
                              f"{shape_str(token_shape)}; pass padding_mask to it directly")
