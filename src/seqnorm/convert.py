@@ -24,7 +24,26 @@ sync_power
 power → masked_batch   ``weight``, ``bias``; ``running_var = running_phi``, ``running_mean = 0``:
                        warns (PowerNorm keeps no mean)
 BN/power → layer, rms  ``weight``, ``bias``; running statistics dropped: warns
+LM RMSNorm → rms       the module's own ``weight`` Parameter and eps, and its family's
+                       ``offset`` / ``casting`` (table below); checked on a probe input
+                       first (a mismatch keeps the original: warns)
+LM RMSNorm → other     nothing: left as it is (warns)
 =====================  ==============================================================
+
+**Language models' own RMSNorm classes** (:mod:`seqnorm.llm`, the table in one place:
+``seqnorm.llm.FAMILIES``, 176 classes of ``transformers`` 5.25):
+
+=========================================  ======  ==========  ====================
+family                                     offset  casting     eps attribute
+=========================================  ======  ==========  ====================
+Llama, Mistral, Qwen2, Qwen3, Phi3, …      0       ``llama``   ``variance_epsilon``
+Gemma, Gemma2, …  (zero-centred ``γ``)     1       ``float32`` ``eps``
+Olmo2, …                                   0       ``float32`` ``variance_epsilon``
+=========================================  ======  ==========  ====================
+
+A converted language model reads its ``attention_mask`` on each call and opens the
+padding context (:func:`seqnorm.llm.hook_attention_mask`): padded tokens' norms give
+exactly 0. Any other class named ``…Norm`` with a ``weight`` is left alone and named once.
 
 Target names are :mod:`seqnorm.kinds`'s; ``"batch"`` still means ``"masked_batch"``.
 
@@ -161,7 +180,8 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
 
 def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum: Optional[float] = None,
             batch_first: bool = True, process_group=None) -> nn.Module:
-    """Replace every LayerNorm / RMSNorm / BatchNorm1d / seqnorm norm in ``model`` by ``to``.
+    """Replace every LayerNorm / RMSNorm / BatchNorm1d / seqnorm norm in ``model`` by ``to``,
+    and (``to="rms"``) every language model's own RMSNorm class (:mod:`seqnorm.llm`).
 
     Args:
         model: any ``nn.Module`` (converted in place; also returned). A norm
