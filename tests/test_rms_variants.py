@@ -185,3 +185,20 @@ def test_per_head_inputs_take_the_context_mask(backend):
         y = m(x)
     assert torch.equal(y[mask], torch.zeros_like(y[mask]))
     torch.testing.assert_close(y[~mask], m(x[~mask]))
+
+
+def test_per_head_inputs_after_the_transpose_and_an_ambiguous_layout():
+    """(B, H, T, D) finds T on its third axis; where H == T the layout is ambiguous: no padding
+    (real tokens are what they are either way), and no error inside the model."""
+    mask = torch.tensor([[False, False, True], [False, True, True]])
+    m = seqnorm.RMSNorm(8, eps=1e-6)
+    x = torch.randn(2, 4, 3, 8)                                   # (B, H=4, T=3, D)
+    with seqnorm.padding(mask):
+        y = m(x)
+    pad = mask[:, None, :].expand(2, 4, 3)
+    assert torch.equal(y[pad], torch.zeros_like(y[pad]))
+    torch.testing.assert_close(y[~pad], m(x)[~pad])
+    x = torch.randn(2, 3, 3, 8)                                   # H == T: ambiguous
+    with seqnorm.padding(mask):
+        y = m(x)
+    torch.testing.assert_close(y, m(x))
