@@ -188,12 +188,14 @@ def test_the_parameters_are_the_modules_own():
     assert model.layers[0].input_layernorm.weight is before
 
 
-def test_generate_with_a_kv_cache_is_unchanged():
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_generate_with_a_kv_cache_is_unchanged(family):
     """Greedy generate on a left-padded batch with a KV cache: the same tokens as stock (each
     cached step's input (B, 1) takes the mask's last column)."""
-    config = transformers.LlamaConfig(**SMALL)
+    config_name, model_name = FAMILIES[family][:2]
+    config = getattr(transformers, config_name)(**SMALL)
     torch.manual_seed(0)
-    stock = transformers.LlamaForCausalLM(config).eval()
+    stock = getattr(transformers, model_name.replace("Model", "ForCausalLM"))(config).eval()
     model = seqnorm.convert(copy.deepcopy(stock), to="rms")
     ids, mask = ids_and_mask(left=True)
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
