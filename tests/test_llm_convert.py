@@ -271,3 +271,16 @@ def test_a_norm_converted_alone_and_to_other_targets():
     assert isinstance(new, seqnorm.RMSNorm) and new.offset == 1.0 and new.eps == 1e-5
     with pytest.warns(seqnorm.ConversionWarning, match="converts to 'rms' only"):
         assert seqnorm.convert(norm, to="layer") is norm
+
+
+def test_a_converted_model_pickles_with_its_hook():
+    import io
+    model = seqnorm.convert(build("gemma"), to="rms")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        h = again(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(h[~mask.bool()], torch.zeros_like(h[~mask.bool()]))

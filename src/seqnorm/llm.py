@@ -271,17 +271,23 @@ def _argument(args, kwargs, name: str, index: Optional[int]):
     return args[index] if index is not None and index < len(args) else None
 
 
-def _open_hook(arg):
-    def hook(module, args, kwargs):
+class _OpenHook:
+    """The forward pre-hook: opens the call's context (a class, not a closure, so that a
+    converted model still pickles whole)."""
+
+    def __init__(self, arg):
+        self.arg = arg
+
+    def __call__(self, module, args, kwargs):
         if current_padding() is not None:        # the caller's context, or an outer call's, wins
             return None
+        arg = self.arg
         ctx = context_for_tokens(_argument(args, kwargs, arg.name, arg.index),
                                  _argument(args, kwargs, arg.input_name, 0 if args else None),
                                  kwargs.get("inputs_embeds"))
         if ctx is not None:
             push_in_flight(module, _IN_FLIGHT, open_padding(ctx))
         return None
-    return hook
 
 
 def _close_hook(module, args, output):
@@ -318,7 +324,7 @@ def hook_attention_mask(model: nn.Module) -> list:
         if arg is None or arg.name != "attention_mask":
             continue
         if m not in _hooked:
-            _hooked[m] = (m.register_forward_pre_hook(_open_hook(arg), with_kwargs=True),
+            _hooked[m] = (m.register_forward_pre_hook(_OpenHook(arg), with_kwargs=True),
                           m.register_forward_hook(_close_hook, always_call=True))
         names.append(name)
     return names
