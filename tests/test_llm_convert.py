@@ -284,3 +284,19 @@ def test_a_converted_model_pickles_with_its_hook():
     with torch.no_grad():
         h = again(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(h[~mask.bool()], torch.zeros_like(h[~mask.bool()]))
+
+
+def test_a_copy_or_a_loaded_model_hooks_once_and_unhooks():
+    """The hooks are found on the module itself: a deep copy (or a loaded model) is not hooked
+    twice by a second convert, and unhook removes the copy's hooks too."""
+    model = seqnorm.convert(build("llama"), to="rms")
+    twin = seqnorm.convert(copy.deepcopy(model), to="rms")
+    assert len(twin._forward_pre_hooks) == len(model._forward_pre_hooks) == 1
+    llm.unhook_attention_mask(twin)
+    assert not twin._forward_pre_hooks and not twin._forward_hooks and len(model._forward_pre_hooks) == 1
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        h = twin(input_ids=ids, attention_mask=mask).last_hidden_state
+        h_own = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert bool((h[2, 5:] != 0).any()) and torch.equal(h_own[2, 5:], torch.zeros_like(h_own[2, 5:]))
+    assert llm.hook_attention_mask(twin) == [""] and len(twin._forward_pre_hooks) == 1

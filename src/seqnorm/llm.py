@@ -51,7 +51,6 @@ per-token, so the mask of the call is all they need.
 
 from __future__ import annotations
 
-import weakref
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -260,8 +259,6 @@ def convert_family_norms(model: nn.Module, to: str, eps: Optional[float] = None,
 # The padding of each call, from the model's attention_mask
 # ---------------------------------------------------------------------------
 
-#: modules given the hooks → their handles
-_hooked: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _IN_FLIGHT = "attention_mask"
 
 
@@ -314,25 +311,41 @@ def context_for_tokens(mask, input_ids=None, inputs_embeds=None) -> Optional[Pad
     return PaddingContext(pad, None, True)
 
 
+def _our_hooks(m: nn.Module):
+    """The keys of this module's :class:`_OpenHook` pre-hooks and :func:`_close_hook` hooks. Read
+    from the module itself, not from a registry of handles: a deep copy or a pickled model carries
+    its hooks but no handle to them."""
+    return ([k for k, h in m._forward_pre_hooks.items() if isinstance(h, _OpenHook)],
+            [k for k, h in m._forward_hooks.items() if h is _close_hook])
+
+
 def hook_attention_mask(model: nn.Module) -> list:
     """Give ``model`` and each Hugging Face sub-model whose forward takes ``attention_mask``
     the hooks that open the padding context from it for each call (see the module docstring);
-    calling it again adds none. Returns the names of the hooked modules."""
+    calling it again (on the model, a copy of it, or a loaded one) adds none. Returns the names
+    of the hooked modules."""
     names = []
     for name, m in entry_points(model):
         arg = mask_argument(m)
         if arg is None or arg.name != "attention_mask":
             continue
-        if m not in _hooked:
-            _hooked[m] = (m.register_forward_pre_hook(_OpenHook(arg), with_kwargs=True),
-                          m.register_forward_hook(_close_hook, always_call=True))
+        if not any(_our_hooks(m)):
+            m.register_forward_pre_hook(_OpenHook(arg), with_kwargs=True)
+            m.register_forward_hook(_close_hook, always_call=True)
         names.append(name)
     return names
 
 
 def unhook_attention_mask(model: nn.Module) -> None:
-    """Remove :func:`hook_attention_mask`'s hooks: the converted norms then see padding only
-    inside :func:`seqnorm.padding`."""
+    """Remove :func:`hook_attention_mask`'s hooks (from the model, a copy of it or a loaded one):
+    the converted norms then see padding only inside :func:`seqnorm.padding`."""
     for m in model.modules():
-        for handle in _hooked.pop(m, ()):
-            handle.remove()
+        pre, post = _our_hooks(m)
+        # what RemovableHandle.remove() pops: the hook and its entries in the flag dicts
+        for k in pre:
+            m._forward_pre_hooks.pop(k)
+            m._forward_pre_hooks_with_kwargs.pop(k, None)
+        for k in post:
+            m._forward_hooks.pop(k)
+            m._forward_hooks_with_kwargs.pop(k, None)
+            m._forward_hooks_always_called.pop(k, None)
