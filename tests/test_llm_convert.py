@@ -300,3 +300,15 @@ def test_a_copy_or_a_loaded_model_hooks_once_and_unhooks():
         h_own = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert bool((h[2, 5:] != 0).any()) and torch.equal(h_own[2, 5:], torch.zeros_like(h_own[2, 5:]))
     assert llm.hook_attention_mask(twin) == [""] and len(twin._forward_pre_hooks) == 1
+
+
+def test_an_eps_asked_for_is_set_after_the_probe():
+    """convert(..., eps=) is a change the caller means: the probe (run with the module's own eps)
+    does not keep the originals for it, and every swapped norm takes the new eps."""
+    model = build("qwen3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", seqnorm.ConversionWarning)
+        seqnorm.convert(model, to="rms", eps=0.5)
+    norms = [m for m in model.modules() if isinstance(m, seqnorm.RMSNorm)]
+    assert len(norms) == 9 and all(m.eps == 0.5 for m in norms)
+

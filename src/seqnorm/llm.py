@@ -158,14 +158,26 @@ def family_of(module: nn.Module) -> Optional[RMSFamily]:
     return fam
 
 
-def _swap_for(module: nn.Module, fam: RMSFamily, eps: Optional[float]) -> RMSNorm:
+def _swap_for(module: nn.Module, fam: RMSFamily) -> RMSNorm:
     """A :class:`seqnorm.RMSNorm` computing what ``module`` computes, holding its ``weight``."""
     weight = module.weight
-    new = RMSNorm(weight.shape[0], eps=float(getattr(module, fam.eps_attribute)) if eps is None else eps,
-                  offset=fam.offset, casting=fam.casting, device="meta")
+    new = RMSNorm(weight.shape[0], eps=float(getattr(module, fam.eps_attribute)), offset=fam.offset,
+                  casting=fam.casting, device="meta")
     new.weight = weight          # the same Parameter: state_dict key, ties and optimizer state hold
     new.train(module.training)
     return new
+
+
+def _checked_swap(module: nn.Module, fam: RMSFamily, eps: Optional[float]):
+    """``(replacement, None)``, or ``(None, why)`` where the probe finds a mismatch. The probe runs
+    with the module's own eps: an ``eps`` the caller asks for is a change they mean, set after."""
+    new = _swap_for(module, fam)
+    why = _probe_mismatch(module, new)
+    if why is not None:
+        return None, why
+    if eps is not None:
+        new.eps = float(eps)
+    return new, None
 
 
 # A probe row: a few awkward sizes of values, the same on every call (a generator of its own)
@@ -220,8 +232,7 @@ def convert_family_norms(model: nn.Module, to: str, eps: Optional[float] = None,
         if to != "rms":
             warn(type(model).__name__, f"a language model's RMSNorm converts to 'rms' only, not {to!r}: left as it is")
             return model
-        new = _swap_for(model, fam, eps)
-        why = _probe_mismatch(model, new)
+        new, why = _checked_swap(model, fam, eps)
         if why is not None:
             warn(type(model).__name__, f"kept as it is: {why}")
             return model
@@ -238,8 +249,7 @@ def convert_family_norms(model: nn.Module, to: str, eps: Optional[float] = None,
             if to != "rms":
                 unknown.setdefault(type(child).__name__, []).append(full)
                 continue
-            new = _swap_for(child, fam, eps)
-            why = _probe_mismatch(child, new)
+            new, why = _checked_swap(child, fam, eps)
             if why is not None:
                 warn(full, f"{type(child).__name__} kept as it is: {why}")
                 continue
