@@ -312,3 +312,37 @@ def test_an_eps_asked_for_is_set_after_the_probe():
     norms = [m for m in model.modules() if isinstance(m, seqnorm.RMSNorm)]
     assert len(norms) == 9 and all(m.eps == 0.5 for m in norms)
 
+
+@pytest.mark.parametrize("eps,error", [("1e-5", TypeError), (True, TypeError), (-1e-6, ValueError),
+                                       (float("nan"), ValueError)])
+def test_a_bad_eps_names_the_argument(eps, error):
+    with pytest.raises(error, match="eps"):
+        seqnorm.convert(build("llama"), to="rms", eps=eps)
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_converting_twice_keeps_offset_and_casting(family):
+    """A second convert(to="rms") rebuilds seqnorm's RMSNorms: the offset and the casting go with
+    them (without, a Gemma model's scale 1 + γ would become γ)."""
+    stock = build(family, torch.bfloat16)
+    once = seqnorm.convert(copy.deepcopy(stock), to="rms")
+    twice = seqnorm.convert(copy.deepcopy(once), to="rms")
+    fam = llm.FAMILIES[FAMILIES[family][2]]
+    assert all(m.offset == fam.offset and m.casting == fam.casting
+               for m in twice.modules() if isinstance(m, seqnorm.RMSNorm))
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        h1 = once(input_ids=ids, attention_mask=mask).last_hidden_state
+        h2 = twice(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(h1, h2)
+
+
+def test_a_zero_centred_weight_converted_to_layer_is_the_whole_scale():
+    """RMSNorm(offset=1) → LayerNorm: the weight copied is 1 + γ (what the norm scaled by)."""
+    norm = seqnorm.RMSNorm(8, eps=1e-6, offset=1.0)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.2)
+    layer = seqnorm.convert(norm, to="layer")
+    assert torch.equal(layer.weight, norm.weight + 1.0)
+    with pytest.warns(seqnorm.ConversionWarning, match="casting='llama'"):
+        seqnorm.convert(seqnorm.RMSNorm(8, casting="llama"), to="layer")
