@@ -126,6 +126,32 @@ def check_padding(family, convert, left=False):
         assert rel(g1[name], g0[name]) <= 1e-5, name
 
 
+def check_bfloat16(family, convert):
+    """In bfloat16, each converted norm against the family's own module on the same input: at most
+    one unit in the last place apart, bit for bit on the torch backend where the family casts as
+    Llama does; the whole model's last hidden state close to stock's in bfloat16."""
+    stock = build(family, torch.bfloat16)
+    model = convert(copy.deepcopy(stock), to="rms")
+    fam = llm.FAMILIES[FAMILIES[family][2]]
+    gen = torch.Generator().manual_seed(5)
+    pairs = [(a, b) for a, b in zip(stock.modules(), model.modules()) if isinstance(b, seqnorm.RMSNorm)]
+    assert len(pairs) == FAMILIES[family][3]
+    for old, new in pairs:
+        x = (torch.randn(4, 9, old.weight.shape[0], generator=gen) * 2).bfloat16()
+        with torch.no_grad(), seqnorm.use_backend("torch"):
+            want, got = old(x), new(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        ulps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30) * 2 ** 7
+        assert float(ulps.max()) <= 1.0 + 1e-6
+        if fam.casting == "llama":
+            assert torch.equal(got, want)
+    ids, _ = ids_and_mask()
+    with torch.no_grad():
+        h0 = stock(input_ids=ids).last_hidden_state.float()
+        h1 = model(input_ids=ids).last_hidden_state.float()
+    assert rel(h1, h0) <= 0.05     # stated in the docs: a few bfloat16 units, from 1-ulp norm differences
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -147,38 +173,55 @@ def test_padded_tokens_are_exactly_zero(family, left):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_norms_match_the_familys_own(family):
-    """In bfloat16, each converted norm against the family's own module on the same input: at most
-    one unit in the last place apart (the Llama cast: bit for bit on the torch backend), and the
-    whole model's last hidden state close to stock's in bfloat16."""
-    stock = build(family, torch.bfloat16)
-    model = seqnorm.convert(copy.deepcopy(stock), to="rms")
-    gen = torch.Generator().manual_seed(5)
-    pairs = [(a, b) for a, b in zip(stock.modules(), model.modules()) if isinstance(b, seqnorm.RMSNorm)]
-    assert pairs
-    for old, new in pairs:
-        x = (torch.randn(4, 9, old.weight.shape[0], generator=gen) * 2).bfloat16()
-        with torch.no_grad(), seqnorm.use_backend("torch"):
-            want, got = old(x), new(x)
-        assert got.dtype == want.dtype == torch.bfloat16
-        ulps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30) * 2 ** 7
-        assert float(ulps.max()) <= 1.0 + 1e-6
-        if new.casting == "llama":
-            assert torch.equal(got, want)
-    ids, _ = ids_and_mask()
-    with torch.no_grad():
-        h0 = stock(input_ids=ids).last_hidden_state.float()
-        h1 = model(input_ids=ids).last_hidden_state.float()
-    assert rel(h1, h0) <= 0.05     # stated in the docs: a few bfloat16 units, from 1-ulp norm differences
+    check_bfloat16(family, seqnorm.convert)
 
 
-def test_an_identity_convert_fails_these_checks():
-    def identity(model, to):
-        return model
-    for check in (check_all_converted, check_float32_matches_stock, check_padding):
+def identity(model, to):
+    return model
+
+
+def naive(model, to):
+    """A swap that ignores the family's semantics: every norm of the table becomes a plain
+    seqnorm.RMSNorm (offset 0, casting "float32") holding its weight, no probe."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            fam = llm.family_of(child)
+            if fam is not None:
+                new = seqnorm.RMSNorm(child.weight.shape[0], eps=getattr(child, fam.eps_attribute))
+                new.weight = child.weight
+                setattr(parent, name, new)
+    llm.hook_attention_mask(model)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_identity_convert_fails_these_checks(family):
+    for check in (check_all_converted, check_float32_matches_stock, check_padding, check_bfloat16):
         with pytest.raises(AssertionError):
-            check("llama", identity)
-    with pytest.raises(AssertionError):
-        check_all_converted("gemma", identity)
+            check(family, identity)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_swap_without_the_familys_semantics_fails_them(family):
+    """Teeth for the table: without Gemma's offset the float32 check fails; without the Llama
+    cast the bfloat16 one does (Olmo2's semantics are the plain norm's: it passes them all)."""
+    fam = llm.FAMILIES[FAMILIES[family][2]]
+    plain = not fam.offset and fam.casting == "float32"
+    if plain:
+        check_all_converted(family, naive)
+    else:
+        with pytest.raises(AssertionError):
+            check_all_converted(family, naive)
+    if fam.offset:
+        with pytest.raises(AssertionError):
+            check_float32_matches_stock(family, naive)
+    else:
+        check_float32_matches_stock(family, naive)
+    if plain:
+        check_bfloat16(family, naive)
+    else:
+        with pytest.raises(AssertionError):
+            check_bfloat16(family, naive)
 
 
 def test_the_parameters_are_the_modules_own():
