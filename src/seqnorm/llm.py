@@ -22,8 +22,10 @@ Olmo2      0       ``round(x̂ ⊙ γ)``, all float32 (``"float32"``)         ``
 =========  ======  ==================================================  =================  ==========
 
 (:mod:`seqnorm.rms_variants` computes both castings on every backend.) :data:`FAMILIES` is that
-table, with the other classes of ``transformers`` 5.25 whose ``__init__`` and ``forward`` are the
-same code as one of these (read from the sources, not guessed from names): 176 classes in all.
+table, with the other classes of ``transformers`` 5.25 that compute the same as one of these (read
+from the sources, not guessed from names: the same ``__init__`` and ``forward`` up to annotations, or
+the same operations with a product's operands swapped or ``γ`` cast to float32 first, as in
+Llama4Text, Helium, LaraMini and NemotronH): 176 classes in all.
 
 :func:`convert_family_norms` (what ``seqnorm.convert(model, to="rms")`` calls) swaps each of them
 for a :class:`seqnorm.RMSNorm` with the family's ``offset`` and ``casting``, the module's own
@@ -64,7 +66,7 @@ from .masks import PaddingContext, close_padding, current_padding, host_readable
 from .modules import RMSNorm
 
 __all__ = ["RMSFamily", "FAMILIES", "family_of", "convert_family_norms", "hook_attention_mask",
-           "unhook_attention_mask"]
+           "unhook_attention_mask", "context_for_tokens"]
 
 Tensor = torch.Tensor
 
@@ -132,7 +134,7 @@ _SAME_AS_MOSHI = (
 )
 
 #: class name → what it computes: the eight families of issue 30 by name, then every class of
-#: ``transformers`` 5.25 whose ``__init__`` and ``forward`` are one of theirs, token for token.
+#: ``transformers`` 5.25 that computes what one of theirs does (see the module docstring).
 #: The probe (:func:`convert_family_norms`) still checks each swap: a later release that changes a
 #: class keeps its original, with a warning.
 FAMILIES: Dict[str, RMSFamily] = {
