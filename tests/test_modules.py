@@ -20,7 +20,9 @@ def _defaults(cls):
 
 def test_constructor_defaults_mirror_torch():
     assert _defaults(seqnorm.LayerNorm) == _defaults(nn.LayerNorm)
-    assert _defaults(seqnorm.RMSNorm) == _defaults(nn.RMSNorm)
+    ours, theirs = _defaults(seqnorm.RMSNorm), _defaults(nn.RMSNorm)
+    assert {k: ours[k] for k in theirs} == theirs
+    assert {k: ours[k] for k in set(ours) - set(theirs)} == {"offset": 0.0, "casting": "float32"}   # keyword-only
     ours, theirs = _defaults(seqnorm.SeqBatchNorm), _defaults(nn.BatchNorm1d)
     assert {k: ours[k] for k in theirs} == theirs
     assert set(ours) - set(theirs) == {"batch_first", "channels_first"}   # keyword-only additions

@@ -12,6 +12,8 @@ from → to              what carries over
 LN → layer             everything (outputs bit-identical)
 LN → rms               ``weight``; a non-zero ``bias`` is dropped (RMSNorm has none): warns
 RMS → layer            ``weight``; ``bias`` starts at 0
+RMS(offset, casting)   → rms: both carried; → any other target: ``offset + γ`` is the
+                       ``weight`` copied (exact), a ``"llama"`` casting dropped: warns
 LN/RMS → masked_batch, ``weight``/``bias`` (same per-feature role); running statistics
 sync_batch, power,     start fresh (a LayerNorm has none); 1-D ``normalized_shape`` only
 sync_power
@@ -24,7 +26,26 @@ sync_power
 power → masked_batch   ``weight``, ``bias``; ``running_var = running_phi``, ``running_mean = 0``:
                        warns (PowerNorm keeps no mean)
 BN/power → layer, rms  ``weight``, ``bias``; running statistics dropped: warns
+LM RMSNorm → rms       the module's own ``weight`` Parameter and eps, and its family's
+                       ``offset`` / ``casting`` (table below); checked on a probe input
+                       first (a mismatch keeps the original: warns)
+LM RMSNorm → other     nothing: left as it is (warns)
 =====================  ==============================================================
+
+**Language models' own RMSNorm classes** (:mod:`seqnorm.llm`, the table in one place:
+``seqnorm.llm.FAMILIES``, 176 classes of ``transformers`` 5.25):
+
+=========================================  ======  ==========  ====================
+family                                     offset  casting     eps attribute
+=========================================  ======  ==========  ====================
+Llama, Mistral, Qwen2, Qwen3, Phi3, …      0       ``llama``   ``variance_epsilon``
+Gemma, Gemma2, …  (zero-centred ``γ``)     1       ``float32`` ``eps``
+Olmo2, …                                   0       ``float32`` ``variance_epsilon``
+=========================================  ======  ==========  ====================
+
+A converted language model reads its ``attention_mask`` on each call and opens the
+padding context (:func:`seqnorm.llm.hook_attention_mask`): padded tokens' norms give
+exactly 0. Any other class named ``…Norm`` with a ``weight`` is left alone and named once.
 
 Target names are :mod:`seqnorm.kinds`'s; ``"batch"`` still means ``"masked_batch"``.
 
@@ -39,13 +60,14 @@ context manager (or explicit ``padding_mask`` arguments in your own code).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from . import kinds
+from . import kinds, llm
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, FeaturewiseNorm
 
@@ -84,8 +106,39 @@ def _features(m: nn.Module, name: str) -> int:
     return shape[0]
 
 
+def _check_eps(eps) -> None:
+    """``eps`` is None (each source module's) or a finite number ≥ 0: else TypeError / ValueError
+    here, not a norm that computes NaN or fails later inside the model (or a probe that keeps
+    every language-model norm)."""
+    if eps is None:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float or None, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
 def _warn(name: str, msg: str) -> None:
     warnings.warn(f"seqnorm.convert: {name}: {msg}", ConversionWarning, stacklevel=4)
+
+
+def _rms_variant(m: nn.Module, name: str, to: str):
+    """``(offset, casting)`` a seqnorm RMSNorm carries to an ``"rms"`` target: its own. Another
+    target has neither: the offset is folded into the weight copied (``offset + γ``, the scale
+    the norm applied: exact), and a ``"llama"`` casting is dropped (warns: in 16 bits the new norm
+    rounds once, after ``γ``). Any other norm: ``(0.0, "float32")``."""
+    offset, casting = (getattr(m, "offset", 0.0), getattr(m, "casting", "float32")) if isinstance(
+        m, RMSNorm) else (0.0, "float32")
+    if to != "rms" and casting != "float32":
+        _warn(name, f"casting={casting!r} is RMSNorm's: the {to!r} norm computes in float32 and rounds once")
+    return offset, casting
+
+
+def _shifted_weight(weight: Optional[torch.Tensor], offset: float) -> Optional[torch.Tensor]:
+    """The scale a zero-centred ``γ`` stands for, ``offset + γ`` (float32 at least: exact)."""
+    if weight is None or not offset:
+        return weight
+    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32)) + offset
 
 
 def _copy(dst: Optional[torch.Tensor], src: Optional[torch.Tensor]) -> None:
@@ -101,6 +154,9 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
     weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
     affine = weight is not None
     src_eps = m.eps if m.eps is not None else None
+    offset, casting = _rms_variant(m, name, to)
+    if to != "rms":                 # no offset there: its weight is the whole scale
+        weight = _shifted_weight(weight, offset)
 
     if to in ("layer", "rms"):
         shape = tuple(m.normalized_shape) if kind in ("layer", "rms") else (m.num_features,)
@@ -111,7 +167,7 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
             _copy(new.bias, bias)
         else:
             new = RMSNorm(shape, eps=eps if eps is not None else (src_eps if kind in ("layer", "rms") else None),
-                          elementwise_affine=affine, **factory)
+                          elementwise_affine=affine, offset=offset, casting=casting, **factory)
             if bias is not None and bool(torch.any(bias != 0)):
                 _warn(name, "RMSNorm has no bias: the non-zero bias was dropped")
         _copy(new.weight, weight)
@@ -161,7 +217,8 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
 
 def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum: Optional[float] = None,
             batch_first: bool = True, process_group=None) -> nn.Module:
-    """Replace every LayerNorm / RMSNorm / BatchNorm1d / seqnorm norm in ``model`` by ``to``.
+    """Replace every LayerNorm / RMSNorm / BatchNorm1d / seqnorm norm in ``model`` by ``to``,
+    and (``to="rms"``) every language model's own RMSNorm class (:mod:`seqnorm.llm`).
 
     Args:
         model: any ``nn.Module`` (converted in place; also returned). A norm
@@ -178,8 +235,13 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
         process_group: for ``"sync_batch"`` and ``"sync_power"``.
 
     Returns:
-        The converted model. Parameters are new ``nn.Parameter`` objects:
+        The converted model. Parameters are new ``nn.Parameter`` objects
+        (except a language model's own RMSNorm's, which keeps its ``weight``):
         build the optimizer after converting.
+
+    Raises:
+        ValueError / TypeError: an unknown ``to``; an ``eps`` that is not None or a
+        finite number ≥ 0.
 
     Example::
 
@@ -189,8 +251,11 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
         'RMSNorm'
     """
     to = kinds.resolve(to, TARGETS, "convert", "to")
+    _check_eps(eps)
     if _kind(model) is not None:
         return _build(model, to, type(model).__name__, eps, momentum, batch_first, process_group)
+    if llm.family_of(model) is not None:
+        return llm.convert_family_norms(model, to, eps, _warn_llm)
     for name, child in list(model.named_modules()):
         for child_name, grandchild in list(child.named_children()):
             if _kind(grandchild) is None:
@@ -203,4 +268,10 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
             # torch's fused inference fast path computes LayerNorm itself from the
             # norms' weights; with another norm it would silently compute the wrong thing.
             child.activation_relu_or_gelu = 0
-    return model
+    # the language models' own RMSNorm classes (seqnorm.llm.FAMILIES), each checked on a probe,
+    # and the hook that reads their attention_mask; unknown norm-like classes named once
+    return llm.convert_family_norms(model, to, eps, _warn_llm)
+
+
+def _warn_llm(name: str, msg: str) -> None:
+    warnings.warn(f"seqnorm.convert: {name}: {msg}", ConversionWarning, stacklevel=4)

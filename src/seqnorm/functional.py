@@ -32,6 +32,7 @@ from .backends.torch import StatsReduce, batch_norm_train_rows
 from .masks import (current_padding, flat_padding, host_context_mask, host_rows, lengths_mask, padding_for_channels_first,
                     padding_for_features, padding_for_rows, resolve_padding, shape_str)
 from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
+from .rms_variants import rms_affine
 from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
                       update_batch_norm_stats, update_running_stats)
 
@@ -552,6 +553,8 @@ def rms_norm(
     *,
     padding_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    offset: float = 0.0,
+    casting: str = "float32",
 ) -> Tensor:
     r"""Root-mean-square normalization over the last ``len(normalized_shape)`` dimensions.
 
@@ -568,6 +571,11 @@ def rms_norm(
         eps: added to the mean square. Default: ``torch.finfo(input.dtype).eps``.
         padding_mask: bool, shape ``input.shape[:-len(normalized_shape)]``, True at padding.
         lengths: ``(B,)`` integer tensor, alternative to ``padding_mask``.
+        offset: ``y = x̂ ⊙ (offset + γ)``: 0.0, or 1.0 for a zero-centred ``γ`` (Gemma).
+            Default: 0.0.
+        casting: ``"float32"`` (everything in float32, rounded once) or ``"llama"`` (``x̂``
+            rounded to a 16-bit input's dtype before ``γ``), see :mod:`seqnorm.rms_variants`.
+            Default: ``"float32"``.
 
     Shape:
         - Input: ``(*, *normalized_shape)``
@@ -578,9 +586,13 @@ def rms_norm(
         >>> rms_norm(torch.tensor([[3., 4.]]), (2,), eps=0.0)
         tensor([[0.8485, 1.1314]])
     """
+    after = None
+    if offset or casting != "float32":    # the language models' variants: a folded γ, or γ after the cast
+        weight, after = rms_affine(input, weight, offset, casting)
     y = lean_rowwise(input, _shape(normalized_shape), weight, None, eps, padding_mask, lengths, False)
-    return y if y is not None else _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input),
-                                            padding_mask, lengths, center=False)
+    y = y if y is not None else _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input),
+                                         padding_mask, lengths, center=False)
+    return y if after is None else after(y)
 
 
 def add_layer_norm(
@@ -637,6 +649,8 @@ def add_rms_norm(
     prenorm: bool = False,
     padding_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    offset: float = 0.0,
+    casting: str = "float32",
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""``rms_norm(input + residual)`` in one op; ``prenorm=True`` also returns the sum.
 
@@ -644,7 +658,7 @@ def add_rms_norm(
         s = x + r, \qquad y = \frac{s}{\sqrt{\mathrm{E}[s^2] + \epsilon}} * \gamma
 
     Args: as :func:`add_layer_norm` without ``bias``; ``eps`` defaults to
-    ``torch.finfo(input.dtype).eps``.
+    ``torch.finfo(input.dtype).eps``; ``offset`` and ``casting`` as in :func:`rms_norm`.
 
     Shape:
         - Input, residual: ``(*, *normalized_shape)``
@@ -656,11 +670,15 @@ def add_rms_norm(
         >>> y, s
         (tensor([[1., 1.]]), tensor([[2., 2.]]))
     """
+    after = None
+    if offset or casting != "float32":    # as in rms_norm
+        weight, after = rms_affine(input, weight, offset, casting)
     out = lean_rowwise(input, _shape(normalized_shape), weight, None, eps, padding_mask, lengths, False, residual,
                        prenorm)
     y, s = out if out is not None else _rowwise(input, normalized_shape, weight, None, _rms_eps(eps, input),
                                                 padding_mask, lengths, center=False, residual=residual,
                                                 need_sum=prenorm)
+    y = y if after is None else after(y)
     return (y, s) if prenorm else y
 
 

@@ -487,9 +487,32 @@ class PaddingContext:
         steps = self._lengths_at.keys()
         return steps if torch.compiler.is_compiling() else sorted(int(k) for k in steps)
 
+    def _for_heads(self, token_shape: tuple, device) -> torch.Tensor:
+        rates = known_rates(self)
+        axes = [i for i in range(1, len(token_shape)) if token_shape[i] in rates]
+        if len(axes) != 1:
+            mask = torch.zeros(token_shape, dtype=torch.bool, device=device)
+        else:
+            shape = [1] * len(token_shape)
+            shape[0], shape[axes[0]] = token_shape[0], token_shape[axes[0]]
+            mask = self.for_tokens((token_shape[0], token_shape[axes[0]]), device)
+            mask = mask.reshape(shape).expand(token_shape).contiguous()
+        if mask.is_cpu and not torch.compiler.is_compiling():
+            self._host_rows = (tuple(int(s) for s in token_shape), mask)
+        return mask
+
     def for_tokens(self, token_shape: Sequence[int], device) -> torch.Tensor:
         """The mask laid out as a row-wise norm's token grid: ``(B, T)`` when
-        ``batch_first``, ``(T, B)`` otherwise."""
+        ``batch_first``, ``(T, B)`` otherwise.
+
+        A per-head input (a language model's ``q_norm`` / ``k_norm``: ``(B, T, H, D)``, or
+        ``(B, H, T, D)`` after the transpose) gets its token's bit on each of its heads, the
+        time axis being the one axis after ``B`` whose size is a known number of steps. Where
+        none or several are (``H == T``), no padding: a row-wise norm's real tokens do not depend
+        on the mask, so guessing wrong would be the only harm (a padded token is then left as
+        computed, not zeroed)."""
+        if len(token_shape) > 2 and self.batch_first:
+            return self._for_heads(tuple(token_shape), device)
         if len(token_shape) != 2:
             raise ValueError(f"seqnorm.padding gives a (B, T) mask, but this norm's input has token shape "
                              f"{shape_str(token_shape)}; pass padding_mask to it directly")

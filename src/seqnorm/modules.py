@@ -13,6 +13,7 @@ from torch import nn
 from . import functional as F
 from .checks import check_num_features
 from .masks import padding_for_channels_first, padding_for_features, padding_for_rows
+from .rms_variants import check_offset_casting
 from .running import check_momentum
 
 __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm", "PowerNorm", "GroupNorm",
@@ -80,12 +81,17 @@ class RMSNorm(nn.RMSNorm):
     r"""Padding-aware :class:`torch.nn.RMSNorm` (a subclass).
 
     .. math::
-        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} * \gamma
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} * (\mathrm{offset} + \gamma)
 
     Args:
         normalized_shape: int or sequence, the trailing dimensions to normalize.
         eps: added to the mean square. Default: ``torch.finfo(x.dtype).eps``.
-        elementwise_affine: learnable ``γ`` (ones). Default: True.
+        elementwise_affine: learnable ``γ`` (``1 - offset``: ones, or zeros for a
+            zero-centred ``γ``). Default: True.
+        offset: 0.0, or 1.0 for a zero-centred ``γ`` applied as ``1 + γ`` (Gemma).
+            Default: 0.0.
+        casting: ``"float32"`` or ``"llama"``: where a 16-bit input is rounded
+            (:mod:`seqnorm.rms_variants`). Default: ``"float32"``.
 
     Shape:
         - Input: ``(*, *normalized_shape)``; ``padding_mask``: ``input.shape[:-len(normalized_shape)]``
@@ -98,8 +104,31 @@ class RMSNorm(nn.RMSNorm):
         tensor([[0.8485, 1.1314]])
     """
 
+    offset = 0.0          # (modules pickled before the language models' variants existed)
+    casting = "float32"
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, *, offset: float = 0.0, casting: str = "float32") -> None:
+        self.offset = check_offset_casting(offset, casting, elementwise_affine)
+        self.casting = casting
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.offset and self.weight is not None:     # offset + γ starts at 1
+            nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    def extra_repr(self) -> str:
+        extra = (f", offset={self.offset}" if self.offset else "") + (
+            f", casting={self.casting!r}" if self.casting != "float32" else "")
+        return super().extra_repr() + extra
+
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
+        if self.offset or self.casting != "float32":    # the language models' variants: the functional call
+            padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
+            return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, padding_mask=padding_mask,
+                              lengths=lengths, offset=self.offset, casting=self.casting)
         if type(self) is RMSNorm:     # the lean path (see above)
             y = F.lean_rowwise(input, self.normalized_shape, self._parameters.get("weight", _MISSING), None,
                                self.eps, padding_mask, lengths, False, context=True)
@@ -127,6 +156,8 @@ class AddNorm(nn.Module):
         norm: ``"layer"`` or ``"rms"``. Default: ``"layer"``.
         prenorm: return ``(y, s)`` instead of ``y`` (pre-norm Transformers
             carry ``s`` on as the residual stream). Default: False.
+        offset, casting: for ``"rms"``, as in :class:`RMSNorm` (a zero-centred
+            ``γ``; where a 16-bit input is rounded). Default: 0.0, ``"float32"``.
 
     Shape:
         - Input, residual: ``(*, *normalized_shape)``
@@ -141,10 +172,14 @@ class AddNorm(nn.Module):
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
                  bias: Optional[bool] = None, device=None, dtype=None, *, norm: str = "layer",
-                 prenorm: bool = False) -> None:
+                 prenorm: bool = False, offset: float = 0.0, casting: str = "float32") -> None:
         super().__init__()
         if norm not in ("layer", "rms"):
             raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        self.offset = check_offset_casting(offset, casting, elementwise_affine)
+        self.casting = casting
+        if norm == "layer" and (self.offset or casting != "float32"):
+            raise ValueError("offset and casting are RMSNorm's (norm='rms'); norm='layer' takes neither")
         if norm == "rms" and bias:
             raise ValueError("norm='rms' has no bias; pass bias=None or False")
         if isinstance(normalized_shape, int):
@@ -157,24 +192,34 @@ class AddNorm(nn.Module):
         factory = dict(device=device, dtype=dtype)
         has_bias = norm == "layer" and (bias is None or bias)
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
+            self.weight = nn.Parameter(torch.full(self.normalized_shape, 1.0 - self.offset, **factory))
             self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if has_bias else None
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    offset = 0.0          # (modules pickled before the language models' variants existed)
+    casting = "float32"
+
     def reset_parameters(self) -> None:
         if self.weight is not None:
-            nn.init.ones_(self.weight)
+            nn.init.constant_(self.weight, 1.0 - self.offset)     # offset + γ starts at 1
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        extra = (f", offset={self.offset}" if self.offset else "") + (
+            f", casting={self.casting!r}" if self.casting != "float32" else "")
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"norm={self.norm!r}, prenorm={self.prenorm}")
+                f"norm={self.norm!r}, prenorm={self.prenorm}" + extra)
 
     def forward(self, input: Tensor, residual: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None):
+        if self.offset or self.casting != "float32":    # the language models' variants: the functional call
+            padding_mask, lengths = padding_for_rows(input, len(self.normalized_shape), padding_mask, lengths)
+            return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                                  prenorm=self.prenorm, padding_mask=padding_mask, lengths=lengths,
+                                  offset=self.offset, casting=self.casting)
         if type(self) is AddNorm:     # the lean path (see above)
             params = self._parameters
             out = F.lean_rowwise(input, self.normalized_shape, params.get("weight", _MISSING),

@@ -196,9 +196,16 @@ def layer_norm_backward(dy, cache):
     return _rowwise_backward(dy, cache)
 
 
-def rms_norm_forward(x, weight=None, eps=1e-6, padding_mask=None):
-    r"""RMSNorm: ``y = x/√(mean(x²) + ε) ⊙ w``, the quadratic mean of each token."""
-    return _rowwise_forward(x, weight, None, eps, padding_mask, center=False)
+def rms_norm_forward(x, weight=None, eps=1e-6, padding_mask=None, offset=0.0):
+    r"""RMSNorm: ``y = x/√(mean(x²) + ε) ⊙ (offset + w)``, the quadratic mean of each token.
+
+    ``offset = 1`` is a zero-centred weight (Gemma's ``1 + w``): ``dw = Σ dy ⊙ x̂`` does not
+    see it, the gradient at ``x̂`` is ``dy ⊙ (offset + w)``."""
+    return _rowwise_forward(x, _offset(weight, offset), None, eps, padding_mask, center=False)
+
+
+def _offset(weight, offset):
+    return weight if weight is None or not offset else _as64(weight) + offset
 
 
 def rms_norm_backward(dy, cache):
@@ -208,10 +215,11 @@ def rms_norm_backward(dy, cache):
 
 
 def add_norm_forward(x, residual, weight=None, bias=None, eps=1e-5, padding_mask=None,
-                     center=True):
-    """The note's "Add & Norm": ``s = x + residual``, ``y = norm(s)``. Returns ``(y, s, cache)``."""
+                     center=True, offset=0.0):
+    """The note's "Add & Norm": ``s = x + residual``, ``y = norm(s)``. Returns ``(y, s, cache)``.
+    ``offset``: RMSNorm's zero-centred weight (see :func:`rms_norm_forward`)."""
     s = _as64(x) + _as64(residual)
-    y, cache = _rowwise_forward(s, weight, bias, eps, padding_mask, center=center)
+    y, cache = _rowwise_forward(s, _offset(weight, offset), bias, eps, padding_mask, center=center)
     return y, s, cache
 
 
