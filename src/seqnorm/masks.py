@@ -370,6 +370,16 @@ class ByRate:
         return len(self.items)
 
 
+class _RateLengths:
+    """The lengths at one rate: a ``(B,)`` tensor, the same values as a tuple of Python
+    ints (host data only), or both — each made from the other when first asked for."""
+
+    __slots__ = ("tensor", "host")
+
+    def __init__(self, tensor: Optional[Tensor], host: Optional[tuple] = None):
+        self.tensor, self.host = tensor, host
+
+
 class PaddingContext:
     """The padding set by :func:`padding`, handed to every seqnorm module that
     is called without an explicit ``padding_mask`` / ``lengths``.
@@ -395,7 +405,7 @@ class PaddingContext:
     def __init__(self, padding_mask, lengths, batch_first: bool, *, real_mask=None):
         self._padding_mask, self._real_mask = padding_mask, real_mask
         self.lengths, self.batch_first = lengths, batch_first
-        self._lengths_at = ByRate()      # time steps → (B,) lengths at that rate
+        self._lengths_at = ByRate()      # time steps → _RateLengths: the (B,) lengths at that rate
         self._masks = ByRate()           # (B, T, device) → the validated (B, T) mask
         # (token shape, mask) last handed out on the CPU by batch_major / for_tokens (host_context_mask)
         self._host_major = self._host_rows = None
@@ -426,6 +436,9 @@ class PaddingContext:
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2
                                  or mask.shape[1] == token_shape[1] or not self._lengths_at):
             return resolve_padding(token_shape, device, mask, None, what=self._WHAT)
+        host = self.host_lengths_at(token_shape[1])
+        if host is not None and len(host) == token_shape[0]:     # range-checked in Python, no tensor read
+            return lengths_to_padding_mask(host, token_shape[1], device)
         return resolve_padding(token_shape, device, None, self.lengths_at(token_shape[1]), what=self._WHAT)
 
     def mask_at(self, steps: int, device) -> torch.Tensor:
@@ -436,12 +449,14 @@ class PaddingContext:
 
     def lengths_at(self, steps: int) -> torch.Tensor:
         """The ``(B,)`` lengths at a module with ``steps`` time steps (see the class docstring)."""
-        lengths = self._lengths_at.get(steps)
-        if lengths is not None:
-            return lengths
+        entry = self._lengths_at.get(steps)
+        if entry is not None:
+            if entry.tensor is None:      # recorded as Python ints: the tensor is made when a module asks
+                entry.tensor = torch.tensor(entry.host, dtype=torch.long)
+            return entry.tensor
         if self.padding_mask is None and not self._lengths_at:
             lengths = torch.as_tensor(self.lengths)     # the first module sets the input's rate
-            self._lengths_at.set(steps, lengths)
+            self._lengths_at.set(steps, _RateLengths(lengths))
             return lengths
         if self.padding_mask is not None and not self._lengths_at:
             mask = self.padding_mask
@@ -467,17 +482,39 @@ class PaddingContext:
             assert_on_device(torch.eq(rebuilt, mask).all(), holes)
         elif not torch.equal(rebuilt, mask):
             raise ValueError(holes)
-        self._lengths_at.set(mask.shape[1], lengths)
+        self._lengths_at.set(mask.shape[1], _RateLengths(lengths))
         return lengths
 
-    def record(self, steps: int, lengths: torch.Tensor) -> None:
-        """Record the lengths at ``steps`` time steps (a rate-changing layer's output).
+    def host_lengths_at(self, steps: int) -> Optional[tuple]:
+        """The lengths at ``steps`` time steps as a tuple of Python ints, where they are
+        host data (a CPU tensor or Python numbers, outside ``torch.compile``; read once
+        per rate), so that a hook checks them and carries them through a layer in Python
+        rather than in several tiny tensor ops; None where they are not, or where no
+        lengths are known at ``steps`` yet (:meth:`lengths_at` says why)."""
+        if torch.compiler.is_compiling():
+            return None
+        entry = self._lengths_at.get(steps)
+        if entry is None:
+            return None
+        if entry.host is None:
+            t = entry.tensor
+            if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool \
+                    or not host_readable(t):      # on a device: never read back (see the module docstring)
+                return None
+            entry.host = tuple(t.tolist())
+        return entry.host
+
+    def record(self, steps: int, lengths) -> None:
+        """Record the lengths at ``steps`` time steps (a rate-changing layer's output): a
+        ``(B,)`` tensor, or a tuple of Python ints (host data, :meth:`host_lengths_at`).
         Two rates with the same number of steps (a pooling layer and, later, an
         upsampling one) cannot be told apart by the number: the latest record holds,
         which in a feed-forward stack is the layer that made the tensor at hand."""
-        if self._lengths_at.get(steps) is lengths:       # a layer that keeps every length
+        entry = self._lengths_at.get(steps)
+        if entry is not None and (entry.tensor is lengths or entry.host is lengths):   # a layer that keeps them
             return
-        self._lengths_at.set(steps, lengths)
+        self._lengths_at.set(steps, _RateLengths(None, lengths) if isinstance(lengths, tuple)
+                             else _RateLengths(lengths))
         self._masks.drop(lambda key: key[1] == steps)
         self._host_major = self._host_rows = None
 

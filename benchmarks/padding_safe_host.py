@@ -1,0 +1,204 @@
+"""Host cost of ``make_padding_safe``'s hooks on a small speech model (issue 27, "Hooks").
+
+A test-sized model (``hf.build``: hidden 32, 2 layers, a 3-layer conv feature encoder) does so
+little arithmetic that its forward is mostly Python: what the padding-safe model adds is the
+hooks' own time. Two tables:
+
+* **ratio** — the padding-safe model (``make_padding_safe``, called as users call it:
+  ``model(x, attention_mask=mask)``, whose call hook opens the padding context) against the
+  stock model (a copy taken before), eval, ``no_grad``, a batch of 2 utterances of 1,600 and
+  1,000 samples padded to 1,600. Thread CPU time per forward (one torch thread, so the thread
+  does all the work; the machine is shared), safe and stock alternating round by round in one
+  process: median and minimum over the rounds, and the ratio of the medians.
+* **breakdown** — µs per hook call, by kind of hooked layer: each hook ``make_padding_safe``
+  registered is wrapped in a timer (the timer's own cost, calibrated on an empty hook, is
+  subtracted), and so is the ``forward`` of every norm (masked in the safe model, torch's in the
+  stock one): what one conv time layer's pair of hooks costs, one norm's pre-hook, one
+  attention module's hook, the model call's, and how much more a masked norm's forward takes
+  than torch's.
+
+    PYTHONPATH=src python benchmarks/padding_safe_host.py                 # wav2vec2 and hubert
+    PYTHONPATH=src python benchmarks/padding_safe_host.py --models wav2vec2 --rounds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+import seqnorm
+from seqnorm import hf
+
+LONG, SHORT = 1600, 1000
+
+
+def inputs():
+    x = torch.randn(2, LONG, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, LONG, dtype=torch.long)
+    mask[1, SHORT:] = 0
+    return x, mask
+
+
+def models(model_type: str):
+    """(stock, padding-safe) copies of one small model."""
+    stock = hf.build(model_type)
+    return stock, seqnorm.make_padding_safe(copy.deepcopy(stock))
+
+
+def per_forward(model, x, mask, calls: int) -> float:
+    """Thread CPU seconds per forward, over ``calls`` forwards."""
+    with torch.no_grad():
+        t0 = time.thread_time()
+        for _ in range(calls):
+            model(x, attention_mask=mask)
+        return (time.thread_time() - t0) / calls
+
+
+def ratio(model_type: str, rounds: int, calls: int) -> dict:
+    stock, safe = models(model_type)
+    x, mask = inputs()
+    for _ in range(3):                     # warm-up: first-call caches, allocator
+        per_forward(safe, x, mask, calls), per_forward(stock, x, mask, calls)
+    times = {"safe": [], "stock": []}
+    for r in range(rounds):                # alternate which goes first, so neither always follows the other
+        order = ("safe", "stock") if r % 2 == 0 else ("stock", "safe")
+        for which in order:
+            times[which].append(per_forward(safe if which == "safe" else stock, x, mask, calls))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
+    return dict(model=model_type, safe_ms=med["safe"] * 1e3, stock_ms=med["stock"] * 1e3,
+                safe_min_ms=low["safe"] * 1e3, stock_min_ms=low["stock"] * 1e3, ratio=med["safe"] / med["stock"],
+                ratio_min=low["safe"] / low["stock"])
+
+
+# ---------------------------------------------------------------------------
+# breakdown: a timer around every hook and every norm's forward
+# ---------------------------------------------------------------------------
+
+#: hook function (its qualified name's first part) → the kind of hooked layer it serves
+HOOK_KINDS = {
+    "_time_pre_hook": "conv/pool time layer", "_time_hook": "conv/pool time layer",
+    "_norm_pre_hook": "norm (pre-hook + undo)", "_undo_hook": "norm (pre-hook + undo)",
+    "_hf_pre_hook": "attention", "_mha_pre_hook": "attention",
+    "_open_hook": "model call (opens the context)", "_close_hook": "model call (opens the context)",
+}
+
+
+def _kind(hook) -> str:
+    name = getattr(hook, "__qualname__", type(hook).__name__).split(".")[0]
+    return HOOK_KINDS.get(name, name)
+
+
+class Timers:
+    """Thread CPU time per label; ``spent[label]`` seconds over ``calls[label]`` calls."""
+
+    def __init__(self):
+        self.spent, self.calls = defaultdict(float), defaultdict(int)
+
+    def wrap(self, label: str, fn, count: bool = True):
+        spent, calls, clock = self.spent, self.calls, time.thread_time
+
+        def timed(*args, **kwargs):
+            t0 = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += clock() - t0
+                if count:
+                    calls[label] += 1
+        return timed
+
+
+def _norms(model):
+    norm_classes = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.InstanceNorm1d,
+                    seqnorm.LayerNorm, seqnorm.GroupNorm, seqnorm.InstanceNorm1d, seqnorm.RMSNorm,
+                    seqnorm.SeqBatchNorm)
+    return [m for m in model.modules() if isinstance(m, norm_classes)]
+
+
+def instrument(model, timers: Timers, hooks: bool) -> None:
+    """Time ``model``'s hooks (``hooks``) and its norms' forwards, in place."""
+    for m in model.modules():
+        if hooks:
+            for table in (m._forward_pre_hooks, m._forward_hooks):
+                for key, fn in list(table.items()):
+                    # a pair of hooks (pre + post) counts as one call, on the pre-hook
+                    table[key] = timers.wrap(_kind(fn), fn, count=table is m._forward_pre_hooks)
+    for norm in _norms(model):
+        norm.forward = timers.wrap("norm forward", norm.forward)
+
+
+def timer_cost(n: int = 20000) -> float:
+    """Seconds the timer adds to one wrapped call (subtracted from every call counted)."""
+    timers = Timers()
+    f = timers.wrap("empty", lambda *a: None)
+    t0 = time.thread_time()
+    for _ in range(n):
+        f(1, 2)
+    wrapped = time.thread_time() - t0
+    g = lambda *a: None     # noqa: E731
+    t0 = time.thread_time()
+    for _ in range(n):
+        g(1, 2)
+    return (wrapped - (time.thread_time() - t0)) / n
+
+
+def breakdown(model_type: str, forwards: int) -> dict:
+    stock, safe = models(model_type)
+    x, mask = inputs()
+    st, ss = Timers(), Timers()
+    instrument(stock, st, hooks=False)
+    instrument(safe, ss, hooks=True)
+    for _ in range(5):
+        per_forward(safe, x, mask, 1), per_forward(stock, x, mask, 1)
+    st.spent.clear(), st.calls.clear(), ss.spent.clear(), ss.calls.clear()
+    for _ in range(forwards):              # interleaved, one forward each
+        per_forward(safe, x, mask, 1), per_forward(stock, x, mask, 1)
+    cost = timer_cost()
+    rows = []
+    for label in sorted(ss.spent):
+        n = ss.calls[label] / forwards
+        # a counted call's timer is subtracted once per call; a pair's post-hook timer too
+        timers_per_call = 2 if label in set(HOOK_KINDS.values()) and label != "attention" else 1
+        per_call = ss.spent[label] / ss.calls[label] - timers_per_call * cost
+        rows.append((label, n, per_call * 1e6, n * per_call * 1e6))
+    stock_norm = st.spent["norm forward"] / st.calls["norm forward"] - cost
+    return dict(model=model_type, rows=rows, stock_norm_us=stock_norm * 1e6, timer_us=cost * 1e6)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["wav2vec2", "hubert"])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--calls", type=int, default=10, help="forwards per round")
+    p.add_argument("--forwards", type=int, default=300, help="forwards timed for the breakdown")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}, {time.strftime('%H:%M:%S')}\n")
+    print("| model | stock ms (min) | safe ms (min) | ratio of medians (of minimums) |")
+    print("|---|---:|---:|---:|")
+    for m in args.models:
+        r = ratio(m, args.rounds, args.calls)
+        print(f"| {m} | {r['stock_ms']:.3f} ({r['stock_min_ms']:.3f}) | {r['safe_ms']:.3f} ({r['safe_min_ms']:.3f}) "
+              f"| **{r['ratio']:.2f}×** ({r['ratio_min']:.2f}×) |")
+    for m in args.models:
+        b = breakdown(m, args.forwards)
+        print(f"\n{m}: per hooked layer (timer {b['timer_us']:.2f} µs subtracted per call)\n")
+        print("| what | calls per forward | µs per call | µs per forward |")
+        print("|---|---:|---:|---:|")
+        for label, n, per_call, total in b["rows"]:
+            extra = f" (torch's: {b['stock_norm_us']:.1f})" if label == "norm forward" else ""
+            print(f"| {label} | {n:g} | {per_call:.1f}{extra} | {total:.0f} |")
+    print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}, {time.strftime('%H:%M:%S')}")
+
+
+if __name__ == "__main__":
+    main()
