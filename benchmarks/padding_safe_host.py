@@ -9,7 +9,10 @@ hooks' own time. Two tables:
   stock model (a copy taken before), eval, ``no_grad``, a batch of 2 utterances of 1,600 and
   1,000 samples padded to 1,600. Thread CPU time per forward (one torch thread, so the thread
   does all the work; the machine is shared), safe and stock alternating round by round in one
-  process: median and minimum over the rounds, and the ratio of the medians.
+  process: median and minimum over the rounds, and the ratio of the medians. Two ways to call:
+  the same mask tensor every call (a padding-safe model keeps the context a mask opened for
+  that mask object, as ``generate``'s steps reuse the encoder's) and a new mask tensor each
+  call (a new batch: every rate's lengths and masks are made again; both models get the copy).
 * **breakdown** — µs per hook call, by kind of hooked layer: each hook ``make_padding_safe``
   registered is wrapped in a timer (the timer's own cost, calibrated on an empty hook, is
   subtracted), and so is the ``forward`` of every norm (masked in the safe model, torch's in the
@@ -52,28 +55,33 @@ def models(model_type: str):
     return stock, seqnorm.make_padding_safe(copy.deepcopy(stock))
 
 
-def per_forward(model, x, mask, calls: int) -> float:
-    """Thread CPU seconds per forward, over ``calls`` forwards."""
+def per_forward(model, x, mask, calls: int, new_mask: bool = False) -> float:
+    """Thread CPU seconds per forward, over ``calls`` forwards (``new_mask``: a copy of
+    ``mask`` for each)."""
     with torch.no_grad():
         t0 = time.thread_time()
         for _ in range(calls):
-            model(x, attention_mask=mask)
+            model(x, attention_mask=mask.clone() if new_mask else mask)
         return (time.thread_time() - t0) / calls
 
 
-def ratio(model_type: str, rounds: int, calls: int) -> dict:
+def _called(model_type: str, new_mask: bool) -> str:
+    return f"{model_type}, {'new mask each call' if new_mask else 'same mask'}"
+
+
+def ratio(model_type: str, rounds: int, calls: int, new_mask: bool) -> dict:
     stock, safe = models(model_type)
     x, mask = inputs()
     for _ in range(3):                     # warm-up: first-call caches, allocator
-        per_forward(safe, x, mask, calls), per_forward(stock, x, mask, calls)
+        per_forward(safe, x, mask, calls, new_mask), per_forward(stock, x, mask, calls, new_mask)
     times = {"safe": [], "stock": []}
     for r in range(rounds):                # alternate which goes first, so neither always follows the other
         order = ("safe", "stock") if r % 2 == 0 else ("stock", "safe")
         for which in order:
-            times[which].append(per_forward(safe if which == "safe" else stock, x, mask, calls))
+            times[which].append(per_forward(safe if which == "safe" else stock, x, mask, calls, new_mask))
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
-    return dict(model=model_type, safe_ms=med["safe"] * 1e3, stock_ms=med["stock"] * 1e3,
+    return dict(model=_called(model_type, new_mask), safe_ms=med["safe"] * 1e3, stock_ms=med["stock"] * 1e3,
                 safe_min_ms=low["safe"] * 1e3, stock_min_ms=low["stock"] * 1e3, ratio=med["safe"] / med["stock"],
                 ratio_min=low["safe"] / low["stock"])
 
@@ -150,17 +158,17 @@ def timer_cost(n: int = 20000) -> float:
     return (wrapped - (time.thread_time() - t0)) / n
 
 
-def breakdown(model_type: str, forwards: int) -> dict:
+def breakdown(model_type: str, forwards: int, new_mask: bool) -> dict:
     stock, safe = models(model_type)
     x, mask = inputs()
     st, ss = Timers(), Timers()
     instrument(stock, st, hooks=False)
     instrument(safe, ss, hooks=True)
     for _ in range(5):
-        per_forward(safe, x, mask, 1), per_forward(stock, x, mask, 1)
+        per_forward(safe, x, mask, 1, new_mask), per_forward(stock, x, mask, 1, new_mask)
     st.spent.clear(), st.calls.clear(), ss.spent.clear(), ss.calls.clear()
     for _ in range(forwards):              # interleaved, one forward each
-        per_forward(safe, x, mask, 1), per_forward(stock, x, mask, 1)
+        per_forward(safe, x, mask, 1, new_mask), per_forward(stock, x, mask, 1, new_mask)
     cost = timer_cost()
     rows = []
     for label in sorted(ss.spent):
@@ -170,7 +178,7 @@ def breakdown(model_type: str, forwards: int) -> dict:
         per_call = ss.spent[label] / ss.calls[label] - timers_per_call * cost
         rows.append((label, n, per_call * 1e6, n * per_call * 1e6))
     stock_norm = st.spent["norm forward"] / st.calls["norm forward"] - cost
-    return dict(model=model_type, rows=rows, stock_norm_us=stock_norm * 1e6, timer_us=cost * 1e6)
+    return dict(model=_called(model_type, new_mask), rows=rows, stock_norm_us=stock_norm * 1e6, timer_us=cost * 1e6)
 
 
 def main(argv=None):
@@ -183,15 +191,15 @@ def main(argv=None):
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}, {time.strftime('%H:%M:%S')}\n")
-    print("| model | stock ms (min) | safe ms (min) | ratio of medians (of minimums) |")
+    print("| model, call | stock ms (min) | safe ms (min) | ratio of medians (of minimums) |")
     print("|---|---:|---:|---:|")
-    for m in args.models:
-        r = ratio(m, args.rounds, args.calls)
-        print(f"| {m} | {r['stock_ms']:.3f} ({r['stock_min_ms']:.3f}) | {r['safe_ms']:.3f} ({r['safe_min_ms']:.3f}) "
+    for m, new_mask in ((m, n) for m in args.models for n in (False, True)):
+        r = ratio(m, args.rounds, args.calls, new_mask)
+        print(f"| {r['model']} | {r['stock_ms']:.3f} ({r['stock_min_ms']:.3f}) | {r['safe_ms']:.3f} ({r['safe_min_ms']:.3f}) "
               f"| **{r['ratio']:.2f}×** ({r['ratio_min']:.2f}×) |")
     for m in args.models:
-        b = breakdown(m, args.forwards)
-        print(f"\n{m}: per hooked layer (timer {b['timer_us']:.2f} µs subtracted per call)\n")
+        b = breakdown(m, args.forwards, new_mask=True)
+        print(f"\n{b['model']}: per hooked layer (timer {b['timer_us']:.2f} µs subtracted per call)\n")
         print("| what | calls per forward | µs per call | µs per forward |")
         print("|---|---:|---:|---:|")
         for label, n, per_call, total in b["rows"]:

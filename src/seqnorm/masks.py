@@ -320,15 +320,19 @@ _CPU = torch.device("cpu")
 def host_context_mask(token_shape, rows: bool) -> Optional[Tensor]:
     """The CPU mask of the :func:`padding` context for a token grid ``(a, b)``, as a
     row-wise norm (``rows``: laid out as :meth:`PaddingContext.for_tokens`) or a
-    feature-wise one (:meth:`PaddingContext.batch_major`) last received it; None when
-    the context has not given it yet (the caller takes the general path, which does)."""
+    feature-wise one (:meth:`PaddingContext.batch_major`) receives it: the one last
+    handed out, else made now; None where the context cannot make it (the caller takes
+    the general path, which raises the context's error)."""
     ctx = current_padding()
     if ctx is None:
         return None
     last = ctx._host_rows if rows else ctx._host_major
     if last is not None and last[0] == token_shape:
         return last[1]
-    return None
+    try:      # the first norm at a rate: the mask the general path would get, without going there
+        return ctx.for_tokens(token_shape, _CPU) if rows else ctx.batch_major(token_shape, _CPU)
+    except (ValueError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -444,6 +448,9 @@ class PaddingContext:
     def mask_at(self, steps: int, device) -> torch.Tensor:
         """The ``(B, steps)`` mask on ``device`` (``B`` from the lengths at ``steps``),
         the one :meth:`batch_major` hands every module at that rate."""
+        host = self.host_lengths_at(steps)
+        if host is not None:
+            return self.batch_major((len(host), steps), device)
         lengths = self.lengths_at(steps)
         return self.batch_major((lengths.shape[0] if lengths.dim() else 0, steps), device)
 
@@ -511,8 +518,9 @@ class PaddingContext:
         upsampling one) cannot be told apart by the number: the latest record holds,
         which in a feed-forward stack is the layer that made the tensor at hand."""
         entry = self._lengths_at.get(steps)
-        if entry is not None and (entry.tensor is lengths or entry.host is lengths):   # a layer that keeps them
-            return
+        if entry is not None and (entry.tensor is lengths or entry.host is lengths      # a layer that keeps them
+                                  or (entry.host is not None and entry.host == lengths)):
+            return      # (host ints equal to those known, as a kept context's next call records: the masks stay)
         self._lengths_at.set(steps, _RateLengths(None, lengths) if isinstance(lengths, tuple)
                              else _RateLengths(lengths))
         self._masks.drop(lambda key: key[1] == steps)
