@@ -41,13 +41,15 @@ def reads_padding(g: Geometry, lengths: Tuple[int, ...], out_lengths: Tuple[int,
     """Whether, in a batch of ``steps`` steps, some sequence's real output reads one of
     its padded steps (``L ≤ t < steps``), so that they must be filled first.
 
-    A shorter sequence's last real output (``L_out − 1``) reads up to step
-    ``(L_out − 1)s − p_l + d(k − 1)``: past its end when that is ``≥ L``. A transposed
-    convolution's real outputs reach input ``L`` for every length or for none
-    (:func:`seqnorm.time_layers.reads_past_the_end`). A full-length sequence has no
-    padded step, and an empty one no real output. (With dilation the last window may
-    step over every padded step: then this says True and the fill is merely not needed.)"""
+    Real window ``t`` of a sequence of ``L`` steps (``t < L_out``) covers steps
+    ``ts − p_l … ts − p_l + d(k − 1)``; the last one that starts inside the batch reaches
+    furthest into ``[L, steps)``: the padding is read when it ends at ``L`` or later.
+    (With dilation it may step over every padded step: then this says True and the fill
+    is merely not needed.) A transposed convolution's real outputs reach input ``L`` for
+    every length or for none (:func:`seqnorm.time_layers.reads_past_the_end`). A
+    full-length sequence has no padded step, and an empty one no real output."""
     if g.transposed:
         return reads_past_the_end(g) and any(0 < n < steps for n in lengths)
-    return any(0 < n < steps and m > 0 and (m - 1) * g.stride - g.left + g.span >= n
+    return any(0 < n < steps and m > 0
+               and min(m - 1, (steps - 1 + g.left) // g.stride) * g.stride - g.left + g.span >= n
                for n, m in zip(lengths, out_lengths))

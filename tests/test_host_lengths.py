@@ -1,0 +1,117 @@
+"""The time layers' length arithmetic on Python ints (seqnorm.host_lengths), and the padding
+context's host lengths (issue 27: make_padding_safe's host cost).
+
+* ``host_lengths.output_lengths`` is ``time_layers.output_lengths`` (the tensor rule) for every
+  layer kind and geometry of a grid, every length 0–24;
+* ``host_lengths.reads_padding`` says True wherever a real output reads a padded step (NaN
+  put there reaches it), and without dilation only there;
+* a padding-safe stack keeps its host lengths as ints, its rates' masks across the calls of
+  a kept context, and gives the same outputs as with lengths the hooks cannot read (the
+  sync-free policy a CUDA tensor gets, forced).
+"""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import seqnorm
+from seqnorm import host_lengths as hl, masks, running
+from seqnorm import time_layers as tl
+
+
+def _layers():
+    for k, s, p, d in itertools.product((1, 2, 3, 5), (1, 2, 3), (0, 1, 2), (1, 2)):
+        yield nn.Conv1d(1, 1, k, stride=s, padding=p, dilation=d)
+        for op in range(max(s, d)):
+            yield nn.ConvTranspose1d(1, 1, k, stride=s, padding=p, dilation=d, output_padding=op)
+        if p <= k // 2:
+            for ceil in (False, True):
+                yield nn.MaxPool1d(k, stride=s, padding=p, dilation=d, ceil_mode=ceil)
+                if d == 1:
+                    for include in (False, True):
+                        yield nn.AvgPool1d(k, stride=s, padding=p, ceil_mode=ceil, count_include_pad=include)
+    for k, d in itertools.product((1, 2, 3, 4), (1, 2)):
+        yield nn.Conv1d(1, 1, k, padding="same", dilation=d)
+
+
+LAYERS = list(_layers())
+LENGTHS = tuple(range(25))
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=repr)
+def test_output_lengths_on_ints_are_the_tensor_rule(layer):
+    g = tl.geometry(layer)
+    assert hl.output_lengths(g, LENGTHS) == tuple(tl.output_lengths(g, torch.tensor(LENGTHS)).tolist())
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=repr)
+def test_reads_padding_is_whether_a_real_output_sees_a_padded_step(layer):
+    g = tl.geometry(layer)
+    steps = 24
+    with torch.no_grad():
+        if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
+            layer.weight.fill_(1.0)
+            layer.bias.zero_()
+        for n in range(1, steps + 1):
+            out_n = hl.output_lengths(g, (n,))[0]
+            x = torch.ones(1, 1, steps)
+            x[..., n:] = float("nan")
+            try:
+                y = layer(x)
+            except RuntimeError:       # torch refuses a window that starts in the right padding
+                continue
+            sees = bool(y[..., :out_n].isnan().any())
+            says = hl.reads_padding(g, (n,), (out_n,), steps)
+            assert says or not sees, (n, out_n)
+            if g.dilation == 1:
+                assert says == sees, (n, out_n)
+
+
+def _stack():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(3, 8, 5, stride=2), nn.GroupNorm(2, 8), nn.GELU(),
+                         nn.Conv1d(8, 8, 3, padding=2), nn.MaxPool1d(3, stride=2, ceil_mode=True),
+                         nn.AvgPool1d(2, ceil_mode=True, count_include_pad=False), nn.BatchNorm1d(8),
+                         nn.ConvTranspose1d(8, 4, 4, stride=3, padding=1)).eval()     # rates 64, 30, 32, 16, 8, 23
+
+
+def test_host_lengths_are_ints_and_a_kept_context_keeps_its_masks():
+    net = seqnorm.make_padding_safe(_stack())
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad(), seqnorm.padding(lengths=torch.tensor([64, 37])) as ctx:
+        net(x)
+        rates = ctx.known_steps()
+        assert len(rates) >= 4
+        assert all(type(ctx.host_lengths_at(r)) is tuple for r in rates)
+        built = {r: ctx.mask_at(r, x.device) for r in rates}
+        net(x)          # the same lengths again: every rate's mask stays the one built
+        assert all(ctx.mask_at(r, x.device) is built[r] for r in rates)
+        assert all(ctx.lengths_at(r).tolist() == list(ctx.host_lengths_at(r)) for r in rates)
+
+
+def test_host_path_computes_what_the_sync_free_path_does(monkeypatch):
+    net = seqnorm.make_padding_safe(_stack())
+    x = torch.randn(2, 3, 64)
+    lengths = torch.tensor([64, 37])
+    with torch.no_grad(), seqnorm.padding(lengths=lengths) as ctx:
+        host = net(x)
+        host_rates = {r: ctx.lengths_at(r).tolist() for r in ctx.known_steps()}
+    monkeypatch.setattr(running, "sync_free", lambda t: True)     # lengths as a CUDA tensor's: never read
+    with torch.no_grad(), seqnorm.padding(lengths=lengths) as ctx:
+        device = net(x)
+        assert all(ctx.host_lengths_at(r) is None for r in ctx.known_steps())
+        device_rates = {r: ctx.lengths_at(r).tolist() for r in ctx.known_steps()}
+    assert host_rates == device_rates
+    torch.testing.assert_close(host, device, rtol=0, atol=1e-6)
+
+
+def test_host_lengths_at_is_none_for_lengths_it_must_not_read():
+    ctx = masks.PaddingContext(None, torch.tensor([5.0, 3.0]), True)       # float lengths: the general path's error
+    ctx.lengths_at(5)
+    assert ctx.host_lengths_at(5) is None
+    assert ctx.host_lengths_at(7) is None                                  # no lengths known at 7 steps
+    ctx = masks.PaddingContext(None, [5, 3], True)
+    ctx.lengths_at(5)
+    assert ctx.host_lengths_at(5) == (5, 3)
