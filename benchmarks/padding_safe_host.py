@@ -105,13 +105,14 @@ def _kind(hook) -> str:
 
 
 class Timers:
-    """Thread CPU time per label; ``spent[label]`` seconds over ``calls[label]`` calls."""
+    """Thread CPU time per label: ``spent[label]`` seconds over ``calls[label]`` calls, made
+    of ``timed[label]`` timed invocations (a pair of hooks is one call of two)."""
 
     def __init__(self):
-        self.spent, self.calls = defaultdict(float), defaultdict(int)
+        self.spent, self.calls, self.timed = defaultdict(float), defaultdict(int), defaultdict(int)
 
     def wrap(self, label: str, fn, count: bool = True):
-        spent, calls, clock = self.spent, self.calls, time.thread_time
+        spent, calls, timed_, clock = self.spent, self.calls, self.timed, time.thread_time
 
         def timed(*args, **kwargs):
             t0 = clock()
@@ -119,66 +120,89 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 spent[label] += clock() - t0
+                timed_[label] += 1
                 if count:
                     calls[label] += 1
         return timed
 
+    def clear(self):
+        self.spent.clear(), self.calls.clear(), self.timed.clear()
 
-def _norms(model):
-    norm_classes = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.InstanceNorm1d,
-                    seqnorm.LayerNorm, seqnorm.GroupNorm, seqnorm.InstanceNorm1d, seqnorm.RMSNorm,
-                    seqnorm.SeqBatchNorm)
-    return [m for m in model.modules() if isinstance(m, norm_classes)]
+    def per_call(self, label: str, cost: float) -> float:
+        """Seconds per call of ``label``, less ``cost`` per timed invocation (the timer's own)."""
+        return (self.spent[label] - self.timed[label] * cost) / self.calls[label]
 
 
-def instrument(model, timers: Timers, hooks: bool) -> None:
-    """Time ``model``'s hooks (``hooks``) and its norms' forwards, in place."""
-    for m in model.modules():
+NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm1d, torch.nn.InstanceNorm1d, torch.nn.RMSNorm,
+         seqnorm.LayerNorm, seqnorm.GroupNorm, seqnorm.InstanceNorm1d, seqnorm.RMSNorm, seqnorm.SeqBatchNorm)
+
+
+def norm_labels(stock) -> dict:
+    """Name → class name of each norm of the stock model (the label its masked counterpart gets too)."""
+    return {name: type(m).__name__ for name, m in stock.named_modules() if isinstance(m, NORMS)}
+
+
+def instrument(model, timers: Timers, hooks: bool, norms: dict) -> None:
+    """Time ``model``'s hooks (``hooks``) and the forwards of its norms named in ``norms``
+    (name → label: the stock class, so a masked norm is timed against the one it replaced),
+    in place."""
+    for name, m in model.named_modules():
         if hooks:
             for table in (m._forward_pre_hooks, m._forward_hooks):
                 for key, fn in list(table.items()):
                     # a pair of hooks (pre + post) counts as one call, on the pre-hook
                     table[key] = timers.wrap(_kind(fn), fn, count=table is m._forward_pre_hooks)
-    for norm in _norms(model):
-        norm.forward = timers.wrap("norm forward", norm.forward)
+        if name in norms:
+            m.forward = timers.wrap(f"{norms[name]} forward", m.forward)
 
 
 def timer_cost(n: int = 20000) -> float:
-    """Seconds the timer adds to one wrapped call (subtracted from every call counted)."""
+    """Seconds the timer adds to one wrapped call (subtracted from every timed invocation)."""
     timers = Timers()
     f = timers.wrap("empty", lambda *a: None)
-    t0 = time.thread_time()
-    for _ in range(n):
-        f(1, 2)
-    wrapped = time.thread_time() - t0
     g = lambda *a: None     # noqa: E731
-    t0 = time.thread_time()
-    for _ in range(n):
-        g(1, 2)
-    return (wrapped - (time.thread_time() - t0)) / n
+    best = []
+    for _ in range(5):
+        t0 = time.thread_time()
+        for _ in range(n):
+            f(1, 2)
+        wrapped = time.thread_time() - t0
+        t0 = time.thread_time()
+        for _ in range(n):
+            g(1, 2)
+        best.append((wrapped - (time.thread_time() - t0)) / n)
+    return statistics.median(best)
 
 
 def breakdown(model_type: str, forwards: int, new_mask: bool) -> dict:
+    """Per forward, interleaved, ``forwards`` each: ``hooks`` rows ``(what, calls, µs per
+    call, µs per forward)``, ``norms`` rows ``(class, calls, safe µs, torch µs, extra µs
+    per forward)``, and the whole forward's extra time, less the timers'."""
     stock, safe = models(model_type)
     x, mask = inputs()
     st, ss = Timers(), Timers()
-    instrument(stock, st, hooks=False)
-    instrument(safe, ss, hooks=True)
+    norms = norm_labels(stock)
+    instrument(stock, st, hooks=False, norms=norms)
+    instrument(safe, ss, hooks=True, norms=norms)
     for _ in range(5):
         per_forward(safe, x, mask, 1, new_mask), per_forward(stock, x, mask, 1, new_mask)
-    st.spent.clear(), st.calls.clear(), ss.spent.clear(), ss.calls.clear()
+    st.clear(), ss.clear()
+    total = {"safe": 0.0, "stock": 0.0}
     for _ in range(forwards):              # interleaved, one forward each
-        per_forward(safe, x, mask, 1, new_mask), per_forward(stock, x, mask, 1, new_mask)
+        total["safe"] += per_forward(safe, x, mask, 1, new_mask)
+        total["stock"] += per_forward(stock, x, mask, 1, new_mask)
     cost = timer_cost()
-    rows = []
+    hooks, norms = [], []
     for label in sorted(ss.spent):
         n = ss.calls[label] / forwards
-        # a counted call's timer is subtracted once per call; a pair's post-hook timer too
-        timers_per_call = 2 if label in set(HOOK_KINDS.values()) and label != "attention" else 1
-        per_call = ss.spent[label] / ss.calls[label] - timers_per_call * cost
-        rows.append((label, n, per_call * 1e6, n * per_call * 1e6))
-    stock_norm = st.spent["norm forward"] / st.calls["norm forward"] - cost
-    return dict(model=_called(model_type, new_mask), rows=rows, stock_norm_us=stock_norm * 1e6, timer_us=cost * 1e6)
+        if label.endswith(" forward"):
+            safe_us, torch_us = ss.per_call(label, cost) * 1e6, st.per_call(label, cost) * 1e6
+            norms.append((label[: -len(" forward")], n, safe_us, torch_us, n * (safe_us - torch_us)))
+        else:
+            hooks.append((label, n, ss.per_call(label, cost) * 1e6, n * ss.per_call(label, cost) * 1e6))
+    extra = ((total["safe"] - sum(ss.timed.values()) * cost) - (total["stock"] - sum(st.timed.values()) * cost))
+    return dict(model=_called(model_type, new_mask), hooks=hooks, norms=norms, extra_us=extra / forwards * 1e6,
+                stock_us=(total["stock"] - sum(st.timed.values()) * cost) / forwards * 1e6, timer_us=cost * 1e6)
 
 
 def main(argv=None):
@@ -199,12 +223,17 @@ def main(argv=None):
               f"| **{r['ratio']:.2f}×** ({r['ratio_min']:.2f}×) |")
     for m in args.models:
         b = breakdown(m, args.forwards, new_mask=True)
-        print(f"\n{b['model']}: per hooked layer (timer {b['timer_us']:.2f} µs subtracted per call)\n")
+        print(f"\n{b['model']}: where the padding-safe forward's extra time goes ({b['timer_us']:.2f} µs "
+              f"subtracted per timed call)\n")
         print("| what | calls per forward | µs per call | µs per forward |")
         print("|---|---:|---:|---:|")
-        for label, n, per_call, total in b["rows"]:
-            extra = f" (torch's: {b['stock_norm_us']:.1f})" if label == "norm forward" else ""
-            print(f"| {label} | {n:g} | {per_call:.1f}{extra} | {total:.0f} |")
+        for label, n, per_call, total in b["hooks"]:
+            print(f"| hooks: {label} | {n:g} | {per_call:.1f} | {total:.0f} |")
+        for label, n, safe_us, torch_us, total in b["norms"]:
+            print(f"| masked {label} forward, more than torch's {label} | {n:g} | {safe_us:.1f} vs {torch_us:.1f} | {total:.0f} |")
+        attributed = sum(r[-1] for r in b["hooks"]) + sum(r[-1] for r in b["norms"])
+        print(f"| not attributed (torch's dispatch of the hooks, timer error, ...) | | | {b['extra_us'] - attributed:.0f} |")
+        print(f"| **safe − stock** (stock: {b['stock_us']:.0f} µs) | | | **{b['extra_us']:.0f}** |")
     print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}, {time.strftime('%H:%M:%S')}")
 
 
