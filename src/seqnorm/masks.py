@@ -519,7 +519,7 @@ class PaddingContext:
         which in a feed-forward stack is the layer that made the tensor at hand."""
         entry = self._lengths_at.get(steps)
         if entry is not None and (entry.tensor is lengths or entry.host is lengths      # a layer that keeps them
-                                  or (entry.host is not None and entry.host == lengths)):
+                                  or (type(lengths) is tuple and entry.host == lengths)):
             return      # (host ints equal to those known, as a kept context's next call records: the masks stay)
         self._lengths_at.set(steps, _RateLengths(None, lengths) if isinstance(lengths, tuple)
                              else _RateLengths(lengths))

@@ -171,16 +171,23 @@ def _lengths_at(ctx, steps: int, batch: int, device):
             return None, (f"the padding holds {tuple(lengths.shape)[0] if lengths.dim() else 0} sequences but "
                           f"the layer's input has batch size {batch}")
         host = ctx.host_lengths_at(steps)
-        if host is None:
-            ctx.mask_at(steps, device)
+        if host is None:        # on a device (or not integers: the mask, when built, says what is wrong)
+            if not host_readable(lengths):
+                ctx.mask_at(steps, device)
+            elif lengths.numel() and int(lengths.max()) > steps:
+                return None, _too_long(int(lengths.max()), steps)
             return lengths, None
         lengths = host
     if len(lengths) != batch:
         return None, f"the padding holds {len(lengths)} sequences but the layer's input has batch size {batch}"
     if lengths and max(lengths) > steps:
-        return None, (f"lengths up to {max(lengths)} but the layer's input has only {steps} time steps "
-                      f"(lengths must be at the rate of the model's input)")
+        return None, _too_long(max(lengths), steps)
     return lengths, None
+
+
+def _too_long(top: int, steps: int) -> str:
+    return (f"lengths up to {top} but the layer's input has only {steps} time steps (lengths must be at the "
+            f"rate of the model's input)")
 
 
 def _in_context(args):
