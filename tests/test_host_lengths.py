@@ -7,7 +7,9 @@ context's host lengths (issue 27: make_padding_safe's host cost).
   put there reaches it), and without dilation only there;
 * a padding-safe stack keeps its host lengths as ints, its rates' masks across the calls of
   a kept context, and gives the same outputs as with lengths the hooks cannot read (the
-  sync-free policy a CUDA tensor gets, forced).
+  sync-free policy a CUDA tensor gets, forced);
+* an attention module's key mask from host lengths is ``key_mask`` of them, made once per
+  rate and context, and the hooks give what they give with lengths they cannot read.
 """
 
 import itertools
@@ -18,6 +20,7 @@ from torch import nn
 
 import seqnorm
 from seqnorm import host_lengths as hl, masks, running
+from seqnorm.attention_safe import key_mask
 from seqnorm import time_layers as tl
 
 
@@ -115,3 +118,54 @@ def test_host_lengths_at_is_none_for_lengths_it_must_not_read():
     ctx = masks.PaddingContext(None, [5, 3], True)
     ctx.lengths_at(5)
     assert ctx.host_lengths_at(5) == (5, 3)
+
+
+class _TwoAttentions(nn.Module):
+    """A strided convolution, then two attention modules at its rate (one key mask for both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 4, stride=2)
+        self.first = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.second = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):                                    # (B, T, 3) → (B, T', 8)
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        h = self.first(h, h, h, need_weights=False)[0]
+        return self.second(h, h, h, need_weights=False)[0]
+
+
+def _key_masks(net):
+    """The key_padding_mask each attention module of ``net`` receives, in call order."""
+    seen = []
+    for m in (net.first, net.second):
+        m.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs.get("key_padding_mask")),
+                                    with_kwargs=True)
+    return seen
+
+
+def test_attention_key_mask_from_host_lengths_is_made_once_per_rate():
+    torch.manual_seed(0)
+    net = seqnorm.make_padding_safe(_TwoAttentions().eval())
+    seen = _key_masks(net)          # registered after seqnorm's hooks: sees the mask they made
+    x = torch.randn(3, 20, 3)
+    with torch.no_grad(), seqnorm.padding(lengths=torch.tensor([20, 11, 0])) as ctx:
+        net(x)
+        steps = net.conv(x.transpose(1, 2)).shape[2]
+        keep = ctx.at_rate("keys", steps, x.device, lambda: None)
+        assert torch.equal(keep, key_mask(ctx.lengths_at(steps), steps))     # an empty sequence keeps every key
+        net(x)              # the same lengths again: the key mask is not made again
+        assert ctx.at_rate("keys", steps, x.device, lambda: None) is keep
+    assert len(seen) == 4 and all(torch.equal(m, ~keep) for m in seen)
+
+
+def test_attention_hooks_on_host_lengths_compute_what_the_sync_free_path_does(monkeypatch):
+    torch.manual_seed(0)
+    net = seqnorm.make_padding_safe(_TwoAttentions().eval())
+    x, lengths = torch.randn(3, 20, 3), torch.tensor([20, 11, 5])
+    with torch.no_grad(), seqnorm.padding(lengths=lengths):
+        host = net(x)
+    monkeypatch.setattr(running, "sync_free", lambda t: True)     # lengths as a CUDA tensor's: never read
+    with torch.no_grad(), seqnorm.padding(lengths=lengths):
+        device = net(x)
+    assert torch.equal(host, device)

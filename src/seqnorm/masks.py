@@ -410,7 +410,8 @@ class PaddingContext:
         self._padding_mask, self._real_mask = padding_mask, real_mask
         self.lengths, self.batch_first = lengths, batch_first
         self._lengths_at = ByRate()      # time steps → _RateLengths: the (B,) lengths at that rate
-        self._masks = ByRate()           # (B, T, device) → the validated (B, T) mask
+        # (B, T, device) → the validated (B, T) mask; (what, T, device) → a tensor at_rate made
+        self._masks = ByRate()
         # (token shape, mask) last handed out on the CPU by batch_major / for_tokens (host_context_mask)
         self._host_major = self._host_rows = None
 
@@ -510,6 +511,18 @@ class PaddingContext:
                 return None
             entry.host = tuple(t.tolist())
         return entry.host
+
+    def at_rate(self, what: str, steps: int, device, make) -> torch.Tensor:
+        """A tensor derived from the lengths at ``steps`` for ``device`` (``what`` names
+        it: an attention module's key mask), ``make()`` when first asked for, then the
+        same tensor until a layer records new lengths at ``steps`` — kept as the rate's
+        mask is (:meth:`batch_major`), so a kept context's next call makes none."""
+        key = (what, steps, device)      # key[1] is the rate: record() drops it with the rate's masks
+        value = self._masks.get(key)
+        if value is None:
+            value = make()
+            self._masks.set(key, value)
+        return value
 
     def record(self, steps: int, lengths) -> None:
         """Record the lengths at ``steps`` time steps (a rate-changing layer's output): a
