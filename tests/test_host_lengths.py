@@ -169,3 +169,23 @@ def test_attention_hooks_on_host_lengths_compute_what_the_sync_free_path_does(mo
     with torch.no_grad(), seqnorm.padding(lengths=lengths):
         device = net(x)
     assert torch.equal(host, device)
+
+
+def test_a_time_layer_works_out_its_host_lengths_once_per_lengths():
+    """A new batch of the same lengths reuses the layer's plan (its output lengths and fill
+    decision); other lengths get a new one, and the outputs are a fresh model's."""
+    from seqnorm import padding_safe
+
+    net, fresh = seqnorm.make_padding_safe(_stack()), seqnorm.make_padding_safe(_stack())
+    x = torch.randn(2, 3, 64)
+    conv = net[0]
+    with torch.no_grad():
+        for lengths, same_plan in (([64, 37], False), ([64, 37], True), ([50, 64], False)):
+            before = padding_safe._plans.get(conv)
+            with seqnorm.padding(lengths=torch.tensor(lengths)):
+                y = net(x)
+            with seqnorm.padding(lengths=torch.tensor(lengths)):
+                expected = fresh(x)
+            assert (padding_safe._plans[conv] is before) == same_plan
+            assert padding_safe._plans[conv].lengths == tuple(lengths)
+            assert torch.equal(y, expected)

@@ -252,6 +252,50 @@ def _keeps_lengths(g: tl.Geometry) -> bool:
             and not (g.avg and not g.divisor_override and tl.reads_past_the_end(g)))
 
 
+class _HostPlan:
+    """What a time layer does for host lengths (a tuple of Python ints,
+    :meth:`~seqnorm.masks.PaddingContext.host_lengths_at`) at ``steps`` steps along
+    ``axis``, worked out in Python once and reused while the layer gets the same
+    lengths: a kept context's next call, or a new batch of the same lengths.
+
+    ``out_lengths``: the lengths after the layer (None where every sequence keeps its
+    length); ``fill``: whether a real output reads a padded step, so the padding is
+    filled first; ``short``: the sequences too short for the kernel."""
+
+    __slots__ = ("axis", "steps", "lengths", "g", "out_lengths", "fill", "short")
+
+    def __init__(self, layer: nn.Module, axis: int, steps: int, lengths: tuple):
+        g = _geometry(layer, axis - 2)
+        self.axis, self.steps, self.lengths, self.g = axis, steps, lengths, g
+        out = None if _keeps_lengths(g) else hl.output_lengths(g, lengths)
+        self.out_lengths = out
+        self.fill = tl.reads_past_the_end(g) and hl.reads_padding(g, lengths, lengths if out is None else out, steps)
+        self.short = [] if out is None else [b for b, (n, m) in enumerate(zip(lengths, out)) if n > 0 and m <= 0]
+
+    def fits(self, axis: int, steps: int, lengths: tuple) -> bool:
+        return self.steps == steps and self.axis == axis and (self.lengths is lengths or self.lengths == lengths)
+
+
+#: time layer → its latest _HostPlan
+_plans: "weakref.WeakKeyDictionary[nn.Module, _HostPlan]" = weakref.WeakKeyDictionary()
+
+
+def _host_plan(layer: nn.Module, axis: int, steps: int, lengths: tuple) -> _HostPlan:
+    plan = _plans.get(layer)
+    if plan is None or not plan.fits(axis, steps, lengths):
+        plan = _plans[layer] = _HostPlan(layer, axis, steps, lengths)
+    return plan
+
+
+def _fill_mask(ctx, steps: int, axis: int, dim: int, device):
+    """The rate's ``(B, T)`` mask laid out to broadcast against a ``dim``-d input whose
+    time axis is ``axis``; kept with the rate's mask (made once per rate and layout)."""
+    def make():
+        pad = ctx.mask_at(steps, device)     # (B, T), built once per rate, shared with the norms
+        return pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (dim - axis - 1))
+    return ctx.at_rate(("fill", axis, dim), steps, device, make)
+
+
 def _time_pre_hook(name: str):
     def hook(layer, args):
         ctx, x = _in_context(args)
@@ -271,19 +315,18 @@ def _time_pre_hook(name: str):
         if lengths is None:
             _fall_back(layer, _name(name, layer), reason, norm=False)
             return None
-        g = _geometry(layer, axis - 2)
         if type(lengths) is tuple:      # host ints: the output lengths now, and a fill only where one is read
-            out_lengths = None if _keeps_lengths(g) else hl.output_lengths(g, lengths)
-            _push(layer, "time", (axis, lengths, out_lengths))
-            if not tl.reads_past_the_end(g) or not hl.reads_padding(
-                    g, lengths, lengths if out_lengths is None else out_lengths, steps):
+            plan = _host_plan(layer, axis, steps, lengths)
+            _push(layer, "time", (axis, lengths, plan))
+            if not plan.fill:
                 return None
+            pad = _fill_mask(ctx, steps, axis, x.dim(), x.device)
         else:
             _push(layer, "time", (axis, lengths, None))
-            if not tl.reads_past_the_end(g):
+            if not tl.reads_past_the_end(_geometry(layer, axis - 2)):
                 return None
-        pad = ctx.mask_at(steps, x.device)     # (B, T), built once per rate, shared with the norms
-        pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (x.dim() - axis - 1))
+            pad = ctx.mask_at(steps, x.device)     # (B, T), built once per rate, shared with the norms
+            pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (x.dim() - axis - 1))
         return (x.masked_fill(pad, tl.fill_value(layer, x.dtype)),) + tuple(args[1:])
     return hook
 
@@ -293,18 +336,20 @@ def _time_hook(name: str):
         entry = _pop(layer, "time")
         if entry is None:
             return None
-        axis, lengths, out_lengths = entry[1]
+        axis, lengths, plan = entry[1]
         ctx = current_padding()
         out = output[0] if isinstance(output, tuple) else output     # MaxPool(return_indices=True)
         if ctx is None or not isinstance(out, Tensor):
             return None
-        g = _geometry(layer, axis - 2)
+        g = _geometry(layer, axis - 2) if plan is None else plan.g
         steps_in, steps_out = args[0].shape[axis], out.shape[axis]
-        if _keeps_lengths(g) and steps_out == steps_in:
+        if (_keeps_lengths(g) if plan is None else plan.out_lengths is None) and steps_out == steps_in:
             ctx.record(steps_out, lengths)   # the same lengths: the rate's mask stays built
             return None
-        if type(lengths) is tuple:
-            out_lengths = hl.output_lengths(g, lengths) if out_lengths is None else out_lengths
+        if plan is not None and plan.out_lengths is not None:
+            out_lengths, short = plan.out_lengths, plan.short
+        elif plan is not None:       # keeps every length, yet the steps changed: torch's sizes say otherwise
+            out_lengths = hl.output_lengths(g, lengths)
             short = [b for b, (n, m) in enumerate(zip(lengths, out_lengths)) if n > 0 and m <= 0]
         else:
             out_lengths = tl.output_lengths(g, lengths)
