@@ -266,16 +266,25 @@ class HostRows:
     so a model's many norms given one mask read it once, and a mask changed in
     place, or another mask of the same shape, is read again."""
 
-    __slots__ = ("ref", "version", "shape", "col", "padded", "real", "n_pad", "n_real")
+    __slots__ = ("ref", "version", "shape", "col", "padded", "_flat", "_real", "n_pad", "n_real")
 
     def __init__(self, mask: Tensor):
         flat = mask.reshape(-1)
         self.shape = mask.shape
         self.col = mask.unsqueeze(-1)        # broadcasts over a (*, D) input's last dimension
         self.padded = flat.nonzero().squeeze(1)
-        self.real = torch.logical_not(flat).nonzero().squeeze(1)
-        self.n_pad, self.n_real = self.padded.shape[0], self.real.shape[0]
+        self.n_pad = self.padded.shape[0]
+        self.n_real = flat.shape[0] - self.n_pad
+        self._flat, self._real = flat, None
         self.ref, self.version = _dead, -1
+
+    @property
+    def real(self) -> Tensor:
+        """The real entries' indices, read when first asked for: only a feature-wise norm's
+        statistics gather them (a row-wise norm fills the padded rows alone)."""
+        if self._real is None:
+            self._real = torch.logical_not(self._flat).nonzero().squeeze(1)
+        return self._real
 
 
 #: the last masks :func:`host_rows` read, newest first
