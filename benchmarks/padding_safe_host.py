@@ -221,8 +221,8 @@ def main(argv=None):
         r = ratio(m, args.rounds, args.calls, new_mask)
         print(f"| {r['model']} | {r['stock_ms']:.3f} ({r['stock_min_ms']:.3f}) | {r['safe_ms']:.3f} ({r['safe_min_ms']:.3f}) "
               f"| **{r['ratio']:.2f}×** ({r['ratio_min']:.2f}×) |")
-    for m in args.models:
-        b = breakdown(m, args.forwards, new_mask=True)
+    for m, new_mask in ((m, n) for m in args.models for n in (False, True)):
+        b = breakdown(m, args.forwards, new_mask=new_mask)
         print(f"\n{b['model']}: where the padding-safe forward's extra time goes ({b['timer_us']:.2f} µs "
               f"subtracted per timed call)\n")
         print("| what | calls per forward | µs per call | µs per forward |")

@@ -144,12 +144,13 @@ def _key_masks(net):
     return seen
 
 
-def test_attention_key_mask_from_host_lengths_is_made_once_per_rate():
+@pytest.mark.parametrize("lengths", [[20, 11, 5], [20, 11, 0]], ids=["negated rate mask", "an empty sequence"])
+def test_attention_key_mask_from_host_lengths_is_made_once_per_rate(lengths):
     torch.manual_seed(0)
     net = seqnorm.make_padding_safe(_TwoAttentions().eval())
     seen = _key_masks(net)          # registered after seqnorm's hooks: sees the mask they made
     x = torch.randn(3, 20, 3)
-    with torch.no_grad(), seqnorm.padding(lengths=torch.tensor([20, 11, 0])) as ctx:
+    with torch.no_grad(), seqnorm.padding(lengths=torch.tensor(lengths)) as ctx:
         net(x)
         steps = net.conv(x.transpose(1, 2)).shape[2]
         keep = ctx.at_rate("keys", steps, x.device, lambda: None)
@@ -189,3 +190,14 @@ def test_a_time_layer_works_out_its_host_lengths_once_per_lengths():
             assert (padding_safe._plans[conv] is before) == same_plan
             assert padding_safe._plans[conv].lengths == tuple(lengths)
             assert torch.equal(y, expected)
+
+
+def test_host_mask_at_is_the_host_lengths_mask_and_never_a_given_one():
+    given = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    ctx = masks.PaddingContext(given, None, True)
+    ctx.lengths_at(6)
+    assert ctx.host_mask_at(6, given.device) is None            # the given mask's rate: handed out as given
+    ctx.record(3, (3, 2))
+    assert torch.equal(ctx.host_mask_at(3, given.device), masks.lengths_to_padding_mask(torch.tensor([3, 2]), 3))
+    assert ctx.host_mask_at(3, given.device) is ctx.mask_at(3, given.device)
+    assert ctx.host_mask_at(5, given.device) is None            # no lengths known at 5 steps

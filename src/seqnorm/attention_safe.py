@@ -216,7 +216,15 @@ def _host_keep(ctx, lengths: tuple, steps: int, batch: int, device, rec: _Hooked
     if all(n >= steps for n in lengths):
         rec.last = "masked"
         return None
-    return ctx.at_rate("keys", steps, device, lambda: key_mask(torch.tensor(lengths, device=device), steps))
+    return ctx.at_rate("keys", steps, device, lambda: _host_key_mask(ctx, lengths, steps, device))
+
+
+def _host_key_mask(ctx, lengths: tuple, steps: int, device) -> Tensor:
+    """:func:`key_mask` of host lengths: the negated mask of the rate where the context
+    has it (:meth:`~seqnorm.masks.PaddingContext.host_mask_at`: ``s < L`` is ``not s ≥ L``)
+    and no sequence is empty (an empty one keeps every key), one op; else made anew."""
+    pad = ctx.host_mask_at(steps, device) if min(lengths) > 0 else None
+    return key_mask(torch.tensor(lengths, device=device), steps) if pad is None else pad.logical_not()
 
 
 def _keep(ctx, steps: int, batch: int, device, rec: _Hooked) -> Optional[Tensor]:

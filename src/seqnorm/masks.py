@@ -521,6 +521,19 @@ class PaddingContext:
             entry.host = tuple(t.tolist())
         return entry.host
 
+    def host_mask_at(self, steps: int, device) -> Optional[torch.Tensor]:
+        """:meth:`mask_at` where it is the mask of the host lengths at ``steps``
+        (:meth:`host_lengths_at`: ``arange(steps) >= L``), so that what else is made of
+        those lengths can be made of it; None where they are not host data, or where the
+        given ``padding_mask`` is at ``steps`` (that rate's mask is the one given)."""
+        host = self.host_lengths_at(steps)
+        if host is None:
+            return None
+        given = self.padding_mask
+        if given is not None and not (isinstance(given, Tensor) and given.dim() == 2 and given.shape[1] != steps):
+            return None
+        return self.batch_major((len(host), steps), device)
+
     def at_rate(self, what: str, steps: int, device, make) -> torch.Tensor:
         """A tensor derived from the lengths at ``steps`` for ``device`` (``what`` names
         it: an attention module's key mask), ``make()`` when first asked for, then the
