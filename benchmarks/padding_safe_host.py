@@ -205,6 +205,81 @@ def breakdown(model_type: str, forwards: int, new_mask: bool) -> dict:
                 stock_us=(total["stock"] - sum(st.timed.values()) * cost) / forwards * 1e6, timer_us=cost * 1e6)
 
 
+# ---------------------------------------------------------------------------
+# alone: each hooked layer's hooks called in a loop, with a forward's context and arguments
+# ---------------------------------------------------------------------------
+
+
+def _captured_calls(model, x, mask) -> list:
+    """``(kind, module name, pre, post, context)`` for each hooked call of one forward
+    (a kept context's: the model was called with ``mask`` before): ``pre`` and ``post``
+    are the hooks' functions bound to the arguments they got."""
+    from seqnorm import masks
+
+    calls = []
+
+    def capture(name, table, key, fn, pre):
+        def hook(*args, **kwargs):
+            ctx = masks.current_padding()
+            out = fn(*args, **kwargs)
+            calls.append((_kind(fn), name, pre, fn, args, kwargs, ctx))
+            return out
+        table[key] = hook
+
+    saved = []
+    for name, m in model.named_modules():
+        for table in (m._forward_pre_hooks, m._forward_hooks):
+            saved.append((table, dict(table)))
+            for key, fn in list(table.items()):
+                capture(name, table, key, fn, table is m._forward_pre_hooks)
+    with torch.no_grad():
+        model(x, attention_mask=mask)       # opens the context of mask
+        calls.clear()
+        model(x, attention_mask=mask)       # the kept context's call: the steady state
+    for table, hooks in saved:
+        table.clear(), table.update(hooks)
+    pairs = []
+    for kind, name, pre, fn, args, kwargs, ctx in calls:
+        if pre:
+            post = next(((f, a, k) for kd, n, p, f, a, k, _ in calls if n == name and not p and kd == kind), None)
+            pairs.append((kind, name, (fn, args, kwargs), post, ctx))
+    return pairs
+
+
+def alone(model_type: str, n: int = 2000, repeats: int = 7) -> list:
+    """Rows ``(kind, calls per forward, µs per call)``: each hooked call of a kept
+    context's forward (the same mask again) repeated alone — its pre-hook, then its
+    forward hook, with the padding context the forward had — thread CPU time, the
+    median of ``repeats`` loops of ``n``; summed by kind of hooked layer. No timer in
+    the loop, no model around it: the hooks' own cost with warm caches."""
+    from seqnorm import masks
+
+    _, safe = models(model_type)
+    x, mask = inputs()
+    per_kind = defaultdict(list)
+    with torch.no_grad():
+        for kind, name, (fn, args, kwargs), post, ctx in _captured_calls(safe, x, mask):
+            def pair():
+                depth = None if ctx is None or masks.current_padding() is ctx else masks.open_padding(ctx)
+                try:
+                    fn(*args, **kwargs)
+                    if post is not None:
+                        post[0](*post[1], **post[2])
+                finally:
+                    if depth is not None:
+                        masks.close_padding(depth)
+            for _ in range(100):
+                pair()
+            loops = []
+            for _ in range(repeats):
+                t0 = time.thread_time()
+                for _ in range(n):
+                    pair()
+                loops.append((time.thread_time() - t0) / n)
+            per_kind[kind].append(statistics.median(loops) * 1e6)
+    return [(kind, len(us), sum(us) / len(us)) for kind, us in sorted(per_kind.items())]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["wav2vec2", "hubert"])
@@ -234,6 +309,15 @@ def main(argv=None):
         attributed = sum(r[-1] for r in b["hooks"]) + sum(r[-1] for r in b["norms"])
         print(f"| not attributed (torch's dispatch of the hooks, timer error, ...) | | | {b['extra_us'] - attributed:.0f} |")
         print(f"| **safe − stock** (stock: {b['stock_us']:.0f} µs) | | | **{b['extra_us']:.0f}** |")
+    for m in args.models:
+        print(f"\n{m}: each hooked call alone (a kept context's forward: its pre-hook and forward hook "
+              f"repeated with the context and arguments they got)\n")
+        print("| hooks | calls per forward | µs per call | µs per forward |")
+        print("|---|---:|---:|---:|")
+        rows = alone(m)
+        for kind, n, us in rows:
+            print(f"| {kind} | {n} | {us:.1f} | {n * us:.0f} |")
+        print(f"| **all hooks** | {sum(r[1] for r in rows)} | | **{sum(r[1] * r[2] for r in rows):.0f}** |")
     print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}, {time.strftime('%H:%M:%S')}")
 
 
