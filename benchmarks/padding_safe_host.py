@@ -1,8 +1,8 @@
 """Host cost of ``make_padding_safe``'s hooks on a small speech model (issue 27, "Hooks").
 
 A test-sized model (``hf.build``: hidden 32, 2 layers, a 3-layer conv feature encoder) does so
-little arithmetic that its forward is mostly Python: what the padding-safe model adds is the
-hooks' own time. Two tables:
+little arithmetic that its forward is mostly Python: what the padding-safe model adds is host
+time, the hooks' and the masked norms'. Three tables:
 
 * **ratio** — the padding-safe model (``make_padding_safe``, called as users call it:
   ``model(x, attention_mask=mask)``, whose call hook opens the padding context) against the
@@ -18,7 +18,10 @@ hooks' own time. Two tables:
   subtracted), and so is the ``forward`` of every norm (masked in the safe model, torch's in the
   stock one): what one conv time layer's pair of hooks costs, one norm's pre-hook, one
   attention module's hook, the model call's, and how much more a masked norm's forward takes
-  than torch's.
+  than torch's; for both ways to call;
+* **alone** — each hooked call of a kept context's forward (the same mask again) repeated in a
+  loop: its pre-hook, then its forward hook, with the context and arguments the forward gave
+  them; no timer inside, no model around it: the hooks' own cost, summed by kind.
 
     PYTHONPATH=src python benchmarks/padding_safe_host.py                 # wav2vec2 and hubert
     PYTHONPATH=src python benchmarks/padding_safe_host.py --models wav2vec2 --rounds 60
