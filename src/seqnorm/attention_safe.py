@@ -160,12 +160,14 @@ def _new_mask(keep: Tensor, style: str, dtype: torch.dtype, queries: int, causal
 # ---------------------------------------------------------------------------
 
 
-def _warn_once(rec: _Hooked, why: str, message: str) -> None:
+def _warn_once(rec: _Hooked, why: str, message: str, deeper: int = 0) -> None:
+    """Warn once per module and reason; ``deeper``: how many more calls down from the hook
+    than one (so the warning points where it did before :func:`_keep` came between)."""
     rec.last = why
     if why not in rec.warned:
         rec.warned.add(why)
         warnings.warn(f"seqnorm.make_padding_safe: attention {rec.name!r}: {message}; its mask is left as the "
-                      f"model made it", AttentionWarning, stacklevel=4)
+                      f"model made it", AttentionWarning, stacklevel=4 + deeper)
 
 
 def _lengths(ctx, steps: int, batch: int, rec: _Hooked) -> Optional[Tensor]:
@@ -174,15 +176,15 @@ def _lengths(ctx, steps: int, batch: int, rec: _Hooked) -> Optional[Tensor]:
         lengths = ctx.lengths_at(steps)
     except ValueError:
         _warn_once(rec, "unknown rate", f"no lengths are known at its {steps} keys (known at "
-                   f"{', '.join(map(str, ctx.known_steps())) or 'none'})")
+                   f"{', '.join(map(str, ctx.known_steps())) or 'none'})", deeper=1)
         return None
     lengths = torch.as_tensor(lengths)
     if lengths.shape != (batch,):
-        _warn_once(rec, "batch", f"the padding holds {lengths.numel()} sequences, its input {batch}")
+        _warn_once(rec, "batch", f"the padding holds {lengths.numel()} sequences, its input {batch}", deeper=1)
         return None
     if host_readable(lengths) and lengths.numel() and int(lengths.max()) > steps:
         _warn_once(rec, "unknown rate", f"lengths up to {int(lengths.max())} but only {steps} keys (the "
-                   f"number of keys matches another rate)")
+                   f"number of keys matches another rate)", deeper=1)
         return None
     return lengths
 
@@ -195,6 +197,46 @@ def _no_padding(lengths: Tensor, steps: int, rec: _Hooked) -> bool:
         return False
     rec.last = "masked"
     return True
+
+
+def _host_keep(ctx, lengths: tuple, steps: int, batch: int, device, rec: _Hooked) -> Optional[Tensor]:
+    """:func:`_lengths`, :func:`_no_padding` and :func:`key_mask` for host lengths (a tuple
+    of Python ints, :meth:`~seqnorm.masks.PaddingContext.host_lengths_at`): the same checks
+    and warnings in Python, and the ``(B, steps)`` key mask on ``device`` made once per
+    rate (:meth:`~seqnorm.masks.PaddingContext.at_rate`: a model's attention modules at one
+    rate share it, and a kept context's next call makes none); None where those give None."""
+    if len(lengths) != batch:
+        _warn_once(rec, "batch", f"the padding holds {len(lengths)} sequences, its input {batch}", deeper=1)
+        return None
+    top = max(lengths, default=0)
+    if top > steps:
+        _warn_once(rec, "unknown rate", f"lengths up to {top} but only {steps} keys (the "
+                   f"number of keys matches another rate)", deeper=1)
+        return None
+    if all(n >= steps for n in lengths):
+        rec.last = "masked"
+        return None
+    return ctx.at_rate("keys", steps, device, lambda: _host_key_mask(ctx, lengths, steps, device))
+
+
+def _host_key_mask(ctx, lengths: tuple, steps: int, device) -> Tensor:
+    """:func:`key_mask` of host lengths: the negated mask of the rate where the context
+    has it (:meth:`~seqnorm.masks.PaddingContext.host_mask_at`: ``s < L`` is ``not s ≥ L``)
+    and no sequence is empty (an empty one keeps every key), one op; else made anew."""
+    pad = ctx.host_mask_at(steps, device) if min(lengths) > 0 else None
+    return key_mask(torch.tensor(lengths, device=device), steps) if pad is None else pad.logical_not()
+
+
+def _keep(ctx, steps: int, batch: int, device, rec: _Hooked) -> Optional[Tensor]:
+    """The ``(B, steps)`` key mask of the context's lengths at ``steps`` keys on ``device``
+    (:func:`key_mask`), or None: no lengths fit (warned once), or no sequence is padded."""
+    host = ctx.host_lengths_at(steps)
+    if host is not None:
+        return _host_keep(ctx, host, steps, batch, device, rec)
+    lengths = _lengths(ctx, steps, batch, rec)
+    if lengths is None or _no_padding(lengths, steps, rec):
+        return None
+    return key_mask(lengths.to(device), steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,10 +317,9 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
                 and keys.shape[0] == x.shape[0]):
             return None
         batch, steps = keys.shape[:2]
-        lengths = _lengths(ctx, steps, batch, rec)
-        if lengths is None or _no_padding(lengths, steps, rec):
+        keep = _keep(ctx, steps, batch, keys.device, rec)
+        if keep is None:
             return None
-        keep = key_mask(lengths.to(keys.device), steps)
         mask = _get(args, kwargs, mask_at, "attention_mask")
         if mask is None:
             style = _new_mask_style(mod, use)
@@ -287,6 +328,8 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
                            f"it takes (attn_implementation={_implementation(mod)!r})")
                 return None
             causal = bool(getattr(mod, "is_causal", False)) and kv is None
+            if style == "keys" or (style == "bool" and not causal):
+                keep = keep.clone()     # handed to the module as it is: never the rate's shared key mask
             new = _new_mask(keep, style, x.dtype if x.is_floating_point() else torch.float32, x.shape[1], causal)
         elif isinstance(mask, Tensor) and mask.dtype == torch.bool and _new_mask_style(mod, use) == "float":
             # HF's eager attention adds its mask: a bool one (Seamless M4T v2's chunk mask) adds 0/1 and
@@ -317,10 +360,9 @@ def _mha_pre_hook(rec: _Hooked, module: nn.MultiheadAttention):
         if not isinstance(key, Tensor) or key.dim() != 3:
             return None
         batch, steps = (key.shape[0], key.shape[1]) if mod.batch_first else (key.shape[1], key.shape[0])
-        lengths = _lengths(ctx, steps, batch, rec)
-        if lengths is None or _no_padding(lengths, steps, rec):
+        keep = _keep(ctx, steps, batch, key.device, rec)
+        if keep is None:
             return None
-        keep = key_mask(lengths.to(key.device), steps)
         mask = _get(args, kwargs, 3, "key_padding_mask")
         attn_mask = _get(args, kwargs, 5, "attn_mask")
         if mask is None:

@@ -266,16 +266,25 @@ class HostRows:
     so a model's many norms given one mask read it once, and a mask changed in
     place, or another mask of the same shape, is read again."""
 
-    __slots__ = ("ref", "version", "shape", "col", "padded", "real", "n_pad", "n_real")
+    __slots__ = ("ref", "version", "shape", "col", "padded", "_flat", "_real", "n_pad", "n_real")
 
     def __init__(self, mask: Tensor):
         flat = mask.reshape(-1)
         self.shape = mask.shape
         self.col = mask.unsqueeze(-1)        # broadcasts over a (*, D) input's last dimension
         self.padded = flat.nonzero().squeeze(1)
-        self.real = torch.logical_not(flat).nonzero().squeeze(1)
-        self.n_pad, self.n_real = self.padded.shape[0], self.real.shape[0]
+        self.n_pad = self.padded.shape[0]
+        self.n_real = flat.shape[0] - self.n_pad
+        self._flat, self._real = flat, None
         self.ref, self.version = _dead, -1
+
+    @property
+    def real(self) -> Tensor:
+        """The real entries' indices, read when first asked for: only a feature-wise norm's
+        statistics gather them (a row-wise norm fills the padded rows alone)."""
+        if self._real is None:
+            self._real = torch.logical_not(self._flat).nonzero().squeeze(1)
+        return self._real
 
 
 #: the last masks :func:`host_rows` read, newest first
@@ -320,15 +329,19 @@ _CPU = torch.device("cpu")
 def host_context_mask(token_shape, rows: bool) -> Optional[Tensor]:
     """The CPU mask of the :func:`padding` context for a token grid ``(a, b)``, as a
     row-wise norm (``rows``: laid out as :meth:`PaddingContext.for_tokens`) or a
-    feature-wise one (:meth:`PaddingContext.batch_major`) last received it; None when
-    the context has not given it yet (the caller takes the general path, which does)."""
+    feature-wise one (:meth:`PaddingContext.batch_major`) receives it: the one last
+    handed out, else made now; None where the context cannot make it (the caller takes
+    the general path, which raises the context's error)."""
     ctx = current_padding()
     if ctx is None:
         return None
     last = ctx._host_rows if rows else ctx._host_major
     if last is not None and last[0] == token_shape:
         return last[1]
-    return None
+    try:      # the first norm at a rate: the mask the general path would get, without going there
+        return ctx.for_tokens(token_shape, _CPU) if rows else ctx.batch_major(token_shape, _CPU)
+    except (ValueError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +383,16 @@ class ByRate:
         return len(self.items)
 
 
+class _RateLengths:
+    """The lengths at one rate: a ``(B,)`` tensor, the same values as a tuple of Python
+    ints (host data only), or both — each made from the other when first asked for."""
+
+    __slots__ = ("tensor", "host")
+
+    def __init__(self, tensor: Optional[Tensor], host: Optional[tuple] = None):
+        self.tensor, self.host = tensor, host
+
+
 class PaddingContext:
     """The padding set by :func:`padding`, handed to every seqnorm module that
     is called without an explicit ``padding_mask`` / ``lengths``.
@@ -395,8 +418,9 @@ class PaddingContext:
     def __init__(self, padding_mask, lengths, batch_first: bool, *, real_mask=None):
         self._padding_mask, self._real_mask = padding_mask, real_mask
         self.lengths, self.batch_first = lengths, batch_first
-        self._lengths_at = ByRate()      # time steps → (B,) lengths at that rate
-        self._masks = ByRate()           # (B, T, device) → the validated (B, T) mask
+        self._lengths_at = ByRate()      # time steps → _RateLengths: the (B,) lengths at that rate
+        # (B, T, device) → the validated (B, T) mask; (what, T, device) → a tensor at_rate made
+        self._masks = ByRate()
         # (token shape, mask) last handed out on the CPU by batch_major / for_tokens (host_context_mask)
         self._host_major = self._host_rows = None
 
@@ -426,22 +450,30 @@ class PaddingContext:
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2
                                  or mask.shape[1] == token_shape[1] or not self._lengths_at):
             return resolve_padding(token_shape, device, mask, None, what=self._WHAT)
+        host = self.host_lengths_at(token_shape[1])
+        if host is not None and len(host) == token_shape[0]:     # range-checked in Python, no tensor read
+            return lengths_to_padding_mask(host, token_shape[1], device)
         return resolve_padding(token_shape, device, None, self.lengths_at(token_shape[1]), what=self._WHAT)
 
     def mask_at(self, steps: int, device) -> torch.Tensor:
         """The ``(B, steps)`` mask on ``device`` (``B`` from the lengths at ``steps``),
         the one :meth:`batch_major` hands every module at that rate."""
+        host = self.host_lengths_at(steps)
+        if host is not None:
+            return self.batch_major((len(host), steps), device)
         lengths = self.lengths_at(steps)
         return self.batch_major((lengths.shape[0] if lengths.dim() else 0, steps), device)
 
     def lengths_at(self, steps: int) -> torch.Tensor:
         """The ``(B,)`` lengths at a module with ``steps`` time steps (see the class docstring)."""
-        lengths = self._lengths_at.get(steps)
-        if lengths is not None:
-            return lengths
+        entry = self._lengths_at.get(steps)
+        if entry is not None:
+            if entry.tensor is None:      # recorded as Python ints: the tensor is made when a module asks
+                entry.tensor = torch.tensor(entry.host, dtype=torch.long)
+            return entry.tensor
         if self.padding_mask is None and not self._lengths_at:
             lengths = torch.as_tensor(self.lengths)     # the first module sets the input's rate
-            self._lengths_at.set(steps, lengths)
+            self._lengths_at.set(steps, _RateLengths(lengths))
             return lengths
         if self.padding_mask is not None and not self._lengths_at:
             mask = self.padding_mask
@@ -467,17 +499,65 @@ class PaddingContext:
             assert_on_device(torch.eq(rebuilt, mask).all(), holes)
         elif not torch.equal(rebuilt, mask):
             raise ValueError(holes)
-        self._lengths_at.set(mask.shape[1], lengths)
+        self._lengths_at.set(mask.shape[1], _RateLengths(lengths))
         return lengths
 
-    def record(self, steps: int, lengths: torch.Tensor) -> None:
-        """Record the lengths at ``steps`` time steps (a rate-changing layer's output).
+    def host_lengths_at(self, steps: int) -> Optional[tuple]:
+        """The lengths at ``steps`` time steps as a tuple of Python ints, where they are
+        host data (a CPU tensor or Python numbers, outside ``torch.compile``; read once
+        per rate), so that a hook checks them and carries them through a layer in Python
+        rather than in several tiny tensor ops; None where they are not, or where no
+        lengths are known at ``steps`` yet (:meth:`lengths_at` says why)."""
+        if torch.compiler.is_compiling():
+            return None
+        entry = self._lengths_at.get(steps)
+        if entry is None:
+            return None
+        if entry.host is None:
+            t = entry.tensor
+            if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool \
+                    or not host_readable(t):      # on a device: never read back (see the module docstring)
+                return None
+            entry.host = tuple(t.tolist())
+        return entry.host
+
+    def host_mask_at(self, steps: int, device) -> Optional[torch.Tensor]:
+        """:meth:`mask_at` where it is the mask of the host lengths at ``steps``
+        (:meth:`host_lengths_at`: ``arange(steps) >= L``), so that what else is made of
+        those lengths can be made of it; None where they are not host data, or where the
+        given ``padding_mask`` is at ``steps`` (that rate's mask is the one given)."""
+        host = self.host_lengths_at(steps)
+        if host is None:
+            return None
+        given = self.padding_mask
+        if given is not None and not (isinstance(given, Tensor) and given.dim() == 2 and given.shape[1] != steps):
+            return None
+        return self.batch_major((len(host), steps), device)
+
+    def at_rate(self, what: str, steps: int, device, make) -> torch.Tensor:
+        """A tensor derived from the lengths at ``steps`` for ``device`` (``what`` names
+        it: an attention module's key mask), ``make()`` when first asked for, then the
+        same tensor until a layer records new lengths at ``steps`` — kept as the rate's
+        mask is (:meth:`batch_major`), so a kept context's next call makes none."""
+        key = (what, steps, device)      # key[1] is the rate: record() drops it with the rate's masks
+        value = self._masks.get(key)
+        if value is None:
+            value = make()
+            self._masks.set(key, value)
+        return value
+
+    def record(self, steps: int, lengths) -> None:
+        """Record the lengths at ``steps`` time steps (a rate-changing layer's output): a
+        ``(B,)`` tensor, or a tuple of Python ints (host data, :meth:`host_lengths_at`).
         Two rates with the same number of steps (a pooling layer and, later, an
         upsampling one) cannot be told apart by the number: the latest record holds,
         which in a feed-forward stack is the layer that made the tensor at hand."""
-        if self._lengths_at.get(steps) is lengths:       # a layer that keeps every length
-            return
-        self._lengths_at.set(steps, lengths)
+        entry = self._lengths_at.get(steps)
+        if entry is not None and (entry.tensor is lengths or entry.host is lengths      # a layer that keeps them
+                                  or (type(lengths) is tuple and entry.host == lengths)):
+            return      # (host ints equal to those known, as a kept context's next call records: the masks stay)
+        self._lengths_at.set(steps, _RateLengths(None, lengths) if isinstance(lengths, tuple)
+                             else _RateLengths(lengths))
         self._masks.drop(lambda key: key[1] == steps)
         self._host_major = self._host_rows = None
 

@@ -65,7 +65,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import time_layers as tl
+from . import host_lengths as hl, time_layers as tl
 from .call_padding import hook_model_calls, unhook_model_calls
 from .attention_safe import decoder_paths, hook_attention, in_decoder, unhook_attention
 from .convert import ConversionWarning, convert
@@ -151,27 +151,43 @@ def _undo_hook(module, args, output):
 
 
 
-def _lengths_at(ctx, steps: int, batch: int, where: str, device):
+def _lengths_at(ctx, steps: int, batch: int, device):
     """``(lengths, None)``: the context's lengths at ``steps``, checked against the layer's
-    input; ``(None, reason)`` when they do not fit it. Host lengths are checked on the
-    host; lengths on a device are checked there, once per rate, by building the rate's
-    mask (:meth:`~seqnorm.masks.PaddingContext.mask_at`, a device-side assert): reading
-    them back would stall the device's stream at every layer."""
-    known = _known(ctx)
-    if known and steps not in known:
-        return None, (f"no sequence lengths are known at {steps} time steps (known at "
-                      f"{', '.join(map(str, sorted(known)))}): a layer before it changed the number of steps in "
-                      f"a way seqnorm does not follow")
-    lengths = ctx.lengths_at(steps)     # raises only for a padding_mask with holes: the caller's argument
-    if lengths.shape != (batch,):
-        return None, (f"the padding holds {tuple(lengths.shape)[0] if lengths.dim() else 0} sequences but the "
-                      f"layer's input has batch size {batch}")
-    if not host_readable(lengths):
-        ctx.mask_at(steps, device)
-    elif lengths.numel() and int(lengths.max()) > steps:
-        return None, (f"lengths up to {int(lengths.max())} but the layer's input has only {steps} time steps "
-                      f"(lengths must be at the rate of the model's input)")
+    input; ``(None, reason)`` when they do not fit it. Host lengths come as a tuple of
+    Python ints (:meth:`~seqnorm.masks.PaddingContext.host_lengths_at`, read once per
+    rate) and are checked in Python; lengths on a device stay a tensor and are checked
+    there, once per rate, by building the rate's mask
+    (:meth:`~seqnorm.masks.PaddingContext.mask_at`, a device-side assert): reading them
+    back would stall the device's stream at every layer."""
+    lengths = ctx.host_lengths_at(steps)
+    if lengths is None:
+        known = _known(ctx)
+        if known and steps not in known:
+            return None, (f"no sequence lengths are known at {steps} time steps (known at "
+                          f"{', '.join(map(str, sorted(known)))}): a layer before it changed the number of steps "
+                          f"in a way seqnorm does not follow")
+        lengths = ctx.lengths_at(steps)     # raises only for a padding_mask with holes: the caller's argument
+        if lengths.shape != (batch,):
+            return None, (f"the padding holds {tuple(lengths.shape)[0] if lengths.dim() else 0} sequences but "
+                          f"the layer's input has batch size {batch}")
+        host = ctx.host_lengths_at(steps)
+        if host is None:        # on a device (or not integers: the mask, when built, says what is wrong)
+            if not host_readable(lengths):
+                ctx.mask_at(steps, device)
+            elif lengths.numel() and int(lengths.max()) > steps:
+                return None, _too_long(int(lengths.max()), steps)
+            return lengths, None
+        lengths = host
+    if len(lengths) != batch:
+        return None, f"the padding holds {len(lengths)} sequences but the layer's input has batch size {batch}"
+    if lengths and max(lengths) > steps:
+        return None, _too_long(max(lengths), steps)
     return lengths, None
+
+
+def _too_long(top: int, steps: int) -> str:
+    return (f"lengths up to {top} but the layer's input has only {steps} time steps (lengths must be at the "
+            f"rate of the model's input)")
 
 
 def _in_context(args):
@@ -198,12 +214,34 @@ def _first_axis(layer, x, ctx) -> Optional[int]:
 
 
 def _time_axis(layer, x, ctx) -> Optional[int]:
+    if x.dim() == 3 and tl.kind(layer).spatial == 1 and ctx.host_lengths_at(x.shape[2]) is not None:
+        return 2         # a 1-d layer at a rate whose host lengths are known: no list of the known rates
     known = _known(ctx)
     if tl.kind(layer).spatial == 2 and x.dim() == 4 and not known:
         return _first_axis(layer, x, ctx)
     if not known and x.dim() == 3:
         return 2
     return tl.time_axis(layer, x, known)
+
+
+#: time layer → {spatial axis: its Geometry}
+_geometries: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _geometry(layer: nn.Module, axis: int) -> tl.Geometry:
+    """:func:`seqnorm.time_layers.geometry`, read once per layer and axis outside
+    ``torch.compile`` (building it costs more than the rest of a hook's host path): a
+    layer's kernel, stride, padding and dilation are fixed once it is built — torch
+    checks them in its constructor only."""
+    if torch.compiler.is_compiling():
+        return tl.geometry(layer, axis)
+    per_layer = _geometries.get(layer)
+    if per_layer is None:
+        per_layer = _geometries[layer] = {}
+    g = per_layer.get(axis)
+    if g is None:
+        g = per_layer[axis] = tl.geometry(layer, axis)
+    return g
 
 
 def _keeps_lengths(g: tl.Geometry) -> bool:
@@ -214,30 +252,81 @@ def _keeps_lengths(g: tl.Geometry) -> bool:
             and not (g.avg and not g.divisor_override and tl.reads_past_the_end(g)))
 
 
+class _HostPlan:
+    """What a time layer does for host lengths (a tuple of Python ints,
+    :meth:`~seqnorm.masks.PaddingContext.host_lengths_at`) at ``steps`` steps along
+    ``axis``, worked out in Python once and reused while the layer gets the same
+    lengths: a kept context's next call, or a new batch of the same lengths.
+
+    ``out_lengths``: the lengths after the layer (None where every sequence keeps its
+    length); ``fill``: whether a real output reads a padded step, so the padding is
+    filled first; ``short``: the sequences too short for the kernel."""
+
+    __slots__ = ("axis", "steps", "lengths", "g", "out_lengths", "fill", "short")
+
+    def __init__(self, layer: nn.Module, axis: int, steps: int, lengths: tuple):
+        g = _geometry(layer, axis - 2)
+        self.axis, self.steps, self.lengths, self.g = axis, steps, lengths, g
+        out = None if _keeps_lengths(g) else hl.output_lengths(g, lengths)
+        self.out_lengths = out
+        self.fill = tl.reads_past_the_end(g) and hl.reads_padding(g, lengths, lengths if out is None else out, steps)
+        self.short = [] if out is None else [b for b, (n, m) in enumerate(zip(lengths, out)) if n > 0 and m <= 0]
+
+    def fits(self, axis: int, steps: int, lengths: tuple) -> bool:
+        return self.steps == steps and self.axis == axis and (self.lengths is lengths or self.lengths == lengths)
+
+
+#: time layer → its latest _HostPlan
+_plans: "weakref.WeakKeyDictionary[nn.Module, _HostPlan]" = weakref.WeakKeyDictionary()
+
+
+def _host_plan(layer: nn.Module, axis: int, steps: int, lengths: tuple) -> _HostPlan:
+    plan = _plans.get(layer)
+    if plan is None or not plan.fits(axis, steps, lengths):
+        plan = _plans[layer] = _HostPlan(layer, axis, steps, lengths)
+    return plan
+
+
+def _fill_mask(ctx, steps: int, axis: int, dim: int, device):
+    """The rate's ``(B, T)`` mask laid out to broadcast against a ``dim``-d input whose
+    time axis is ``axis``; kept with the rate's mask (made once per rate and layout)."""
+    def make():
+        pad = ctx.mask_at(steps, device)     # (B, T), built once per rate, shared with the norms
+        return pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (dim - axis - 1))
+    return ctx.at_rate(("fill", axis, dim), steps, device, make)
+
+
 def _time_pre_hook(name: str):
     def hook(layer, args):
         ctx, x = _in_context(args)
         if ctx is None:
             return None
-        where = _name(name, layer)
         channels = getattr(layer, "in_channels", None)
         if channels is not None and x.dim() >= 2 and x.shape[1] != channels:
-            raise ValueError(f"{where}: expects {channels} input channels (input (N, {channels}, ...)), "
+            raise ValueError(f"{_name(name, layer)}: expects {channels} input channels (input (N, {channels}, ...)), "
                              f"got input of shape {tuple(x.shape)}")
         axis = _time_axis(layer, x, ctx)
         if axis is None:
-            _fall_back(layer, where, f"its input {tuple(x.shape)} has no time axis at a rate seqnorm knows "
-                                     f"(known: {sorted(_known(ctx))})", norm=False)
+            _fall_back(layer, _name(name, layer), f"its input {tuple(x.shape)} has no time axis at a rate seqnorm "
+                                                  f"knows (known: {sorted(_known(ctx))})", norm=False)
             return None
-        lengths, reason = _lengths_at(ctx, x.shape[axis], x.shape[0], where, x.device)
+        steps = x.shape[axis]
+        lengths, reason = _lengths_at(ctx, steps, x.shape[0], x.device)
         if lengths is None:
-            _fall_back(layer, where, reason, norm=False)
+            _fall_back(layer, _name(name, layer), reason, norm=False)
             return None
-        _push(layer, "time", (axis, lengths))
-        if not tl.reads_past_the_end(tl.geometry(layer, axis - 2)):
-            return None
-        pad = ctx.mask_at(x.shape[axis], x.device)     # (B, T), built once per rate, shared with the norms
-        pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (x.dim() - axis - 1))
+        if type(lengths) is tuple:      # host ints: the output lengths now, and a fill only where one is read
+            plan = _host_plan(layer, axis, steps, lengths)
+            _push(layer, "time", (axis, lengths, plan))
+            if not plan.fill:
+                return None
+            pad = _fill_mask(ctx, steps, axis, x.dim(), x.device)
+        else:
+            _push(layer, "time", (axis, lengths, None))
+            if not tl.reads_past_the_end(_geometry(layer, axis - 2)):
+                return None
+            pad = ctx.mask_at(steps, x.device)     # (B, T), built once per rate, shared with the norms
+            pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (x.dim() - axis - 1))
         return (x.masked_fill(pad, tl.fill_value(layer, x.dtype)),) + tuple(args[1:])
     return hook
 
@@ -247,26 +336,36 @@ def _time_hook(name: str):
         entry = _pop(layer, "time")
         if entry is None:
             return None
-        axis, lengths = entry[1]
+        axis, lengths, plan = entry[1]
         ctx = current_padding()
         out = output[0] if isinstance(output, tuple) else output     # MaxPool(return_indices=True)
         if ctx is None or not isinstance(out, Tensor):
             return None
-        g = tl.geometry(layer, axis - 2)
-        if _keeps_lengths(g) and out.shape[axis] == args[0].shape[axis]:
-            ctx.record(out.shape[axis], lengths)   # the same tensor: the rate's mask stays built
+        g = _geometry(layer, axis - 2) if plan is None else plan.g
+        steps_in, steps_out = args[0].shape[axis], out.shape[axis]
+        if (_keeps_lengths(g) if plan is None else plan.out_lengths is None) and steps_out == steps_in:
+            ctx.record(steps_out, lengths)   # the same lengths: the rate's mask stays built
             return None
-        out_lengths = tl.output_lengths(g, lengths)
-        if host_readable(lengths):        # lengths on a device are not read back (no stall); see _lengths_at
-            short = ((lengths > 0) & (out_lengths <= 0)).nonzero().flatten().tolist()
-            if short and layer not in _fell_back:
-                b = short[0]
-                _fell_back[layer] = "a sequence too short for its kernel"
-                warnings.warn(f"{_name(name, layer)}: sequence {b} has {int(lengths[b])} steps, too few for "
-                              f"kernel {g.kernel} (stride {g.stride}): its output has no step (alone torch "
-                              f"would refuse it); it counts as empty from here on", ConversionWarning, stacklevel=2)
-        ctx.record(out.shape[axis], out_lengths)
-        ratio = tl.avg_divisor_ratio(g, lengths.to(out.device), args[0].shape[axis], out.shape[axis])
+        if plan is not None and plan.out_lengths is not None:
+            out_lengths, short = plan.out_lengths, plan.short
+        elif plan is not None:       # keeps every length, yet the steps changed: torch's sizes say otherwise
+            out_lengths = hl.output_lengths(g, lengths)
+            short = [b for b, (n, m) in enumerate(zip(lengths, out_lengths)) if n > 0 and m <= 0]
+        else:
+            out_lengths = tl.output_lengths(g, lengths)
+            # lengths on a device are not read back (no stall); see _lengths_at
+            short = ((lengths > 0) & (out_lengths <= 0)).nonzero().flatten().tolist() if host_readable(lengths) else []
+        if short and layer not in _fell_back:
+            b = short[0]
+            _fell_back[layer] = "a sequence too short for its kernel"
+            warnings.warn(f"{_name(name, layer)}: sequence {b} has {int(lengths[b])} steps, too few for "
+                          f"kernel {g.kernel} (stride {g.stride}): its output has no step (alone torch "
+                          f"would refuse it); it counts as empty from here on", ConversionWarning, stacklevel=2)
+        ctx.record(steps_out, out_lengths)
+        if not g.avg:
+            return None
+        lengths = torch.tensor(lengths, device=out.device) if type(lengths) is tuple else lengths.to(out.device)
+        ratio = tl.avg_divisor_ratio(g, lengths, steps_in, steps_out)
         if ratio is None:
             return None
         ratio = ratio.to(out.dtype).reshape(ratio.shape[:1] + (1,) * (axis - 1) + ratio.shape[1:]
@@ -288,58 +387,61 @@ def _norm_pre_hook(name: str, channels_first: bool):
         ctx, x = _in_context(args)
         if ctx is None or kwargs.get("padding_mask") is not None or kwargs.get("lengths") is not None:
             return None
-        where = _name(name, norm)
         if channels_first:
-            return _channels_first_input(norm, ctx, x, where, args, kwargs)
-        return _rowwise_input(norm, ctx, x, where, args, kwargs)
+            return _channels_first_input(norm, ctx, x, name, args, kwargs)
+        return _rowwise_input(norm, ctx, x, name, args, kwargs)
     return hook
 
 
-def _channels_first_input(norm, ctx, x, where, args, kwargs):
+def _channels_first_input(norm, ctx, x, name, args, kwargs):
     channels = getattr(norm, "num_channels", None) or norm.num_features
     if x.dim() >= 2 and x.shape[1] != channels:
-        raise ValueError(f"{where}: expects {channels} channels (input (N, {channels}, L)), got "
+        raise ValueError(f"{_name(name, norm)}: expects {channels} channels (input (N, {channels}, L)), got "
                          f"input of shape {tuple(x.shape)}")
     if x.dim() == 2:               # (N, C): no time axis, the norm takes no context
         return None
     if x.dim() == 3:
-        lengths, reason = _lengths_at(ctx, x.shape[-1], x.shape[0], where, x.device)
+        lengths, reason = _lengths_at(ctx, x.shape[-1], x.shape[0], x.device)
         if lengths is None:
-            _fall_back(norm, where, reason, norm=True)
+            _fall_back(norm, _name(name, norm), reason, norm=True)
         return None
     known = _known(ctx)
     axis = next((a for a in range(2, x.dim()) if x.shape[a] in known), None) if x.dim() == 4 else None
     lengths, reason = (None, f"its input {tuple(x.shape)} has no time axis at a rate seqnorm knows "
                              f"(known: {sorted(known)})") if axis is None else \
-        _lengths_at(ctx, x.shape[axis], x.shape[0], where, x.device)
+        _lengths_at(ctx, x.shape[axis], x.shape[0], x.device)
     if lengths is None:
-        _fall_back(norm, where, reason, norm=True)
+        _fall_back(norm, _name(name, norm), reason, norm=True)
         return None
     # (B, C, T, F) → (B, C, T·F): step t's F values are positions [tF, (t+1)F), so the
     # real ones are the first L·F — masked over (B, T) exactly
     rest = x.movedim(axis, 2)
     flat = rest.reshape(rest.shape[0], rest.shape[1], -1)
     _push(norm, "reshape", (tuple(x.shape), axis))
-    return (flat,) + tuple(args[1:]), dict(kwargs, lengths=lengths.to(x.device) * rest.shape[3])
+    lengths = torch.tensor(lengths, device=x.device) if type(lengths) is tuple else lengths.to(x.device)
+    return (flat,) + tuple(args[1:]), dict(kwargs, lengths=lengths * rest.shape[3])
 
 
-def _rowwise_input(norm, ctx, x, where, args, kwargs):
+def _rowwise_input(norm, ctx, x, name, args, kwargs):
     tokens = x.shape[: x.dim() - len(norm.normalized_shape)]
     if not ctx.batch_first:
         if len(tokens) != 2:
-            _fall_back(norm, where, f"its input {tuple(x.shape)} has no (T, B) token grid", norm=True)
+            _fall_back(norm, _name(name, norm), f"its input {tuple(x.shape)} has no (T, B) token grid", norm=True)
         return None
     if len(tokens) < 2:
-        _fall_back(norm, where, f"its input {tuple(x.shape)} has no batch and time axes (token shape "
-                                f"{tuple(tokens)})", norm=True)
+        _fall_back(norm, _name(name, norm), f"its input {tuple(x.shape)} has no batch and time axes (token shape "
+                                            f"{tuple(tokens)})", norm=True)
         return None
-    known = _known(ctx)
-    axis = 1 if len(tokens) == 2 or not known else next((a for a in range(1, len(tokens)) if tokens[a] in known), None)
+    if len(tokens) == 2:
+        axis = 1
+    else:
+        known = _known(ctx)
+        axis = 1 if not known else next((a for a in range(1, len(tokens)) if tokens[a] in known), None)
     lengths, reason = (None, f"its input {tuple(x.shape)} has no time axis at a rate seqnorm knows (known: "
                              f"{sorted(known)})") if axis is None else \
-        _lengths_at(ctx, tokens[axis], tokens[0], where, x.device)
+        _lengths_at(ctx, tokens[axis], tokens[0], x.device)
     if lengths is None:
-        _fall_back(norm, where, reason, norm=True)
+        _fall_back(norm, _name(name, norm), reason, norm=True)
         return None
     if len(tokens) == 2:
         return None
