@@ -84,3 +84,57 @@ def test_padding_context_is_ignored_for_jagged_input():
     with seqnorm.padding(lengths=torch.tensor([1, 1, 1, 1])):
         inside = ln(nt)
     torch.testing.assert_close(inside.values(), ln(nt).values())
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "add_layer"])
+def test_row_wise_norms_take_a_strided_nested_tensor(kind):
+    """A strided nested tensor (what nn.TransformerEncoder's fast path passes its layers in eval):
+    each sequence normalized alone, values and gradients as the module gives that sequence."""
+    torch.manual_seed(3)
+    seqs = [torch.randn(n, D) * 2 + 0.5 for n in LENGTHS]
+    norm = seqnorm.RMSNorm(D) if kind == "rms" else seqnorm.LayerNorm(D)
+    with torch.no_grad():
+        norm.weight.normal_()
+    leaves = [t.clone().requires_grad_() for t in seqs]
+    nt = torch.nested.as_nested_tensor(leaves)
+    assert nt.layout == torch.strided
+    if kind == "add_layer":
+        add = seqnorm.AddNorm(D, prenorm=True)    # (y, the sum s)
+        rs = [torch.randn_like(t) for t in seqs]
+        y, s = add(nt, torch.nested.as_nested_tensor(rs))
+        want = [add(t, r) for t, r in zip(seqs, rs)]
+        for got, (wy, ws), gs in zip(y.unbind(), want, s.unbind()):
+            assert torch.equal(got, wy) and torch.equal(gs, ws)
+        with pytest.raises(ValueError, match="residual must be a strided nested tensor"):
+            add(nt, torch.nested.as_nested_tensor(rs[:-1]))
+        return
+    y = norm(nt)
+    assert y.is_nested and y.layout == torch.strided
+    for got, t in zip(y.unbind(), seqs):
+        assert torch.equal(got, norm(t))
+    sum((t * t).sum() for t in y.unbind()).backward()
+    for leaf, t in zip(leaves, seqs):
+        alone = t.clone().requires_grad_()
+        (norm(alone) ** 2).sum().backward()
+        torch.testing.assert_close(leaf.grad, alone.grad)
+    with pytest.raises(ValueError, match="carries its own lengths"):
+        seqnorm.functional.layer_norm(nt, (D,), padding_mask=torch.zeros(len(LENGTHS), 8, dtype=torch.bool))
+
+
+def test_padding_safe_transformer_encoder_on_its_nested_fast_path():
+    """nn.TransformerEncoder in eval turns a batch with src_key_padding_mask into a strided nested
+    tensor; the padding-safe model (its attention hooks and norms) takes it, real tokens as stock."""
+    from torch import nn
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2).eval()
+    x = torch.randn(2, 10, 16)
+    lengths = torch.tensor([10, 6])
+    kpm = torch.arange(10)[None] >= lengths[:, None]
+    with torch.no_grad():
+        stock = enc(x, src_key_padding_mask=kpm)
+        safe = seqnorm.make_padding_safe(copy.deepcopy(enc))
+        with seqnorm.padding(lengths=lengths):
+            y = safe(x, src_key_padding_mask=kpm)
+        alone = safe(x[1:, :6])
+    torch.testing.assert_close(y[~kpm], stock[~kpm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y[1, :6], alone[0], rtol=1e-5, atol=1e-6)

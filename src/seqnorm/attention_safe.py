@@ -357,7 +357,9 @@ def _mha_pre_hook(rec: _Hooked, module: nn.MultiheadAttention):
         if ctx is None:
             return None
         key = _get(args, kwargs, 1, "key")
-        if not isinstance(key, Tensor) or key.dim() != 3:
+        # a nested key (nn.TransformerEncoder's fast path in eval) holds each sequence's own keys: no padded
+        # key to mask, and no (B, T) shape to read
+        if not isinstance(key, Tensor) or key.is_nested or key.dim() != 3:
             return None
         batch, steps = (key.shape[0], key.shape[1]) if mod.batch_first else (key.shape[1], key.shape[0])
         keep = _keep(ctx, steps, batch, key.device, rec)

@@ -427,6 +427,27 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
 # ---------------------------------------------------------------------------
 
 
+def _rowwise_strided_nested(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual,
+                            need_sum):
+    """A row-wise norm of a strided nested tensor (what ``nn.TransformerEncoder``'s fast path
+    passes its layers in eval): each sequence ``(T_b, D)`` alone — every row is a real token —
+    nested again (``as_nested_tensor``: autograd flows through)."""
+    if padding_mask is not None or lengths is not None:
+        raise ValueError("input: a nested input carries its own lengths; padding_mask and lengths must be None")
+    parts = x.unbind()
+    if residual is None:
+        return torch.nested.as_nested_tensor([_rowwise(t, normalized_shape, weight, bias, eps, None, None, center)
+                                              for t in parts])
+    if not (isinstance(residual, Tensor) and residual.is_nested and residual.layout == torch.strided) or [
+            t.shape for t in residual.unbind()] != [t.shape for t in parts]:
+        raise ValueError("residual must be a strided nested tensor with the input's sequences")
+    outs = [_rowwise(t, normalized_shape, weight, bias, eps, None, None, center, r, need_sum)
+            for t, r in zip(parts, residual.unbind())]
+    y = torch.nested.as_nested_tensor([o[0] for o in outs])
+    return y, (torch.nested.as_nested_tensor([o[1] for o in outs]) if need_sum and outs and outs[0][1] is not None
+               else None)
+
+
 def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center, residual=None,
              need_sum=True):
     if is_jagged(x):   # every row of values() is a real token
@@ -440,6 +461,9 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
         if residual is None:
             return pack(out, x)
         return pack(out[0], x), (None if out[1] is None else pack(out[1], x))
+    if isinstance(x, Tensor) and x.is_nested and x.layout == torch.strided:
+        return _rowwise_strided_nested(x, normalized_shape, weight, bias, eps, padding_mask, lengths, center,
+                                       residual, need_sum)
     check_input(x)
     shape, token_shape, d = split_rowwise(x, normalized_shape)
     check_param(weight, "weight", shape, x)
