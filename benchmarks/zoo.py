@@ -17,6 +17,7 @@ gets a row saying so. Each model runs in its own process (a time limit each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -35,6 +36,11 @@ STEPS = {"input_values": 3200, "input_features": 200}   # samples / feature fram
 BATCH = 2
 #: a default config above this many parameters is not built (only a small one would be)
 MAX_DEFAULT_PARAMS = 150_000_000
+#: steps of the longest sequence where :data:`STEPS` is too short for the model: VibeVoice's tokenizer
+#: hops 3200 samples (10 latent frames, so the 45 % sequence alone still fills its deepest kernel);
+#: its decoder takes latent frames (each 3200 samples of output)
+STEPS_FOR = {"vibevoice_acoustic_tokenizer": 32000, "vibevoice_acoustic_tokenizer_encoder": 32000,
+             "vibevoice_acoustic_tokenizer_decoder": 20}
 
 
 def audio_model_types():
@@ -102,14 +108,17 @@ def _build(model_type: str, attempt: str):
     from seqnorm import hf
 
     if attempt == "default":
-        cfg = transformers.AutoConfig.for_model(model_type)
+        cfg = hf.fill_config_gaps(transformers.AutoConfig.for_model(model_type))
         n = _count_params_meta(cfg)
         if n > MAX_DEFAULT_PARAMS:
             raise RuntimeError(f"only the default config builds, with {n / 1e6:.0f}M parameters (not built)")
     else:
         cfg = hf.small_config(model_type, width=attempt == "small")
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(cfg).eval()
+    if model_type in hf.AUDIO_CLASS:
+        model = getattr(transformers, hf.AUDIO_CLASS[model_type])(cfg).eval()
+    else:
+        model = transformers.AutoModel.from_config(cfg).eval()
     module, how = hf.audited_module(model)
     main = getattr(model, "main_input_name", "input_values")
     return model, module, main, how
@@ -117,7 +126,9 @@ def _build(model_type: str, attempt: str):
 
 def _forward(module, main, inputs, kwargs):
     with torch.no_grad():
-        return module(**{main: inputs}, **kwargs)
+        if main in inspect.signature(module.forward).parameters:
+            return module(**{main: inputs}, **kwargs)
+        return module(inputs, **kwargs)       # its forward names it otherwise (VibeVoice's hidden_states)
 
 
 def _audit(module, inputs, lengths, kwargs, train, time_dim=1):
@@ -174,7 +185,8 @@ def one(model_type: str) -> dict:
                    params=sum(p.numel() for p in model.parameters()))
         for layout in hf.LAYOUTS[main]:
             try:
-                steps = STEPS["input_features"] if "F" in layout else STEPS["input_values"]
+                steps = STEPS_FOR.get(model_type) or (STEPS["input_features"] if "F" in layout
+                                                      else STEPS["input_values"])
                 inputs, lengths, kwargs = hf.audio_batch(module, model.config, main, BATCH, steps, layout=layout)
                 _forward(module, main, inputs, kwargs)
                 row.update(runs=True, layout=layout)
@@ -184,9 +196,13 @@ def one(model_type: str) -> dict:
         if row["runs"]:
             break
     if not row["runs"]:
+        if model_type in TWO_INPUTS:
+            return one_end_to_end(model_type, None)
         fixed = next((e for e in errors if _is_fixed_length(e)), None) or _runs_only_at_fixed_length(model_type)
         row["note"] = (f"needs a fixed input length ({fixed.split(': ', 1)[1][:160]})" if fixed else
                        f"does not run at small size: {'; '.join(errors)[:400]}")
+        if fixed:           # the audit cannot cut it: compared end to end at that length
+            return one_end_to_end(model_type, row["note"])
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     time_dim = hf.TIME_DIM[row["layout"]]
@@ -200,6 +216,11 @@ def one(model_type: str) -> dict:
             stock[mode] = _audit(module, inputs, lengths, kwargs, mode == "train", time_dim)
         except Exception as e:
             stock[mode] = dict(error=_first_line(e))
+    if "no module output has a time axis" in stock["eval"].get("error", ""):
+        # its first layer reshapes the waveform into frames (no Conv1d the audit can follow the rate
+        # through): compared end to end, each sequence alone cut to its length
+        return one_end_to_end(model_type, None, dict(size=row["size"], layout=row["layout"],
+                                                     steps=int(inputs.shape[time_dim]), note=row["note"]))
     safe_model = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -246,6 +267,223 @@ def _attention_column(model, inputs, lengths, kwargs, time_dim):
     except Exception as e:
         return f"error: {_first_line(e)}"
     return "yes" if not report["first_leak"] else f"no: `{report['first_leak']}` ({report['alone']:.1e})"
+
+
+# ---------------------------------------------------------------------------
+# Rows compared end to end: models the module-by-module audit cannot cut
+# ---------------------------------------------------------------------------
+#
+# The audit runs each sequence alone cut to its length. A model that runs only at the length its
+# config fixes (Whisper's 3000 mel frames) is instead run with each sequence alone padded to that
+# length, as its feature extractor pads every clip; a codec that takes a waveform and semantic
+# features (NeuCodec, XCodec2) is cut at both inputs' rates. Each is compared at the model's outputs:
+# batched vs alone at real frames, and (fixed length) zero padding vs random padding.
+
+#: a codec's second input: ``input_features`` for its semantic encoder (w2v-BERT: 160 features per
+#: frame, two 100 Hz fbank frames stacked) at one frame per this many samples of ``input_values``
+TWO_INPUTS = {"neucodec": 320, "xcodec2": 320}
+
+
+def _outputs(out) -> dict:
+    """A model output's tensors by name (a tuple's by position)."""
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    items = out.items() if hasattr(out, "items") else enumerate(out)
+    return {str(k): v for k, v in items if isinstance(v, torch.Tensor) and v.dim() >= 2}
+
+
+def _worst(batched: dict, alone: List[dict], real_of) -> dict:
+    """Per output: the largest change at a real frame batched vs alone (integer outputs: how many
+    differ). ``real_of(name, b, tensor_b, tensor_alone)`` gives the slices to compare."""
+    worst = {}
+    for name, y in batched.items():
+        diffs = []
+        for b, one in enumerate(alone):
+            if name not in one:
+                continue
+            got, want = real_of(name, b, y[b:b + 1], one[name])
+            if got.shape != want.shape:
+                continue
+            if got.is_floating_point():
+                diffs.append(float((got - want).abs().max()) if got.numel() else 0.0)
+            else:
+                diffs.append(int((got != want).sum()))
+        if diffs:
+            worst[name] = max(diffs)
+    return worst
+
+
+def _cut_to_alone(name, b, y, a):
+    """The real frames of a cut run: along the axis where the alone output is shorter, its length."""
+    axis = next((d for d in range(1, y.dim()) if y.shape[d] != a.shape[d]), None)
+    if axis is not None and a.shape[axis] < y.shape[axis]:
+        y = y.narrow(axis, 0, a.shape[axis])
+    return y, a
+
+
+def _fixed_real(lengths, steps):
+    """The real frames of a fixed-length run: an output axis 1 that is the input's steps / k (Whisper's
+    1500 of 3000) keeps the first ⌈length / k⌉; other outputs (AST's patch tokens over time × mel, a
+    pooled vector) are compared whole."""
+    def real_of(name, b, y, a):
+        if y.dim() >= 3 and steps % y.shape[1] == 0:
+            k = steps // y.shape[1]
+            n = -(-int(lengths[b]) // k)
+            return y[:, :n], a[:, :n]
+        return y, a
+    return real_of
+
+
+def _call(module, main, inputs: dict, rates=None):
+    """``module``'s output tensors by name; ``rates``, ``[(steps, lengths)]`` (the main input's first):
+    inside ``seqnorm.padding`` with the lengths at each of those numbers of steps (as the audit opens it
+    for a model made padding-safe)."""
+    import seqnorm
+
+    scope = seqnorm.padding(lengths=rates[0][1]) if rates else contextlib.nullcontext()
+    with torch.no_grad(), scope as table:
+        for steps, lengths in rates or ():
+            table.record(steps, lengths)
+        if main in inspect.signature(module.forward).parameters:
+            return _outputs(module(**inputs))
+        first = inputs.pop(main)
+        return _outputs(module(first, **inputs))
+
+
+def _compare_fixed(module, main, inputs, lengths, kwargs, time_dim, safe):
+    """At the fixed length: batched vs each sequence alone (padded alone to the same length), and zero
+    padding vs random padding (the padding the model reads at real frames)."""
+    steps = inputs.shape[time_dim]
+    ctx = [(steps, lengths)] if safe else None
+    batched = _call(module, main, {main: inputs, **kwargs}, ctx)
+    alone = [_call(module, main, {main: inputs[b:b + 1], **{k: v[b:b + 1] for k, v in kwargs.items()}},
+                   [(steps, lengths[b:b + 1])] if safe else None) for b in range(len(lengths))]
+    real = torch.arange(steps)[None, :] < lengths[:, None]
+    real = real.reshape(real.shape + (1,) * (inputs.dim() - 2)).movedim(1, time_dim)
+    noise = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(1)) * inputs.std()
+    noisy = _call(module, main, {main: torch.where(real, inputs, noise), **kwargs}, ctx)
+    real_of = _fixed_real(lengths, steps)
+    return dict(alone=_worst(batched, alone, real_of), padding=_worst(batched, [
+        {k: v[b:b + 1] for k, v in noisy.items()} for b in range(len(lengths))], real_of))
+
+
+def _compare_cut(module, main, inputs, lengths, kwargs, time_dim, safe):
+    """Batched vs each sequence alone cut to its length (its mask too), at the model's outputs."""
+    from seqnorm.audit import _cut
+
+    steps = inputs.shape[time_dim]
+    batched = _call(module, main, {main: inputs, **kwargs}, [(steps, lengths)] if safe else None)
+    alone = []
+    for b, n in enumerate(lengths.tolist()):
+        cut = {k: _cut(v, b, n, steps, len(lengths)) for k, v in kwargs.items()}
+        alone.append(_call(module, main, {main: inputs[b:b + 1].narrow(time_dim, 0, n), **cut},
+                           [(n, lengths[b:b + 1])] if safe else None))
+    return dict(alone=_worst(batched, alone, _cut_to_alone))
+
+
+def _two_inputs_batch(model, rate):
+    """A codec's padded batch of a waveform (B, 1, T) and its semantic features (B, T / rate, F), the
+    lengths of both, and the masks under its forward's names."""
+    from seqnorm import hf
+
+    steps = STEPS["input_values"]
+    frames = steps // rate
+    feat = hf.feature_size(model.config)
+    feat *= 2 if feat == 80 else 1
+    gen = torch.Generator().manual_seed(0)
+    lengths = (torch.linspace(1.0, 0.45, BATCH) * frames).round().long() * rate
+    real = torch.arange(steps)[None, :] < lengths[:, None]
+    real_frames = torch.arange(frames)[None, :] < (lengths // rate)[:, None]
+    wave = torch.randn(BATCH, 1, steps, generator=gen) * real[:, None]
+    features = torch.randn(BATCH, frames, feat, generator=gen) * real_frames[..., None]
+    inputs = dict(input_values=wave, input_features=features, padding_mask=real.long(),
+                  input_features_mask=real_frames.long())
+    return inputs, lengths
+
+
+def _compare_two_inputs(module, inputs, lengths, rate, safe):
+    """Batched vs each sequence alone, both inputs (and masks) cut to its length at their rates."""
+    def rates(lens, wave):
+        return [(wave.shape[-1], lens), (wave.shape[-1] // rate, lens // rate)] if safe else None
+
+    batched = _call(module, "input_values", dict(inputs), rates(lengths, inputs["input_values"]))
+    alone = []
+    for b, n in enumerate(lengths.tolist()):
+        cut = {k: (v[b:b + 1, :n // rate] if k.startswith("input_features") else v[b:b + 1, ..., :n])
+               for k, v in inputs.items()}
+        alone.append(_call(module, "input_values", cut, rates(lengths[b:b + 1], cut["input_values"])))
+    return dict(alone=_worst(batched, alone, _cut_to_alone))
+
+
+def one_end_to_end(model_type: str, fixed: Optional[str], cut: Optional[dict] = None) -> dict:
+    """The row of a model compared end to end: at its fixed length (``fixed``: the note saying so),
+    with its two inputs (:data:`TWO_INPUTS`), or (``cut``: the row that ran, whose modules the audit
+    found no time axis in) each sequence alone cut to its length; stock, after
+    ``make_padding_safe(attention=False)`` and after ``make_padding_safe(model)``, in eval."""
+    import seqnorm
+    from seqnorm import hf
+
+    t0 = time.perf_counter()
+    row = dict(model_type=model_type, builds=False, runs=False, size=None, how="", note=fixed or "")
+    try:
+        model, module, main, how = _build(model_type, cut["size"] if cut else "small")
+    except Exception as e:
+        row["note"] = f"does not build at small size: {_first_line(e)}"
+        return row
+    row.update(builds=True, size=cut["size"] if cut else "small", how=how, main_input=main,
+               cls=type(model).__name__, params=sum(p.numel() for p in model.parameters()))
+    results, error = {}, None
+    if cut:
+        layout, steps = cut["layout"], cut["steps"]
+        inputs, lengths, kwargs = hf.audio_batch(module, model.config, main, BATCH, steps, layout=layout)
+        row.update(layout=layout, mask=next(iter(kwargs), None) or "none", check="cut", steps=steps,
+                   note=cut.get("note", ""))
+        compare = lambda m, safe: _compare_cut(hf.audited_module(m)[0], main, inputs, lengths, kwargs,
+                                               hf.TIME_DIM[layout], safe)
+    elif model_type in TWO_INPUTS:
+        rate = TWO_INPUTS[model_type]
+        inputs, lengths = _two_inputs_batch(model, rate)
+        row.update(layout="(B, 1, T) + (B, T / %d, F)" % rate, mask="padding_mask, input_features_mask",
+                   check="two inputs")
+        compare = lambda m, safe: _compare_two_inputs(hf.audited_module(m)[0], inputs, lengths, rate, safe)
+    else:
+        steps, layout = _fixed_steps(model_type)
+        inputs, lengths, kwargs = hf.audio_batch(module, model.config, main, BATCH, steps, layout=layout)
+        row.update(layout=layout, mask=next(iter(kwargs), None) or "none", check="fixed length", steps=steps)
+        compare = lambda m, safe: _compare_fixed(hf.audited_module(m)[0], main, inputs, lengths, kwargs,
+                                                 hf.TIME_DIM[layout], safe)
+    for name, make in (("stock", None), ("after", dict(attention=False)), ("attention", dict(attention=True))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = model if make is None else seqnorm.make_padding_safe(copy.deepcopy(model), **make)
+                results[name] = compare(m, make is not None)
+        except Exception as e:
+            results[name] = dict(error=_first_line(e))
+            error = error or _first_line(e)
+    row.update(runs="error" not in results.get("stock", {}), compared=results, lengths=lengths.tolist())
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _fixed_steps(model_type: str):
+    """``(steps, layout)``: the input length the small model's config fixes and the layout it runs in."""
+    from seqnorm import hf
+
+    model, module, main, _ = _build(model_type, "small")
+    cfg = model.config
+    for sub in hf._sub_configs(cfg):
+        for steps in (getattr(sub, "max_length", None), 2 * (getattr(sub, "max_source_positions", 0) or 0)):
+            if not steps:
+                continue
+            for layout in hf.LAYOUTS[main]:
+                try:
+                    inputs, _, kwargs = hf.audio_batch(module, cfg, main, BATCH, int(steps), layout=layout)
+                    _forward(module, main, inputs, {k: torch.ones_like(v) for k, v in kwargs.items()})
+                    return int(steps), layout
+                except Exception:
+                    continue
+    raise RuntimeError("no fixed length in its config that it runs at")
 
 
 # ---------------------------------------------------------------------------

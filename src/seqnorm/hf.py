@@ -49,6 +49,10 @@ SMALL_CONFIGS: Dict[str, dict] = {
     # a 4-stage patch pyramid: one entry per stage in each list, so its 4 layers stay 4
     "muse_spark_audio": dict(hidden_sizes=(32, 32, 64, 64), depths=(1, 1, 1, 1), num_hidden_layers=4,
                              out_hidden_size=64),
+    # codecs with a w2v-BERT semantic encoder (1024 wide, its layers cut to 2): the quantizer reads the
+    # acoustic and semantic features concatenated
+    **{codec: dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
+                   head_dim=32, quantization_dim=64 + 1024) for codec in ("neucodec", "xcodec2")},
 }
 
 
@@ -83,6 +87,9 @@ FEATURES_PER_FRAME: Dict[str, Callable] = {
 STEP_MULTIPLE: Dict[str, Callable] = {
     "muse_spark_audio": lambda cfg: math.prod(cfg.patch_sizes),          # the patch pyramid's stride
     "pe_audio_encoder": lambda cfg: cfg.dac_config.hop_length,           # its DAC encoder's hop
+    "qwen3_asr_encoder": lambda cfg: 2 * cfg.n_window,                   # attention windows of 2 n_window frames
+    # the processor pads the mel frames to whole subsampled frames
+    "nemotron3_5_transcribe_audio": lambda cfg: cfg.asr_config.subsampling_factor,
 }
 
 
@@ -208,7 +215,8 @@ def audited_module(model: nn.Module) -> Tuple[nn.Module, str]:
 
 #: the layouts tried for a main input, in order: a waveform (B, T) or (B, 1, T) (codecs); frames (B, T, F)
 #: or (B, F, T) (Whisper's)
-LAYOUTS = {"input_values": ("(B, T)", "(B, 1, T)", "(B, T, F)"), "input_features": ("(B, T, F)", "(B, F, T)")}
+LAYOUTS = {"input_values": ("(B, T)", "(B, 1, T)", "(B, T, F)", "(B, F, T)"),   # the last: a codec's latents
+           "input_features": ("(B, T, F)", "(B, F, T)")}
 #: the input's time axis in each layout
 TIME_DIM = {"(B, T)": 1, "(B, 1, T)": 2, "(B, T, F)": 1, "(B, F, T)": 2}
 
