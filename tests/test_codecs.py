@@ -8,6 +8,7 @@ causal, plus extra steps to fill the last window), DAC's audio decoder was skipp
 were a text decoder."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -270,3 +271,61 @@ def test_a_pad_seqnorm_cannot_follow_falls_back_once():
             out = net(x)
     with torch.no_grad():
         assert torch.equal(out, net[0].conv(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+
+
+# ---------------------------------------------------------------------------
+# XCodec and WavTokenizer (issue 28): codes batched = alone, built from their default configs cut to 2
+# layers (hf.small_config without the width settings; random weights)
+# ---------------------------------------------------------------------------
+
+
+def _codes(model, x, mask):
+    kw = {"padding_mask": mask} if "padding_mask" in inspect.signature(model.encode).parameters else {}
+    with torch.no_grad(), seqnorm.padding(lengths=mask.sum(1)):     # XCodec's encode takes no mask
+        return model.encode(x, **kw).audio_codes
+
+
+def _spread_codebooks(model, x, mask):
+    """Codebooks drawn at the scale (of 1e-3 … 10) that gives the most distinct codes on ``x``:
+    at random initialisation every frame gets the same code, and nothing could differ."""
+    def draw(std):
+        g = torch.Generator().manual_seed(1)
+        for name, buf in model.named_buffers():
+            if name.endswith(".embed") and buf.dim() == 2:
+                buf.copy_(torch.randn(buf.shape, generator=g) * std)
+            elif name.endswith((".inited", ".initialized")):
+                buf.fill_(True)
+    best = max((1e-3, 1e-2, 0.1, 1.0, 10.0), key=lambda std: (draw(std), _codes(model, x, mask).unique().numel())[1])
+    draw(best)
+
+
+#: model type → a short clip's length: not a whole number of frames (XCodec: 320-sample frames, the
+#: length at which its own choice of padding is the same batched and alone; WavTokenizer: 480)
+SELF_PADDING_CODECS = {"xcodec": 1440, "wavtokenizer": 2100}
+
+
+@pytest.mark.parametrize("model_type", list(SELF_PADDING_CODECS))
+def test_codes_batched_equal_alone_xcodec_wavtokenizer(model_type):
+    """XCodec pads the waveform in its own forward (for its HuBERT semantic model and, depending on
+    the padded length, its DAC acoustic encoder) and mixes the two with a Linear; WavTokenizer's
+    encoder is EnCodec-like (reflect padding, then a padding=0 convolution). Stock their codes differ
+    batched vs alone; after make_padding_safe they are equal at every real frame."""
+    from seqnorm import hf
+
+    short = SELF_PADDING_CODECS[model_type]
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(hf.small_config(model_type, width=False)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 3200, generator=g)
+    x[1, :, short:] = 0
+    mask = torch.ones(2, 3200, dtype=torch.long)
+    mask[1, short:] = 0
+    with torch.no_grad():
+        _spread_codebooks(model, x, mask)
+
+    def differ(m):
+        alone = _codes(m, x[1:, :, :short], mask[1:, :short])
+        return int((_codes(m, x, mask)[1:, ..., :alone.shape[-1]] != alone).sum())
+
+    assert differ(model) > 0                                            # teeth
+    assert differ(seqnorm.make_padding_safe(copy.deepcopy(model))) == 0
