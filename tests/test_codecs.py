@@ -9,6 +9,7 @@ were a text decoder."""
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -251,6 +252,44 @@ def test_any_module_that_pads_itself_is_followed(mode):
     stock = errors(net)
     assert errors(seqnorm.make_padding_safe(copy.deepcopy(net))) <= 1e-5
     assert stock > 1e-3
+
+
+class _PadModuleThenConv(torch.nn.Module):
+    """FunASR's FSMN without its own masking: ``conv(pad(x))`` through a ``ConstantPad1d`` child."""
+
+    def __init__(self, mode="constant"):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 2, 5, groups=2, bias=False)
+        self.pad = {"constant": torch.nn.ConstantPad1d((2, 2), 0.0),
+                    "replicate": torch.nn.ReplicationPad1d((2, 2))}[mode]
+
+    def forward(self, x):
+        return self.conv(self.pad(x)) + x
+
+
+@pytest.mark.parametrize("mode", ["constant", "replicate"])
+def test_a_pad_module_child_is_followed(mode):
+    """A module that pads through one of torch's padding modules (FunASR's FSMN) is followed as one
+    that calls functional.pad: batched = alone, and no fallback warning (its conv's input was at a
+    rate seqnorm did not know)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_PadModuleThenConv(mode), torch.nn.Conv1d(2, 2, 3, padding=1)).eval()
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 3.0           # padding that is not zero: what it reads past the end shows
+
+    def error(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        with torch.no_grad():
+            alone = model(x[1:, :, :17])
+        return (batched[1:, :, :17] - alone).abs().max().item()
+
+    assert error(net) > 1e-3                                           # teeth
+    safe = seqnorm.make_padding_safe(copy.deepcopy(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", seqnorm.ConversionWarning)
+        assert error(safe) <= 1e-5
 
 
 def test_a_pad_seqnorm_cannot_follow_falls_back_once():

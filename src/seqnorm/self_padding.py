@@ -11,8 +11,9 @@ convolution sees ``T + left + right`` steps, a rate no time layer recorded.
 
 One rule follows them all, without a list of classes. A module **pads itself**
 (:func:`pads_itself`) when a direct child is a time layer with no implicit
-padding and the module's class calls ``functional.pad`` (or the child is a
-transposed convolution, whose output such a module crops). While it runs inside
+padding and the module's class calls ``functional.pad``, or another child is
+one of torch's padding modules (``nn.ConstantPad1d``: FunASR's FSMN), or the
+time layer is a transposed convolution, whose output such a module crops. While it runs inside
 a padding context, a :class:`torch.overrides.TorchFunctionMode` follows its
 calls (its ``forward`` is wrapped, so it runs eagerly under ``torch.compile``):
 
@@ -86,12 +87,18 @@ def _unpadded_time_child(module: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+#: torch's padding modules: a module holding one next to its convolution pads through it (FunASR's
+#: FSMN: ``conv(pad(x))`` with a ``ConstantPad1d`` child), as one that calls ``functional.pad``
+_PAD_MODULES = (nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d, nn.CircularPad1d)
+
+
 def pads_itself(module: nn.Module) -> bool:
     """Whether ``module`` pads (or crops) its own input around a time layer: see the module docstring."""
     if tl.kind(module) is not None:
         return False
     child = _unpadded_time_child(module)
-    return child is not None and (tl.kind(child).transposed or _class_calls_pad(type(module)))
+    return child is not None and (tl.kind(child).transposed or _class_calls_pad(type(module))
+                                  or any(isinstance(c, _PAD_MODULES) for c in module.children()))
 
 
 # ---------------------------------------------------------------------------
