@@ -292,6 +292,28 @@ def test_a_pad_module_child_is_followed(mode):
         assert error(safe) <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_conv_with_a_padding_mode_is_followed(mode):
+    """A Conv1d whose padding_mode is not zeros pads itself (UnivNet's reflect ``conv_pre``): alone
+    it reflects (replicates, wraps) its own end; batched, stock, the batch's padding."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 7, padding=3, padding_mode=mode),
+                              torch.nn.Conv1d(3, 2, 3, padding=1)).eval()
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 0
+
+    def error(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        with torch.no_grad():
+            alone = model(x[1:, :, :17])
+        return (batched[1:, :, :17] - alone).abs().max().item()
+
+    assert error(net) > 1e-3                                           # teeth
+    assert error(seqnorm.make_padding_safe(copy.deepcopy(net))) <= 1e-5
+
+
 def test_a_pad_seqnorm_cannot_follow_falls_back_once():
     """A pad of time and channels at once is not followed: the convolution after it sees a step
     count at no known rate and acts as torch's, with one ConversionWarning (do no harm)."""

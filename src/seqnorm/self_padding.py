@@ -13,7 +13,9 @@ One rule follows them all, without a list of classes. A module **pads itself**
 (:func:`pads_itself`) when a direct child is a time layer with no implicit
 padding and the module's class calls ``functional.pad``, or another child is
 one of torch's padding modules (``nn.ConstantPad1d``: FunASR's FSMN), or the
-time layer is a transposed convolution, whose output such a module crops. While it runs inside
+time layer is a transposed convolution, whose output such a module crops; and a
+``Conv1d`` whose ``padding_mode`` is not ``zeros`` (UnivNet's reflect
+``conv_pre``: torch pads it with ``functional.pad`` before a ``padding=0`` call). While it runs inside
 a padding context, a :class:`torch.overrides.TorchFunctionMode` follows its
 calls (its ``forward`` is wrapped, so it runs eagerly under ``torch.compile``):
 
@@ -94,8 +96,11 @@ _PAD_MODULES = (nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.Replicati
 
 def pads_itself(module: nn.Module) -> bool:
     """Whether ``module`` pads (or crops) its own input around a time layer: see the module docstring."""
-    if tl.kind(module) is not None:
-        return False
+    k = tl.kind(module)
+    if k is not None:
+        # a convolution whose padding_mode is not zeros pads itself with functional.pad (UnivNet's
+        # reflect conv_pre): batched, it would reflect the batch's padding, not the sequence's end
+        return k.spatial == 1 and not k.transposed and getattr(module, "padding_mode", "zeros") != "zeros"
     child = _unpadded_time_child(module)
     return child is not None and (tl.kind(child).transposed or _class_calls_pad(type(module))
                                   or any(isinstance(c, _PAD_MODULES) for c in module.children()))
