@@ -179,11 +179,13 @@ def _zoo():
 
 
 #: model type → what the zoo must find: "fixed" (leaks stock, padding-safe after one call, eval and
-#: train) or "no harm" (runs after the call; layers it cannot follow act as torch's, named)
+#: train), "followed" (safe stock and after, every layer followed: nothing acts as torch's) or
+#: "no harm" (runs after the call; layers it cannot follow act as torch's, named)
 ZOO_SUBSET = {
     "speech_to_text": "fixed",        # Conv1d subsampling reads past the end (eval and train)
     "parakeet_ctc": "fixed",          # Conv2d subsampling; BatchNorm in training
-    "fun_asr_nano_encoder": "no harm",  # its FSMN pads inside the attention (F.pad): a rate seqnorm does not follow
+    "univnet": "fixed",               # its reflect conv_pre reflects the batch's padding (issue 28)
+    "fun_asr_nano_encoder": "followed",  # its FSMN pads through a ConstantPad1d child: followed (issue 28)
 }
 
 
@@ -196,6 +198,8 @@ def test_zoo_row(model_type):
     if ZOO_SUBSET[model_type] == "fixed":
         assert row["leaks_stock"], row["stock"]                      # teeth
         assert row["safe_after"], row["after"]
+    elif ZOO_SUBSET[model_type] == "followed":
+        assert row["safe_after"] and not row["unfollowed"], row     # (it warned, acting as torch's, before)
     else:
         assert row["unfollowed"], row                                # named, with the reason
 
