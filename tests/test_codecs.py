@@ -390,3 +390,70 @@ def test_codes_batched_equal_alone_xcodec_wavtokenizer(model_type):
 
     assert differ(model) > 0                                            # teeth
     assert differ(seqnorm.make_padding_safe(copy.deepcopy(model))) == 0
+
+
+# ---------------------------------------------------------------------------
+# A Conv1d subclass that pads in its own forward (moonshine_streaming's causal conv, issue 28)
+# ---------------------------------------------------------------------------
+
+
+class _CausalConv(torch.nn.Conv1d):
+    """moonshine_streaming's ``MoonshineStreamingCausalConv1d``: a left pad of ``k − 1``, then
+    ``Conv1d.forward`` with ``padding=0`` (no time layer to torch's eyes: its forward is its own)."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+def test_a_conv_subclass_that_pads_itself_is_followed():
+    """Its output lengths (⌈L / 2⌉ for stride 2) are recorded, so the next convolution zeroes what it
+    reads past each sequence's end: stock the short sequence's last frames read the causal conv's
+    output at the first padded frame (which sees real input), batched ≠ alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_CausalConv(2, 3, 5, stride=2), torch.nn.Conv1d(3, 2, 3, padding=1)).eval()
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 0
+
+    def error(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        with torch.no_grad():
+            alone = model(x[1:, :, :17])
+        return (batched[1:, :, :alone.shape[-1]] - alone).abs().max().item()
+
+    assert error(net) > 1e-3                                           # teeth
+    safe = seqnorm.make_padding_safe(copy.deepcopy(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", seqnorm.ConversionWarning)      # its output rate is known: no fallback
+        assert error(safe) <= 1e-5
+
+
+def test_moonshine_streaming_batched_equals_alone():
+    """moonshine_streaming frames the waveform by a reshape (a rate no layer follows), then two causal
+    strided convs that pad themselves and pass its frame mask on, marking real the frames whose window
+    reads any real frame: the short clip's attention reads keys its run alone does not have. After
+    make_padding_safe the frame lengths come from the mask its first conv gets, each conv's output
+    lengths are recorded, and attention is masked at them: batched = alone, through the model's own
+    attention_mask (no context opened by hand)."""
+    from seqnorm import hf
+
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(hf.small_config("moonshine_streaming")).eval().encoder
+    short = 1440
+    x = torch.randn(2, 3200, generator=torch.Generator().manual_seed(0))
+    x[1, short:] = 0
+    mask = torch.ones(2, 3200, dtype=torch.long)
+    mask[1, short:] = 0
+
+    def error(m):
+        with torch.no_grad():
+            batched = m(x, attention_mask=mask).last_hidden_state
+            alone = m(x[1:, :short], attention_mask=mask[1:, :short]).last_hidden_state
+        return (batched[1:, :alone.shape[1]] - alone).abs().max().item()
+
+    assert error(model) > 1e-2                                          # teeth
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        safe = seqnorm.make_padding_safe(copy.deepcopy(model))
+    assert error(safe) <= 1e-4
