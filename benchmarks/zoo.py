@@ -85,12 +85,8 @@ def _runs_only_at_fixed_length(model_type: str) -> Optional[str]:
     cfg = model.config
     for steps in {getattr(cfg, "max_length", None), 2 * (getattr(cfg, "max_source_positions", 0) or 0)} - {None, 0}:
         for layout in hf.LAYOUTS[main]:
-            try:
-                inputs, _, kwargs = hf.audio_batch(module, cfg, main, BATCH, int(steps), layout=layout)
-                _forward(module, main, inputs, {k: torch.ones_like(v) for k, v in kwargs.items()})
+            if _runs_at(module, cfg, main, int(steps), layout):
                 return f"x: it runs only at the {steps} steps its config fixes ({layout})"
-            except Exception:
-                continue
     return None
 
 
@@ -499,13 +495,27 @@ def _fixed_steps(model_type: str):
             if not steps:
                 continue
             for layout in hf.LAYOUTS[main]:
-                try:
-                    inputs, _, kwargs = hf.audio_batch(module, cfg, main, BATCH, int(steps), layout=layout)
-                    _forward(module, main, inputs, {k: torch.ones_like(v) for k, v in kwargs.items()})
+                if _runs_at(module, cfg, main, int(steps), layout):
                     return int(steps), layout
-                except Exception:
-                    continue
     raise RuntimeError("no fixed length in its config that it runs at")
+
+
+def _runs_at(module, cfg, main, steps: int, layout: str) -> bool:
+    """Whether ``module`` runs on a batch of ``steps`` in ``layout``: with its mask, or with none (a
+    mask its attention takes as it is, not as 0 / 1 per frame: Qwen2-Audio's, Voxtral's encoder)."""
+    from seqnorm import hf
+
+    try:
+        inputs, _, kwargs = hf.audio_batch(module, cfg, main, BATCH, steps, layout=layout)
+    except Exception:
+        return False
+    for given in ({k: torch.ones_like(v) for k, v in kwargs.items()}, {}):
+        try:
+            _forward(module, main, inputs, given)
+            return True
+        except Exception:
+            continue
+    return False
 
 
 # ---------------------------------------------------------------------------
