@@ -223,11 +223,16 @@ def one(model_type: str) -> dict:
             stock[mode] = _audit(module, inputs, lengths, kwargs, mode == "train", time_dim)
         except Exception as e:
             stock[mode] = dict(error=_first_line(e))
-    if "no module output has a time axis" in stock["eval"].get("error", ""):
-        # its first layer reshapes the waveform into frames (no Conv1d the audit can follow the rate
-        # through): compared end to end, each sequence alone cut to its length
+    if "error" in stock["eval"]:
+        # the audit cannot run it though the model runs: its first layer reshapes the waveform into
+        # frames (no Conv1d the audit can follow the rate through), or the audit's extra random
+        # padding gives a length it refuses (Nemotron 3.5's multiple of 8): compared end to end,
+        # each sequence alone cut to its length
+        why = stock["eval"]["error"]
+        note = "; ".join(n for n in (row["note"], "" if "no module output has a time axis" in why
+                                     else f"the audit's own runs fail ({why[:120]})") if n)
         return one_end_to_end(model_type, None, dict(size=row["size"], layout=row["layout"],
-                                                     steps=int(inputs.shape[time_dim]), note=row["note"]))
+                                                     steps=int(inputs.shape[time_dim]), note=note))
     safe_model = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
