@@ -90,14 +90,17 @@ def _runs_only_at_fixed_length(model_type: str) -> Optional[str]:
     return None
 
 
-def _drawn_inputs(model_type: str, config, inputs, time_dim: int) -> dict:
+def _drawn_inputs(model_type: str, module, inputs, time_dim: int) -> dict:
     """Inputs a model draws at random in its forward for the batch's shape unless given (UnivNet's
     noise, (B, T, C)): given, one draw, so each sequence alone gets its own rows of it (the audit cuts
-    them with the mask). Without it batched ≠ alone by design: another shape, another draw."""
-    if model_type != "univnet":
-        return {}
-    shape = (inputs.shape[0], inputs.shape[time_dim], config.model_in_channels)
-    return {"noise_sequence": torch.randn(shape, generator=torch.Generator().manual_seed(2))}
+    them with the mask); or not drawn (VibeVoice's σ-VAE noise on its latents, ``sample=False``).
+    Without it batched ≠ alone by design: another shape, another draw."""
+    if model_type == "univnet":
+        shape = (inputs.shape[0], inputs.shape[time_dim], module.config.model_in_channels)
+        return {"noise_sequence": torch.randn(shape, generator=torch.Generator().manual_seed(2))}
+    if "sample" in inspect.signature(module.forward).parameters:
+        return {"sample": False}
+    return {}
 
 
 def _count_params_meta(cfg) -> int:
@@ -214,7 +217,7 @@ def one(model_type: str) -> dict:
     time_dim = hf.TIME_DIM[row["layout"]]
     mask = next(iter(kwargs), None)
     row["mask"] = mask or "none"
-    kwargs.update(_drawn_inputs(model_type, model.config, inputs, time_dim))
+    kwargs.update(_drawn_inputs(model_type, module, inputs, time_dim))
     if mask is None:
         row["note"] = "its forward takes no attention_mask or padding_mask"
     stock, after = {}, {}

@@ -49,6 +49,13 @@ SMALL_CONFIGS: Dict[str, dict] = {
     # a 4-stage patch pyramid: one entry per stage in each list, so its 4 layers stay 4
     "muse_spark_audio": dict(hidden_sizes=(32, 32, 64, 64), depths=(1, 1, 1, 1), num_hidden_layers=4,
                              out_hidden_size=64),
+    # VibeVoice's σ-VAE tokenizer: 7 stages of doubling channels (32 filters: 2048 at the last, 687M
+    # parameters); 8 filters and one block a stage keep its 3200× hop and kernels at 11M, and weights
+    # drawn 5× wider keep its activations of order 1 through so few channels (at 0.01 they vanish to
+    # 1e-13 at the output, where no leak could show)
+    **{f"vibevoice_acoustic_tokenizer{part}": dict(num_filters=8, depths=[1] * 7, hidden_size=64,
+                                                   initializer_range=0.05)
+       for part in ("", "_encoder", "_decoder")},
     # codecs with a w2v-BERT semantic encoder (1024 wide, its layers cut to 2): the quantizer reads the
     # acoustic and semantic features concatenated
     **{codec: dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
