@@ -231,11 +231,11 @@ def one(model_type: str) -> dict:
         # frames (no Conv1d the audit can follow the rate through), or the audit's extra random
         # padding gives a length it refuses (Nemotron 3.5's multiple of 8): compared end to end,
         # each sequence alone cut to its length
-        why = stock["eval"]["error"]
-        note = "; ".join(n for n in (row["note"], "" if "no module output has a time axis" in why
-                                     else f"the audit's own runs fail ({why[:120]})") if n)
+        error = stock["eval"]["error"]
+        why = (_FRAMES if "no module output has a time axis" in error else
+               f"the audit's own runs fail: {error[:120]}")
         return one_end_to_end(model_type, None, dict(size=row["size"], layout=row["layout"],
-                                                     steps=int(inputs.shape[time_dim]), note=note))
+                                                     steps=int(inputs.shape[time_dim]), note=row["note"], why=why))
     safe_model = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -459,7 +459,7 @@ def one_end_to_end(model_type: str, fixed: Optional[str], cut: Optional[dict] = 
         layout, steps = cut["layout"], cut["steps"]
         inputs, lengths, kwargs = hf.audio_batch(module, model.config, main, BATCH, steps, layout=layout)
         row.update(layout=layout, mask=next(iter(kwargs), None) or "none", check="cut", steps=steps,
-                   note=cut.get("note", ""))
+                   note=cut.get("note", ""), cut_why=cut.get("why", _FRAMES))
         compare = lambda m, safe: _compare_cut(hf.audited_module(m)[0], main, inputs, lengths, kwargs,
                                                hf.TIME_DIM[layout], safe)
     elif model_type in TWO_INPUTS:
@@ -543,9 +543,29 @@ def _fmt(a: Optional[dict]) -> str:
 
 #: a change above this (relative to max(1, max|y|), as the audit's) or any integer code that differs
 E2E_TOL = 1e-4
-#: why a model compared end to end is not batched = alone after make_padding_safe: one sentence each,
-#: intrinsic to the model (measured in the zoo's rerun; see docs/zoo.md)
-E2E_WHY: dict = {}
+#: why a model is not batched = alone after make_padding_safe(model), or does not run here: one
+#: sentence each, from looking at the model (measured in the zoo's rerun; see docs/zoo.md)
+WHY = {
+    "neucodec": "codes batched = alone; the decoded waveform's last (n_fft − hop) / 2 samples differ: its ISTFT head "
+                "overlap-adds (F.fold) the frames decoded past the clip's end and divides by the batch's window "
+                "envelope, where a clip alone has neither (no time layer seqnorm follows)",
+    "xcodec2": "codes batched = alone; the decoded waveform's last (n_fft − hop) / 2 samples differ: its ISTFT head "
+               "overlap-adds (F.fold) the frames decoded past the clip's end and divides by the batch's window "
+               "envelope, where a clip alone has neither (no time layer seqnorm follows)",
+    "wavtokenizer": "its encoder and codes are batched = alone (wavtokenizer_encoder; tests/test_codecs.py); its "
+                    "decoder's backbone has a self-attention block (AttnBlock: bmm and softmax over every frame) "
+                    "that takes no mask, which attention fixing (Hugging Face attention modules) does not reach, "
+                    "and an ISTFT head",
+    "xcodec": "batched = alone with zero padding (codes too: tests/test_codecs.py), not with random padding: it pads "
+              "the waveform in its top-level encode for its semantic model and, when the two encoders' frame "
+              "counts differ at the batch's length, for its acoustic encoder too — a choice made from the batch's "
+              "length, at rates seqnorm does not follow",
+    "higgs_audio_v2_tokenizer": "needs torchaudio, which has no build for the installed torch 2.13 (not run here)",
+    "pe_audio_video_encoder": "needs timm (and torchvision), not installed here; its video tower is an image "
+                              "model",
+    "voxtral_realtime_text": "Voxtral Realtime's text decoder: transformers maps the type to a class it does not "
+                             "export, and it takes no audio",
+}
 
 
 def e2e_batched_alone(result: Optional[dict]) -> Optional[bool]:
@@ -569,13 +589,17 @@ def _fmt_e2e(result: Optional[dict]) -> str:
     return text
 
 
+#: why the audit cannot cut most models compared end to end "cut"
+_FRAMES = "its first layer frames the input, no module output the audit can follow the rate through"
+
+
 def _how_e2e(r: dict) -> str:
     return {"fixed length": f"compared end to end at the {r.get('steps')} steps its config fixes, each sequence "
                             f"alone padded to them too (as its feature extractor pads)",
             "two inputs": "compared end to end: a waveform and its semantic features, each sequence alone cut "
                           "at both rates",
-            "cut": "compared end to end, each sequence alone cut to its length (its first layer frames the "
-                   "input: no module output the audit can follow the rate through)"}[r["check"]]
+            "cut": "compared end to end, each sequence alone cut to its length (the module-by-module audit "
+                   f"cannot run it: {r.get('cut_why', _FRAMES)})"}[r["check"]]
 
 
 def _e2e_row(r: dict) -> str:
@@ -584,9 +608,16 @@ def _e2e_row(r: dict) -> str:
            f"input {r.get('layout', '')}; {_how_e2e(r)}")
     ok = e2e_batched_alone(c.get("attention"))
     verdict = "yes" if ok else (f"error: {c['attention']['error'][:120]}" if ok is None else "no")
-    why = "" if ok else E2E_WHY.get(r["model_type"], "")
+    why = "" if ok else WHY.get(r["model_type"], "")
     return (f"| {r['model_type']} | yes ({how}) | {_fmt_e2e(c.get('stock'))} | — | {_fmt_e2e(c.get('after'))} | — | "
             f"{why} | {verdict} | {r.get('seconds', '')} |")
+
+
+def _remains(r: dict) -> str:
+    """An audited row's "what remains and why": the first leak after the call (from its category), and
+    the model's own reason where :data:`WHY` has one and it is not batched = alone with attention fixing."""
+    why = WHY.get(r["model_type"]) if r.get("attention") != "yes" else None
+    return "; ".join(p for p in (why and f"**why:** {why}", r.get("remains", "")) if p)
 
 
 def totals(rows: List[dict]) -> dict:
@@ -658,13 +689,14 @@ def markdown(rows: List[dict], seconds: float) -> str:
             continue
         if not r.get("runs"):
             runs = "no" if not r.get("builds") else "builds, does not run"
-            lines.append(f"| {r['model_type']} | {runs}: {r.get('note', '')} | | | | | | | {r.get('seconds', '')} |")
+            lines.append(f"| {r['model_type']} | {runs}: {r.get('note', '')} | | | | | {WHY.get(r['model_type'], '')} "
+                         f"| | {r.get('seconds', '')} |")
             continue
         s, a = r.get("stock", {}), r.get("after", {})
         how = (f"{r['cls']}" + (f" {r['how']}" if r['how'] else "") + f", {r['size']} config, mask: {r['mask']}"
                + f", input {r.get('layout', '')}")
         lines.append(f"| {r['model_type']} | yes ({how}) | {_fmt(s.get('eval'))} | {_fmt(s.get('train'))} | "
-                     f"{_fmt(a.get('eval'))} | {_fmt(a.get('train'))} | {r.get('remains', '')} | "
+                     f"{_fmt(a.get('eval'))} | {_fmt(a.get('train'))} | {_remains(r)} | "
                      f"{r.get('attention', '')} | {r.get('seconds', '')} |")
     return "\n".join(lines) + "\n"
 
