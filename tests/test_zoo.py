@@ -185,7 +185,11 @@ ZOO_SUBSET = {
     "speech_to_text": "fixed",        # Conv1d subsampling reads past the end (eval and train)
     "parakeet_ctc": "fixed",          # Conv2d subsampling; BatchNorm in training
     "univnet": "fixed",               # its reflect conv_pre reflects the batch's padding (issue 28)
+    "vibevoice_acoustic_tokenizer_decoder": "fixed",  # causal convs and transposed convs that crop (issue 28)
     "fun_asr_nano_encoder": "followed",  # its FSMN pads through a ConstantPad1d child: followed (issue 28)
+    # its conv module's causal depthwise conv (F.pad(k − 1, 0), then padding=0) is followed; stock it is
+    # already batched = alone (a causal pad reads no step past the end, and it masks its own input)
+    "wav2vec2-bert": "followed",
 }
 
 
