@@ -8,6 +8,8 @@ causal, plus extra steps to fill the last window), DAC's audio decoder was skipp
 were a text decoder."""
 
 import copy
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -252,6 +254,66 @@ def test_any_module_that_pads_itself_is_followed(mode):
     assert stock > 1e-3
 
 
+class _PadModuleThenConv(torch.nn.Module):
+    """FunASR's FSMN without its own masking: ``conv(pad(x))`` through a ``ConstantPad1d`` child."""
+
+    def __init__(self, mode="constant"):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 2, 5, groups=2, bias=False)
+        self.pad = {"constant": torch.nn.ConstantPad1d((2, 2), 0.0),
+                    "replicate": torch.nn.ReplicationPad1d((2, 2))}[mode]
+
+    def forward(self, x):
+        return self.conv(self.pad(x)) + x
+
+
+@pytest.mark.parametrize("mode", ["constant", "replicate"])
+def test_a_pad_module_child_is_followed(mode):
+    """A module that pads through one of torch's padding modules (FunASR's FSMN) is followed as one
+    that calls functional.pad: batched = alone, and no fallback warning (its conv's input was at a
+    rate seqnorm did not know)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_PadModuleThenConv(mode), torch.nn.Conv1d(2, 2, 3, padding=1)).eval()
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 3.0           # padding that is not zero: what it reads past the end shows
+
+    def error(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        with torch.no_grad():
+            alone = model(x[1:, :, :17])
+        return (batched[1:, :, :17] - alone).abs().max().item()
+
+    assert error(net) > 1e-3                                           # teeth
+    safe = seqnorm.make_padding_safe(copy.deepcopy(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", seqnorm.ConversionWarning)
+        assert error(safe) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_conv_with_a_padding_mode_is_followed(mode):
+    """A Conv1d whose padding_mode is not zeros pads itself (UnivNet's reflect ``conv_pre``): alone
+    it reflects (replicates, wraps) its own end; batched, stock, the batch's padding."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 7, padding=3, padding_mode=mode),
+                              torch.nn.Conv1d(3, 2, 3, padding=1)).eval()
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 0
+
+    def error(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        with torch.no_grad():
+            alone = model(x[1:, :, :17])
+        return (batched[1:, :, :17] - alone).abs().max().item()
+
+    assert error(net) > 1e-3                                           # teeth
+    assert error(seqnorm.make_padding_safe(copy.deepcopy(net))) <= 1e-5
+
+
 def test_a_pad_seqnorm_cannot_follow_falls_back_once():
     """A pad of time and channels at once is not followed: the convolution after it sees a step
     count at no known rate and acts as torch's, with one ConversionWarning (do no harm)."""
@@ -270,3 +332,128 @@ def test_a_pad_seqnorm_cannot_follow_falls_back_once():
             out = net(x)
     with torch.no_grad():
         assert torch.equal(out, net[0].conv(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+
+
+# ---------------------------------------------------------------------------
+# XCodec and WavTokenizer (issue 28): codes batched = alone, built from their default configs cut to 2
+# layers (hf.small_config without the width settings; random weights)
+# ---------------------------------------------------------------------------
+
+
+def _codes(model, x, mask):
+    kw = {"padding_mask": mask} if "padding_mask" in inspect.signature(model.encode).parameters else {}
+    with torch.no_grad(), seqnorm.padding(lengths=mask.sum(1)):     # XCodec's encode takes no mask
+        return model.encode(x, **kw).audio_codes
+
+
+def _spread_codebooks(model, x, mask):
+    """Codebooks drawn at the scale (of 1e-3 … 10) that gives the most distinct codes on ``x``:
+    at random initialisation every frame gets the same code, and nothing could differ."""
+    def draw(std):
+        g = torch.Generator().manual_seed(1)
+        for name, buf in model.named_buffers():
+            if name.endswith(".embed") and buf.dim() == 2:
+                buf.copy_(torch.randn(buf.shape, generator=g) * std)
+            elif name.endswith((".inited", ".initialized")):
+                buf.fill_(True)
+    best = max((1e-3, 1e-2, 0.1, 1.0, 10.0), key=lambda std: (draw(std), _codes(model, x, mask).unique().numel())[1])
+    draw(best)
+
+
+#: model type → a short clip's length: not a whole number of frames (XCodec: 320-sample frames, the
+#: length at which its own choice of padding is the same batched and alone; WavTokenizer: 480)
+SELF_PADDING_CODECS = {"xcodec": 1440, "wavtokenizer": 2100}
+
+
+@pytest.mark.parametrize("model_type", list(SELF_PADDING_CODECS))
+def test_codes_batched_equal_alone_xcodec_wavtokenizer(model_type):
+    """XCodec pads the waveform in its own forward (for its HuBERT semantic model and, depending on
+    the padded length, its DAC acoustic encoder) and mixes the two with a Linear; WavTokenizer's
+    encoder is EnCodec-like (reflect padding, then a padding=0 convolution). Stock their codes differ
+    batched vs alone; after make_padding_safe they are equal at every real frame."""
+    from seqnorm import hf
+
+    short = SELF_PADDING_CODECS[model_type]
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(hf.small_config(model_type, width=False)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 3200, generator=g)
+    x[1, :, short:] = 0
+    mask = torch.ones(2, 3200, dtype=torch.long)
+    mask[1, short:] = 0
+    with torch.no_grad():
+        _spread_codebooks(model, x, mask)
+
+    def differ(m):
+        alone = _codes(m, x[1:, :, :short], mask[1:, :short])
+        return int((_codes(m, x, mask)[1:, ..., :alone.shape[-1]] != alone).sum())
+
+    assert differ(model) > 0                                            # teeth
+    assert differ(seqnorm.make_padding_safe(copy.deepcopy(model))) == 0
+
+
+# ---------------------------------------------------------------------------
+# A Conv1d subclass that pads in its own forward (moonshine_streaming's causal conv, issue 28)
+# ---------------------------------------------------------------------------
+
+
+class _CausalConv(torch.nn.Conv1d):
+    """moonshine_streaming's ``MoonshineStreamingCausalConv1d``: a left pad of ``k − 1``, then
+    ``Conv1d.forward`` with ``padding=0`` (no time layer to torch's eyes: its forward is its own)."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+def test_a_conv_subclass_that_pads_itself_is_followed():
+    """Its output lengths (⌈L / 2⌉ for stride 2) are recorded, so the next convolution zeroes what it
+    reads past each sequence's end: stock the short sequence's last frames read the causal conv's
+    output at the first padded frame (which sees real input), batched ≠ alone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_CausalConv(2, 3, 5, stride=2), torch.nn.Conv1d(3, 2, 3, padding=1)).eval()
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 0
+
+    def error(model):
+        with torch.no_grad(), seqnorm.padding(lengths=lengths):
+            batched = model(x)
+        with torch.no_grad():
+            alone = model(x[1:, :, :17])
+        return (batched[1:, :, :alone.shape[-1]] - alone).abs().max().item()
+
+    assert error(net) > 1e-3                                           # teeth
+    safe = seqnorm.make_padding_safe(copy.deepcopy(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", seqnorm.ConversionWarning)      # its output rate is known: no fallback
+        assert error(safe) <= 1e-5
+
+
+def test_moonshine_streaming_batched_equals_alone():
+    """moonshine_streaming frames the waveform by a reshape (a rate no layer follows), then two causal
+    strided convs that pad themselves and pass its frame mask on, marking real the frames whose window
+    reads any real frame: the short clip's attention reads keys its run alone does not have. After
+    make_padding_safe the frame lengths come from the mask its first conv gets, each conv's output
+    lengths are recorded, and attention is masked at them: batched = alone, through the model's own
+    attention_mask (no context opened by hand)."""
+    from seqnorm import hf
+
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(hf.small_config("moonshine_streaming")).eval().encoder
+    short = 1440
+    x = torch.randn(2, 3200, generator=torch.Generator().manual_seed(0))
+    x[1, short:] = 0
+    mask = torch.ones(2, 3200, dtype=torch.long)
+    mask[1, short:] = 0
+
+    def error(m):
+        with torch.no_grad():
+            batched = m(x, attention_mask=mask).last_hidden_state
+            alone = m(x[1:, :short], attention_mask=mask[1:, :short]).last_hidden_state
+        return (batched[1:, :alone.shape[1]] - alone).abs().max().item()
+
+    assert error(model) > 1e-2                                          # teeth
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        safe = seqnorm.make_padding_safe(copy.deepcopy(model))
+    assert error(safe) <= 1e-4

@@ -179,11 +179,17 @@ def _zoo():
 
 
 #: model type → what the zoo must find: "fixed" (leaks stock, padding-safe after one call, eval and
-#: train) or "no harm" (runs after the call; layers it cannot follow act as torch's, named)
+#: train), "followed" (safe stock and after, every layer followed: nothing acts as torch's) or
+#: "no harm" (runs after the call; layers it cannot follow act as torch's, named)
 ZOO_SUBSET = {
     "speech_to_text": "fixed",        # Conv1d subsampling reads past the end (eval and train)
     "parakeet_ctc": "fixed",          # Conv2d subsampling; BatchNorm in training
-    "fun_asr_nano_encoder": "no harm",  # its FSMN pads inside the attention (F.pad): a rate seqnorm does not follow
+    "univnet": "fixed",               # its reflect conv_pre reflects the batch's padding (issue 28)
+    "vibevoice_acoustic_tokenizer_decoder": "fixed",  # causal convs and transposed convs that crop (issue 28)
+    "fun_asr_nano_encoder": "followed",  # its FSMN pads through a ConstantPad1d child: followed (issue 28)
+    # its conv module's causal depthwise conv (F.pad(k − 1, 0), then padding=0) is followed; stock it is
+    # already batched = alone (a causal pad reads no step past the end, and it masks its own input)
+    "wav2vec2-bert": "followed",
 }
 
 
@@ -196,5 +202,65 @@ def test_zoo_row(model_type):
     if ZOO_SUBSET[model_type] == "fixed":
         assert row["leaks_stock"], row["stock"]                      # teeth
         assert row["safe_after"], row["after"]
+    elif ZOO_SUBSET[model_type] == "followed":
+        assert row["safe_after"] and not row["unfollowed"], row     # (it warned, acting as torch's, before)
     else:
         assert row["unfollowed"], row                                # named, with the reason
+
+
+# ---------------------------------------------------------------------------
+# The zoo's last rows (issue 28): models that did not run at small size
+# ---------------------------------------------------------------------------
+
+
+def test_speecht5_runs_through_its_speech_encoder_and_is_fixed():
+    """AutoModel's SpeechT5Model has no speech pre-net; the speech-to-text model's encoder
+    takes the waveform (a wav2vec2-style GroupNorm feature encoder: leaks stock)."""
+    row = _zoo().one("speecht5")
+    assert row["runs"] and row["cls"] == "SpeechT5ForSpeechToText", row.get("note")
+    assert row["leaks_stock"], row["stock"]                          # teeth
+    assert row["safe_after"], row["after"]
+
+
+def test_fixed_length_model_is_compared_at_its_length():
+    """Whisper runs only at 3000 frames: each clip alone is padded to 3000 too, batched = alone;
+    stock its real frames read the padding's values (its convolutions), after the call they do not."""
+    row = _zoo().one("whisper")
+    assert row["check"] == "fixed length" and row["steps"] == 3000, row
+    stock, after = row["compared"]["stock"], row["compared"]["after"]
+    assert max(stock["alone"].values()) <= 1e-4
+    assert max(stock["padding"].values()) > 1e-3                    # teeth: random padding moves real frames
+    assert max(after["padding"].values()) <= 1e-4 and max(after["alone"].values()) <= 1e-4
+
+
+def test_neucodec_codes_batched_equal_alone_after_the_call():
+    """NeuCodec takes a waveform and semantic features at 1/320 of its rate: stock, its semantic
+    adapter's convolutions and acoustic encoder read past each clip's end and codes differ batched
+    vs alone; after make_padding_safe (both rates in the padding context) they are equal."""
+    zoo = _zoo()
+    row = zoo.one("neucodec")
+    assert row["check"] == "two inputs", row
+    stock, after = row["compared"]["stock"]["alone"], row["compared"]["after"]["alone"]
+    assert stock["audio_codes"] > 0                                 # teeth
+    assert after["audio_codes"] == 0, after
+
+
+def test_audit_keeps_a_copy_of_each_batched_output():
+    """A parent that scales its child's output in place after the child's hook (Gemma 4's
+    feed-forward: ``h = norm(h); h *= scale``) is no leak."""
+
+    class ScaleInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.proj(x)
+            h *= 0.5
+            return h
+
+    model = nn.Sequential(ScaleInPlace(), nn.Linear(4, 4)).eval()
+    x = torch.randn(2, 6, 4)
+    x[1, 3:] = 0
+    report = seqnorm.audit(model, x, torch.tensor([6, 3]))
+    assert report.first_leak is None, report.to_text()

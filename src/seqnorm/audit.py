@@ -276,7 +276,9 @@ class _Recorder:
             self.rows[(name, k)] = row
             row.scale = max((_real(y[b], tuple(a - 1 for a in axes), n).abs().max().item()
                              for b, n in enumerate(lengths) if n > 0), default=0.0)
-            self.stored[(name, k)] = (y.float(), axes, torch.tensor(lengths))
+            # a copy: the model may change this output in place after the hook (Gemma 4's
+            # feed-forward scales its norm's output with *=), and the alone runs compare with it
+            self.stored[(name, k)] = (y.float().clone(), axes, torch.tensor(lengths))
             return
         ref = self.stored.get((name, k))
         if ref is None:

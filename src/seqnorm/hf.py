@@ -8,7 +8,8 @@ dependency of seqnorm).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import math
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +46,57 @@ SMALL_CONFIGS: Dict[str, dict] = {
                                                     num_mel_bins=32)) for head in ("ctc", "rnnt", "tdt")},
     # a LayerNorm over the relative-position table (no batch or time axis)
     "sew-d": dict(SMALL_SPEECH, squeeze_factor=2, max_position_embeddings=64, position_buckets=32),
+    # a 4-stage patch pyramid: one entry per stage in each list, so its 4 layers stay 4
+    "muse_spark_audio": dict(hidden_sizes=(32, 32, 64, 64), depths=(1, 1, 1, 1), num_hidden_layers=4,
+                             out_hidden_size=64),
+    # VibeVoice's σ-VAE tokenizer: 7 stages of doubling channels (32 filters: 2048 at the last, 687M
+    # parameters); 8 filters and one block a stage keep its 3200× hop and kernels at 11M, and weights
+    # drawn 5× wider keep its activations of order 1 through so few channels (at 0.01 they vanish to
+    # 1e-13 at the output, where no leak could show)
+    **{f"vibevoice_acoustic_tokenizer{part}": dict(num_filters=8, depths=[1] * 7, hidden_size=64,
+                                                   initializer_range=0.05)
+       for part in ("", "_encoder", "_decoder")},
+    # codecs with a w2v-BERT semantic encoder (1024 wide, its layers cut to 2): the quantizer reads the
+    # acoustic and semantic features concatenated
+    **{codec: dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
+                   head_dim=32, quantization_dim=64 + 1024) for codec in ("neucodec", "xcodec2")},
+}
+
+
+
+def _kv_heads_as_heads(cfg) -> None:
+    if not hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = cfg.num_attention_heads       # plain multi-head attention
+
+
+#: config fields a model reads that its config class does not set (a transformers 5.25 gap): the
+#: moonshine_streaming decoder reads ``num_key_value_heads`` from the top config, which has none
+CONFIG_GAPS: Dict[str, Callable] = {"moonshine_streaming": _kv_heads_as_heads}
+
+#: the model class built where ``AutoModel``'s takes no audio: SpeechT5Model has no speech
+#: pre-net (it takes hidden states); the speech-to-text model's encoder takes the waveform
+AUDIO_CLASS = {"speecht5": "SpeechT5ForSpeechToText"}
+
+#: features per frame of ``input_features`` where the config keeps them under no name of
+#: :data:`FEATURE_SIZE` (or the model reads a multiple of them)
+FEATURES_PER_FRAME: Dict[str, Callable] = {
+    # two stride-2 Conv2d over (time, mel), then a Linear over channels × mel / 4: mel = the first's channels
+    "gemma4_audio": lambda cfg: cfg.subsampling_conv_channels[0],
+    # the feature extractor delta-expands the mel frames (×2) and stacks them in pairs (×2)
+    "granite_speech5_encoder": lambda cfg: 4 * cfg.num_mel_bins,
+    "granite_speech5_ctc": lambda cfg: 4 * cfg.encoder_config.num_mel_bins,
+    # the decoder of latents (B, hidden, T): the encoder's output
+    "vibevoice_acoustic_tokenizer_decoder": lambda cfg: cfg.hidden_size,
+}
+
+#: models whose forward takes only whole frames of this many samples (its feature extractor pads to a
+#: multiple): every sequence's length, alone too, is a multiple of it
+STEP_MULTIPLE: Dict[str, Callable] = {
+    "muse_spark_audio": lambda cfg: math.prod(cfg.patch_sizes),          # the patch pyramid's stride
+    "pe_audio_encoder": lambda cfg: cfg.dac_config.hop_length,           # its DAC encoder's hop
+    "qwen3_asr_encoder": lambda cfg: 2 * cfg.n_window,                   # attention windows of 2 n_window frames
+    # the processor pads the mel frames to whole subsampled frames
+    "nemotron3_5_transcribe_audio": lambda cfg: cfg.asr_config.subsampling_factor,
 }
 
 
@@ -118,9 +170,11 @@ def small_config(model_type: str, width: bool = True):
     elif width:
         overrides.update(SMALL_WIDTH)
     cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in overrides.items() if hasattr(defaults, k)})
+    fill_config_gaps(cfg)
     for sub in _sub_configs(cfg):
         for key in LAYER_COUNTS:
-            if isinstance(getattr(sub, key, None), int) and getattr(sub, key) > 2:
+            # a count seqnorm's own small settings give stays (it matches their per-layer lists)
+            if key not in overrides and isinstance(getattr(sub, key, None), int) and getattr(sub, key) > 2:
                 setattr(sub, key, 2)
         for key, value in NO_DROPOUT.items():
             if isinstance(getattr(sub, key, None), float):
@@ -128,8 +182,19 @@ def small_config(model_type: str, width: bool = True):
     return cfg
 
 
+def fill_config_gaps(cfg):
+    """``cfg`` with the fields of :data:`CONFIG_GAPS` its model reads and its class does not set."""
+    fill = CONFIG_GAPS.get(getattr(cfg, "model_type", None))
+    if fill is not None:
+        fill(cfg)
+    return cfg
+
+
 def feature_size(config) -> Optional[int]:
     """The features per frame of a model's ``input_features``, from its config (or a sub-config)."""
+    known = FEATURES_PER_FRAME.get(getattr(config, "model_type", None))
+    if known is not None:
+        return int(known(config))
     for key in FEATURE_SIZE:
         for sub in _sub_configs(config):
             value = getattr(sub, key, None)
@@ -157,7 +222,8 @@ def audited_module(model: nn.Module) -> Tuple[nn.Module, str]:
 
 #: the layouts tried for a main input, in order: a waveform (B, T) or (B, 1, T) (codecs); frames (B, T, F)
 #: or (B, F, T) (Whisper's)
-LAYOUTS = {"input_values": ("(B, T)", "(B, 1, T)", "(B, T, F)"), "input_features": ("(B, T, F)", "(B, F, T)")}
+LAYOUTS = {"input_values": ("(B, T)", "(B, 1, T)", "(B, T, F)", "(B, F, T)"),   # the last: a codec's latents
+           "input_features": ("(B, T, F)", "(B, F, T)")}
 #: the input's time axis in each layout
 TIME_DIM = {"(B, T)": 1, "(B, 1, T)": 2, "(B, T, F)": 1, "(B, F, T)": 2}
 
@@ -168,8 +234,12 @@ def audio_batch(module: nn.Module, config, main: str, batch: int, steps: int, se
     (default: the first of :data:`LAYOUTS`: ``input_values`` a waveform ``(B, T)``,
     ``input_features`` frames ``(B, T, F)`` with ``F`` from the config; ``(B, F, T)`` as
     Whisper's), lengths from ``T`` down to 45 % of it, and the mask under the forward's own
-    name (1 at real steps)."""
+    name (1 at real steps). A model of :data:`STEP_MULTIPLE` gets ``T`` and the lengths in
+    whole frames of it."""
     layout = layout or LAYOUTS[main][0]
+    multiple = STEP_MULTIPLE.get(getattr(config, "model_type", None))
+    multiple = int(multiple(config)) if multiple is not None else 1
+    steps = -(-steps // multiple) * multiple
     gen = torch.Generator().manual_seed(seed)
     if layout in ("(B, T)", "(B, 1, T)"):
         inputs = torch.randn(batch, steps, generator=gen)
@@ -182,6 +252,8 @@ def audio_batch(module: nn.Module, config, main: str, batch: int, steps: int, se
                              f"{', '.join(FEATURE_SIZE[:4])}, ...)")
         inputs = torch.randn(batch, steps, feat, generator=gen)
     lengths = torch.linspace(1.0, 0.45, batch).mul(steps).round().long().clamp(1, steps)
+    if multiple > 1:        # whole frames only: each length down to a multiple (at least one frame)
+        lengths = (lengths // multiple * multiple).clamp_min(multiple)
     real = torch.arange(steps)[None, :] < lengths[:, None]
     inputs = inputs * real.reshape(real.shape + (1,) * (inputs.dim() - 2))
     if layout == "(B, F, T)":

@@ -71,7 +71,7 @@ from .attention_safe import decoder_paths, hook_attention, in_decoder, unhook_at
 from .convert import ConversionWarning, convert
 from .masks import (close_padding, current_padding, host_readable, known_rates as _known, open_padding,
                     pop_in_flight as _pop, push_in_flight as _push)
-from .self_padding import hook_self_padding
+from .self_padding import hook_self_padding, pads_itself
 from .modules import GroupNorm, InstanceNorm1d
 from .time_layers import TIME_LAYERS
 
@@ -475,8 +475,9 @@ def _swap_norm(m: nn.Module) -> Optional[nn.Module]:
 
 
 def _warn_unfollowed(layer: nn.Module, name: str) -> None:
+    # a Conv1d's reflect/replicate/circular padding is followed by self_padding (issue 28): no warning
     if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d, nn.Conv2d)) and layer.padding_mode != "zeros" \
-            and _one(layer.kernel_size) > 1:
+            and _one(layer.kernel_size) > 1 and not pads_itself(layer):
         warnings.warn(f"{_name(name, layer)}: padding_mode={layer.padding_mode!r} pads a sequence alone with "
                       f"its own values, which a batch cannot reproduce at the end of a shorter sequence: "
                       f"the last {_one(layer.padding) if not isinstance(layer.padding, str) else 'few'} "

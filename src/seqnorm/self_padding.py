@@ -11,8 +11,14 @@ convolution sees ``T + left + right`` steps, a rate no time layer recorded.
 
 One rule follows them all, without a list of classes. A module **pads itself**
 (:func:`pads_itself`) when a direct child is a time layer with no implicit
-padding and the module's class calls ``functional.pad`` (or the child is a
-transposed convolution, whose output such a module crops). While it runs inside
+padding and the module's class calls ``functional.pad``, or another child is
+one of torch's padding modules (``nn.ConstantPad1d``: FunASR's FSMN), or the
+time layer is a transposed convolution, whose output such a module crops; a
+``Conv1d`` whose ``padding_mode`` is not ``zeros`` (UnivNet's reflect
+``conv_pre``: torch pads it with ``functional.pad`` before a ``padding=0`` call);
+and a ``Conv1d`` subclass whose own ``forward`` pads (moonshine_streaming's
+``MoonshineStreamingCausalConv1d``: a causal left pad, then ``Conv1d.forward``).
+While it runs inside
 a padding context, a :class:`torch.overrides.TorchFunctionMode` follows its
 calls (its ``forward`` is wrapped, so it runs eagerly under ``torch.compile``):
 
@@ -27,7 +33,14 @@ calls (its ``forward`` is wrapped, so it runs eagerly under ``torch.compile``):
   ``meta`` tensor (no data, cached; only where the lengths are on the host);
 * **a crop** ``x[..., a:b]`` of the last axis at a known rate: each sequence
   loses ``a`` steps at its start and ``T − b`` at its own end (the codecs' crop
-  of a transposed convolution's padding), recorded at the cropped rate.
+  of a transposed convolution's padding), recorded at the cropped rate;
+* **its own convolution** (a ``Conv1d`` subclass that pads in its ``forward``,
+  so no time layer's hook sees it): the call of ``conv1d`` with the module's
+  weight on a tensor at a known rate records each sequence's output length;
+* **its input at a rate not known yet** (moonshine_streaming frames the
+  waveform by a reshape, which no layer follows) with a ``(B, T)`` mask
+  argument at that rate (the model's own mask, 1 / True at each sequence's
+  first steps): the lengths the mask holds are recorded at ``T`` first.
 
 Anything else (a pad of another axis, a rate the context does not know) is
 left to torch, and the layer after it falls back with its own warning.
@@ -86,12 +99,35 @@ def _unpadded_time_child(module: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+#: torch's padding modules: a module holding one next to its convolution pads through it (FunASR's
+#: FSMN: ``conv(pad(x))`` with a ``ConstantPad1d`` child), as one that calls ``functional.pad``
+_PAD_MODULES = (nn.ConstantPad1d, nn.ZeroPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d, nn.CircularPad1d)
+
+
+def _pads_with_mode(conv: nn.Module) -> bool:
+    """Whether torch's ``padding_mode`` (not zeros) pads ``conv`` before a ``padding=0`` call."""
+    return getattr(conv, "padding_mode", "zeros") != "zeros"
+
+
+def _own_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``Conv1d`` subclass whose own ``forward`` pads its input (it is no
+    time layer: :func:`~seqnorm.time_layers.kind` counts only torch's forward)."""
+    return (isinstance(module, nn.Conv1d) and type(module).forward is not nn.Conv1d.forward
+            and _class_calls_pad(type(module)))
+
+
 def pads_itself(module: nn.Module) -> bool:
     """Whether ``module`` pads (or crops) its own input around a time layer: see the module docstring."""
-    if tl.kind(module) is not None:
-        return False
+    k = tl.kind(module)
+    if k is not None:
+        # a convolution whose padding_mode is not zeros pads itself with functional.pad (UnivNet's
+        # reflect conv_pre): batched, it would reflect the batch's padding, not the sequence's end
+        return k.spatial == 1 and not k.transposed and _pads_with_mode(module)
+    if _own_conv(module):
+        return True
     child = _unpadded_time_child(module)
-    return child is not None and (tl.kind(child).transposed or _class_calls_pad(type(module)))
+    return child is not None and (tl.kind(child).transposed or _class_calls_pad(type(module))
+                                  or any(isinstance(c, _PAD_MODULES) for c in module.children()))
 
 
 # ---------------------------------------------------------------------------
@@ -218,10 +254,11 @@ def _last_axis_slice(x: Tensor, index) -> Optional[slice]:
 class _Follow(TorchFunctionMode):
     """Follows the pads and crops of one call of a module that pads itself."""
 
-    def __init__(self, alone: Dict[int, List[Tuple[int, ...]]]):
+    def __init__(self, alone: Dict[int, List[Tuple[int, ...]]], conv: Optional[nn.Conv1d] = None):
         super().__init__()
         self.alone = alone      # length → the module's pads alone, call by call
         self.calls = 0
+        self.conv = conv        # a Conv1d subclass that pads in its own forward: its conv1d call is followed
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -230,6 +267,8 @@ class _Follow(TorchFunctionMode):
             ctx = current_padding()
             if func is Tensor.__getitem__ and ctx is not None and isinstance(out, Tensor):
                 self._crop(ctx, args, out)
+            elif func is torch.conv1d and ctx is not None and self.conv is not None:
+                self._conv(ctx, args, kwargs, out)
             return out
         with torch._C.DisableTorchFunction():     # an enclosing module's mode does not follow it again
             out = func(*args, **kwargs)
@@ -261,6 +300,19 @@ class _Follow(TorchFunctionMode):
             rights.append(pads[call][1])
         return torch.tensor(rights, dtype=lengths.dtype, device=lengths.device)
 
+    def _conv(self, ctx, args, kwargs, y):
+        """``conv1d(x, weight, ...)`` with the module's own weight (not another conv1d its forward
+        makes, as moonshine_streaming's of its mask with ones): the output lengths at ``y``'s rate."""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        lengths = _known_lengths(ctx, args[0]) if weight is self.conv.weight else None
+        if lengths is None or not isinstance(y, Tensor):
+            return
+        c = self.conv
+        if _pads_with_mode(c) or c.padding not in ((0,), "valid"):
+            return      # torch pads it too (or conv1d does): more than this forward's own pad; left to torch
+        g = tl.Geometry(c.kernel_size[0], c.stride[0], 0, 0, c.dilation[0])
+        ctx.record(y.shape[-1], tl.output_lengths(g, lengths))
+
     def _crop(self, ctx, args, y):
         x, index = args[0], args[1]
         lengths = _known_lengths(ctx, x)
@@ -276,17 +328,36 @@ class _Follow(TorchFunctionMode):
 # ---------------------------------------------------------------------------
 
 
-def _follow_mode(module: nn.Module, args) -> Optional[_Follow]:
+def _record_mask_argument(ctx, x: Tensor, args, kwargs) -> None:
+    """``x`` at a rate the context does not know, and a ``(B, T)`` bool or integer mask argument at
+    that rate (1 / True at real steps, the model's own): the lengths it holds, recorded at ``T``.
+    (With no rate known yet the context's lengths would be taken for ``T``'s: the mask is the
+    model's own word on that rate.)"""
+    if x.dim() < 2 or x.shape[-1] in known_rates(ctx):
+        return
+    for m in list(args[1:]) + list(kwargs.values()):
+        if (isinstance(m, Tensor) and m.shape == (x.shape[0], x.shape[-1])
+                and (m.dtype == torch.bool or not (m.is_floating_point() or m.is_complex()))):
+            real = m.to(torch.bool)
+            lengths = real.sum(-1)
+            # a mask True at padding (torch's key_padding_mask), or with holes, says no lengths
+            if not host_readable(real) or torch.equal(real, torch.arange(real.shape[1]) < lengths[:, None]):
+                ctx.record(x.shape[-1], lengths)
+            return
+
+
+def _follow_mode(module: nn.Module, args, kwargs) -> Optional[_Follow]:
     """The mode that follows this call's pads and crops, or None outside a padding context."""
     ctx = current_padding()
     if ctx is None or not args or not isinstance(args[0], Tensor):
         return None
     x = args[0]
+    _record_mask_argument(ctx, x, args, kwargs)
     lengths = _known_lengths(ctx, x)
     alone = {}
     if lengths is not None and host_readable(lengths):
         alone = {n: _pads_alone(module, x, n) for n in set(lengths.tolist())}
-    return _Follow(alone)
+    return _Follow(alone, module if _own_conv(module) else None)
 
 
 class _FollowsPads:
@@ -302,7 +373,7 @@ class _FollowsPads:
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward.__get__(self.module)
-        mode = _follow_mode(self.module, args)
+        mode = _follow_mode(self.module, args, kwargs)
         if mode is None:
             return forward(*args, **kwargs)
         with mode:
