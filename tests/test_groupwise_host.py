@@ -214,3 +214,21 @@ def test_running_statistics_path_unchanged():
     used = n >= 2
     torch.testing.assert_close(m.running_mean, (0.1 * mean[used].mean(0)).float(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(m.running_var, (0.9 + 0.1 * var[used].mean(0)).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_runs_from_the_context_host_lengths(monkeypatch):
+    """Under a padding context of host lengths the module's mask is the context's, and its
+    runs come from those lengths (no read of the mask); a mask that only looks like it is read."""
+    x, _, _, mask, _ = _case(3, 4, 10, [10, 6, 6], torch.float32)
+    gn = seqnorm.GroupNorm(2, 4)
+    read = []
+    real = F._mask_runs
+    monkeypatch.setattr(F, "_mask_runs", lambda m: read.append(m) or real(m))
+    spy = _Spy(monkeypatch)
+    with seqnorm.padding(lengths=torch.tensor([10, 6, 6])):
+        y = gn(x)
+        y2 = F.group_norm(x, 2, gn.weight, gn.bias, padding_mask=mask.clone())     # not the context's mask
+    assert spy.calls == 0 and len(read) == 1
+    expected = _backend_op(x, 2, gn.weight, gn.bias, mask)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y2, expected)

@@ -411,16 +411,22 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
                    channels: Optional[int] = None):
     """:func:`group_norm` (``instance_norm`` with ``groups = C`` and no running statistics)
     of a channels-first ``x (N, C, L)`` on the lean path, or None (the general path);
-    ``channels``: the module's number of channels, which ``C`` must be."""
+    ``channels``: the module's number of channels, which ``C`` must be. A host input
+    (:func:`_host_input`) with parameters of its dtype takes the host ops first
+    (:func:`_host_groupwise`: torch's ``group_norm`` of each run of sequences' real steps)."""
     if not _lean_input(x) or x.dim() != 3:
         return None
     c = x.shape[1]
-    if (channels is not None and c != channels) or type(groups) is not int or groups <= 0 or c % groups or not _lean_params(c, x, weight, bias):
+    if (channels is not None and c != channels) or type(groups) is not int or groups <= 0 or c % groups:
+        return None
+    # the host ops (a CPU input whose reading back is free, parameters of its dtype) or any backend
+    host = _host_input(x) and type(eps) in (float, int) and _host_params(c, x.dtype, weight, bias)
+    if not (host or _lean_params(c, x, weight, bias)):
         return None
     mask = _lean_mask((x.shape[0], x.shape[2]), padding_mask, lengths, x, 3 if context else 0)
     if mask is None:
         return None
-    if _host_input(x) and type(eps) in (float, int) and _host_params(c, x.dtype, weight, bias):
+    if host:
         y = _host_groupwise(x, groups, weight, bias, eps, mask)
         if y is not None:
             return y
@@ -451,11 +457,33 @@ def _host_runs(mask: Tensor):
     for ref, version, runs in _host_runs_kept:
         if ref() is mask and version == mask._version:
             return runs
-    runs = _mask_runs(mask)
+    runs = _context_runs(mask)
+    if runs is None:
+        runs = _mask_runs(mask)
     if not mask.is_inference():      # (an inference tensor has no version counter)
         _host_runs_kept.insert(0, (weakref.ref(mask), mask._version, runs))
         del _host_runs_kept[_HOST_RUNS_KEPT:]
     return runs
+
+
+def _context_runs(mask: Tensor):
+    """:func:`_host_runs` without reading ``mask``, where it is the :func:`~seqnorm.padding`
+    context's mask of host lengths (``arange(T) ≥ L_b``,
+    :meth:`~seqnorm.masks.PaddingContext.host_mask_at`: a padding-safe model's norms get it,
+    made anew for each batch); else None."""
+    ctx = current_padding()
+    if ctx is None:
+        return None
+    b, steps = mask.shape
+    host = ctx.host_lengths_at(steps)
+    if host is None or len(host) != b:
+        return None
+    try:
+        if ctx.host_mask_at(steps, mask.device) is not mask:
+            return None
+    except (ValueError, TypeError):       # (the context cannot make it: read the mask itself)
+        return None
+    return _runs_of(host)
 
 
 def _mask_runs(mask: Tensor):
@@ -465,8 +493,13 @@ def _mask_runs(mask: Tensor):
     real = torch.logical_not(mask).sum(1)
     if not torch.equal(mask, torch.arange(steps) >= real.unsqueeze(1)):
         return False
+    return _runs_of(real.tolist())
+
+
+def _runs_of(lengths) -> tuple:
+    """The runs ``(i, j, L)`` of adjacent equal ``lengths`` (False past :data:`_HOST_GROUP_RUNS_MAX`)."""
     runs = []
-    for b, n in enumerate(real.tolist()):
+    for b, n in enumerate(lengths):
         if runs and runs[-1][2] == n:
             runs[-1][1] = b + 1
         else:
@@ -493,17 +526,31 @@ def _host_groupwise(x: Tensor, groups: int, weight, bias, eps, mask):
             return None
     if x.numel() == 0:
         return None
+    # max|x| of the whole input (padding included) read once: where even a full-length group's
+    # squares cannot overflow, no run needs its own look (NaN/Inf at padding: each run looks)
+    lo, hi = torch.aminmax(x.detach())
+    m = max(-float(lo), float(hi))
+    fits = _fits(m, c // groups * t, x.dtype)
     pieces = []
     for i, j, n in runs:
         if n == 0:
             pieces.append(x.new_zeros((j - i, c, t)))
             continue
         xr = x if n == t and j - i == b else x[i:j, :, :n]
-        yr = _host_group_norm_run(xr, groups, weight, bias, eps, c // groups * n)
+        yr = torch.group_norm(xr, groups, weight, bias, eps) if fits else \
+            _host_group_norm_run(xr, groups, weight, bias, eps, c // groups * n)
         if yr is None:
             return None
         pieces.append(yr if n == t else torch.constant_pad_nd(yr, (0, t - n)))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _fits(m: float, n: int, dtype) -> bool:
+    """Whether ``n`` values of ``dtype`` with ``max|x| = m`` normalize without overflow in
+    torch's kernel: ``n·(2m)²`` (a bound on the sum of squared deviations) below a quarter
+    of the dtype's largest value. False for NaN (and, past ``m ~ 1e154``, where the product
+    is inf in Python)."""
+    return 16.0 * n * m * m < _HOST_MAX[dtype]
 
 
 def _host_group_norm_run(x: Tensor, groups: int, weight, bias, eps, n: int):
@@ -517,10 +564,9 @@ def _host_group_norm_run(x: Tensor, groups: int, weight, bias, eps, n: int):
     ``x̂``, and dividing by a power of two is exact (as the backend's op does)."""
     lo, hi = torch.aminmax(x.detach())
     m = max(-float(lo), float(hi))
-    top = _HOST_MAX[x.dtype]
-    if 16.0 * n * m * m < top:       # (past |x| ~ 1e154 the product is inf in Python: scaled below)
+    if _fits(m, n, x.dtype):
         return torch.group_norm(x, groups, weight, bias, eps)
-    if not m <= top:                  # NaN or ±Inf
+    if not m <= _HOST_MAX[x.dtype]:   # NaN or ±Inf
         return None
     s = math.ldexp(1.0, math.frexp(m)[1] - 1)     # 2^e ≤ m < 2^(e+1)
     return torch.group_norm(x / s, groups, weight, bias, eps / (s * s))
