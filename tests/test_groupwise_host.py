@@ -232,3 +232,18 @@ def test_runs_from_the_context_host_lengths(monkeypatch):
     expected = _backend_op(x, 2, gn.weight, gn.bias, mask)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(y2, expected)
+
+
+def test_many_runs_take_the_backend_op(monkeypatch):
+    """Past ``_HOST_GROUP_RUNS_MAX`` runs of equal lengths one call per run would cost more
+    than the backend's op: it runs, with the same values."""
+    lengths = [9, 3] * 5                                    # 10 runs
+    x, w, b, mask, _ = _case(10, 4, 9, lengths, torch.float32)
+    spy = _Spy(monkeypatch)
+    y = F.group_norm(x, 2, w, b, padding_mask=mask)
+    assert spy.calls == 1
+    ref, _ = R.group_norm_forward(to_np(x), 2, to_np(w), to_np(b), 1e-5, mask.numpy())
+    np.testing.assert_allclose(to_np(y), ref, atol=2e-5, rtol=1e-5)
+    x, w, b, mask, _ = _case(10, 4, 9, sorted(lengths), torch.float32)     # 2 runs
+    F.group_norm(x, 2, w, b, padding_mask=mask)
+    assert spy.calls == 1
