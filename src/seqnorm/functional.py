@@ -20,6 +20,7 @@ The work itself is done by the active backend (:mod:`seqnorm.backends`).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -410,16 +411,165 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
                    channels: Optional[int] = None):
     """:func:`group_norm` (``instance_norm`` with ``groups = C`` and no running statistics)
     of a channels-first ``x (N, C, L)`` on the lean path, or None (the general path);
-    ``channels``: the module's number of channels, which ``C`` must be."""
+    ``channels``: the module's number of channels, which ``C`` must be. A host input
+    (:func:`_host_input`) with parameters of its dtype takes the host ops first
+    (:func:`_host_groupwise`: torch's ``group_norm`` of each run of sequences' real steps)."""
     if not _lean_input(x) or x.dim() != 3:
         return None
     c = x.shape[1]
-    if (channels is not None and c != channels) or type(groups) is not int or groups <= 0 or c % groups or not _lean_params(c, x, weight, bias):
+    if (channels is not None and c != channels) or type(groups) is not int or groups <= 0 or c % groups:
+        return None
+    # the host ops (a CPU input whose reading back is free, parameters of its dtype) or any backend
+    host = _host_input(x) and type(eps) in (float, int) and _host_params(c, x.dtype, weight, bias)
+    if not (host or _lean_params(c, x, weight, bias)):
         return None
     mask = _lean_mask((x.shape[0], x.shape[2]), padding_mask, lengths, x, 3 if context else 0)
     if mask is None:
         return None
+    if host:
+        y = _host_groupwise(x, groups, weight, bias, eps, mask)
+        if y is not None:
+            return y
     return _run_groupwise(x, x, groups, weight, bias, eps, None if mask is False else mask, statistics=False)[0]
+
+
+# The host ops of a group-wise norm (issue 27, "Hooks": a padding-safe wav2vec2's masked GroupNorm
+# cost ~50 tensor ops of the composite backend against torch's one fused op). Where the mask pads each
+# sequence at its end, sequence b's real steps are the slice x[b, :, :L_b]: torch's own group_norm of
+# that slice is the masked group norm, and padding it back to T steps with 0 gives exact zeros there
+# (a slice reads no padded step: NaN/Inf there never reach a sum, their gradient is 0). Sequences of
+# equal length that are adjacent share one call.
+
+#: above this many runs of equal lengths the composite backend op is cheaper than one call per run
+_HOST_GROUP_RUNS_MAX = 8
+#: the largest finite value of each host dtype (a Python float: compared on the host)
+_HOST_MAX = {torch.float32: torch.finfo(torch.float32).max, torch.float64: torch.finfo(torch.float64).max}
+#: (weak reference to a mask, its version counter, its runs), newest first; see :func:`_host_runs`
+_host_runs_kept = []
+_HOST_RUNS_KEPT = 4
+
+
+def _host_runs(mask: Tensor):
+    """The runs of a host ``(B, T)`` mask: a tuple of ``(i, j, L)``, sequences ``i..j-1``
+    all real at steps ``< L`` and padded from ``L`` on; False where a sequence has a hole
+    (a padded step before a real one) or there are more than :data:`_HOST_GROUP_RUNS_MAX`
+    runs. Read once per mask object and version, as :func:`~seqnorm.masks.host_rows`."""
+    for ref, version, runs in _host_runs_kept:
+        if ref() is mask and version == mask._version:
+            return runs
+    runs = _context_runs(mask)
+    if runs is None:
+        runs = _mask_runs(mask)
+    if not mask.is_inference():      # (an inference tensor has no version counter)
+        _host_runs_kept.insert(0, (weakref.ref(mask), mask._version, runs))
+        del _host_runs_kept[_HOST_RUNS_KEPT:]
+    return runs
+
+
+def _context_runs(mask: Tensor):
+    """:func:`_host_runs` without reading ``mask``, where it is the :func:`~seqnorm.padding`
+    context's mask of host lengths (``arange(T) ≥ L_b``,
+    :meth:`~seqnorm.masks.PaddingContext.host_mask_at`: a padding-safe model's norms get it,
+    made anew for each batch); else None."""
+    ctx = current_padding()
+    if ctx is None:
+        return None
+    b, steps = mask.shape
+    host = ctx.host_lengths_at(steps)
+    if host is None or len(host) != b:
+        return None
+    try:
+        if ctx.host_mask_at(steps, mask.device) is not mask:
+            return None
+    except (ValueError, TypeError):       # (the context cannot make it: read the mask itself)
+        return None
+    return _runs_of(host)
+
+
+def _mask_runs(mask: Tensor):
+    """:func:`_host_runs`, computed: ``L_b = Σ_t ¬mask[b, t]``, and the mask must be
+    ``t ≥ L_b`` (padding at the end only)."""
+    steps = mask.shape[1]
+    real = torch.logical_not(mask).sum(1)
+    if not torch.equal(mask, torch.arange(steps) >= real.unsqueeze(1)):
+        return False
+    return _runs_of(real.tolist())
+
+
+def _runs_of(lengths) -> tuple:
+    """The runs ``(i, j, L)`` of adjacent equal ``lengths`` (False past :data:`_HOST_GROUP_RUNS_MAX`)."""
+    runs = []
+    for b, n in enumerate(lengths):
+        if runs and runs[-1][2] == n:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1, n])
+    return tuple(map(tuple, runs)) if len(runs) <= _HOST_GROUP_RUNS_MAX else False
+
+
+def _host_groupwise(x: Tensor, groups: int, weight, bias, eps, mask):
+    r""":func:`lean_groupwise` on the host ops, or None (the backend's op): ``x (B, C, T)``
+    a host input (:func:`_host_input`), ``mask`` validated (False: no padding).
+
+    For each run of sequences ``i..j-1`` with ``L`` real steps (:func:`_host_runs`):
+    ``y[i:j, :, :L] = group_norm(x[i:j, :, :L])`` — the mean and biased variance of each
+    sequence's group over its ``C/G · L`` real values, as the masked statistics are — and
+    ``y[i:j, :, L:] = 0`` (``constant_pad_nd``); ``L = 0``: all 0. None where the mask has
+    holes or too many runs, for an empty input or where every sequence is padding (the
+    backend's op keeps its autograd graph), and where a run's values are not finite."""
+    b, c, t = x.shape
+    if mask is False:
+        runs = ((0, b, t),)
+    else:
+        runs = _host_runs(mask)
+        if not runs or (len(runs) == 1 and runs[0][2] == 0):
+            return None
+    if x.numel() == 0:
+        return None
+    # max|x| of the whole input (padding included) read once: where even a full-length group's
+    # squares cannot overflow, no run needs its own look (NaN/Inf at padding: each run looks)
+    lo, hi = torch.aminmax(x.detach())
+    m = max(-float(lo), float(hi))
+    fits = _fits(m, c // groups * t, x.dtype)
+    pieces = []
+    for i, j, n in runs:
+        if n == 0:
+            pieces.append(x.new_zeros((j - i, c, t)))
+            continue
+        xr = x if n == t and j - i == b else x[i:j, :, :n]
+        yr = torch.group_norm(xr, groups, weight, bias, eps) if fits else \
+            _host_group_norm_run(xr, groups, weight, bias, eps, c // groups * n)
+        if yr is None:
+            return None
+        pieces.append(yr if n == t else torch.constant_pad_nd(yr, (0, t - n)))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _fits(m: float, n: int, dtype) -> bool:
+    """Whether ``n`` values of ``dtype`` with ``max|x| = m`` normalize without overflow in
+    torch's kernel: ``n·(2m)²`` (a bound on the sum of squared deviations) below a quarter
+    of the dtype's largest value. False for NaN (and, past ``m ~ 1e154``, where the product
+    is inf in Python)."""
+    return 16.0 * n * m * m < _HOST_MAX[dtype]
+
+
+def _host_group_norm_run(x: Tensor, groups: int, weight, bias, eps, n: int):
+    r"""``torch.group_norm`` of one run's real steps ``x``, ``n`` values per group, or None
+    where a value is not finite (NaN/Inf at a real step: the backend's op decides).
+
+    torch's CPU kernel accumulates in the input's dtype (float32 for float32), so squares of
+    ``|x| ≳ 1e19`` overflow: with ``M = max|x|`` read on the host, a run with
+    ``n·(2M)² ≥ max/4`` (the sum of squared deviations could come near overflow) is first
+    divided by a power of two ``s ≤ M``: ``(x/s − μ/s)/√(σ²/s² + ε/s²)`` is the same
+    ``x̂``, and dividing by a power of two is exact (as the backend's op does)."""
+    lo, hi = torch.aminmax(x.detach())
+    m = max(-float(lo), float(hi))
+    if _fits(m, n, x.dtype):
+        return torch.group_norm(x, groups, weight, bias, eps)
+    if not m <= _HOST_MAX[x.dtype]:   # NaN or ±Inf
+        return None
+    s = math.ldexp(1.0, math.frexp(m)[1] - 1)     # 2^e ≤ m < 2^(e+1)
+    return torch.group_norm(x / s, groups, weight, bias, eps / (s * s))
 
 
 # ---------------------------------------------------------------------------
