@@ -266,6 +266,7 @@ class _PadModuleThenConv(torch.nn.Module):
     def forward(self, x):
         return self.conv(self.pad(x)) + x
 
+
 def _short_error(model, x, lengths):
     """Largest difference at the second (short) sequence's real outputs between ``model`` run on
     the batch ``x (2, C, T)`` under the padding context of ``lengths`` and on that sequence alone."""
@@ -276,6 +277,13 @@ def _short_error(model, x, lengths):
         alone = model(x[1:, :, :short])
     return (batched[1:, :, :alone.shape[-1]] - alone).abs().max().item()
 
+
+def _zero_padded_clips_error():
+    """``error(model)``: :func:`_short_error` on two 2-channel clips of 30 and 17 steps, zero-padded."""
+    lengths = torch.tensor([30, 17])
+    x = torch.randn(2, 2, 30)
+    x[1, :, 17:] = 0
+    return lambda model: _short_error(model, x, lengths)
 
 
 @pytest.mark.parametrize("mode", ["constant", "replicate"])
@@ -306,12 +314,7 @@ def test_a_conv_with_a_padding_mode_is_followed(mode):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 7, padding=3, padding_mode=mode),
                               torch.nn.Conv1d(3, 2, 3, padding=1)).eval()
-    lengths = torch.tensor([30, 17])
-    x = torch.randn(2, 2, 30)
-    x[1, :, 17:] = 0
-
-    def error(model):
-        return _short_error(model, x, lengths)
+    error = _zero_padded_clips_error()
 
     assert error(net) > 1e-3                                           # teeth
     assert error(seqnorm.make_padding_safe(copy.deepcopy(net))) <= 1e-5
@@ -414,12 +417,7 @@ def test_a_conv_subclass_that_pads_itself_is_followed():
     output at the first padded frame (which sees real input), batched ≠ alone."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(_CausalConv(2, 3, 5, stride=2), torch.nn.Conv1d(3, 2, 3, padding=1)).eval()
-    lengths = torch.tensor([30, 17])
-    x = torch.randn(2, 2, 30)
-    x[1, :, 17:] = 0
-
-    def error(model):
-        return _short_error(model, x, lengths)
+    error = _zero_padded_clips_error()
 
     assert error(net) > 1e-3                                           # teeth
     safe = seqnorm.make_padding_safe(copy.deepcopy(net))
