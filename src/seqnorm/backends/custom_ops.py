@@ -121,7 +121,7 @@ def eager_function(name: str, impl: Callable, setup: Callable, backward: Callabl
         class _Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *inputs):
-                ctx.set_materialize_grads(False)
+                # (no set_materialize_grads(False): the one output is the one the backward is called for)
                 out = impl(*inputs)
                 setup(ctx, inputs, out)
                 return out[0]
