@@ -111,6 +111,29 @@ def test_rowwise_fast_path_is_taken_and_declines_what_it_does_not_cover():
         running.sync_free = real
 
 
+def test_a_large_non_contiguous_input_takes_the_host_ops_bit_for_bit():
+    """Above the masked_fill size a contiguous input is filled by index; a non-contiguous one (a
+    transposed (B, C, T) activation, as wav2vec2's feature projection gets) has no (R, D) view and
+    is filled through the mask's view: the host ops, the general path's bits."""
+    torch.manual_seed(3)
+    ln = seqnorm.LayerNorm(32)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    x = torch.randn(2, 32, 100).transpose(1, 2)           # (2, 100, 32), non-contiguous
+    assert not x.is_contiguous() and x.numel() > F._HOST_MASKED_FILL_MAX
+    mask = torch.zeros(2, 100, dtype=torch.bool)
+    mask[1, 60:] = True
+    for grad in (True, False):
+        xa, xb = x.detach().clone().requires_grad_(grad), x.detach().clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            assert F._host_rowwise(xa, ln.normalized_shape, ln.weight, ln.bias, ln.eps, mask, None, True) is not None
+            ya, yb = ln(xa, padding_mask=mask), _general(ln, xb, padding_mask=mask)
+        assert torch.equal(ya, yb) and torch.all(ya[mask] == 0)
+        if grad:
+            for ga, gb in zip(_grads(ya, [xa] + list(ln.parameters())), _grads(yb, [xb] + list(ln.parameters()))):
+                assert torch.equal(ga, gb)
+
+
 @pytest.mark.parametrize("bad,error", [
     (lambda mask: mask.float(), TypeError),
     (lambda mask: mask[:, :-1], ValueError),

@@ -160,7 +160,8 @@ def _as_input(y: Tensor, x: Tensor) -> Tensor:
 _HOST_DTYPES = (torch.float32, torch.float64)
 #: up to this many elements a padded row is filled through a (..., 1) view of the mask
 #: (``masked_fill``: no reshape of the input and output); above, by index (``index_fill``
-#: of the cached padded rows, 2–10× faster on large inputs)
+#: of the cached padded rows, 2–10× faster on large inputs; a non-contiguous input, which has no
+#: (R, D) view, through the mask's view too)
 _HOST_MASKED_FILL_MAX = 2048
 _real_sync_free = running_policy.sync_free
 
@@ -252,7 +253,7 @@ def lean_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, 
 
     On the host ops (:func:`_host_rowwise`): without padding, ``torch.layer_norm`` /
     ``rms_norm``. With padding, the norm between two fills of the padded rows with 0 (through
-    a ``(..., 1)`` view of the mask on small inputs, by index on large ones): of the input
+    a ``(..., 1)`` view of the mask on small or non-contiguous inputs, by index on large ones): of the input
     only when autograd records — a zero row normalizes to a finite 0, so 0·NaN never reaches
     dx or dγ — and of the output, in place, only when a bias would put β there (a zero row's
     ``x̂·γ`` is 0). In inference rows are independent: the output fill alone makes padded
@@ -305,14 +306,14 @@ def _host_rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths,
         rows = host_rows(mask)
         if rows.n_pad:
             record = torch.is_grad_enabled()
-            if x.numel() <= _HOST_MASKED_FILL_MAX:
+            # (a non-contiguous input, e.g. a transposed (B, C, T) → (B, T, C) view as wav2vec2's feature
+            # projection gets, has no (R, D) view to fill by index: the mask's (..., 1) view fills any layout)
+            if x.numel() <= _HOST_MASKED_FILL_MAX or not x.is_contiguous():
                 col = rows.col
                 x1 = x.masked_fill(col, 0) if record else x
                 y = (torch.layer_norm(x1, nshape, weight, bias, eps) if center
                      else torch.rms_norm(x1, nshape, weight, eps))
                 return y.masked_fill_(col, 0) if bias is not None or not record else y
-            if not x.is_contiguous():
-                return None
             x2 = x.view(-1, d)
             if record:
                 x2 = x2.index_fill(0, rows.padded, 0)
