@@ -62,7 +62,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .masks import current_padding, host_readable
+from .masks import call_argument, current_padding, host_readable
 
 __all__ = ["hook_attention", "unhook_attention", "attention_report", "key_mask", "combine_key_mask",
            "AttentionWarning", "decoder_paths", "in_decoder"]
@@ -285,12 +285,6 @@ def _param_index(module: nn.Module, name: str) -> Optional[int]:
     return positional.index(name) if name in positional else None
 
 
-def _get(args, kwargs, index, name):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if index is not None and index < len(args) else None
-
-
 def _set(args, kwargs, index, name, value):
     if name not in kwargs and index is not None and index < len(args):
         return args[:index] + (value,) + args[index + 1:], kwargs
@@ -307,8 +301,8 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
         ctx = current_padding()
         if ctx is None:
             return None
-        x = _get(args, kwargs, 0, states_name)
-        kv = next((v for n in _KV_ARGS if (v := _get(args, kwargs, kv_at[n], n)) is not None), None)
+        x = call_argument(args, kwargs, 0, states_name)
+        kv = next((v for n in _KV_ARGS if (v := call_argument(args, kwargs, kv_at[n], n)) is not None), None)
         if rec.in_decoder and kv is None:
             rec.last = "decoder self-attention (not touched)"
             return None
@@ -320,7 +314,7 @@ def _hf_pre_hook(rec: _Hooked, module: nn.Module):
         keep = _keep(ctx, steps, batch, keys.device, rec)
         if keep is None:
             return None
-        mask = _get(args, kwargs, mask_at, "attention_mask")
+        mask = call_argument(args, kwargs, mask_at, "attention_mask")
         if mask is None:
             style = _new_mask_style(mod, use)
             if style is None:
@@ -356,7 +350,7 @@ def _mha_pre_hook(rec: _Hooked, module: nn.MultiheadAttention):
         ctx = current_padding()
         if ctx is None:
             return None
-        key = _get(args, kwargs, 1, "key")
+        key = call_argument(args, kwargs, 1, "key")
         # a nested key (nn.TransformerEncoder's fast path in eval) holds each sequence's own keys: no padded
         # key to mask, and no (B, T) shape to read
         if not isinstance(key, Tensor) or key.is_nested or key.dim() != 3:
@@ -365,8 +359,8 @@ def _mha_pre_hook(rec: _Hooked, module: nn.MultiheadAttention):
         keep = _keep(ctx, steps, batch, key.device, rec)
         if keep is None:
             return None
-        mask = _get(args, kwargs, 3, "key_padding_mask")
-        attn_mask = _get(args, kwargs, 5, "attn_mask")
+        mask = call_argument(args, kwargs, 3, "key_padding_mask")
+        attn_mask = call_argument(args, kwargs, 5, "attn_mask")
         if mask is None:
             # torch deprecates a bool key_padding_mask next to a float attn_mask: match its type
             if isinstance(attn_mask, Tensor) and attn_mask.is_floating_point():

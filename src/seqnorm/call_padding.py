@@ -51,8 +51,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .masks import (PaddingContext, close_padding, current_padding, host_readable, open_padding, pop_in_flight,
-                    push_in_flight)
+from .masks import (PaddingContext, call_argument, close_padding, current_padding, host_readable, open_padding,
+                    pop_in_flight, push_in_flight)
 
 __all__ = ["MASK_ARGUMENTS", "MaskArgument", "mask_argument", "context_for_call", "entry_points", "hook_model_calls",
            "unhook_model_calls"]
@@ -105,12 +105,6 @@ def mask_argument(module: nn.Module, method: str = "forward") -> Optional[MaskAr
                         params[0].name)
 
 
-def _get(args, kwargs, index, name):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if index is not None and index < len(args) else None
-
-
 class _LastContexts(threading.local):
     """Per thread: the context the latest call opened, kept for the model and the mask it
     came from (a weak reference and the mask's version counter), so the calls of one
@@ -156,7 +150,7 @@ def context_for_call(arg: MaskArgument, args, kwargs, model=None) -> Optional[Pa
     ``arg`` describes, or None (no mask, one that fits no axis of the main input, or
     no padding). ``model``: the model :func:`hook_model_calls` was given (the kept
     context of a mask is its own: see :class:`_LastContexts`)."""
-    mask = _get(args, kwargs, arg.index, arg.name)
+    mask = call_argument(args, kwargs, arg.index, arg.name)
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         return None
     compiling = torch.compiler.is_compiling()
@@ -164,7 +158,7 @@ def context_for_call(arg: MaskArgument, args, kwargs, model=None) -> Optional[Pa
         ctx = _kept_context(mask, model)
         if ctx is not None:
             return ctx
-    x = _get(args, kwargs, 0, arg.input_name)
+    x = call_argument(args, kwargs, 0, arg.input_name)
     batch_first = _layout(x, mask.shape[0], mask.shape[1])
     if batch_first is None:
         return None

@@ -61,8 +61,8 @@ import torch
 from torch import nn
 
 from .call_padding import entry_points, mask_argument
-from .masks import PaddingContext, close_padding, current_padding, host_readable, open_padding, pop_in_flight, \
-    push_in_flight
+from .masks import PaddingContext, call_argument, close_padding, current_padding, host_readable, open_padding, \
+    pop_in_flight, push_in_flight
 from .modules import RMSNorm
 
 __all__ = ["RMSFamily", "FAMILIES", "family_of", "convert_family_norms", "hook_attention_mask",
@@ -274,12 +274,6 @@ def convert_family_norms(model: nn.Module, to: str, eps: Optional[float] = None,
 _IN_FLIGHT = "attention_mask"
 
 
-def _argument(args, kwargs, name: str, index: Optional[int]):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if index is not None and index < len(args) else None
-
-
 class _OpenHook:
     """The forward pre-hook: opens the call's context (a class, not a closure, so that a
     converted model still pickles whole)."""
@@ -291,8 +285,8 @@ class _OpenHook:
         if current_padding() is not None:        # the caller's context, or an outer call's, wins
             return None
         arg = self.arg
-        ctx = context_for_tokens(_argument(args, kwargs, arg.name, arg.index),
-                                 _argument(args, kwargs, arg.input_name, 0 if args else None),
+        ctx = context_for_tokens(call_argument(args, kwargs, arg.index, arg.name),
+                                 call_argument(args, kwargs, 0 if args else None, arg.input_name),
                                  kwargs.get("inputs_embeds"))
         if ctx is not None:
             push_in_flight(module, _IN_FLIGHT, open_padding(ctx))

@@ -40,6 +40,7 @@ from . import running
 __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding", "current_padding",
            "padding_for_rows", "padding_for_features", "padding_for_channels_first", "host_readable",
            "assert_on_device", "flat_padding", "open_padding", "close_padding", "push_in_flight", "pop_in_flight",
+           "call_argument",
            "PaddingContext", "HostRows",
            "host_rows", "lengths_mask", "host_lengths_mask", "host_context_mask"]
 
@@ -698,6 +699,14 @@ class _InFlight(threading.local):
 
 
 _in_flight = _InFlight()
+
+
+def call_argument(args, kwargs, index: Optional[int], name: str):
+    """The argument ``name`` of a hooked call, given by keyword or at position ``index``
+    (None where the signature has it keyword-only); None where the call does not pass it."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if index is not None and index < len(args) else None
 
 
 def push_in_flight(module, what: str, value) -> None:
