@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from . import kinds, llm
+from .rms_variants import shifted_weight
 from .distributed import SyncPowerNorm, SyncSeqBatchNorm
 from .modules import LayerNorm, PowerNorm, RMSNorm, SeqBatchNorm, FeaturewiseNorm
 
@@ -134,13 +135,6 @@ def _rms_variant(m: nn.Module, name: str, to: str):
     return offset, casting
 
 
-def _shifted_weight(weight: Optional[torch.Tensor], offset: float) -> Optional[torch.Tensor]:
-    """The scale a zero-centred ``γ`` stands for, ``offset + γ`` (float32 at least: exact)."""
-    if weight is None or not offset:
-        return weight
-    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32)) + offset
-
-
 def _copy(dst: Optional[torch.Tensor], src: Optional[torch.Tensor]) -> None:
     if dst is not None and src is not None:
         with torch.no_grad():
@@ -155,8 +149,8 @@ def _build(m: nn.Module, to: str, name: str, eps, momentum, batch_first, process
     affine = weight is not None
     src_eps = m.eps if m.eps is not None else None
     offset, casting = _rms_variant(m, name, to)
-    if to != "rms":                 # no offset there: its weight is the whole scale
-        weight = _shifted_weight(weight, offset)
+    if to != "rms" and weight is not None and offset:    # no offset there: its weight is the whole scale
+        weight = shifted_weight(weight.detach(), offset)
 
     if to in ("layer", "rms"):
         shape = tuple(m.normalized_shape) if kind in ("layer", "rms") else (m.num_features,)
@@ -255,7 +249,7 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
     if _kind(model) is not None:
         return _build(model, to, type(model).__name__, eps, momentum, batch_first, process_group)
     if llm.family_of(model) is not None:
-        return llm.convert_family_norms(model, to, eps, _warn_llm)
+        return llm.convert_family_norms(model, to, eps, _warn)
     for name, child in list(model.named_modules()):
         for child_name, grandchild in list(child.named_children()):
             if _kind(grandchild) is None:
@@ -270,8 +264,4 @@ def convert(model: nn.Module, to: str, *, eps: Optional[float] = None, momentum:
             child.activation_relu_or_gelu = 0
     # the language models' own RMSNorm classes (seqnorm.llm.FAMILIES), each checked on a probe,
     # and the hook that reads their attention_mask; unknown norm-like classes named once
-    return llm.convert_family_norms(model, to, eps, _warn_llm)
-
-
-def _warn_llm(name: str, msg: str) -> None:
-    warnings.warn(f"seqnorm.convert: {name}: {msg}", ConversionWarning, stacklevel=4)
+    return llm.convert_family_norms(model, to, eps, _warn)

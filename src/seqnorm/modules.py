@@ -13,7 +13,7 @@ from torch import nn
 from . import functional as F
 from .checks import check_num_features
 from .masks import padding_for_channels_first, padding_for_features, padding_for_rows
-from .rms_variants import check_offset_casting
+from .rms_variants import check_offset_casting, variant_repr
 from .running import check_momentum
 
 __all__ = ["LayerNorm", "RMSNorm", "AddNorm", "FeaturewiseNorm", "SeqBatchNorm", "PowerNorm", "GroupNorm",
@@ -119,9 +119,7 @@ class RMSNorm(nn.RMSNorm):
             nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def extra_repr(self) -> str:
-        extra = (f", offset={self.offset}" if self.offset else "") + (
-            f", casting={self.casting!r}" if self.casting != "float32" else "")
-        return super().extra_repr() + extra
+        return super().extra_repr() + variant_repr(self.offset, self.casting)
 
     def forward(self, input: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None) -> Tensor:
@@ -208,10 +206,8 @@ class AddNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        extra = (f", offset={self.offset}" if self.offset else "") + (
-            f", casting={self.casting!r}" if self.casting != "float32" else "")
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"norm={self.norm!r}, prenorm={self.prenorm}" + extra)
+                f"norm={self.norm!r}, prenorm={self.prenorm}" + variant_repr(self.offset, self.casting))
 
     def forward(self, input: Tensor, residual: Tensor, padding_mask: Optional[Tensor] = None,
                 lengths: Optional[Tensor] = None):

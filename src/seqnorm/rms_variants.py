@@ -37,7 +37,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-__all__ = ["CASTINGS", "check_offset_casting", "rms_affine"]
+__all__ = ["CASTINGS", "check_offset_casting", "rms_affine", "shifted_weight", "variant_repr"]
 
 Tensor = torch.Tensor
 
@@ -75,14 +75,20 @@ def rms_affine(x: Tensor, weight: Optional[Tensor], offset: float,
         return None, None
     if casting == "llama" and x.dtype in _LOW_PRECISION:
         if offset:
-            w = _shifted(weight, offset)
+            w = shifted_weight(weight, offset)
             out_dtype = torch.promote_types(weight.dtype, x.dtype)
             return None, lambda y: (w * y).to(out_dtype)
         return None, lambda y: weight * y          # as the family writes it: `self.weight * x̂.to(input_dtype)`
-    return (_shifted(weight, offset) if offset else weight), None
+    return (shifted_weight(weight, offset) if offset else weight), None
 
 
-def _shifted(weight: Tensor, offset: float) -> Tensor:
-    """``offset + γ`` in float32 at least (a bfloat16 ``1 + γ`` would lose ``γ``'s low bits)."""
+def shifted_weight(weight: Tensor, offset: float) -> Tensor:
+    """``offset + γ``, the scale a zero-centred ``γ`` stands for, in float32 at least (a
+    bfloat16 ``1 + γ`` would lose ``γ``'s low bits; float32 holds it exactly)."""
     wide = torch.promote_types(weight.dtype, torch.float32)
     return weight.to(wide) + offset
+
+
+def variant_repr(offset: float, casting: str) -> str:
+    """What a module's ``extra_repr`` adds for a non-default ``offset`` / ``casting``."""
+    return (f", offset={offset}" if offset else "") + (f", casting={casting!r}" if casting != "float32" else "")
