@@ -366,7 +366,8 @@ def groupwise_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     """
     B, C, T = x.shape
     xg = x.reshape(B, groups, C // groups, T)
-    pad4 = keep4 = None if pad is None else pad.reshape(B, 1, 1, T)
+    pad4 = None if pad is None else pad.reshape(B, 1, 1, T)
+    keep4 = None
     if pad4 is not None:
         # NaN/Inf at padding never reach a sum; no gradient to them. (A select: a broadcast
         # masked_fill costs ~2× as much on the CPU; a multiply would keep NaN·0 = NaN.)

@@ -232,8 +232,7 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     an empty tensor there). ``pad``: the token mask, ``(R,)`` or in ``x``'s token shape.
     One launch."""
     return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
-                            torch.empty(3 * (x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])),
-                                        dtype=torch.float32, device=x.device))
+                            torch.empty(3 * _nd(x)[0], dtype=torch.float32, device=x.device))
 
 
 def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
@@ -519,6 +518,19 @@ def _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num
     return _in_shape(_bn_normalize(x, pad, stats, scale, bias), shape), batch_mean, batch_var, count, stats, scale
 
 
+def _featurewise_eval(x, weight, bias, pad, mean, var, eps, stats=None, scale=None) -> Tensor:
+    """An eager eval step's ``y`` (one launch, :func:`_bn_eval`): the zero batch statistics and
+    count nobody reads go to scratch buffers, and so do ``stats`` and ``scale`` unless given
+    (where autograd records, its backward reads them)."""
+    shape, d = x.shape, x.shape[-1]
+    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
+    x = _as_rows(x)
+    junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
+    _bn_eval(x, pad, mean, var, weight, bias, eps, _in_shape(y, x.shape), junk if stats is None else stats,
+             junk if scale is None else scale, junk, junk, count)
+    return y
+
+
 def _featurewise_fwd_recorded(x, weight, bias, pad, mean, var, eps, running_mean, running_var,
                               num_batches_tracked, momentum, update):
     """:func:`_featurewise_fwd_impl` where autograd records: in eval (``mean`` given) the
@@ -532,15 +544,10 @@ def _featurewise_fwd_recorded(x, weight, bias, pad, mean, var, eps, running_mean
     if mean is None:
         return _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num_batches_tracked,
                                   momentum, update)
-    shape, d = x.shape, x.shape[-1]
-    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
-    x = _as_rows(x)
+    d = x.shape[-1]
     stats = torch.empty((3, d), dtype=torch.float32, device=x.device)
     scale = torch.empty(d, dtype=torch.float32, device=x.device)
-    junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
-    _bn_eval(x, pad, mean, var, weight, bias, eps, _in_shape(y, x.shape), stats, scale, junk, junk,
-             count)
-    return y, None, None, None, stats, scale
+    return _featurewise_eval(x, weight, bias, pad, mean, var, eps, stats, scale), None, None, None, stats, scale
 
 
 def _featurewise_fwd_plain(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
@@ -555,13 +562,7 @@ def _featurewise_fwd_plain(x, weight, bias, pad, mean, var, eps, running_mean, r
     if mean is None:
         return _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num_batches_tracked,
                                   momentum, update)[:4]
-    shape, d = x.shape, x.shape[-1]
-    y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)
-    x = _as_rows(x)
-    junk, count = _scratch(x.device, 3 * d), _scratch(x.device, 1, torch.int64)
-    _bn_eval(x, pad, mean, var, weight, bias, eps, _in_shape(y, x.shape), junk, junk, junk, junk,
-             count)
-    return y, None, None, None
+    return _featurewise_eval(x, weight, bias, pad, mean, var, eps), None, None, None
 
 
 def _featurewise_fwd_fake(x, weight, bias, pad, mean, var, eps, running_mean, running_var, num_batches_tracked,
