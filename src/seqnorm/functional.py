@@ -20,7 +20,6 @@ The work itself is done by the active backend (:mod:`seqnorm.backends`).
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,8 +29,9 @@ from . import running as running_policy
 from .checks import (LOW_PRECISION, cast, check_featurewise_input, check_input, check_param, compute_dtype,
                      split_rowwise)
 from .backends.torch import StatsReduce, batch_norm_train_rows
-from .masks import (current_padding, flat_padding, host_context_mask, host_rows, lengths_mask, padding_for_channels_first,
-                    padding_for_features, padding_for_rows, resolve_padding, shape_str)
+from .masks import (current_padding, end_padded_lengths, flat_padding, host_context_mask, host_rows, lengths_mask,
+                    padding_for_channels_first, padding_for_features, padding_for_rows, read_once, resolve_padding,
+                    shape_str)
 from .nested import is_jagged, pack, segment_ids, segment_sums, unpack
 from .rms_variants import rms_affine
 from .running import (NonFiniteStatisticsWarning, check_momentum, check_real_tokens, momentum_factor,
@@ -445,9 +445,8 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
 _HOST_GROUP_RUNS_MAX = 8
 #: the largest finite value of each host dtype (a Python float: compared on the host)
 _HOST_MAX = {torch.float32: torch.finfo(torch.float32).max, torch.float64: torch.finfo(torch.float64).max}
-#: (weak reference to a mask, its version counter, its runs), newest first; see :func:`_host_runs`
+#: the masks :func:`_host_runs` read last, newest first (:func:`~seqnorm.masks.read_once`)
 _host_runs_kept = []
-_HOST_RUNS_KEPT = 4
 
 
 def _host_runs(mask: Tensor):
@@ -455,16 +454,12 @@ def _host_runs(mask: Tensor):
     all real at steps ``< L`` and padded from ``L`` on; False where a sequence has a hole
     (a padded step before a real one) or there are more than :data:`_HOST_GROUP_RUNS_MAX`
     runs. Read once per mask object and version, as :func:`~seqnorm.masks.host_rows`."""
-    for ref, version, runs in _host_runs_kept:
-        if ref() is mask and version == mask._version:
-            return runs
+    return read_once(_host_runs_kept, mask, _read_runs)
+
+
+def _read_runs(mask: Tensor):
     runs = _context_runs(mask)
-    if runs is None:
-        runs = _mask_runs(mask)
-    if not mask.is_inference():      # (an inference tensor has no version counter)
-        _host_runs_kept.insert(0, (weakref.ref(mask), mask._version, runs))
-        del _host_runs_kept[_HOST_RUNS_KEPT:]
-    return runs
+    return _mask_runs(mask) if runs is None else runs
 
 
 def _context_runs(mask: Tensor):
@@ -488,13 +483,10 @@ def _context_runs(mask: Tensor):
 
 
 def _mask_runs(mask: Tensor):
-    """:func:`_host_runs`, computed: ``L_b = Σ_t ¬mask[b, t]``, and the mask must be
-    ``t ≥ L_b`` (padding at the end only)."""
-    steps = mask.shape[1]
-    real = torch.logical_not(mask).sum(1)
-    if not torch.equal(mask, torch.arange(steps) >= real.unsqueeze(1)):
-        return False
-    return _runs_of(real.tolist())
+    """:func:`_host_runs`, read from the mask (padding at the end only:
+    :func:`~seqnorm.masks.end_padded_lengths`)."""
+    lengths = end_padded_lengths(mask)
+    return False if lengths is None else _runs_of(lengths.tolist())
 
 
 def _runs_of(lengths) -> tuple:
@@ -529,9 +521,7 @@ def _host_groupwise(x: Tensor, groups: int, weight, bias, eps, mask):
         return None
     # max|x| of the whole input (padding included) read once: where even a full-length group's
     # squares cannot overflow, no run needs its own look (NaN/Inf at padding: each run looks)
-    lo, hi = torch.aminmax(x.detach())
-    m = max(-float(lo), float(hi))
-    fits = _fits(m, c // groups * t, x.dtype)
+    fits = _fits(_max_abs(x), c // groups * t, x.dtype)
     pieces = []
     for i, j, n in runs:
         if n == 0:
@@ -544,6 +534,12 @@ def _host_groupwise(x: Tensor, groups: int, weight, bias, eps, mask):
             return None
         pieces.append(yr if n == t else torch.constant_pad_nd(yr, (0, t - n)))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _max_abs(x: Tensor) -> float:
+    """``max|x|`` read on the host (NaN where ``x`` holds one): one ``aminmax``, no ``abs`` copy."""
+    lo, hi = torch.aminmax(x.detach())
+    return max(-float(lo), float(hi))
 
 
 def _fits(m: float, n: int, dtype) -> bool:
@@ -563,8 +559,7 @@ def _host_group_norm_run(x: Tensor, groups: int, weight, bias, eps, n: int):
     ``n·(2M)² ≥ max/4`` (the sum of squared deviations could come near overflow) is first
     divided by a power of two ``s ≤ M``: ``(x/s − μ/s)/√(σ²/s² + ε/s²)`` is the same
     ``x̂``, and dividing by a power of two is exact (as the backend's op does)."""
-    lo, hi = torch.aminmax(x.detach())
-    m = max(-float(lo), float(hi))
+    m = _max_abs(x)
     if _fits(m, n, x.dtype):
         return torch.group_norm(x, groups, weight, bias, eps)
     if not m <= _HOST_MAX[x.dtype]:   # NaN or ±Inf

@@ -42,7 +42,8 @@ __all__ = ["resolve_padding", "lengths_to_padding_mask", "shape_str", "padding",
            "assert_on_device", "flat_padding", "open_padding", "close_padding", "push_in_flight", "pop_in_flight",
            "call_argument",
            "PaddingContext", "HostRows",
-           "host_rows", "lengths_mask", "host_lengths_mask", "host_context_mask"]
+           "host_rows", "read_once", "end_padded_lengths", "lengths_mask", "host_lengths_mask",
+           "host_context_mask"]
 
 Tensor = torch.Tensor
 
@@ -261,13 +262,11 @@ class HostRows:
     bool mask, read on the host once per mask: the indices of its padded and of
     its real entries in the flattened mask, and how many there are.
 
-    Kept by :func:`host_rows` for the last few masks, keyed on the mask object
-    (a weak reference: a dead mask's entry never matches) and its version counter
-    (any in-place change of the mask, or of a tensor it is a view of, moves it),
-    so a model's many norms given one mask read it once, and a mask changed in
-    place, or another mask of the same shape, is read again."""
+    Kept by :func:`host_rows` for the last few masks (:func:`read_once`), so a
+    model's many norms given one mask read it once, and a mask changed in place,
+    or another mask of the same shape, is read again."""
 
-    __slots__ = ("ref", "version", "shape", "col", "padded", "_flat", "_real", "n_pad", "n_real")
+    __slots__ = ("shape", "col", "padded", "_flat", "_real", "n_pad", "n_real")
 
     def __init__(self, mask: Tensor):
         flat = mask.reshape(-1)
@@ -277,7 +276,6 @@ class HostRows:
         self.n_pad = self.padded.shape[0]
         self.n_real = flat.shape[0] - self.n_pad
         self._flat, self._real = flat, None
-        self.ref, self.version = _dead, -1
 
     @property
     def real(self) -> Tensor:
@@ -293,19 +291,35 @@ _host_rows = []
 _HOST_ROWS_KEPT = 4
 
 
+def read_once(kept: list, t: Tensor, make, keep: int = 4):
+    """``make(t)``, kept in ``kept`` (newest first, at most ``keep`` entries) for the tensor
+    object ``t`` — a weak reference: a dead tensor's entry never matches — and its version
+    counter: any in-place change of ``t``, or of a tensor it is a view of, moves it, so a
+    changed or another tensor is read again (an inference tensor, which has no version
+    counter, every time)."""
+    for ref, version, value in kept:
+        if ref() is t and version == t._version:
+            return value
+    value = make(t)
+    if _cacheable(t):
+        kept.insert(0, (weakref.ref(t), t._version, value))
+        del kept[keep:]
+    return value
+
+
 def host_rows(mask: Tensor) -> HostRows:
     """The :class:`HostRows` of a bool mask on the CPU, outside ``torch.compile`` (the
     caller has checked both: reading it back is free there), read once per mask object
-    and version (see :class:`HostRows`)."""
-    for info in _host_rows:
-        if info.ref() is mask and info.version == mask._version:
-            return info
-    info = HostRows(mask)
-    if _cacheable(mask):
-        info.ref, info.version = weakref.ref(mask), mask._version
-        _host_rows.insert(0, info)
-        del _host_rows[_HOST_ROWS_KEPT:]
-    return info
+    and version (:func:`read_once`)."""
+    return read_once(_host_rows, mask, HostRows, _HOST_ROWS_KEPT)
+
+
+def end_padded_lengths(mask: Tensor) -> Optional[Tensor]:
+    """The lengths ``L_b`` of a host ``(B, T)`` padding mask (True at padding) that pads
+    each sequence at its end only (``mask[b, t] = t ≥ L_b``), or None where one has
+    padding between real steps."""
+    lengths = torch.logical_not(mask).sum(1)
+    return lengths if torch.equal(_mask(lengths, mask.shape[1]), mask) else None
 
 
 def lengths_mask(lengths, steps: int, device) -> Optional[Tensor]:

@@ -287,13 +287,16 @@ def _host_plan(layer: nn.Module, axis: int, steps: int, lengths: tuple) -> _Host
     return plan
 
 
+def _broadcast_mask(ctx, steps: int, axis: int, dim: int, device) -> Tensor:
+    """The rate's ``(B, T)`` mask (built once per rate, shared with the norms) laid out to
+    broadcast against a ``dim``-d input whose time axis is ``axis``."""
+    pad = ctx.mask_at(steps, device)
+    return pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (dim - axis - 1))
+
+
 def _fill_mask(ctx, steps: int, axis: int, dim: int, device):
-    """The rate's ``(B, T)`` mask laid out to broadcast against a ``dim``-d input whose
-    time axis is ``axis``; kept with the rate's mask (made once per rate and layout)."""
-    def make():
-        pad = ctx.mask_at(steps, device)     # (B, T), built once per rate, shared with the norms
-        return pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (dim - axis - 1))
-    return ctx.at_rate(("fill", axis, dim), steps, device, make)
+    """:func:`_broadcast_mask`, kept with the rate's mask (made once per rate and layout)."""
+    return ctx.at_rate(("fill", axis, dim), steps, device, lambda: _broadcast_mask(ctx, steps, axis, dim, device))
 
 
 def _time_pre_hook(name: str):
@@ -325,8 +328,7 @@ def _time_pre_hook(name: str):
             _push(layer, "time", (axis, lengths, None))
             if not tl.reads_past_the_end(_geometry(layer, axis - 2)):
                 return None
-            pad = ctx.mask_at(steps, x.device)     # (B, T), built once per rate, shared with the norms
-            pad = pad.reshape(pad.shape[:1] + (1,) * (axis - 1) + pad.shape[1:] + (1,) * (x.dim() - axis - 1))
+            pad = _broadcast_mask(ctx, steps, axis, x.dim(), x.device)
         return (x.masked_fill(pad, tl.fill_value(layer, x.dtype)),) + tuple(args[1:])
     return hook
 

@@ -62,7 +62,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import time_layers as tl
-from .masks import close_padding, current_padding, host_readable, known_rates, open_padding
+from .masks import close_padding, current_padding, end_padded_lengths, host_readable, known_rates, open_padding
 
 __all__ = ["pads_itself", "hook_self_padding"]
 
@@ -339,9 +339,9 @@ def _record_mask_argument(ctx, x: Tensor, args, kwargs) -> None:
         if (isinstance(m, Tensor) and m.shape == (x.shape[0], x.shape[-1])
                 and (m.dtype == torch.bool or not (m.is_floating_point() or m.is_complex()))):
             real = m.to(torch.bool)
-            lengths = real.sum(-1)
             # a mask True at padding (torch's key_padding_mask), or with holes, says no lengths
-            if not host_readable(real) or torch.equal(real, torch.arange(real.shape[1]) < lengths[:, None]):
+            lengths = real.sum(-1) if not host_readable(real) else end_padded_lengths(real.logical_not())
+            if lengths is not None:
                 ctx.record(x.shape[-1], lengths)
             return
 
