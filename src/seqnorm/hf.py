@@ -63,7 +63,6 @@ SMALL_CONFIGS: Dict[str, dict] = {
 }
 
 
-
 def _kv_heads_as_heads(cfg) -> None:
     if not hasattr(cfg, "num_key_value_heads"):
         cfg.num_key_value_heads = cfg.num_attention_heads       # plain multi-head attention
