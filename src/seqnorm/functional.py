@@ -106,11 +106,16 @@ def _backend_and_tokens(x: Tensor, d: int, rows: Optional[int] = None):
     (``takes_tokens``: no reshape outside its op, so no view for autograd to record) when
     ``D`` is its last dimension, else as :func:`_backend_and_rows` gives it, ``(rows, d)``."""
     rows = math.prod(x.shape[:-1]) if rows is None else rows
-    backend = _backend_for(x)
-    if getattr(backend, "takes_tokens", False) and x.shape[-1] == d and (
-            x.dtype in backend.native_low_precision or x.dtype not in LOW_PRECISION):
+    backend = backends.current_backend(x)
+    if _takes_tokens(backend, x, d):
         return backend, x, rows
     return _backend_and_rows(x, rows, d)[:2] + (rows,)
+
+
+def _takes_tokens(backend, x: Tensor, d: int) -> bool:
+    """Whether ``backend`` takes ``x (*, d)`` as it is (see :func:`_backend_and_tokens`)."""
+    return getattr(backend, "takes_tokens", False) and x.shape[-1] == d and (
+        x.dtype in backend.native_low_precision or x.dtype not in LOW_PRECISION)
 
 
 def _backend_mask(backend, x: Tensor, x2: Tensor, mask, rows: int) -> Optional[Tensor]:
@@ -629,8 +634,8 @@ def _rowwise(x, normalized_shape, weight, bias, eps, padding_mask, lengths, cent
 def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual, need_sum):
     """The tail of both paths: the backend's row-wise op on ``x`` as ``(rows, d)`` with the
     validated token mask ``pad`` (or None); ``(y, s)`` given a ``residual``."""
-    backend, x2, _ = _backend_and_tokens(x, d, rows)
-    if x2 is x and getattr(backend, "takes_tokens", False):
+    backend = backends.current_backend(x)
+    if _takes_tokens(backend, x, d):
         # the backend reads x (*, D) and the token mask as they are, parameters in their dtype,
         # and returns y in x's shape
         # (the (d,) parameters the lean path checked passed as they are: no call per parameter)
@@ -639,6 +644,7 @@ def _run_rowwise(x, rows: int, d: int, weight, bias, eps, pad, center, residual,
         if residual is None:
             return backend.rowwise_norm(x, w, b, eps, pad, center)
         return backend.add_rowwise_norm(x, residual, w, b, eps, pad, center, need_sum)
+    backend, x2, _ = _backend_and_rows(x, rows, d)
     pad1 = flat_padding(pad, rows)
     cdt = compute_dtype(x)
     native = x.dtype in backend.native_low_precision

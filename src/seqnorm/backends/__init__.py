@@ -65,6 +65,7 @@ import importlib
 from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 
 import torch
+from torch.compiler import is_compiling as _is_compiling   # (`torch` here becomes .torch, the backend, once it is imported)
 
 __all__ = [
     "Backend",
@@ -201,7 +202,15 @@ def use_backend(name: str) -> Iterator[None]:
 
 def current_backend(x: Tensor) -> Backend:
     """The backend object that runs an op on ``x`` now."""
-    return backend_named(get_backend(), x)
+    if _is_compiling():     # (the name a constant of the trace: see get_backend)
+        return backend_named(get_backend(), x)
+    # eager: the selected name's chooser read directly (issue 27: ~0.5 µs of host time a call less
+    # than through backend_named and _loaded); a name not yet imported takes backend_named
+    name = _active.get()
+    if name == "auto":
+        return _auto(x)
+    chooser = _choosers.get(name)
+    return chooser(x) if chooser is not None else backend_named(name, x)
 
 
 def _auto(x: Tensor) -> Backend:

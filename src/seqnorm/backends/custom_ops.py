@@ -23,12 +23,14 @@ __all__ = ["ForwardOp", "BackwardOp", "needs_grad", "power_autograd"]
 
 
 def needs_grad(args) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for a in args:    # (a loop: a generator in any() costs ~1 µs more)
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            return True
-    return False
+    """Whether autograd records a call on ``args``: grad mode on and a tensor among them
+    that requires grad (torch's own C test, as ``torch.library``'s autograd uses it: ~0.15 µs
+    less than a Python loop)."""
+    return _grad_enabled() and _any_requires_grad(*args)
+
+
+_grad_enabled, _any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 class ForwardOp:
@@ -70,7 +72,7 @@ class ForwardOp:
         autograd.Function when a gradient is needed and the bare kernel otherwise."""
         if torch.compiler.is_compiling():
             return self.op(*args)
-        if needs_grad(args):
+        if _grad_enabled() and _any_requires_grad(*args):
             return _apply(self.function, args)
         return self.plain(*args)
 
@@ -80,8 +82,9 @@ class ForwardOp:
         (each output it returns costs ~0.4 µs of host time, issue 27)."""
         if torch.compiler.is_compiling():
             return self.op(*args)[0]
-        if needs_grad(args):
-            return _apply(self.function_y, args)
+        if _grad_enabled() and _any_requires_grad(*args):
+            function = self.function_y   # (_apply inlined: the row-wise norms' call, the hottest)
+            return function.apply(*args) if _transforms_active() else function.c_apply(*args)
         return self.plain(*args)[0]
 
 
@@ -91,7 +94,7 @@ def _apply(function, args):
     ``setup_context``) and unwraps functorch wrappers left dead by a transform that has
     exited (a tensor that escaped ``vmap``/``grad``: none reaches a norm's forward). Under
     an active functorch transform the wrapper runs, as before."""
-    if torch._C._are_functorch_transforms_active():
+    if _transforms_active():
         return function.apply(*args)
     return function.c_apply(*args)
 

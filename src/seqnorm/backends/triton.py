@@ -231,8 +231,7 @@ def _rowwise_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Te
     the cheapest allocation); ``s`` is None unless ``write_sum`` (the custom op returns
     an empty tensor there). ``pad``: the token mask, ``(R,)`` or in ``x``'s token shape.
     One launch."""
-    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum,
-                            torch.empty(3 * _nd(x)[0], dtype=torch.float32, device=x.device))
+    return _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, None)
 
 
 def _rowwise_fwd_plain(x, residual, weight, bias, pad, eps, center, write_sum):
@@ -289,8 +288,11 @@ def _rowwise_bwd_kernel(d: int, has_res: bool, has_ds: bool, has_w: bool, has_pa
 
 
 def _rowwise_forward(x, residual, weight, bias, pad, eps, center, write_sum, stats):
+    """:func:`_rowwise_fwd_impl` writing the statistics to ``stats``, or to a new buffer (None)."""
     shape, d = x.shape, x.shape[-1]
     rows = math.prod(shape[:-1])
+    if stats is None:   # (x.new_empty: ~0.15 µs less than torch.empty with a device)
+        stats = x.new_empty(3 * rows, dtype=torch.float32)
     y = torch.empty_like(x) if x.is_contiguous() else x.new_empty(shape)    # (empty_like: ~1 µs less)
     s = torch.empty_like(y) if write_sum else None
     x, stride_x = _token_rows(x, d)
