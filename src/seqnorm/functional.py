@@ -293,7 +293,8 @@ def _rowwise_checks(x, normalized_shape, weight, bias, eps, padding_mask, length
         return None
     if eps is None:   # RMSNorm's default: the input dtype's machine epsilon
         eps = torch.finfo(x.dtype).eps
-    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 1 if context else 0)
+    # (the token shape as a tuple's slice: slicing a torch.Size costs ~0.25 µs, a tuple's ~0.05)
+    mask = _lean_mask(tuple(shape)[:-1], padding_mask, lengths, x, 1 if context else 0)
     return None if mask is None else (d, eps, mask)
 
 
@@ -337,7 +338,7 @@ def _featurewise_lean(x, d_params, padding_mask, lengths, context):
     shape = x.shape
     if not 1 < len(shape) < 4 or not _lean_params(shape[-1], x, *d_params):
         return None
-    return _lean_mask(shape[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
+    return _lean_mask(tuple(shape)[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
 
 
 def lean_seq_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, padding_mask,
@@ -381,7 +382,7 @@ def _host_batch_norm_train(x, running_mean, running_var, num_batches_tracked, we
             and (type(momentum) is float and 0.0 <= momentum <= 1.0
                  or momentum is None and isinstance(num_batches_tracked, Tensor))):
         return None
-    mask = _lean_mask(shape[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
+    mask = _lean_mask(tuple(shape)[:-1], padding_mask, lengths, x, 2 if context and len(shape) == 3 else 0)
     if mask is None:
         return None
     if mask is False:
