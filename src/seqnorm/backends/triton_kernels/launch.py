@@ -11,7 +11,8 @@ specialization and keeps a handle for it:
 * the **key** of a call is what Triton specializes on, computed by a function
   generated for the kernel from the kinds of its positional arguments at the first
   call (a tensor: its dtype and whether its data pointer is 16-byte aligned; an int:
-  whether it is 1, whether it divides by 16, whether it fits 32 bits; a float or a
+  whether it is 1, whether it divides by 16, whether it fits 32 bits — for the common
+  2 ≤ n < 2³¹ the second alone, one test fewer per int; a float or a
   bool: nothing), plus the keyword arguments (constexprs, ``num_warps``) — as the tag of
   their :class:`Specialization`, an object the call site keeps, so a launch neither
   builds nor hashes them — plus the current device when compiled. Equal keys mean equal Triton
@@ -70,7 +71,10 @@ def _key_function(kinds: str, implied: frozenset = frozenset()) -> Callable:
             parts.append(f"{name}.dtype")
             pointers.append(f"p{len(pointers)}")
         elif kind == "i":
-            parts.append(f"{name} == 1, {name} & 15 == 0, -0x80000000 <= {name} < 0x80000000")
+            # 2 ≤ n < 2³¹ (a size, a stride): whether 16 divides it is its whole class (not 1, 32-bit);
+            # any other int (0, 1, negative, 64-bit): its three classes (a tuple: never equal to a bool)
+            parts.append(f"{name} & 15 == 0 if 1 < {name} < 0x80000000 else "
+                         f"({name} == 1, {name} & 15 == 0, -0x80000000 <= {name} < 0x80000000)")
         elif kind == "n":
             parts.append(f"{name} is None")
     body = []
