@@ -182,11 +182,14 @@ def _host_input(x) -> bool:
     the torch backend (``auto`` below :data:`~seqnorm.backends.AUTO_MIN_NUMEL` elements,
     or ``torch``), where reading back is free (not :func:`~seqnorm.running.sync_free`:
     outside torch.compile; tests force that policy by replacing the function)."""
-    if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dtype not in _HOST_DTYPES \
-            or x.is_nested:
+    if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu:
         return False
+    # the backend before the dtype: a CPU tensor sent to another backend (the CUDA path's host time measured
+    # on the CPU, benchmarks/host_overhead.py --cuda-path) leaves here, as a CUDA tensor leaves at is_cpu
     name = backends.get_backend()      # (a ContextVar read: Dynamo cannot trace it, hence compiling first)
     if name != "torch" and (name != "auto" or x.numel() >= backends.AUTO_MIN_NUMEL):
+        return False
+    if x.dtype not in _HOST_DTYPES or x.is_nested:
         return False
     return running_policy.sync_free is _real_sync_free or not running_policy.sync_free(x)
 
