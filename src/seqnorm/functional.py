@@ -989,10 +989,11 @@ def _run_seq_batch_norm(input, backend, x2, pad, cdt, running_mean, running_var,
         x2, param(weight), param(bias), eps, pad, mean, var, reduce=reduce,
         **({"running": (running_mean, running_var, num_batches_tracked, momentum)} if fused else {})
     )
-    if training:   # (the policy reads count on the CPU only: see seqnorm.running)
+    if training and not fused:   # (the policy reads count on the CPU only: see seqnorm.running; a fused
+        # update is the sync-free policy's, where count is not read — the backend returns None for it)
         if not running_policy.sync_free(count):   # (the message built only where it may be raised)
             check_real_tokens(count, f"seq_batch_norm (input {tuple(input.shape)})")
-        if running_mean is not None and not fused:
+        if running_mean is not None:
             update_batch_norm_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
                                     num_batches_tracked)
     return _as_input(y, input)
