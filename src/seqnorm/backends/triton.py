@@ -547,8 +547,7 @@ def _featurewise_fwd_recorded(x, weight, bias, pad, mean, var, eps, running_mean
         return _featurewise_train(x, weight, bias, pad, eps, running_mean, running_var, num_batches_tracked,
                                   momentum, update)
     d = x.shape[-1]
-    stats = torch.empty((3, d), dtype=torch.float32, device=x.device)
-    scale = torch.empty(d, dtype=torch.float32, device=x.device)
+    stats, scale = x.new_empty((3, d), dtype=torch.float32), x.new_empty(d, dtype=torch.float32)
     return _featurewise_eval(x, weight, bias, pad, mean, var, eps, stats, scale), None, None, None, stats, scale
 
 
@@ -1190,8 +1189,10 @@ class TritonBackend:
 
     @staticmethod
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
-        y, s = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, need_sum)[:2]
-        return y, (s if need_sum else None)
+        if not need_sum:   # (y alone from the autograd.Function: see ForwardOp.y)
+            return rowwise_fwd.y(x, residual, weight, bias, pad, float(eps), center, False), None
+        y, s = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, True)[:2]
+        return y, s
 
     @staticmethod
     def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None, running=None):
