@@ -1079,9 +1079,12 @@ def _groupwise_forward(x, weight, bias, pad, eps, groups, scratch: Optional[str]
     if scratch == "all":
         mean, var, rstd = _scratch(x.device, n), _scratch(x.device, n, slot=1), _scratch(x.device, n, slot=2)
         steps = _scratch(x.device, b, torch.int64)
+    elif scratch == "var":   # the caller reads no statistics: the mean, for the backward alone, stays flat
+        mean, rstd, var = x.new_empty(n, dtype=f32), x.new_empty(n, dtype=f32), _scratch(x.device, n)
+        steps = x.new_empty(b, dtype=torch.int64)
     else:
         mean, rstd = x.new_empty((b, groups), dtype=f32), x.new_empty(n, dtype=f32)
-        var = _scratch(x.device, n) if scratch == "var" else x.new_empty((b, groups), dtype=f32)
+        var = x.new_empty((b, groups), dtype=f32)
         steps = x.new_empty(b, dtype=torch.int64)
     if b and c:
         block = _block_t(t)
@@ -1131,7 +1134,8 @@ def _groupwise_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     dw_part = x.new_empty((b, c), dtype=torch.float32)
     db_part = x.new_empty((b, c), dtype=torch.float32)
     gk.groupwise_bwd.launch((b * groups,), 
-        dy, x, dx, _param(weight, x), _pad_bits(pad, x), steps, mean.reshape(-1), rstd, dw_part, db_part, c, t,
+        dy, x, dx, _param(weight, x), _pad_bits(pad, x), steps, mean if mean.dim() == 1 else mean.reshape(-1),
+        rstd, dw_part, db_part, c, t,
         c // groups, groups, HAS_W=weight is not None, HAS_PAD=pad is not None, BLOCK_T=_block_t(t),
         num_warps=_group_warps(_block_t(t)))
     _param_grads(dw_part, db_part, dw, db, b, c, weight is not None, bias is not None)
