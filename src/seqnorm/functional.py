@@ -72,7 +72,7 @@ def _params_for(backend, cdt: torch.dtype):
     """How per-feature tensors (parameters, running statistics) reach ``backend``:
     as they are where it reads them in their own dtype (``native_params``: the
     triton kernels, no cast launched), else cast to the compute dtype ``cdt``."""
-    return (lambda t: t) if getattr(backend, "native_params", False) else (lambda t: cast(t, cdt))
+    return _as_is if getattr(backend, "native_params", False) else (lambda t: cast(t, cdt))
 
 
 def _fuses_update(backend, x: Tensor, reduce, momentum, num_batches_tracked) -> bool:
@@ -985,10 +985,13 @@ def _run_seq_batch_norm(input, backend, x2, pad, cdt, running_mean, running_var,
             return _as_input(y, input)
     fused = training and running_mean is not None and _fuses_update(backend, x2, reduce, momentum,
                                                                      num_batches_tracked)
-    y, batch_mean, batch_var, count = backend.featurewise_norm(
-        x2, param(weight), param(bias), eps, pad, mean, var, reduce=reduce,
-        **({"running": (running_mean, running_var, num_batches_tracked, momentum)} if fused else {})
-    )
+    if fused:
+        y, batch_mean, batch_var, count = backend.featurewise_norm(
+            x2, param(weight), param(bias), eps, pad, mean, var, reduce,
+            (running_mean, running_var, num_batches_tracked, momentum))
+    else:   # (no running= keyword: a third-party backend may not take it)
+        y, batch_mean, batch_var, count = backend.featurewise_norm(x2, param(weight), param(bias), eps, pad, mean,
+                                                                   var, reduce)
     if training and not fused:   # (the policy reads count on the CPU only: see seqnorm.running; a fused
         # update is the sync-free policy's, where count is not read — the backend returns None for it)
         if not running_policy.sync_free(count):   # (the message built only where it may be raised)
