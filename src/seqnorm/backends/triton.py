@@ -429,20 +429,36 @@ def _batch_moments(x: Tensor, pad: Optional[Tensor], weight: Optional[Tensor], e
     p, f, per = _partial_grid(n, d, x.device)
     # the programs' partials: scratch the finalize reads, one allocation (split: ~1 µs less than three)
     mean_part, m2_part, count_part = x.new_empty(2 * p * d + p, **f32).split_with_sizes((p * d, p * d, p))
-    fk.moments_partial.specialized(("HAS_PAD", "BLOCK_N", "BLOCK_F", "BLOCK_PAD"),
-                                   (pad is not None, BLOCK_N, BLOCK_F, BLOCK_PAD), (2,))(   # (implied: stats)
+    _moments_partial_kernel(pad is not None)(
         (p, f), x, _pad_bits(pad, x), stats, count_part, mean_part, m2_part, x.stride(-2), n, d, per)
     rmean, rvar, nbt, momentum = update if update is not None else (stats, stats, None, 0.0)
-    fk.bn_finalize.specialized(("HAS_W", "UPDATE", "HAS_NBT", "CUMULATIVE", "BLOCK_F", "num_warps"),
-                               (weight is not None, update is not None, nbt is not None, momentum is None,
-                                _finalize_block(d), 4), (4, 5, 6, 7, 8))(   # (implied: this call's outputs)
+    _bn_finalize_kernel(weight is not None, update is not None, nbt is not None, momentum is None, d)(
         (1,), count_part, mean_part, m2_part, _param(weight, x), stats, scale, mean, var, count,
         rmean, rvar, nbt if nbt is not None else count, p, d, float(eps), float(momentum or 0.0))
     return (stats, scale, mean, var, count) if moments else (stats, scale, None, None, count)
 
 
-#: the constexprs of the normalize kernel, named once (:meth:`~.triton_kernels.launch.CachedKernel.specialized`)
-_BN_NORMALIZE = ("HAS_PAD", "RUNNING", "HAS_W", "HAS_B", "BLOCK_N", "BLOCK_F", "BLOCK_PAD")
+# Each call site's Specialization (its constexprs bound, made once per combination): an lru_cache of the
+# few flags that decide them (~0.2 µs a launch less than building and hashing the options at each call)
+
+
+@functools.lru_cache(maxsize=None)
+def _moments_partial_kernel(has_pad: bool):
+    # implied: the statistics (allocated for the launch)
+    return fk.moments_partial.specialize((2,), HAS_PAD=has_pad, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
+
+
+@functools.lru_cache(maxsize=None)
+def _bn_finalize_kernel(has_w: bool, update: bool, has_nbt: bool, cumulative: bool, d: int):
+    # implied: this call's outputs
+    return fk.bn_finalize.specialize((4, 5, 6, 7, 8), HAS_W=has_w, UPDATE=update, HAS_NBT=has_nbt,
+                                     CUMULATIVE=cumulative, BLOCK_F=_finalize_block(d), num_warps=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _bn_normalize_kernel(has_pad: bool, running: bool, has_w: bool, has_b: bool, implied: Tuple[int, ...]):
+    return fk.bn_normalize.specialize(implied, HAS_PAD=has_pad, RUNNING=running, HAS_W=has_w, HAS_B=has_b,
+                                      BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_PAD=BLOCK_PAD)
 
 
 def _bn_normalize(x, pad, stats, scale, bias, y=None):
@@ -452,9 +468,8 @@ def _bn_normalize(x, pad, stats, scale, bias, y=None):
     y = torch.empty_like(x) if y is None else y
     p, f, per = _tile_grid(n, d)
     # implied: y (allocated here when not given) and the repeats of stats in the unused slots
-    fk.bn_normalize.specialized(_BN_NORMALIZE, (pad is not None, False, False, bias is not None, BLOCK_N, BLOCK_F,
-                                                BLOCK_PAD), (3, 4, 7, 8, 9, 10, 11) if given_y is None else
-                                (3, 4, 8, 9, 10, 11))(
+    _bn_normalize_kernel(pad is not None, False, False, bias is not None,
+                         (3, 4, 7, 8, 9, 10, 11) if given_y is None else (3, 4, 8, 9, 10, 11))(
         (p, f), x, _pad_bits(pad, x), stats, stats, stats, scale, _param(bias, x), y, stats, stats,
         stats, stats, x.stride(-2), y.stride(-2), n, d, per, 0.0)
     return y
@@ -502,8 +517,7 @@ def _bn_eval(x, pad, mean, var, weight, bias, eps, y, stats, scale, batch_mean, 
     n, d = _nd(x)
     p, f, per = _tile_grid(n, d)
     # implied: the outputs, which every caller allocates for this launch (or takes from _scratch)
-    fk.bn_normalize.specialized(_BN_NORMALIZE, (pad is not None, True, weight is not None, bias is not None, BLOCK_N,
-                                                BLOCK_F, BLOCK_PAD), (5, 7, 8, 9, 10, 11))(
+    _bn_normalize_kernel(pad is not None, True, weight is not None, bias is not None, (5, 7, 8, 9, 10, 11))(
         (p, f), x, _pad_bits(pad, x), _param(mean, x), _param(var, x), _param(weight, x), scale,
         _param(bias, x), y, stats, batch_mean, batch_var, count, x.stride(-2), y.stride(-2), n, d, per, eps)
 
@@ -656,6 +670,21 @@ featurewise_fwd = ForwardOp("triton_featurewise_fwd", _featurewise_fwd_impl, _fe
 # --- PowerNorm ---
 
 
+@functools.lru_cache(maxsize=None)
+def _power_normalize_kernel(has_pad: bool, has_w: bool, has_b: bool, sumsq: bool):
+    # implied: y, rstd and the partials, allocated for the launch
+    return fk.power_normalize.specialize((5, 6, 7, 8), HAS_PAD=has_pad, HAS_W=has_w, HAS_B=has_b, SUMSQ=sumsq,
+                                         BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F)
+
+
+@functools.lru_cache(maxsize=None)
+def _power_finalize_kernel(has_nu: bool, update: bool, has_nbt: bool, has_factor: bool, cumulative: bool, d: int):
+    # implied: the partials and this call's outputs, allocated for the launch
+    return fk.power_finalize.specialize((0, 1, 2, 3, 4, 6), HAS_NU=has_nu, UPDATE=update, HAS_NBT=has_nbt,
+                                        HAS_FACTOR=has_factor, CUMULATIVE=cumulative, BLOCK_F=_finalize_block(d),
+                                        num_warps=4)
+
+
 def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
     """``(y, rstd (D,), SUMSQ_PART, COUNT_PART, P)``: ``y = x·w·r + b`` with ``r`` of the
     running ψ²; with ``sumsq`` also each program's ``Σ x²`` and real rows (one launch)."""
@@ -664,9 +693,7 @@ def _power_normalize(x, pad, running_phi, weight, bias, eps, sumsq):
     y, rstd = torch.empty_like(x), x.new_empty(d, dtype=torch.float32)
     sumsq_part = x.new_empty((p if sumsq else 0, d), dtype=torch.float32)
     count_part = x.new_empty(p if sumsq else 0, dtype=torch.float32)
-    fk.power_normalize.specialized(("HAS_PAD", "HAS_W", "HAS_B", "SUMSQ", "BLOCK_N", "BLOCK_F"),
-                                   (pad is not None, weight is not None, bias is not None, sumsq, BLOCK_N, BLOCK_F),
-                                   (5, 6, 7, 8))(   # (implied: y, rstd and the partials, allocated here)
+    _power_normalize_kernel(pad is not None, weight is not None, bias is not None, sumsq)(
         (p, f), x, _pad_bits(pad, x), _param(running_phi, x), _param(weight, x), _param(bias, x), y,
         rstd, sumsq_part, count_part, x.stride(-2), y.stride(-2), n, d, per, float(eps))
     return y, rstd, sumsq_part, count_part, p
@@ -707,11 +734,8 @@ def _power_rows(x, weight, bias, pad, running_phi, running_nu, eps, training, mo
                                                           eps, training)
     if training:
         nbt = num_batches_tracked
-        fk.power_finalize.specialized(
-            ("HAS_NU", "UPDATE", "HAS_NBT", "HAS_FACTOR", "CUMULATIVE", "BLOCK_F", "num_warps"),
-            (running_nu is not None, update, nbt is not None, factor is not None,
-             factor is None and momentum is None, _finalize_block(d), 4),
-            (0, 1, 2, 3, 4, 6))(   # (implied: the partials and this call's outputs, allocated for it)
+        _power_finalize_kernel(running_nu is not None, update, nbt is not None, factor is not None,
+                               factor is None and momentum is None, d)(
             (1,), sumsq_part, count_part, batch_phi, count, factor_out, _param(running_nu, x), nu_before,
             running_phi if update else batch_phi, nbt if nbt is not None else count,
             factor if factor is not None else count, p, d, float(momentum or 0.0))
@@ -1067,6 +1091,14 @@ def _groupwise_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     return _groupwise_forward(x, weight, bias, pad, eps, groups, None)
 
 
+@functools.lru_cache(maxsize=4096)
+def _groupwise_fwd_kernel(has_w: bool, has_b: bool, has_pad: bool, t: int):
+    block = _block_t(t)
+    # implied: the outputs, allocated for the launch
+    return gk.groupwise_fwd.specialize((1, 5, 6, 7, 8), HAS_W=has_w, HAS_B=has_b, HAS_PAD=has_pad, BLOCK_T=block,
+                                       num_warps=_group_warps(block))
+
+
 def _groupwise_forward(x, weight, bias, pad, eps, groups, scratch: Optional[str]):
     """:func:`_groupwise_fwd_impl`; ``scratch``: ``"var"`` — the variance, which the caller
     does not read and the backward does not need, goes to a scratch buffer and comes back
@@ -1088,10 +1120,7 @@ def _groupwise_forward(x, weight, bias, pad, eps, groups, scratch: Optional[str]
         var = x.new_empty((b, groups), dtype=f32)
         steps = x.new_empty(b, dtype=torch.int64)
     if b and c:
-        block = _block_t(t)
-        gk.groupwise_fwd.specialized(("HAS_W", "HAS_B", "HAS_PAD", "BLOCK_T", "num_warps"),
-                                     (weight is not None, bias is not None, pad is not None, block,
-                                      _group_warps(block)), (1, 5, 6, 7, 8))(   # (implied: the outputs)
+        _groupwise_fwd_kernel(weight is not None, bias is not None, pad is not None, t)(
             (n,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
             c // groups, groups, eps)
     elif scratch != "all":

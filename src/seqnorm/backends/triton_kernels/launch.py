@@ -160,7 +160,6 @@ class CachedKernel:
         #: ``(specialization's tag, device, key of the arguments)`` → handle
         self.handles: Dict[tuple, Callable] = {}
         self._specializations: Dict[tuple, Specialization] = {}
-        self._by_names: Dict[tuple, Specialization] = {}
         self.hits = self.misses = 0
         self._kinds: Optional[str] = None
         self._key: Optional[Callable] = None
@@ -182,15 +181,6 @@ class CachedKernel:
         if spec is None:
             spec = self._specializations[items] = Specialization(self, options, len(self._specializations),
                                                                  frozenset(implied))
-        return spec
-
-    def specialized(self, names: Tuple[str, ...], values: tuple, implied: Tuple[int, ...] = ()) -> Specialization:
-        """:meth:`specialize` with the options as two tuples, their names (a constant of the
-        call site) and values: no keyword dict is built or hashed (~1 µs less a launch)."""
-        key = (names, values, implied)
-        spec = self._by_names.get(key)
-        if spec is None:
-            spec = self._by_names[key] = self.specialize(implied, **dict(zip(names, values)))
         return spec
 
     def launch(self, grid: Tuple[int, ...], *args, **options) -> None:
