@@ -424,16 +424,19 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
     ``channels``: the module's number of channels, which ``C`` must be. A host input
     (:func:`_host_input`) with parameters of its dtype takes the host ops first
     (:func:`_host_groupwise`: torch's ``group_norm`` of each run of sequences' real steps)."""
-    if not _lean_input(x) or x.dim() != 3:
+    if not _lean_input(x):
         return None
-    c = x.shape[1]
+    shape = x.shape      # (read once: each x.shape builds a torch.Size)
+    if len(shape) != 3:
+        return None
+    c = shape[1]
     if (channels is not None and c != channels) or type(groups) is not int or groups <= 0 or c % groups:
         return None
     # the host ops (a CPU input whose reading back is free, parameters of its dtype) or any backend
     host = _host_input(x) and type(eps) in (float, int) and _host_params(c, x.dtype, weight, bias)
     if not (host or _lean_params(c, x, weight, bias)):
         return None
-    mask = _lean_mask((x.shape[0], x.shape[2]), padding_mask, lengths, x, 3 if context else 0)
+    mask = _lean_mask((shape[0], shape[2]), padding_mask, lengths, x, 3 if context else 0)
     if mask is None:
         return None
     if host:
