@@ -65,7 +65,8 @@ import importlib
 from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 
 import torch
-from torch.compiler import is_compiling as _is_compiling   # (`torch` here becomes .torch, the backend, once it is imported)
+# (imported by name: in this package `torch` becomes the .torch backend module once that is imported)
+from torch.compiler import is_compiling as _is_compiling
 
 __all__ = [
     "Backend",
