@@ -1174,11 +1174,12 @@ def _run_groupwise(x, x3, groups, weight, bias, eps, pad, statistics: bool = Tru
     if x.dtype != cdt and x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
-    param = _params_for(backend, cdt)
+    if not getattr(backend, "native_params", False):    # (as _params_for, without a call per parameter)
+        weight, bias = cast(weight, cdt), cast(bias, cdt)
     if not statistics and getattr(backend, "optional_group_statistics", False):
-        y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups, False)
+        y, mean, var, count = backend.groupwise_norm(x3, weight, bias, eps, pad, groups, False)
     else:
-        y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups)
+        y, mean, var, count = backend.groupwise_norm(x3, weight, bias, eps, pad, groups)
     return _as_input(y, x), mean, var, count
 
 
