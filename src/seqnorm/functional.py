@@ -443,7 +443,7 @@ def lean_groupwise(x, groups, weight, bias, eps, padding_mask, lengths, context:
         y = _host_groupwise(x, groups, weight, bias, eps, mask)
         if y is not None:
             return y
-    return _run_groupwise(x, x, groups, weight, bias, eps, None if mask is False else mask, False)[0]
+    return _run_groupwise(x, x, groups, weight, bias, eps, None if mask is False else mask, statistics=False)[0]
 
 
 # The host ops of a group-wise norm (issue 27, "Hooks": a padding-safe wav2vec2's masked GroupNorm
@@ -1170,16 +1170,16 @@ def _run_groupwise(x, x3, groups, weight, bias, eps, pad, statistics: bool = Tru
     (``statistics=False``: the caller reads ``y`` alone, and a backend with
     ``optional_group_statistics`` may return None for the rest)."""
     cdt = compute_dtype(x)
-    backend = _backend_for(x3, None, "groupwise_norm")   # (positional: a keyword call costs more)
+    backend = _backend_for(x3, op="groupwise_norm")
     if x.dtype != cdt and x.dtype not in backend.native_low_precision:
         x3 = x3.to(cdt)
         backend = _backend_for(x3, op="groupwise_norm")
-    if not getattr(backend, "native_params", False):    # (as _params_for, without a call per parameter)
-        weight, bias = cast(weight, cdt), cast(bias, cdt)
+    param = _params_for(backend, cdt)
     if not statistics and getattr(backend, "optional_group_statistics", False):
-        y, mean, var, count = backend.groupwise_norm(x3, weight, bias, eps, pad, groups, False)
+        y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups,
+                                                     statistics=False)
     else:
-        y, mean, var, count = backend.groupwise_norm(x3, weight, bias, eps, pad, groups)
+        y, mean, var, count = backend.groupwise_norm(x3, param(weight), param(bias), eps, pad, groups)
     return _as_input(y, x), mean, var, count
 
 

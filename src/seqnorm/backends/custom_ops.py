@@ -83,8 +83,7 @@ class ForwardOp:
         if torch.compiler.is_compiling():
             return self.op(*args)[0]
         if _grad_enabled() and _any_requires_grad(*args):
-            function = self.function_y   # (_apply inlined: the row-wise norms' call, the hottest)
-            return function.apply(*args) if _transforms_active() else function.c_apply(*args)
+            return _apply(self.function_y, args)
         return self.plain(*args)[0]
 
 

@@ -1124,13 +1124,12 @@ def _groupwise_forward(x, weight, bias, pad, eps, groups, scratch: Optional[str]
     if scratch == "all":
         mean, var, rstd = _scratch(x.device, n), _scratch(x.device, n, slot=1), _scratch(x.device, n, slot=2)
         steps = _scratch(x.device, b, torch.int64)
-    elif scratch == "var":   # the caller reads no statistics: the mean, for the backward alone, stays flat
-        mean, rstd, var = x.new_empty(n, dtype=f32), x.new_empty(n, dtype=f32), _scratch(x.device, n)
-        steps = x.new_empty(b, dtype=torch.int64)
     else:
-        mean, rstd = x.new_empty((b, groups), dtype=f32), x.new_empty(n, dtype=f32)
-        var = x.new_empty((b, groups), dtype=f32)
-        steps = x.new_empty(b, dtype=torch.int64)
+        rstd, steps = x.new_empty(n, dtype=f32), x.new_empty(b, dtype=torch.int64)
+        if scratch == "var":   # the caller reads no statistics: the mean, for the backward alone, stays flat
+            mean, var = x.new_empty(n, dtype=f32), _scratch(x.device, n)
+        else:
+            mean, var = x.new_empty((b, groups), dtype=f32), x.new_empty((b, groups), dtype=f32)
     if b and c:
         _groupwise_fwd_kernel(weight is not None, bias is not None, pad is not None, t)(
             (n,), x, y, _param(weight, x), _param(bias, x), _pad_bits(pad, x), mean, rstd, var, steps, c, t,
@@ -1237,8 +1236,7 @@ class TritonBackend:
     def add_rowwise_norm(x, residual, weight, bias, eps, pad, center, need_sum=True):
         if not need_sum:   # (y alone from the autograd.Function: see ForwardOp.y)
             return rowwise_fwd.y(x, residual, weight, bias, pad, float(eps), center, False), None
-        y, s = rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, True)[:2]
-        return y, s
+        return rowwise_fwd(x, residual, weight, bias, pad, float(eps), center, True)[:2]
 
     @staticmethod
     def featurewise_norm(x, weight, bias, eps, pad, mean=None, var=None, reduce=None, running=None):
